@@ -1,0 +1,41 @@
+# Two entry points for a fresh clone (see README):
+#   make search   set up .venv, then run a real search on DeiT-Tiny (../shared images, CPU)
+#   make test     set up .venv, then run the test suite
+# Everything is installed from this project's own pyproject.toml into .venv.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SHARED ?= ../shared
+
+# Pretrained weights come from the standard Hugging Face cache; point it at ../shared when present.
+ifneq ($(wildcard $(SHARED)/hf-cache/hub),)
+export HF_HUB_CACHE ?= $(abspath $(SHARED)/hf-cache/hub)
+export HF_HUB_OFFLINE ?= 1
+endif
+export RAPID_SHARED ?= $(abspath $(SHARED))
+
+BUDGET  ?= 50%GFLOPs
+TRIALS  ?= 40
+DEVICE  ?= cpu
+MODEL   ?= deit_tiny_patch16_224
+
+.PHONY: setup search test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+search: setup
+	$(BIN)/rapid-search search --model $(MODEL) --data $(SHARED)/data/imagenet-calib \
+	    --budget $(BUDGET) --device $(DEVICE) --trials $(TRIALS) --out studies/quickstart.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

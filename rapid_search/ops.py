@@ -1,0 +1,370 @@
+"""Pure tensor operations for token reduction.
+
+Nothing here touches a model. Each matching function looks at a similarity ``metric`` (and, for
+the importance-aware merge, an importance score) once, computes the indices, and returns a
+:class:`Reduction` whose ``__call__`` applies the same reduction to any per-token tensor
+(features, sizes, source maps). This mirrors ToMe's "compute indices once, return a closure"
+design; ``None`` is returned when nothing would be reduced (identity fast path).
+
+Conventions:
+    * Tokens are ``(B, N, C)``; the first ``num_prefix`` tokens (class, distillation, register
+      tokens) are never removed and never absorb other tokens.
+    * ``n_valid`` (``(B,)``, optional) is the number of real tokens per image; tokens at positions
+      ``>= n_valid`` are padding, which appears only after data-dependent (threshold) layers.
+      Padding always sits at the tail, so the real tokens of an image are laid out exactly as in
+      a single-image forward: batched results equal per-image results.
+    * Similarity is cosine similarity of the metric (head-averaged attention keys).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "Reduction",
+    "TomeReduction",
+    "bipartite_soft_matching",
+    "redundancy_prune",
+    "importance_merge",
+    "importance_prune",
+    "merge_wavg",
+    "merge_source",
+    "protected_count",
+]
+
+_NEG_INF = float("-inf")
+
+
+def protected_count(num_tokens: int, protect: float) -> int:
+    """Number of tokens protected by a merge layer: ``floor(protect * T + 0.5)``.
+
+    The same float64 formula is used by the runtime (on tensors) and the cost model (on ints), so
+    predicted and executed token counts agree exactly.
+    """
+    return int(math.floor(num_tokens * protect + 0.5))
+
+
+@dataclass
+class Reduction:
+    """A token reduction computed once, applicable to any ``(B, N, C)`` per-token tensor.
+
+    Attributes:
+        keep_idx: ``(B, L)`` indices of the tokens kept, in their original order, padded at the
+            tail with removed positions when images keep different counts.
+        n_keep: ``(B,)`` real tokens kept per image.
+        dst: ``(B, N)`` destination index of every token for merges (a token's own index when it
+            is not merged away); ``None`` for pure pruning.
+        ragged: True when images keep different counts (the output carries padding).
+    """
+
+    keep_idx: torch.Tensor
+    n_keep: torch.Tensor
+    dst: Optional[torch.Tensor]
+    remove: torch.Tensor
+    ragged: bool
+
+    def __call__(self, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+        """Apply the reduction to ``x`` of shape ``(B, N, C)`` -> ``(B, L, C)``.
+
+        Args:
+            x: Per-token tensor.
+            mode: ``"sum"`` adds merged tokens into their destination (use on size-weighted
+                features and sizes), ``"amax"`` takes the elementwise max (source maps).
+        """
+        B, N, C = x.shape
+        if self.dst is not None:
+            contrib = x * self.remove[..., None].to(x.dtype)  # (B, N, C) merged-away tokens only
+            index = self.dst[..., None].expand(B, N, C)  # (B, N, C)
+            if mode == "sum":
+                x = x.scatter_add(1, index, contrib)  # (B, N, C)
+            else:
+                x = x.scatter_reduce(1, index, contrib, reduce=mode, include_self=True)
+        return x.gather(1, self.keep_idx[..., None].expand(B, self.keep_idx.shape[1], C))  # (B, L, C)
+
+    def valid_mask(self) -> Optional[torch.Tensor]:
+        """``(B, L)`` bool mask of real (non-padding) output tokens, or None if not ragged."""
+        if not self.ragged:
+            return None
+        L = self.keep_idx.shape[1]
+        return torch.arange(L, device=self.keep_idx.device)[None, :] < self.n_keep[:, None]
+
+
+def _compact(remove: torch.Tensor, valid: Optional[torch.Tensor], dst: Optional[torch.Tensor]) -> Optional[Reduction]:
+    """Turn a ``(B, N)`` removal mask into a :class:`Reduction` (kept tokens first, in order)."""
+    B, N = remove.shape
+    keep = ~remove if valid is None else (~remove & valid)  # (B, N)
+    n_keep = keep.sum(1)  # (B,)
+    if valid is None and not bool(remove.any()):
+        return None
+    pos = torch.arange(N, device=remove.device).expand(B, N)  # (B, N)
+    key = torch.where(keep, pos, pos + N)  # kept tokens sort first, in original order
+    L = int(n_keep.max())
+    keep_idx = key.argsort(dim=1)[:, :L]  # (B, L)
+    ragged = bool((n_keep != L).any())
+    return Reduction(keep_idx=keep_idx, n_keep=n_keep, dst=dst, remove=remove, ragged=ragged)
+
+
+def _patch_valid(n_valid: Optional[torch.Tensor], num_prefix: int, T: int, device: torch.device) -> Optional[torch.Tensor]:
+    """``(B, T)`` mask of real patch tokens, or None when there is no padding."""
+    if n_valid is None:
+        return None
+    return torch.arange(T, device=device)[None, :] < (n_valid - num_prefix)[:, None]  # (B, T)
+
+
+def _seq_valid(n_valid: Optional[torch.Tensor], N: int, device: torch.device) -> Optional[torch.Tensor]:
+    """``(B, N)`` mask of real tokens over the whole sequence, or None when there is no padding."""
+    if n_valid is None:
+        return None
+    return torch.arange(N, device=device)[None, :] < n_valid[:, None]  # (B, N)
+
+
+def _full_mask(patch_mask: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Extend a ``(B, T)`` patch-token mask with ``num_prefix`` leading False columns."""
+    B = patch_mask.shape[0]
+    pad = patch_mask.new_zeros(B, num_prefix)
+    return torch.cat([pad, patch_mask], dim=1)  # (B, N)
+
+
+def _select_top(score: torch.Tensor, r: int, eligible: torch.Tensor) -> torch.Tensor:
+    """Mask of the ``r`` highest-scoring eligible entries of ``score`` ``(B, M)``."""
+    r = min(r, score.shape[1])
+    order = score.argsort(dim=1, descending=True)[:, :r]  # (B, r)
+    chosen = torch.zeros_like(eligible)
+    chosen.scatter_(1, order, True)
+    return chosen & eligible  # (B, M)
+
+
+def redundancy_prune(
+    metric: torch.Tensor,
+    r: int,
+    *,
+    num_prefix: int,
+    threshold: Optional[float] = None,
+    n_valid: Optional[torch.Tensor] = None,
+) -> Optional[Reduction]:
+    """Redundancy-aware pruning: drop up to ``r`` tokens that duplicate a token that is kept.
+
+    Patch tokens are split alternately into sets A and B (neighbours land in different sets).
+    Each A token's redundancy is its highest cosine similarity to any B token; the ``r`` most
+    redundant A tokens (and only those reaching ``threshold`` when it is set) are dropped. B
+    tokens are all kept, so a dropped token's near-duplicate always survives and both members of
+    a pair are never removed together.
+
+    Args:
+        metric: ``(B, N, C)`` similarity features (head-averaged keys).
+        r: Maximum number of tokens to drop per image (capped at ``ceil(T / 2)``, T patch tokens).
+        num_prefix: Leading tokens never touched.
+        threshold: Minimum similarity for a token to be dropped; None = fixed count ``r``.
+        n_valid: ``(B,)`` real tokens per image when the input carries padding.
+
+    Returns:
+        A :class:`Reduction`, or None when nothing is removed.
+    """
+    if r <= 0 and n_valid is None:
+        return None
+    B, N, _ = metric.shape
+    T = N - num_prefix
+    m = F.normalize(metric[:, num_prefix:], dim=-1)  # (B, T, C)
+    a, b = m[:, ::2], m[:, 1::2]  # (B, Ta, C), (B, Tb, C)
+    Ta = a.shape[1]
+    if b.shape[1] == 0:
+        score = a.new_full((B, Ta), _NEG_INF)
+    else:
+        sim = a @ b.transpose(1, 2)  # (B, Ta, Tb)
+        pvalid = _patch_valid(n_valid, num_prefix, T, metric.device)
+        if pvalid is not None:
+            sim = sim.masked_fill(~pvalid[:, None, 1::2], _NEG_INF)
+        score = sim.amax(dim=-1)  # (B, Ta)
+    eligible = torch.isfinite(score)
+    if n_valid is not None:
+        eligible &= _patch_valid(n_valid, num_prefix, T, metric.device)[:, ::2]
+    if threshold is not None:
+        eligible &= score >= threshold
+    drop_a = _select_top(score, r, eligible)  # (B, Ta)
+    remove_p = torch.zeros(B, T, dtype=torch.bool, device=metric.device)
+    remove_p[:, ::2] = drop_a
+    return _compact(_full_mask(remove_p, num_prefix), _seq_valid(n_valid, N, metric.device), dst=None)
+
+
+def importance_merge(
+    metric: torch.Tensor,
+    importance: torch.Tensor,
+    r: int,
+    *,
+    num_prefix: int,
+    protect: float,
+    threshold: Optional[float] = None,
+    n_valid: Optional[torch.Tensor] = None,
+) -> Optional[Reduction]:
+    """Importance-aware merging: protect the important tokens, fuse redundant unimportant ones.
+
+    The top ``protect`` fraction of patch tokens by ``importance`` is protected: never merged
+    away. The remaining tokens are split alternately (in sequence order) into sources A and
+    candidates B; every A token finds its most similar destination among B and the protected
+    tokens, and the ``r`` A tokens with the highest similarity (reaching ``threshold`` when set)
+    are merged into their destinations. Merging is by the caller, size-weighted (see
+    :func:`merge_wavg`).
+
+    Args:
+        metric: ``(B, N, C)`` similarity features.
+        importance: ``(B, N - num_prefix)`` importance of patch tokens (class-token attention).
+        r: Maximum number of tokens merged away per image.
+        num_prefix: Leading tokens never touched.
+        protect: Fraction of patch tokens protected, in ``[0, 1)``.
+        threshold: Minimum similarity to merge; None = fixed count ``r``.
+        n_valid: ``(B,)`` real tokens per image when the input carries padding.
+
+    Returns:
+        A :class:`Reduction` (with ``dst`` set), or None when nothing is merged.
+    """
+    if r <= 0 and n_valid is None:
+        return None
+    B, N, _ = metric.shape
+    T = N - num_prefix
+    device = metric.device
+    pvalid = _patch_valid(n_valid, num_prefix, T, device)  # (B, T) or None
+    n_real = torch.full((B,), T, device=device, dtype=torch.long) if n_valid is None else n_valid - num_prefix
+    n_prot = torch.floor(n_real.double() * protect + 0.5).long()  # (B,) same formula as protected_count
+    imp = importance if pvalid is None else importance.masked_fill(~pvalid, _NEG_INF)
+    rank = imp.argsort(dim=1, descending=True).argsort(dim=1)  # (B, T) rank 0 = most important
+    prot = rank < n_prot[:, None]  # (B, T)
+    real = torch.ones_like(prot) if pvalid is None else pvalid
+    unp = real & ~prot  # (B, T)
+    order = unp.long().cumsum(1) - 1  # (B, T) position among unprotected tokens
+    is_a = unp & (order % 2 == 0)  # sources
+    is_dst = real & ~is_a  # protected tokens and B
+    m = F.normalize(metric[:, num_prefix:], dim=-1)  # (B, T, C)
+    sim = m @ m.transpose(1, 2)  # (B, T, T)
+    sim = sim.masked_fill(~is_dst[:, None, :], _NEG_INF)
+    score, dst_p = sim.max(dim=-1)  # (B, T), (B, T)
+    score = score.masked_fill(~is_a, _NEG_INF)
+    eligible = is_a & torch.isfinite(score)
+    if threshold is not None:
+        eligible &= score >= threshold
+    remove_p = _select_top(score, r, eligible)  # (B, T)
+    own = torch.arange(T, device=device).expand(B, T)
+    dst_p = torch.where(remove_p, dst_p, own) + num_prefix  # (B, T) in full-sequence indices
+    prefix_idx = torch.arange(num_prefix, device=device).expand(B, num_prefix)
+    dst = torch.cat([prefix_idx, dst_p], dim=1)  # (B, N)
+    return _compact(_full_mask(remove_p, num_prefix), _seq_valid(n_valid, N, device), dst=dst)
+
+
+def importance_prune(
+    importance: torch.Tensor,
+    r: int,
+    *,
+    num_prefix: int,
+    n_valid: Optional[torch.Tensor] = None,
+) -> Optional[Reduction]:
+    """Importance-only pruning (EViT-style, training-free): drop the ``r`` least attended tokens.
+
+    Args:
+        importance: ``(B, T)`` importance of patch tokens (class-token attention).
+        r: Tokens dropped per image (capped at T - 1).
+        num_prefix: Leading tokens never touched.
+        n_valid: ``(B,)`` real tokens per image when the input carries padding.
+    """
+    if r <= 0 and n_valid is None:
+        return None
+    B, T = importance.shape
+    N = T + num_prefix
+    device = importance.device
+    pvalid = _patch_valid(n_valid, num_prefix, T, device)
+    real = torch.ones(B, T, dtype=torch.bool, device=device) if pvalid is None else pvalid
+    score = (-importance).masked_fill(~real, _NEG_INF)  # low importance first
+    n_real = real.sum(1)
+    r_eff = torch.clamp(n_real - 1, max=r)  # keep at least one patch token
+    rank = score.argsort(dim=1, descending=True).argsort(dim=1)
+    remove_p = (rank < r_eff[:, None]) & real
+    return _compact(_full_mask(remove_p, num_prefix), _seq_valid(n_valid, N, device), dst=None)
+
+
+class TomeReduction:
+    """ToMe's bipartite merge as a closure; output layout exactly as in the published code."""
+
+    def __init__(self, r: int, unm_idx: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, pa: int, pb: int):
+        self.r, self.unm_idx, self.src_idx, self.dst_idx, self.pa, self.pb = r, unm_idx, src_idx, dst_idx, pa, pb
+        self.ragged = False
+
+    def __call__(self, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+        src, dst = x[..., ::2, :], x[..., 1::2, :]  # (B, Ta, C), (B, Tb, C)
+        n, t1, c = src.shape
+        r = self.r
+        unm = src.gather(dim=-2, index=self.unm_idx.expand(n, t1 - r, c))  # (B, Ta - r, C)
+        src = src.gather(dim=-2, index=self.src_idx.expand(n, r, c))  # (B, r, C)
+        dst = dst.scatter_reduce(-2, self.dst_idx.expand(n, r, c), src, reduce=mode)  # (B, Tb, C)
+        if self.pb == 0:
+            return torch.cat([unm, dst], dim=1)  # (B, N - r, C)
+        # prefix tokens alternate between A and B: put them back first, in their original order
+        prefix = []
+        for i in range(self.pa):
+            prefix.append(unm[:, i : i + 1])
+            if i < self.pb:
+                prefix.append(dst[:, i : i + 1])
+        return torch.cat(prefix + [unm[:, self.pa :], dst[:, self.pb :]], dim=1)  # (B, N - r, C)
+
+    def valid_mask(self) -> None:
+        return None
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, *, num_prefix: int) -> Optional[TomeReduction]:
+    """ToMe's bipartite soft matching (Bolya et al., ICLR 2023), as published.
+
+    Tokens are split alternately into A (even positions) and B (odd positions); each A token is
+    matched to its most similar B token by cosine similarity of the metric; the ``r`` most
+    similar edges are merged. ``r`` is capped at half the non-prefix tokens. Prefix tokens
+    (class, distillation, registers) are protected: as sources (rows) and destinations (columns).
+    With one class token this is exactly ToMe's ``class_token=True``; with class + distillation
+    token exactly its ``distill_token=True``.
+
+    Args:
+        metric: ``(B, N, C)`` head-averaged keys.
+        r: Tokens to merge away.
+        num_prefix: Leading protected tokens.
+    """
+    t = metric.shape[1]
+    r = min(r, (t - num_prefix) // 2)
+    if r <= 0:
+        return None
+    pa, pb = (num_prefix + 1) // 2, num_prefix // 2  # prefix tokens in A and in B
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[..., ::2, :], metric[..., 1::2, :]  # (B, Ta, C), (B, Tb, C)
+        scores = a @ b.transpose(-1, -2)  # (B, Ta, Tb)
+        if pa:
+            scores[..., :pa, :] = _NEG_INF
+        if pb:
+            scores[..., :, :pb] = _NEG_INF
+        node_max, node_idx = scores.max(dim=-1)  # (B, Ta)
+        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]  # (B, Ta, 1)
+        unm_idx = edge_idx[..., r:, :]  # unmerged tokens
+        src_idx = edge_idx[..., :r, :]  # merged tokens
+        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)  # (B, r, 1)
+        if num_prefix:
+            unm_idx = unm_idx.sort(dim=1)[0]  # prefix tokens first
+    return TomeReduction(r, unm_idx, src_idx, dst_idx, pa, pb)
+
+
+ReduceFn = Callable[..., torch.Tensor]
+
+
+def merge_wavg(reduce: ReduceFn, x: torch.Tensor, size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average merge: returns merged ``x`` and the new sizes ``(B, L, 1)``."""
+    if size is None:
+        size = torch.ones_like(x[..., :1])  # (B, N, 1)
+    x = reduce(x * size, mode="sum")  # (B, L, C)
+    size = reduce(size, mode="sum")  # (B, L, 1)
+    return x / size.clamp_min(1e-6), size
+
+
+def merge_source(reduce: ReduceFn, x: torch.Tensor, source: Optional[torch.Tensor]) -> torch.Tensor:
+    """Track which input patches each token covers: ``(B, L, N0)`` 0/1 map."""
+    if source is None:
+        B, N, _ = x.shape
+        source = torch.eye(N, device=x.device, dtype=x.dtype)[None].expand(B, N, N)
+    return reduce(source, mode="amax")

@@ -1,0 +1,282 @@
+"""Hand-set schedules and the one function that normalises every accepted schedule form.
+
+* :func:`rapid_schedule` — the hand-set RAPID default: redundancy pruning in the first
+  ``switch`` blocks, importance-aware merging after, counts set to meet a GFLOPs ratio.
+* :func:`tome_schedule` / :func:`tome_for_ratio` — ToMe baselines (constant ``r`` and ToMe's
+  decreasing schedule, ``inflect = -0.5``).
+* :func:`variant_schedule` — the other baselines at the same counts (ToFu-style, EViT-style).
+* :func:`as_schedule` — accepts a :class:`Schedule`, a YAML path, a ToMe ``r``, ``(r, inflect)``,
+  a list of per-layer ``r``, a list of :class:`LayerSpec` or a mapping.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from torch import nn
+
+from .flops import ModelInfo, effective_r, schedule_macs
+from .schedule import Budget, LayerSpec, Schedule, ScheduleError
+
+__all__ = [
+    "UnreachableBudget",
+    "model_info",
+    "rapid_schedule",
+    "rapid_layers",
+    "tome_schedule",
+    "tome_for_ratio",
+    "variant_schedule",
+    "empty_schedule",
+    "as_schedule",
+    "make_schedule",
+    "DEFAULT_PROTECT",
+]
+
+#: Protected fraction of the hand-set merge layers (see README "Design and measurements").
+DEFAULT_PROTECT = 0.25
+
+ModelLike = Union[nn.Module, ModelInfo]
+
+
+class UnreachableBudget(ValueError):
+    """No schedule of the requested family meets the cost target."""
+
+
+def model_info(model: ModelLike) -> ModelInfo:
+    """:class:`ModelInfo` of a model (or pass one through)."""
+    return model if isinstance(model, ModelInfo) else ModelInfo.from_model(model)
+
+
+def _clamped(info: ModelInfo, layers: Sequence[LayerSpec]) -> list[LayerSpec]:
+    """Store the effective count of each fixed-count layer, so the YAML says what runs."""
+    out, n = [], info.num_tokens
+    for layer in layers:
+        r = effective_r(layer, n, info.num_prefix_tokens)
+        if layer.op == "none" or (r == 0 and layer.threshold is None):
+            out.append(LayerSpec())
+        else:
+            out.append(LayerSpec(layer.op, max(r, 1) if layer.threshold is not None else r, layer.threshold, layer.protect))
+        n -= r
+    return out
+
+
+def make_schedule(info: ModelInfo, layers: Sequence[LayerSpec], *, method: str, ratio: Optional[float] = None, **provenance: Any) -> Schedule:
+    """Wrap layers into a validated :class:`Schedule` with budget and provenance filled in."""
+    from . import __version__
+
+    layers = _clamped(info, layers)
+    macs = schedule_macs(info, layers)
+    budget = None
+    if ratio is not None:
+        budget = Budget(
+            spec=f"{ratio * 100:g}%GFLOPs",
+            kind="gflops",
+            target=round(ratio * info.base_gflops, 6),
+            achieved={"gflops": round(macs / 1e9, 6), "ratio": round(macs / info.base_macs, 6)},
+        )
+    prov = {"tool": f"rapid-search {__version__}", "method": method, **provenance}
+    return Schedule(model=info.fingerprint(), layers=tuple(layers), budget=budget, provenance=prov).validate()
+
+
+def empty_schedule(model: ModelLike) -> Schedule:
+    """The identity schedule (no reduction)."""
+    info = model_info(model)
+    return make_schedule(info, [LayerSpec()] * info.depth, method="none")
+
+
+def rapid_layers(
+    info: ModelInfo,
+    r: Sequence[int],
+    *,
+    switch: int,
+    protect: float = DEFAULT_PROTECT,
+    prune_threshold: Optional[float] = None,
+    merge_threshold: Optional[float] = None,
+) -> list[LayerSpec]:
+    """RAPID layers from per-block counts: prune before ``switch``, merge from ``switch`` on."""
+    layers = []
+    for i, ri in enumerate(r):
+        if ri <= 0:
+            layers.append(LayerSpec())
+        elif i < switch:
+            layers.append(LayerSpec("prune", int(ri), prune_threshold))
+        else:
+            layers.append(LayerSpec("merge", int(ri), merge_threshold, protect))
+    return layers
+
+
+def _fit_two_level(info: ModelInfo, build, target: float, max_r: int) -> list[int]:
+    """Smallest constant ``r`` meeting ``target`` MACs, then ``r - 1`` on as many late blocks as fit."""
+    L = info.depth
+    for r in range(0, max_r + 1):
+        if schedule_macs(info, build([r] * L)) <= target:
+            break
+    else:
+        raise UnreachableBudget("unreachable")
+    counts = [r] * L
+    if r > 0:
+        for j in range(1, L + 1):
+            trial = [r] * (L - j) + [r - 1] * j
+            if schedule_macs(info, build(trial)) <= target:
+                counts = trial
+            else:
+                break
+    return counts
+
+
+def rapid_schedule(
+    model: ModelLike,
+    ratio: float,
+    *,
+    switch: Optional[int] = None,
+    protect: float = DEFAULT_PROTECT,
+    prune_threshold: Optional[float] = None,
+    merge_threshold: Optional[float] = None,
+) -> Schedule:
+    """The hand-set RAPID schedule meeting ``ratio`` of the unreduced GFLOPs.
+
+    Blocks before ``switch`` (default: half the depth) prune redundant tokens, later blocks
+    merge unimportant ones with the top ``protect`` fraction protected. The per-block count is
+    the smallest constant ``r`` that meets the ratio, lowered by one in the last blocks while the
+    ratio still holds (so the budget is used, not exceeded).
+
+    Args:
+        model: A timm ViT or its :class:`ModelInfo`.
+        ratio: Target fraction of the unreduced GFLOPs, in (0, 1].
+        switch: First merging block.
+        protect: Protected fraction in merge blocks.
+        prune_threshold: Similarity threshold of prune blocks (None = fixed counts).
+        merge_threshold: Similarity threshold of merge blocks (None = fixed counts).
+
+    Raises:
+        UnreachableBudget: Even the largest counts do not reach ``ratio``.
+
+    Example:
+        >>> import timm
+        >>> from rapid_search import rapid_schedule
+        >>> s = rapid_schedule(timm.create_model("test_vit"), 0.5)
+        >>> s.budget.achieved["ratio"] <= 0.5
+        True
+    """
+    info = model_info(model)
+    switch = info.depth // 2 if switch is None else switch
+    if not 0 <= switch <= info.depth:
+        raise ValueError(f"switch = {switch} must be in [0, {info.depth}]")
+    target = _check_ratio(ratio) * info.base_macs
+
+    def build(r: Sequence[int]) -> list[LayerSpec]:
+        return rapid_layers(info, r, switch=switch, protect=protect)
+
+    try:
+        counts = _fit_two_level(info, build, target, info.num_tokens)
+    except UnreachableBudget:
+        raise UnreachableBudget(
+            f"{ratio:.0%} GFLOPs is below the cheapest hand-set RAPID schedule for {info.name} "
+            f"({min_ratio(info, build):.0%}) — raise the budget"
+        ) from None
+    layers = rapid_layers(info, counts, switch=switch, protect=protect, prune_threshold=prune_threshold, merge_threshold=merge_threshold)
+    return make_schedule(info, layers, method="rapid-hand-set", ratio=ratio, switch=switch, protect=protect)
+
+
+def min_ratio(info: ModelInfo, build) -> float:
+    """Cheapest cost (as a fraction of the unreduced model) a builder reaches with maximal counts."""
+    return schedule_macs(info, build([info.num_tokens] * info.depth)) / info.base_macs
+
+
+def _tome_r_list(depth: int, r: int, inflect: float) -> list[int]:
+    """ToMe's ``parse_r``: per-layer counts for a base ``r`` and an inflection."""
+    min_val = int(r * (1.0 - inflect))
+    max_val = 2 * r - min_val
+    step = (max_val - min_val) / (depth - 1) if depth > 1 else 0
+    return [int(min_val + step * i) for i in range(depth)]
+
+
+def tome_schedule(model: ModelLike, r: Union[int, Sequence[int]], *, inflect: float = 0.0) -> Schedule:
+    """ToMe's schedule: constant ``r`` (``inflect=0``), decreasing (``inflect=-0.5``), or a list."""
+    info = model_info(model)
+    if isinstance(r, int):
+        rs = _tome_r_list(info.depth, r, inflect)
+    else:
+        rs = list(r) + [0] * (info.depth - len(r))
+    layers = [LayerSpec("tome", ri) if ri > 0 else LayerSpec() for ri in rs]
+    return make_schedule(info, layers, method="tome", r=r if isinstance(r, int) else list(r), inflect=inflect)
+
+
+def tome_for_ratio(model: ModelLike, ratio: float, *, decreasing: bool = False) -> Schedule:
+    """The ToMe schedule with the smallest ``r`` that meets ``ratio`` of the unreduced GFLOPs."""
+    info = model_info(model)
+    target = _check_ratio(ratio) * info.base_macs
+    inflect = -0.5 if decreasing else 0.0
+    for r in range(1, info.num_tokens):
+        s = tome_schedule(info, r, inflect=inflect)
+        if schedule_macs(info, s) <= target:
+            return make_schedule(info, s.layers, method="tome-decreasing" if decreasing else "tome", ratio=ratio, r=r, inflect=inflect)
+    cheapest = schedule_macs(info, tome_schedule(info, info.num_tokens, inflect=inflect)) / info.base_macs
+    raise UnreachableBudget(f"{ratio:.0%} GFLOPs is below the cheapest ToMe schedule for {info.name} ({cheapest:.0%}) — raise the budget")
+
+
+def variant_schedule(base: Schedule, model: ModelLike, *, kind: str) -> Schedule:
+    """Baselines at the same per-block counts as ``base`` (a hand-set RAPID schedule).
+
+    ``kind="tofu"``: prune then merge as in ``base`` but without importance protection
+    (``protect = 0``). ``kind="evit"``: importance-only pruning (keep the most attended tokens)
+    in every reducing block.
+    """
+    info = model_info(model)
+    layers = []
+    for layer in base.layers:
+        if not layer.reduces:
+            layers.append(LayerSpec())
+        elif kind == "tofu":
+            layers.append(LayerSpec(layer.op, layer.r, layer.threshold, 0.0 if layer.op == "merge" else None))
+        elif kind == "evit":
+            layers.append(LayerSpec("evit", layer.r))
+        else:
+            raise ValueError(f"unknown variant {kind!r} — use 'tofu' or 'evit'")
+    return make_schedule(info, layers, method=kind)
+
+
+def _check_ratio(ratio: float) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"ratio = {ratio!r} must be a fraction of the unreduced GFLOPs in (0, 1], e.g. 0.5")
+    return float(ratio)
+
+
+def as_schedule(obj: Any, model: ModelLike) -> Schedule:
+    """Normalise every accepted schedule form into a validated :class:`Schedule` for ``model``.
+
+    Accepted: :class:`Schedule`; a path to a YAML file (str or PathLike); ``None`` (no
+    reduction); an int ``r`` (ToMe, constant); ``(r, inflect)`` (ToMe's parameterisation); a list
+    of ints (ToMe per-layer ``r``); a list of :class:`LayerSpec`; a mapping as in the YAML.
+
+    Raises:
+        ScheduleError: Invalid, or made for another model.
+    """
+    info = model_info(model)
+    if obj is None:
+        schedule = empty_schedule(info)
+    elif isinstance(obj, Schedule):
+        schedule = obj.validate()
+    elif isinstance(obj, (str, os.PathLike)):
+        schedule = Schedule.load(Path(obj))
+    elif isinstance(obj, bool):
+        raise ScheduleError("a schedule cannot be a bool — pass a Schedule, a YAML path or a ToMe r")
+    elif isinstance(obj, int):
+        schedule = tome_schedule(info, obj)
+    elif isinstance(obj, tuple) and len(obj) == 2 and all(isinstance(v, (int, float)) for v in obj):
+        schedule = tome_schedule(info, int(obj[0]), inflect=float(obj[1]))
+    elif isinstance(obj, Mapping):
+        schedule = Schedule.from_dict(obj)
+    elif isinstance(obj, (list, tuple)) and obj and all(isinstance(v, LayerSpec) for v in obj):
+        schedule = make_schedule(info, obj, method="custom")
+    elif isinstance(obj, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in obj):
+        schedule = tome_schedule(info, list(obj))
+    else:
+        raise ScheduleError(
+            f"cannot make a schedule from {type(obj).__name__} — pass a Schedule, a YAML path, a ToMe r, (r, inflect) or a list of r"
+        )
+    schedule.model.check(info.fingerprint())
+    return schedule
+
