@@ -32,10 +32,13 @@ __all__ = [
     "as_schedule",
     "make_schedule",
     "DEFAULT_PROTECT",
+    "DEFAULT_SWITCH_FRACTION",
 ]
 
-#: Protected fraction of the hand-set merge layers (see README "Design and measurements").
-DEFAULT_PROTECT = 0.25
+#: Protected fraction of the hand-set merge layers and the first merging block as a fraction of
+#: the depth, chosen on calibration images (``python benchmarks/ablate_handset.py``, README).
+DEFAULT_PROTECT = 0.5
+DEFAULT_SWITCH_FRACTION = 0.25
 
 ModelLike = Union[nn.Module, ModelInfo]
 
@@ -137,7 +140,7 @@ def rapid_schedule(
 ) -> Schedule:
     """The hand-set RAPID schedule meeting ``ratio`` of the unreduced GFLOPs.
 
-    Blocks before ``switch`` (default: half the depth) prune redundant tokens, later blocks
+    Blocks before ``switch`` (default: a quarter of the depth) prune redundant tokens, later blocks
     merge unimportant ones with the top ``protect`` fraction protected. The per-block count is
     the smallest constant ``r`` that meets the ratio, lowered by one in the last blocks while the
     ratio still holds (so the budget is used, not exceeded).
@@ -161,7 +164,7 @@ def rapid_schedule(
         True
     """
     info = model_info(model)
-    switch = info.depth // 2 if switch is None else switch
+    switch = round(info.depth * DEFAULT_SWITCH_FRACTION) if switch is None else switch
     if not 0 <= switch <= info.depth:
         raise ValueError(f"switch = {switch} must be in [0, {info.depth}]")
     target = _check_ratio(ratio) * info.base_macs

@@ -1,0 +1,315 @@
+"""The ``rapid-search`` command line.
+
+Sub-commands (``search`` is the default, so ``rapid-search --budget 50%GFLOPs --device cuda``
+works as typed):
+
+``search``     run or resume a study and write the best schedule (YAML)
+``export``     write a study's best schedule for its budget (or a looser one)
+``evaluate``   evaluate a schedule on an image folder against the unreduced model
+``show``       print a schedule
+``bench``      accuracy/GFLOPs/speed Pareto benchmark against the baselines
+``visualize``  draw which patches are kept, pruned or merged
+
+Bad input gets a one-line ``rapid-search: error: ...`` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+_COMMANDS = ("search", "export", "evaluate", "show", "bench", "visualize")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="batch size for scoring and timing (default: 64)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="local weights (state dict or .safetensors) instead of timm's pretrained weights")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``rapid-search``."""
+    from . import __version__
+
+    parser = _Parser(prog="rapid-search", description="Find and apply the best RAPID token-reduction schedule for a timm ViT.")
+    parser.add_argument("--version", action="version", version=f"rapid-search {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+
+    s = sub.add_parser("search", help="search a schedule under a budget (default command)")
+    s.add_argument("--model", default="deit_small_patch16_224", help="timm model name (default: deit_small_patch16_224)")
+    s.add_argument("--data", type=Path, default=None, help="calibration images: ImageFolder tree of WordNet-id folders, or a flat folder")
+    s.add_argument("--budget", default="50%GFLOPs", help="50%%GFLOPs | 0.6GFLOPs | 60%%latency | 12ms (default: 50%%GFLOPs)")
+    s.add_argument("--trials", type=_positive_int, default=40, help="finished trials in the study, all workers together (default: 40)")
+    s.add_argument("--calib-images", type=_positive_int, default=256, help="calibration images used (default: 256)")
+    s.add_argument("--seed", type=int, default=0, help="sampler and calibration-subset seed (default: 0)")
+    s.add_argument("--out", type=Path, default=None, help="schedule YAML to write (default: studies/<study>.yaml)")
+    s.add_argument("--space", type=Path, default=None, help="search space YAML (default: search_spaces/default.yaml)")
+    s.add_argument("--metric", choices=("auto", "kl", "agreement", "top1"), default="auto", help="calibration score (default: auto = kl)")
+    s.add_argument("--storage", default=None, help="journal:PATH or an RDB URL such as postgresql+psycopg2://user:pw@host/db (default: studies/<study>.journal)")
+    s.add_argument("--study-name", default=None, help="study name (default: derived from model, budget, device, images and seed)")
+    s.add_argument("--progress", choices=("auto", "rich", "plain", "quiet"), default="auto", help="progress display (default: rich on a terminal, plain lines otherwise)")
+    s.add_argument("--quiet", action="store_true", help="print only the result line and errors")
+    s.add_argument("--rungs", type=_positive_int, default=3, help="early-stopping rungs over the calibration set (default: 3)")
+    _add_common(s)
+
+    e = sub.add_parser("export", help="write the best schedule of an existing study")
+    e.add_argument("--study-name", required=True, help="the study to export from")
+    e.add_argument("--storage", default=None, help="the study's storage (default: studies/<study>.journal)")
+    e.add_argument("--budget", default=None, help="export for this budget instead of the study's (GFLOPs budgets: the best trial that meets it)")
+    e.add_argument("--out", type=Path, default=None, help="schedule YAML to write (default: studies/<study>.yaml)")
+
+    v = sub.add_parser("evaluate", help="evaluate a schedule on an image folder")
+    v.add_argument("--schedule", required=True, type=Path, help="schedule YAML")
+    v.add_argument("--data", required=True, type=Path, help="images: ImageFolder tree of WordNet-id folders (top-1) or a flat folder")
+    v.add_argument("--model", default=None, help="timm model (default: the schedule's model)")
+    v.add_argument("--limit", type=_positive_int, default=None, help="evaluate at most N images")
+    v.add_argument("--repeats", type=_positive_int, default=5, help="timing repeats (median) (default: 5)")
+    v.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON")
+    _add_common(v)
+
+    sh = sub.add_parser("show", help="print a schedule")
+    sh.add_argument("schedule", type=Path, help="schedule YAML")
+
+    for name, module, help_ in (("bench", "bench", "Pareto benchmark against the baselines"), ("visualize", "visualize", "draw kept/pruned/merged patches")):
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(_module=module)
+        try:
+            mod = __import__(f"rapid_search.{module}", fromlist=["add_arguments"])
+            mod.add_arguments(p)
+        except (ImportError, AttributeError):
+            p.set_defaults(_unavailable=True)
+    return parser
+
+
+# ---- command implementations -------------------------------------------------------------------
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .search.runner import SearchOptions, run_search
+
+    opts = SearchOptions(
+        model=args.model,
+        data=args.data,
+        budget=args.budget,
+        device=args.device,
+        trials=args.trials,
+        calib_images=args.calib_images,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        out=args.out,
+        checkpoint=args.checkpoint,
+        space=args.space,
+        metric=args.metric,
+        storage=args.storage,
+        study_name=args.study_name,
+        progress="quiet" if args.quiet else args.progress,
+        rungs=args.rungs,
+        threads=args.threads,
+    )
+    if opts.data is None:
+        shared = os.environ.get("RAPID_SHARED")
+        if shared and (Path(shared) / "data" / "imagenet-calib").is_dir():
+            opts.data = Path(shared) / "data" / "imagenet-calib"
+    try:
+        res = run_search(opts)
+    except KeyboardInterrupt:
+        from .search.runner import default_study_name
+
+        name = opts.study_name or default_study_name(opts)
+        sys.stderr.write(f"rapid-search: interrupted — study {name!r} is kept; re-run the same command to resume\n")
+        return EXIT_INTERRUPTED
+    ach = res.schedule.budget.achieved if res.schedule.budget else {}
+    cost = f"{ach.get('gflops', 0):.3f} GFLOPs" + (f", {ach['latency_ms']:.2f} ms" if "latency_ms" in ach else "")
+    print(f"schedule written to {res.path} (trial {res.trial_number}, {cost})")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import optuna
+
+    from .schedule import Budget
+    from .search.budget import parse_budget, resolve
+    from .search.runner import STUDIES_DIR
+    from .search.storage import open_storage
+    from .search.study import SearchError, export_best
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.storage is None and not (STUDIES_DIR / f"{args.study_name}.journal").exists():
+        raise SearchError(f"no study {args.study_name!r} in {STUDIES_DIR}/ — pass --storage where it lives, or run rapid-search search first")
+    storage = open_storage(args.storage, study_name=args.study_name, studies_dir=STUDIES_DIR)
+    try:
+        study = optuna.load_study(study_name=args.study_name, storage=storage)
+    except KeyError:
+        raise SearchError(f"no study named {args.study_name!r} in that storage — check --study-name") from None
+    setup = study.user_attrs.get("setup") or {}
+    text = args.budget or setup.get("budget")
+    if text is None:
+        raise SearchError(f"study {args.study_name!r} records no budget — pass --budget")
+    spec = parse_budget(text)
+    if spec.kind == "gflops":
+        target = resolve(spec, base_gflops=float(study.user_attrs["base_gflops"]))
+    elif args.budget is None or args.budget == setup.get("budget"):
+        target = float(study.user_attrs["target"])
+    else:
+        raise SearchError("a latency budget is measured on the device: export with the study's own budget, or run a search for it")
+    out = args.out or STUDIES_DIR / f"{args.study_name}.yaml"
+    budget = Budget(spec=text, kind=spec.kind, target=round(target, 6))
+    final, trial = export_best(
+        study, out, budget=budget, provenance={"exported_from": args.study_name}, max_gflops=target if spec.kind == "gflops" else None
+    )
+    print(f"schedule written to {out} (trial {trial.number}, {final.budget.achieved.get('gflops', 0):.3f} GFLOPs)")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import load_images
+    from .evaluate import fidelity, predict
+    from .flops import ModelInfo
+    from .loading import load_model
+    from .measure import measure_model, parse_device, set_cpu_threads
+    from .patch import applied
+    from .schedule import Schedule
+
+    schedule = Schedule.load(args.schedule)
+    device = parse_device(args.device)
+    set_cpu_threads(args.threads)
+    if not args.data.is_dir():
+        from .data import DataError
+
+        raise DataError(f"data folder {args.data} does not exist — pass --data with an ImageFolder tree or a flat folder of images")
+    model = load_model(args.model or schedule.model.name, checkpoint=args.checkpoint, device=device)
+    info = ModelInfo.from_model(model)
+    schedule.model.check(info.fingerprint())
+    imgs = load_images(args.data, model=model, limit=args.limit)
+    base = predict(model, imgs.images, None, batch_size=args.batch_size, device=device, info=info)
+    red = predict(model, imgs.images, schedule, batch_size=args.batch_size, device=device, info=info)
+    scores = fidelity(red.logits, base.logits, imgs.labels)
+    base_scores = fidelity(base.logits, base.logits, imgs.labels)
+    size = tuple(imgs.images.shape[1:])
+    t_base = measure_model(model, device=device, batch_size=args.batch_size, input_size=size, repeats=args.repeats)
+    with applied(model, schedule):
+        t_red = measure_model(model, device=device, batch_size=args.batch_size, input_size=size, repeats=args.repeats)
+    g_base, g_red = info.base_gflops, float(red.macs.mean()) / 1e9
+    result = {
+        "schedule": str(args.schedule),
+        "model": info.name,
+        "images": len(imgs),
+        "skipped": len(imgs.skipped),
+        "device": str(device),
+        "batch_size": args.batch_size,
+        "unreduced": {**base_scores, "gflops": g_base, "images_per_s": t_base.images_per_s},
+        "schedule_scores": {**scores, "gflops": g_red, "images_per_s": t_red.images_per_s},
+        "speedup": t_red.images_per_s / t_base.images_per_s,
+        "ideal_speedup": g_base / g_red,
+    }
+    result["speedup_of_ideal"] = result["speedup"] / result["ideal_speedup"]
+    top = lambda d: f"{d['top1']:.2%}" if "top1" in d else "n/a"  # noqa: E731
+    print(f"{info.name} on {len(imgs)} images from {args.data} ({device}, batch {args.batch_size}); skipped {len(imgs.skipped)}")
+    print(f"{'':12s}{'top-1':>8s}{'agree':>8s}{'KL':>8s}{'GFLOPs':>8s}{'img/s':>9s}")
+    print(f"{'unreduced':12s}{top(base_scores):>8s}{'100.0%':>8s}{0.0:8.4f}{g_base:8.3f}{t_base.images_per_s:9.1f}")
+    print(f"{'schedule':12s}{top(scores):>8s}{scores['agreement']:8.1%}{scores['kl']:8.4f}{g_red:8.3f}{t_red.images_per_s:9.1f}")
+    print(f"speedup {result['speedup']:.2f}x (ideal {result['ideal_speedup']:.2f}x, {result['speedup_of_ideal']:.0%} of ideal)")
+    if args.json:
+        from .schedule import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from .schedule import Schedule
+
+    s = Schedule.load(args.schedule)
+    m = s.model
+    print(f"{args.schedule}: {m.name} (depth {m.depth}, {m.num_tokens} tokens, {m.num_prefix_tokens} prefix)")
+    if s.budget:
+        print(f"budget {s.budget.spec} (target {s.budget.target}); achieved {s.budget.achieved}")
+    if s.scores:
+        print("scores " + ", ".join(f"{k}={v}" for k, v in s.scores.items()))
+    if s.provenance:
+        print("provenance " + ", ".join(f"{k}={v}" for k, v in s.provenance.items()))
+    print(s.describe())
+    return 0
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from .loading import ModelLoadError
+    from .patch import UnsupportedModelError
+    from .presets import UnreachableBudget
+    from .schedule import ScheduleError
+
+    errs: list[type[BaseException]] = [ScheduleError, UnsupportedModelError, ModelLoadError, UnreachableBudget]
+    for mod, names in (
+        ("rapid_search.data", ("DataError",)),
+        ("rapid_search.search.budget", ("BudgetError",)),
+        ("rapid_search.search.space", ("SearchSpaceError",)),
+        ("rapid_search.search.storage", ("StorageError",)),
+        ("rapid_search.search.study", ("SearchError",)),
+    ):
+        try:
+            m = __import__(mod, fromlist=list(names))
+            errs.extend(getattr(m, n) for n in names)
+        except ImportError:
+            pass
+    return tuple(errs)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``rapid-search``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["search", *argv]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "search": _cmd_search,
+        "export": _cmd_export,
+        "evaluate": _cmd_evaluate,
+        "show": _cmd_show,
+    }
+    try:
+        if args.command in ("bench", "visualize"):
+            if getattr(args, "_unavailable", False):
+                raise ImportError(f"'{args.command}' needs the search extras — pip install 'rapid-search[search]'")
+            mod = __import__(f"rapid_search.{args._module}", fromlist=["main"])
+            return int(mod.main(args) or 0)
+        return commands[args.command](args)
+    except _known_errors() as e:
+        sys.stderr.write(f"rapid-search: error: {e}\n")
+        return EXIT_USAGE
+    except (ValueError, ImportError, FileNotFoundError, PermissionError) as e:
+        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        sys.stderr.write(f"rapid-search: error: {msg}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("rapid-search: interrupted\n")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,261 @@
+"""The Optuna study: search a RAPID schedule under a FLOPs or measured-latency budget.
+
+Cost of a trial: the calibration images are decoded once per process and the unreduced
+model's logits computed once, so a completed trial costs about one reduced forward pass over
+the calibration images. Hopeless trials are stopped early: each trial reports its score on
+growing prefixes of the calibration set (rungs) and Optuna's ``MedianPruner`` stops it when it
+is below the median of earlier trials at the same rung.
+
+The budget is a constraint, not a penalty: each sampled shape is projected onto the budget (its
+scale solved so its cost meets the target), and the cost that is only known after running
+(threshold schedules' measured mean per-image MACs) is recorded with ``trial.set_constraint``,
+so infeasible trials are never chosen.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from ..evaluate import fidelity, metric_value, predict
+from ..flops import ModelInfo, schedule_macs
+from ..presets import make_schedule, tome_schedule
+from ..schedule import Budget, LayerSpec, Schedule
+from .space import SearchSpace, layers_for, project
+
+__all__ = ["SearchError", "Objective", "Calibration", "make_objective", "cheapest_ratio", "export_best", "trial_schedule"]
+
+#: Attribute names stored on studies so a resumed study can refuse a different set-up.
+STUDY_KEYS = ("model", "budget", "space", "metric", "calib", "device_kind")
+
+
+class SearchError(ValueError):
+    """A search could not start or finish; the message says what to do."""
+
+
+@dataclass
+class Calibration:
+    """Calibration images and the unreduced model's outputs on them (computed once).
+
+    Attributes:
+        images: ``(N, 3, H, W)`` preprocessed images.
+        labels: ``(N,)`` ImageNet indices or None.
+        base_logits: ``(N, K)`` unreduced logits.
+        base_scores: Scores of the unreduced model (top-1 when labelled).
+        base_seconds: Wall time of one unreduced forward pass over the images.
+    """
+
+    images: torch.Tensor
+    labels: Optional[torch.Tensor]
+    base_logits: torch.Tensor
+    base_scores: dict[str, float]
+    base_seconds: float
+
+    def rungs(self, n_rungs: int) -> list[tuple[int, int]]:
+        """Growing prefixes of the calibration set: ``[(0, n/4), (n/4, n/2), (n/2, n)]`` for 3."""
+        n = len(self.images)
+        cuts = [0] + [max(1, round(n / 2 ** (n_rungs - 1 - k))) for k in range(n_rungs)]
+        cuts[-1] = n
+        return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def cheapest_ratio(info: ModelInfo, space: SearchSpace, cost: Optional[Callable[[list[LayerSpec]], float]] = None) -> float:
+    """Lowest cost, relative to the unreduced model, that the space's extreme shapes reach."""
+    cost = cost or (lambda layers: float(schedule_macs(info, layers)))
+    base = cost([LayerSpec()] * info.depth)
+    best = math.inf
+    for sw in {space.switch.low, space.switch.high}:
+        for pw in {space.prune_weight.low, space.prune_weight.high, 1.0}:
+            for dc in {space.decay.low, space.decay.high, 0.0}:
+                shape = {"switch": round(sw * info.depth), "prune_weight": pw, "decay": dc, "protect": space.protect.low}
+                best = min(best, cost(layers_for(info, shape, 1e6)))  # every count at its cap
+    return best / base
+
+
+def trial_schedule(trial: optuna.trial.FrozenTrial) -> Schedule:
+    """The schedule a trial evaluated (stored in its user attributes)."""
+    data = trial.user_attrs.get("schedule")
+    if data is None:
+        raise SearchError(f"trial {trial.number} has no stored schedule — it did not get past sampling")
+    return Schedule.from_dict(data)
+
+
+class Objective:
+    """The Optuna objective: sample, project onto the budget, score on calibration rungs."""
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        info: ModelInfo,
+        space: SearchSpace,
+        calib: Calibration,
+        metric: str,
+        target: float,
+        cost_kind: str,
+        device: torch.device,
+        batch_size: int,
+        n_rungs: int = 3,
+        latency_model: Any = None,
+    ) -> None:
+        self.model, self.info, self.space, self.calib = model, info, space, calib
+        self.metric, self.target, self.cost_kind = metric, target, cost_kind
+        self.device, self.batch_size = device, batch_size
+        self.latency_model = latency_model
+        self.rungs = calib.rungs(n_rungs)
+        self.images_forwarded = 0
+
+    # cost of a layer list in the budget's units (analytic MACs or predicted ms)
+    def cost(self, layers: list[LayerSpec]) -> float:
+        if self.cost_kind == "latency":
+            return float(self.latency_model.predict_ms(layers))
+        return float(schedule_macs(self.info, layers))
+
+    def _schedule(self, trial: optuna.trial.Trial) -> Optional[Schedule]:
+        warm = trial.user_attrs.get("warm_start")
+        if warm in ("tome", "tome-decreasing"):
+            inflect = -0.5 if warm == "tome-decreasing" else 0.0
+            for r in range(1, self.info.num_tokens):
+                layers = list(tome_schedule(self.info, r, inflect=inflect).layers)
+                if self.cost(layers) <= self.target:
+                    return make_schedule(self.info, layers, method=warm, r=r, inflect=inflect)
+            return None
+        shape = self.space.suggest(trial, self.info.depth)
+        res = project(self.info, shape, self.target, cost=self.cost)
+        if res is None:
+            return None
+        layers, _ = res
+        return make_schedule(self.info, layers, method=warm or "rapid-search", **{k: v for k, v in shape.items()})
+
+    def _run(self, trial: optuna.trial.Trial, schedule: Schedule) -> tuple[dict[str, float], float, float]:
+        """Score ``schedule`` rung by rung; returns final scores, mean cost and forward seconds."""
+        logits, macs, seconds = [], [], 0.0
+        c = self.calib
+        for step, (a, b) in enumerate(self.rungs):
+            p = predict(self.model, c.images[a:b], schedule, batch_size=self.batch_size, device=self.device, info=self.info)
+            self.images_forwarded += b - a
+            trial.set_user_attr("images_forwarded", b)
+            logits.append(p.logits)
+            macs.append(p.macs)
+            seconds += p.seconds
+            scores = fidelity(torch.cat(logits), c.base_logits[:b], None if c.labels is None else c.labels[:b])
+            value = metric_value(scores, self.metric)
+            if step < len(self.rungs) - 1:
+                trial.report(value, step)
+                if trial.should_prune():
+                    trial.set_user_attr("forward_s", seconds)
+                    raise optuna.TrialPruned()
+        return scores, float(torch.cat(macs).mean()), seconds
+
+    def __call__(self, trial: optuna.trial.Trial) -> float:
+        t0 = time.perf_counter()
+        schedule = self._schedule(trial)
+        if schedule is None:
+            trial.set_constraint("budget", 1.0)
+            raise optuna.TrialPruned("no schedule of this shape meets the budget")
+        trial.set_user_attr("schedule", schedule.to_dict())
+        analytic = schedule_macs(self.info, schedule)
+        trial.set_user_attr("analytic_gflops", analytic / 1e9)
+        if self.cost_kind == "latency":
+            trial.set_user_attr("predicted_ms", self.cost(list(schedule.layers)))
+        scores, mean_macs, fwd = self._run(trial, schedule)
+        trial.set_user_attr("gflops", mean_macs / 1e9)
+        for k, v in scores.items():
+            trial.set_user_attr(k, v)
+        if self.cost_kind == "gflops":
+            violation = (mean_macs - self.target) / self.target
+        else:
+            violation = (trial.user_attrs["predicted_ms"] - self.target) / self.target
+        trial.set_constraint("budget", violation)
+        trial.set_user_attr("forward_s", fwd)
+        trial.set_user_attr("trial_s", time.perf_counter() - t0)
+        return metric_value(scores, self.metric)
+
+
+def make_objective(**kwargs: Any) -> Objective:
+    """Build an :class:`Objective` (keyword-only; see its arguments)."""
+    return Objective(**kwargs)
+
+
+def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Completed trials that meet the budget, best first."""
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.value is not None and all(v <= 0 for v in t.constraints.values()) and "schedule" in t.user_attrs
+    ]
+    return sorted(done, key=lambda t: (-t.value, t.number))
+
+
+def export_best(
+    study: optuna.Study,
+    out: Path,
+    *,
+    budget: Budget,
+    extra_scores: Optional[dict[str, Any]] = None,
+    provenance: Optional[dict[str, Any]] = None,
+    accept: Optional[Callable[[Schedule], Optional[dict[str, Any]]]] = None,
+    max_candidates: int = 5,
+    max_gflops: Optional[float] = None,
+) -> tuple[Schedule, optuna.trial.FrozenTrial]:
+    """Write the best feasible trial's schedule to ``out`` (atomically).
+
+    Args:
+        study: The study.
+        out: Output YAML path.
+        budget: Budget to record (``achieved`` is filled in from the trial).
+        extra_scores: Scores to add (e.g. the unreduced model's calibration score).
+        provenance: Provenance to add.
+        accept: Optional final check of a candidate (e.g. re-measured latency); returns extra
+            ``achieved`` fields when accepted, None to try the next-best trial.
+        max_candidates: How many trials ``accept`` may try.
+        max_gflops: Only trials whose measured GFLOPs are at most this (export for another budget).
+    """
+    cands = feasible_trials(study)
+    if max_gflops is not None:
+        cands = [t for t in cands if t.user_attrs.get("gflops", math.inf) <= max_gflops + 1e-12]
+    if not cands:
+        raise SearchError(
+            f"study {study.study_name!r} has no finished trial that meets the budget — run more trials or relax --budget"
+        )
+    for t in cands[:max_candidates]:
+        sched = trial_schedule(t)
+        achieved: dict[str, Any] = {"gflops": round(t.user_attrs["gflops"], 6), "analytic_gflops": round(t.user_attrs["analytic_gflops"], 6)}
+        if "predicted_ms" in t.user_attrs:
+            achieved["predicted_ms"] = round(t.user_attrs["predicted_ms"], 4)
+        if accept is not None:
+            more = accept(sched)
+            if more is None:
+                continue
+            achieved.update(more)
+        scores = {k: round(float(t.user_attrs[k]), 6) for k in ("top1", "agreement", "kl") if k in t.user_attrs}
+        scores = {f"calib_{k}": v for k, v in scores.items()}
+        scores.update(extra_scores or {})
+        prov = dict(sched.provenance)
+        prov.update(provenance or {})
+        prov.update({"study": study.study_name, "trial": t.number, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+        final = sched.with_meta(
+            budget=Budget(spec=budget.spec, kind=budget.kind, target=budget.target, achieved=achieved),
+            scores=scores,
+            provenance=prov,
+        )
+        final.save(out)
+        return final, t
+    raise SearchError("no candidate schedule met the budget when re-measured on the device — relax --budget or run more trials")
+
+
+def environment() -> dict[str, str]:
+    """Versions recorded in provenance."""
+    import timm
+
+    return {"torch": torch.__version__, "timm": timm.__version__, "optuna": optuna.__version__, "python": platform.python_version()}
+
