@@ -1,0 +1,110 @@
+"""Search space: validation, sampling and projection onto the budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import timm
+
+from rapid_search import model_info, schedule_macs
+from rapid_search.search.space import DEFAULT_SPACE, SearchSpace, SearchSpaceError, layers_for, project
+from rapid_search.search.study import cheapest_ratio
+
+
+@pytest.fixture(scope="module")
+def info():
+    return model_info(timm.create_model("deit_tiny_patch16_224"))
+
+
+def test_default_space_loads_and_is_documented():
+    space = SearchSpace.load()
+    assert space.switch.low == 0.0 and space.switch.high == 1.0
+    assert space.prune_threshold.modes == ("off", "on")
+    text = DEFAULT_SPACE.read_text()
+    assert text.count("#") > 10  # every choice is explained in the file
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "space.yaml"
+    p.write_text(text)
+    return p
+
+
+GOOD = DEFAULT_SPACE.read_text()
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (("format: rapid-search-space/v1", "format: v0"), "format"),
+        (("decay: {low: -0.9, high: 0.9}", "decay: {low: 0.9, high: -0.9}"), "decay"),
+        (("decay: {low: -0.9, high: 0.9}", "decay: {low: -0.9}"), "decay"),
+        (("decay: {low: -0.9, high: 0.9}", "decay: {low: -0.9, high: 0.9, step: 1}"), "unknown key"),
+        (("protect: {low: 0.0, high: 0.6}", "protect: {low: 0.0, high: 1.5}"), "protect"),
+        (("protect: {low: 0.0, high: 0.6}", "protect: fast"), "protect"),
+        (("prune_threshold: {modes: [off, on], low: 0.5, high: 0.98}", "prune_threshold: {modes: [maybe], low: 0.5, high: 0.98}"), "modes"),
+        (("merge_threshold: {modes: [off, on], low: 0.3, high: 0.95}", "merge_threshold: 3.0"), "merge_threshold"),
+        (("switch: {low: 0.0, high: 1.0}", "switchh: {low: 0.0, high: 1.0}"), "unknown key"),
+        (("prune_weight: {low: 0.25, high: 4.0, log: true}", "prune_weight: {low: 0.0, high: 4.0, log: true}"), "prune_weight"),
+    ],
+)
+def test_invalid_spaces_name_the_field(tmp_path, edit, needle):
+    old, new = edit
+    assert old in GOOD
+    with pytest.raises(SearchSpaceError, match=needle):
+        SearchSpace.load(_write(tmp_path, GOOD.replace(old, new)))
+
+
+def test_malformed_and_missing_files(tmp_path):
+    with pytest.raises(SearchSpaceError, match="not valid YAML"):
+        SearchSpace.load(_write(tmp_path, "switch: {low: [0\n"))
+    with pytest.raises(SearchSpaceError, match="does not exist"):
+        SearchSpace.load(tmp_path / "nope.yaml")
+    with pytest.raises(SearchSpaceError, match="mapping"):
+        SearchSpace.load(_write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(SearchSpaceError, match="missing"):
+        SearchSpace.load(_write(tmp_path, "format: rapid-search-space/v1\nswitch: 0.5\n"))
+
+
+def test_fixed_values_and_fingerprint(tmp_path):
+    text = GOOD.replace("protect: {low: 0.0, high: 0.6}", "protect: 0.3").replace(
+        "prune_threshold: {modes: [off, on], low: 0.5, high: 0.98}", "prune_threshold: off"
+    )
+    space = SearchSpace.load(_write(tmp_path, text))
+    assert space.protect.fixed and space.protect.low == 0.3
+    assert space.prune_threshold.modes == ("off",)
+    assert space.fingerprint() != SearchSpace.load().fingerprint()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    t = study.ask()
+    shape = space.suggest(t, 12)
+    assert shape["protect"] == 0.3 and shape["prune_threshold"] is None
+    assert "protect" not in t.params
+
+
+@pytest.mark.parametrize("ratio", [0.7, 0.5, 0.35])
+def test_projection_meets_and_uses_the_budget(info, ratio):
+    space = SearchSpace.load().without_thresholds()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    target = ratio * info.base_macs
+    met = 0
+    for _ in range(25):
+        shape = space.suggest(study.ask(), info.depth)
+        res = project(info, shape, target)
+        if res is None:
+            continue
+        layers, cost = res
+        met += 1
+        assert cost == schedule_macs(info, layers) <= target
+        # the budget is used: one more token anywhere would exceed it, or the shape is saturated
+        assert cost >= 0.97 * target or cost == schedule_macs(info, layers_for(info, shape, 1e6))
+    assert met >= 15
+
+
+def test_cheapest_ratio_is_a_floor(info):
+    space = SearchSpace.load()
+    floor = cheapest_ratio(info, space)
+    assert 0.05 < floor < 0.35
+    shape = {"switch": 0, "prune_weight": 1.0, "decay": 0.0, "protect": 0.0}
+    assert project(info, shape, (floor - 0.01) * info.base_macs) is None
