@@ -60,6 +60,9 @@ class Reduction:
         dst: ``(B, N)`` destination index of every token for merges (a token's own index when it
             is not merged away); ``None`` for pure pruning.
         ragged: True when images keep different counts (the output carries padding).
+        src_idx: ``(B, R)`` merged-away tokens when every image merges the same count ``R``
+            (the fast path); None otherwise.
+        dst_pos: ``(B, R)`` their destinations as positions in the output.
     """
 
     keep_idx: torch.Tensor
@@ -67,6 +70,8 @@ class Reduction:
     dst: Optional[torch.Tensor]
     remove: torch.Tensor
     ragged: bool
+    src_idx: Optional[torch.Tensor] = None
+    dst_pos: Optional[torch.Tensor] = None
 
     def __call__(self, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
         """Apply the reduction to ``x`` of shape ``(B, N, C)`` -> ``(B, L, C)``.
@@ -77,14 +82,24 @@ class Reduction:
                 features and sizes), ``"amax"`` takes the elementwise max (source maps).
         """
         B, N, C = x.shape
-        if self.dst is not None:
-            contrib = x * self.remove[..., None].to(x.dtype)  # (B, N, C) merged-away tokens only
-            index = self.dst[..., None].expand(B, N, C)  # (B, N, C)
+        L = self.keep_idx.shape[1]
+        if self.dst is None:  # pruning: keep rows only
+            return x.gather(1, self.keep_idx[..., None].expand(B, L, C))  # (B, L, C)
+        if self.src_idx is not None:  # every image merges the same count: touch only r rows
+            R = self.src_idx.shape[1]
+            out = x.gather(1, self.keep_idx[..., None].expand(B, L, C))  # (B, L, C)
+            src = x.gather(1, self.src_idx[..., None].expand(B, R, C))  # (B, R, C)
+            index = self.dst_pos[..., None].expand(B, R, C)  # (B, R, C)
             if mode == "sum":
-                x = x.scatter_add(1, index, contrib)  # (B, N, C)
-            else:
-                x = x.scatter_reduce(1, index, contrib, reduce=mode, include_self=True)
-        return x.gather(1, self.keep_idx[..., None].expand(B, self.keep_idx.shape[1], C))  # (B, L, C)
+                return out.scatter_add_(1, index, src)
+            return out.scatter_reduce_(1, index, src, reduce=mode, include_self=True)
+        contrib = x * self.remove[..., None].to(x.dtype)  # (B, N, C) merged-away tokens only
+        index = self.dst[..., None].expand(B, N, C)  # (B, N, C)
+        if mode == "sum":
+            x = x.scatter_add(1, index, contrib)  # (B, N, C)
+        else:
+            x = x.scatter_reduce(1, index, contrib, reduce=mode, include_self=True)
+        return x.gather(1, self.keep_idx[..., None].expand(B, L, C))  # (B, L, C)
 
     def valid_mask(self) -> Optional[torch.Tensor]:
         """``(B, L)`` bool mask of real (non-padding) output tokens, or None if not ragged."""
@@ -106,7 +121,13 @@ def _compact(remove: torch.Tensor, valid: Optional[torch.Tensor], dst: Optional[
     L = int(n_keep.max())
     keep_idx = key.argsort(dim=1)[:, :L]  # (B, L)
     ragged = bool((n_keep != L).any())
-    return Reduction(keep_idx=keep_idx, n_keep=n_keep, dst=dst, remove=remove, ragged=ragged)
+    src_idx = dst_pos = None
+    if dst is not None and valid is None and not ragged:
+        R = N - L  # every image merges exactly R tokens
+        src_idx = remove.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :R]  # (B, R)
+        out_pos = keep.long().cumsum(1) - 1  # (B, N) output position of each kept token
+        dst_pos = out_pos.gather(1, dst.gather(1, src_idx))  # (B, R)
+    return Reduction(keep_idx=keep_idx, n_keep=n_keep, dst=dst, remove=remove, ragged=ragged, src_idx=src_idx, dst_pos=dst_pos)
 
 
 def _patch_valid(n_valid: Optional[torch.Tensor], num_prefix: int, T: int, device: torch.device) -> Optional[torch.Tensor]:
