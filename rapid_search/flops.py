@@ -168,7 +168,8 @@ def _reduction_macs(info: ModelInfo, layer: LayerSpec, n: int) -> int:
     if layer.op == "prune":
         return ((T + 1) // 2) * (T // 2) * hd
     if layer.op == "merge":
-        return T * T * hd + info.importance_rows * n * info.attn_dim
+        n_a = (T - protected_count(T, float(layer.protect)) + 1) // 2  # type: ignore[arg-type]
+        return n_a * T * hd + info.importance_rows * n * info.attn_dim
     if layer.op == "tome":
         return ((n + 1) // 2) * (n // 2) * hd
     if layer.op == "evit":
@@ -222,7 +223,8 @@ def macs_from_counts(info: ModelInfo, schedule: Union[Schedule, Sequence[LayerSp
             if layer.op == "prune":
                 total += torch.ceil(T / 2) * torch.floor(T / 2) * hd
             elif layer.op == "merge":
-                total += T * T * hd + info.importance_rows * n * A
+                n_a = torch.floor((T - torch.floor(T * float(layer.protect) + 0.5) + 1) / 2)
+                total += n_a * T * hd + info.importance_rows * n * A
             elif layer.op == "tome":
                 total += torch.ceil(n / 2) * torch.floor(n / 2) * hd
             elif layer.op == "evit":

@@ -154,9 +154,9 @@ def _full_mask(patch_mask: torch.Tensor, num_prefix: int) -> torch.Tensor:
 def _select_top(score: torch.Tensor, r: int, eligible: torch.Tensor) -> torch.Tensor:
     """Mask of the ``r`` highest-scoring eligible entries of ``score`` ``(B, M)``."""
     r = min(r, score.shape[1])
-    order = score.argsort(dim=1, descending=True)[:, :r]  # (B, r)
     chosen = torch.zeros_like(eligible)
-    chosen.scatter_(1, order, True)
+    if r > 0:
+        chosen.scatter_(1, score.topk(r, dim=1).indices, True)  # (B, M)
     return chosen & eligible  # (B, M)
 
 
@@ -227,7 +227,7 @@ def importance_merge(
     The top ``protect`` fraction of patch tokens by ``importance`` is protected: never merged
     away. The remaining tokens are split alternately (in sequence order) into sources A and
     candidates B; every A token finds its most similar destination among B and the protected
-    tokens, and the ``r`` A tokens with the highest similarity (reaching ``threshold`` when set)
+    tokens (an ``|A| x T`` similarity: ``ceil((T - P_k) / 2) * T * C`` MACs), and the ``r`` A tokens with the highest similarity (reaching ``threshold`` when set)
     are merged into their destinations. Merging is by the caller, size-weighted (see
     :func:`merge_wavg`).
 
@@ -245,33 +245,49 @@ def importance_merge(
     """
     if r <= 0 and n_valid is None:
         return None
-    B, N, _ = metric.shape
+    B, N, C = metric.shape
     T = N - num_prefix
     device = metric.device
     pvalid = _patch_valid(n_valid, num_prefix, T, device)  # (B, T) or None
-    n_real = torch.full((B,), T, device=device, dtype=torch.long) if n_valid is None else n_valid - num_prefix
-    n_prot = torch.floor(n_real.double() * protect + 0.5).long()  # (B,) same formula as protected_count
-    imp = importance if pvalid is None else importance.masked_fill(~pvalid, _NEG_INF)
-    rank = imp.argsort(dim=1, descending=True).argsort(dim=1)  # (B, T) rank 0 = most important
-    prot = rank < n_prot[:, None]  # (B, T)
-    real = torch.ones_like(prot) if pvalid is None else pvalid
+    if pvalid is None:  # same counts for every image: top-k selects the protected tokens
+        k = protected_count(T, protect)
+        prot = torch.zeros(B, T, dtype=torch.bool, device=device)
+        if k > 0:
+            prot.scatter_(1, importance.topk(k, dim=1).indices, True)  # (B, T)
+        real = torch.ones_like(prot)
+        n_a = torch.full((B,), (T - k + 1) // 2, device=device, dtype=torch.long)
+    else:  # padded batch: per-image counts, ranks instead of top-k
+        n_real = n_valid - num_prefix  # (B,)
+        n_prot = torch.floor(n_real.double() * protect + 0.5).long()  # (B,) same formula as protected_count
+        imp = importance.masked_fill(~pvalid, _NEG_INF)
+        rank = imp.argsort(dim=1, descending=True).argsort(dim=1)  # (B, T) rank 0 = most important
+        prot = rank < n_prot[:, None]
+        real = pvalid
+        n_a = (n_real - n_prot + 1) // 2
     unp = real & ~prot  # (B, T)
     order = unp.long().cumsum(1) - 1  # (B, T) position among unprotected tokens
-    is_a = unp & (order % 2 == 0)  # sources
-    is_dst = real & ~is_a  # protected tokens and B
+    is_a = unp & (order % 2 == 0)  # sources: every other unprotected token
+    Ta = int(n_a.max())
+    if Ta == 0:
+        return _compact(torch.zeros(B, N, dtype=torch.bool, device=device), _seq_valid(n_valid, N, device), dst=None)
+    a_idx = is_a.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :Ta]  # (B, Ta) source positions
+    a_ok = torch.arange(Ta, device=device)[None, :] < n_a[:, None]  # (B, Ta) real sources (padding: fewer)
     m = F.normalize(metric[:, num_prefix:], dim=-1)  # (B, T, C)
-    sim = m @ m.transpose(1, 2)  # (B, T, T)
-    sim = sim.masked_fill(~is_dst[:, None, :], _NEG_INF)
-    score, dst_p = sim.max(dim=-1)  # (B, T), (B, T)
-    score = score.masked_fill(~is_a, _NEG_INF)
-    eligible = is_a & torch.isfinite(score)
+    ma = m.gather(1, a_idx[..., None].expand(B, Ta, C))  # (B, Ta, C)
+    sim = ma @ m.transpose(1, 2)  # (B, Ta, T)
+    not_dst = is_a if pvalid is None else (is_a | ~pvalid)  # destinations: protected tokens and B
+    sim = sim.masked_fill(not_dst[:, None, :], _NEG_INF)
+    score, dst_a = sim.max(dim=-1)  # (B, Ta)
+    eligible = a_ok & torch.isfinite(score)
     if threshold is not None:
         eligible &= score >= threshold
-    remove_p = _select_top(score, r, eligible)  # (B, T)
+    chosen = _select_top(score.masked_fill(~a_ok, _NEG_INF), r, eligible)  # (B, Ta)
+    remove_p = torch.zeros(B, T, dtype=torch.bool, device=device)
+    remove_p.scatter_(1, a_idx, chosen)
     own = torch.arange(T, device=device).expand(B, T)
-    dst_p = torch.where(remove_p, dst_p, own) + num_prefix  # (B, T) in full-sequence indices
+    dst_p = own.scatter(1, a_idx, torch.where(chosen, dst_a, a_idx))  # (B, T) destination of every patch token
     prefix_idx = torch.arange(num_prefix, device=device).expand(B, num_prefix)
-    dst = torch.cat([prefix_idx, dst_p], dim=1)  # (B, N)
+    dst = torch.cat([prefix_idx, dst_p + num_prefix], dim=1)  # (B, N) full-sequence indices
     return _compact(_full_mask(remove_p, num_prefix), _seq_valid(n_valid, N, device), dst=dst)
 
 
