@@ -120,29 +120,54 @@ class Objective:
             return float(self.latency_model.predict_ms(layers))
         return float(schedule_macs(self.info, layers))
 
-    def _schedule(self, trial: optuna.trial.Trial) -> Optional[Schedule]:
+    def _schedule(self, trial: optuna.trial.Trial) -> tuple[Optional[Schedule], Optional[dict[str, Any]]]:
+        """Sample (or take the warm-start) schedule and project it onto the budget."""
         warm = trial.user_attrs.get("warm_start")
         if warm in ("tome", "tome-decreasing"):
             inflect = -0.5 if warm == "tome-decreasing" else 0.0
             for r in range(1, self.info.num_tokens):
                 layers = list(tome_schedule(self.info, r, inflect=inflect).layers)
                 if self.cost(layers) <= self.target:
-                    return make_schedule(self.info, layers, method=warm, r=r, inflect=inflect)
-            return None
+                    return make_schedule(self.info, layers, method=warm, r=r, inflect=inflect), None
+            return None, None
         shape = self.space.suggest(trial, self.info.depth)
-        res = project(self.info, shape, self.target, cost=self.cost)
+        return self._project(shape, self.target, method=warm or "rapid-search"), shape
+
+    def _project(self, shape: dict[str, Any], target: float, *, method: str) -> Optional[Schedule]:
+        res = project(self.info, shape, target, cost=self.cost)
         if res is None:
             return None
-        layers, _ = res
-        return make_schedule(self.info, layers, method=warm or "rapid-search", **{k: v for k, v in shape.items()})
+        return make_schedule(self.info, res[0], method=method, **shape)
 
-    def _run(self, trial: optuna.trial.Trial, schedule: Schedule) -> tuple[dict[str, float], float, float]:
+    def _fit_thresholds(self, schedule: Schedule, shape: dict[str, Any], first: tuple[int, int]) -> tuple[Schedule, Any]:
+        """Threshold schedules remove fewer tokens than their counts allow, so their measured cost
+        exceeds the projection. Measure the first rung, then re-project with the planned reduction
+        scaled by the fraction actually achieved (at most twice)."""
+        base = float(self.info.base_macs)
+        a, b = first
+        for _ in range(3):
+            p = predict(self.model, self.calib.images[a:b], schedule, batch_size=self.batch_size, device=self.device, info=self.info)
+            self.images_forwarded += b - a
+            measured, planned = float(p.macs.mean()), float(schedule_macs(self.info, schedule))
+            achieved = (base - measured) / max(base - planned, 1.0)  # fraction of the planned reduction
+            if measured <= self.target or achieved < 0.05:
+                break
+            fitted = self._project(shape, base - (base - self.target) / achieved, method=schedule.provenance.get("method", "rapid-search"))
+            if fitted is None:
+                break
+            schedule = fitted
+        return schedule, p
+
+    def _run(self, trial: optuna.trial.Trial, schedule: Schedule, first: Any = None) -> tuple[dict[str, float], float, float]:
         """Score ``schedule`` rung by rung; returns final scores, mean cost and forward seconds."""
         logits, macs, seconds = [], [], 0.0
         c = self.calib
         for step, (a, b) in enumerate(self.rungs):
-            p = predict(self.model, c.images[a:b], schedule, batch_size=self.batch_size, device=self.device, info=self.info)
-            self.images_forwarded += b - a
+            if step == 0 and first is not None:
+                p = first
+            else:
+                p = predict(self.model, c.images[a:b], schedule, batch_size=self.batch_size, device=self.device, info=self.info)
+                self.images_forwarded += b - a
             trial.set_user_attr("images_forwarded", b)
             logits.append(p.logits)
             macs.append(p.macs)
@@ -158,16 +183,19 @@ class Objective:
 
     def __call__(self, trial: optuna.trial.Trial) -> float:
         t0 = time.perf_counter()
-        schedule = self._schedule(trial)
+        schedule, shape = self._schedule(trial)
         if schedule is None:
             trial.set_constraint("budget", 1.0)
             raise optuna.TrialPruned("no schedule of this shape meets the budget")
+        first = None
+        if schedule.has_threshold and self.cost_kind == "gflops" and shape is not None:
+            schedule, first = self._fit_thresholds(schedule, shape, self.rungs[0])
         trial.set_user_attr("schedule", schedule.to_dict())
         analytic = schedule_macs(self.info, schedule)
         trial.set_user_attr("analytic_gflops", analytic / 1e9)
         if self.cost_kind == "latency":
             trial.set_user_attr("predicted_ms", self.cost(list(schedule.layers)))
-        scores, mean_macs, fwd = self._run(trial, schedule)
+        scores, mean_macs, fwd = self._run(trial, schedule, first)
         trial.set_user_attr("gflops", mean_macs / 1e9)
         for k, v in scores.items():
             trial.set_user_attr(k, v)
@@ -257,5 +285,5 @@ def environment() -> dict[str, str]:
     """Versions recorded in provenance."""
     import timm
 
-    return {"torch": torch.__version__, "timm": timm.__version__, "optuna": optuna.__version__, "python": platform.python_version()}
+    return {"torch": str(torch.__version__), "timm": str(timm.__version__), "optuna": str(optuna.__version__), "python": platform.python_version()}
 

@@ -1,0 +1,206 @@
+"""Wall-clock timing of models on a device: medians of repeated runs after warm-up.
+
+On CUDA every run is bracketed by ``torch.cuda.synchronize(device)`` so that the time covers the
+kernels, not just their launch; on CPU ``time.perf_counter`` around the call is enough.
+
+Example:
+    >>> import torch
+    >>> from rapid_search.measure import parse_device, time_callable
+    >>> t = time_callable(lambda: torch.ones(8).sum(), device=parse_device("cpu"), warmup=1, repeats=5)
+    >>> t.repeats, t.median_ms >= 0
+    (5, True)
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["Timing", "measure_model", "parse_device", "set_cpu_threads", "time_callable"]
+
+DeviceLike = Union[str, torch.device]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Summary of repeated timed runs (all times in milliseconds per run, i.e. per batch).
+
+    Attributes:
+        median_ms: Median run time.
+        mean_ms: Mean run time.
+        min_ms: Fastest run.
+        max_ms: Slowest run.
+        iqr_ms: Inter-quartile range (75th - 25th percentile).
+        repeats: Number of timed runs.
+        batch_size: Images per run (for :attr:`images_per_s`).
+        times_ms: Every run's time, in run order.
+    """
+
+    median_ms: float
+    mean_ms: float
+    min_ms: float
+    max_ms: float
+    iqr_ms: float
+    repeats: int
+    batch_size: int
+    times_ms: tuple[float, ...] = ()
+
+    @property
+    def images_per_s(self) -> float:
+        """Throughput at the median: ``batch_size / median seconds`` (inf if the median is 0)."""
+        return float("inf") if self.median_ms <= 0 else self.batch_size / (self.median_ms / 1e3)
+
+    @classmethod
+    def from_times(cls, times_ms: Sequence[float], *, batch_size: int = 1) -> Timing:
+        """Summarise run times (milliseconds) into a :class:`Timing`."""
+        t = np.asarray(times_ms, dtype=np.float64)
+        if t.ndim != 1 or t.size == 0:
+            raise ValueError("Timing.from_times needs at least one run time — time one or more runs")
+        q25, q75 = np.percentile(t, [25.0, 75.0])
+        return cls(
+            median_ms=float(np.median(t)),
+            mean_ms=float(t.mean()),
+            min_ms=float(t.min()),
+            max_ms=float(t.max()),
+            iqr_ms=float(q75 - q25),
+            repeats=int(t.size),
+            batch_size=int(batch_size),
+            times_ms=tuple(float(v) for v in t),
+        )
+
+
+def parse_device(spec: DeviceLike) -> torch.device:
+    """Parse ``'cpu'``, ``'cuda'`` or ``'cuda:N'`` into a usable :class:`torch.device`.
+
+    Args:
+        spec: Device string (case and surrounding blanks ignored) or a ``torch.device``.
+
+    Returns:
+        The device (``'cuda'`` is returned as ``cuda:<current device>``).
+
+    Raises:
+        ValueError: Unknown string, CUDA requested without a visible CUDA device, or ``N`` out of
+            range.
+    """
+    text = str(spec).strip().lower()
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", text)
+    if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
+        raise ValueError(f"unknown device {str(spec)!r} — use --device cpu, cuda or cuda:N")
+    if m.group(1) == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"CUDA requested (--device {text}) but no CUDA device is visible — use --device cpu")
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if m.group(2) is None else int(m.group(2))
+    if index >= count:
+        raise ValueError(f"CUDA device {index} requested (--device {text}) but only {count} visible (0..{count - 1}) — use --device cuda:0")
+    return torch.device("cuda", index)
+
+
+def set_cpu_threads(n: Optional[int]) -> None:
+    """Set torch's intra-op CPU threads to ``n`` (``None`` leaves torch's default).
+
+    Raises:
+        ValueError: ``n`` below 1.
+    """
+    if n is None:
+        return
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise ValueError(f"CPU threads must be a positive integer, got {n!r} — pass --threads 1 or more")
+    torch.set_num_threads(int(n))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_callable(
+    fn: Callable[[], Any],
+    *,
+    device: DeviceLike,
+    warmup: int = 3,
+    repeats: int = 10,
+    batch_size: int = 1,
+) -> Timing:
+    """Time ``fn()`` under ``torch.inference_mode``: ``warmup`` untimed runs, then ``repeats`` timed.
+
+    On CUDA the device is synchronised before the timed runs and after each one, so each time
+    covers the queued kernels.
+
+    Args:
+        fn: The work of one run (e.g. ``lambda: model(x)``).
+        device: Device the work runs on (decides whether to synchronise).
+        warmup: Untimed runs first (>= 0).
+        repeats: Timed runs (>= 1).
+        batch_size: Images per run, for :attr:`Timing.images_per_s`.
+
+    Returns:
+        The :class:`Timing` of the timed runs.
+
+    Raises:
+        ValueError: ``warmup`` < 0, ``repeats`` < 1 or ``batch_size`` < 1.
+    """
+    if warmup < 0:
+        raise ValueError(f"warmup={warmup} must be 0 or more")
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats} must be at least 1 — time one or more runs")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    times: list[float] = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        _sync(dev)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            _sync(dev)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return Timing.from_times(times, batch_size=batch_size)
+
+
+def measure_model(
+    model: nn.Module,
+    *,
+    device: DeviceLike,
+    batch_size: int = 32,
+    input_size: Sequence[int] = (3, 224, 224),
+    warmup: int = 3,
+    repeats: int = 10,
+    inputs: Optional[torch.Tensor] = None,
+) -> Timing:
+    """Time ``model(x)`` on one fixed batch; the model must already be on ``device`` (and in eval mode).
+
+    Args:
+        model: The model (its mode and device are left as they are).
+        device: Its device.
+        batch_size: Images per batch when ``inputs`` is None.
+        input_size: ``(C, H, W)`` of the random batch when ``inputs`` is None.
+        warmup: Untimed runs first.
+        repeats: Timed runs.
+        inputs: ``(B, C, H, W)`` batch to use instead of a seeded random one (``B`` is then the
+            batch size).
+
+    Returns:
+        The :class:`Timing` (per batch; ``images_per_s`` uses the batch size).
+    """
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
+    if inputs is None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be at least 1")
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn((batch_size, *(int(v) for v in input_size)), generator=gen)  # (B, C, H, W)
+    else:
+        x = inputs
+    x = x.to(device=dev, dtype=dtype)
+    return time_callable(lambda: model(x), device=dev, warmup=warmup, repeats=repeats, batch_size=int(x.shape[0]))
