@@ -20,7 +20,7 @@ TRIALS  ?= 40
 DEVICE  ?= cpu
 MODEL   ?= deit_tiny_patch16_224
 
-.PHONY: setup search test bench clean
+.PHONY: setup search test studies clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,17 @@ search: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The tuned schedules shipped in studies/ (README "Shipped schedules"): calibrated on
+# imagenet-calib only; evaluated on imagenet-eval by `make bench`.
+STUDY_MODELS ?= deit_tiny_patch16_224 vit_tiny_patch16_224
+STUDY_RATIOS ?= 70 50 35
+studies: setup
+	for m in $(STUDY_MODELS); do for r in $(STUDY_RATIOS); do \
+	  $(BIN)/rapid-search search --model $$m --data $(SHARED)/data/imagenet-calib --budget $${r}%GFLOPs \
+	    --trials 60 --calib-images 512 --seed 0 --metric kl --progress plain \
+	    --study-name $$m-$${r}pct --out studies/$$m-$${r}pct.yaml || exit 1; \
+	done; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

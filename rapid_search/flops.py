@@ -127,7 +127,7 @@ def effective_r(layer: LayerSpec, n: int, num_prefix: int) -> int:
     if not layer.reduces:
         return 0
     T = n - num_prefix
-    if T <= 0:
+    if T < 2:  # one patch token has no partner to be pruned against or merged into
         return 0
     if layer.op == "prune":
         return min(layer.r, (T + 1) // 2)

@@ -206,7 +206,7 @@ def redundancy_prune(
         eligible &= _patch_valid(n_valid, num_prefix, T, metric.device)[:, ::2]
     if threshold is not None:
         eligible &= score >= threshold
-    drop_a = _select_top(score, r, eligible)  # (B, Ta)
+    drop_a = _select_top(score.masked_fill(~eligible, _NEG_INF), r, eligible)  # (B, Ta) padding never takes a slot
     remove_p = torch.zeros(B, T, dtype=torch.bool, device=metric.device)
     remove_p[:, ::2] = drop_a
     return _compact(_full_mask(remove_p, num_prefix), _seq_valid(n_valid, N, metric.device), dst=None)

@@ -24,7 +24,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional
+import types
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -229,65 +230,56 @@ def _reduce(x: torch.Tensor, metric: torch.Tensor, importance: Optional[torch.Te
     return x
 
 
-def _make_block_forward(block: nn.Module, index: int, layer: LayerSpec, rt: _Runtime) -> Callable[..., torch.Tensor]:
-    original = block.forward  # timm's bound Block.forward
-    reduces = layer.reduces
-    need_importance = layer.op in ("merge", "evit") and reduces
-
-    def forward(x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        st = rt.state
-        if index == 0:
-            st.reset()
-            rt.batch = x.shape[0]
-            if x.shape[1] != rt.num_tokens:
-                raise ScheduleError(
-                    f"the input gives {x.shape[1]} tokens but the schedule was made for {rt.num_tokens} — "
-                    "feed images at the model's input size or make a schedule for this size"
-                )
-            if st.trace_source:
-                st.source = None
-            st.record(x)
-        if not reduces and st.size is None:
-            x = original(x, attn_mask=attn_mask, is_causal=is_causal)  # identity fast path: timm's own forward
-            st.record(x)
-            return x
-        if attn_mask is not None or is_causal:
-            raise ValueError("attention masks are not supported together with token reduction")
-        y, metric, importance = _attention(
-            block.attn,
-            block.norm1(x),
-            st.size,
-            importance_rows=rt.importance_rows,
-            need_importance=need_importance,
-            num_prefix=rt.num_prefix,
-        )
-        x = x + block.drop_path1(block.ls1(y))
-        if reduces:
-            x = _reduce(x, metric, importance, layer, rt)
-        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+def _block_forward(self: nn.Module, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    """Patched ``Block.forward`` (bound to the block, so ``copy.deepcopy`` rebinds it)."""
+    rt: _Runtime = self._rapid_rt
+    index: int = self._rapid_index
+    layer: LayerSpec = self._rapid_layer
+    st = rt.state
+    if index == 0:
+        st.reset()
+        rt.batch = x.shape[0]
+        if x.shape[1] != rt.num_tokens:
+            raise ScheduleError(
+                f"the input gives {x.shape[1]} tokens but the schedule was made for {rt.num_tokens} — "
+                "feed images at the model's input size or make a schedule for this size"
+            )
+        st.record(x)
+    if not layer.reduces and st.size is None:
+        x = type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)  # identity fast path: timm's own forward
         st.record(x)
         return x
+    if attn_mask is not None or is_causal:
+        raise ValueError("attention masks are not supported together with token reduction")
+    y, metric, importance = _attention(
+        self.attn,
+        self.norm1(x),
+        st.size,
+        importance_rows=rt.importance_rows,
+        need_importance=layer.reduces and layer.op in ("merge", "evit"),
+        num_prefix=rt.num_prefix,
+    )
+    x = x + self.drop_path1(self.ls1(y))
+    if layer.reduces:
+        x = _reduce(x, metric, importance, layer, rt)
+    x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    st.record(x)
+    return x
 
-    return forward
 
-
-def _make_pool(model: nn.Module, rt: _Runtime) -> Callable[..., torch.Tensor]:
-    original = model.pool
-
-    def pool(x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
-        size = rt.state.size
-        pool_type = model.global_pool if pool_type is None else pool_type
-        if size is None or pool_type in ("token", ""):
-            return original(x, pool_type=pool_type)
-        start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
-        xs, w = x[:, start:], size[:, start:].to(x.dtype)  # (B, T, C), (B, T, 1)
-        avg = (xs * w).sum(1) / w.sum(1)  # (B, C) size-weighted mean, padding excluded
-        if pool_type == "avg":
-            return avg
-        mx = xs.masked_fill(w == 0, float("-inf")).amax(1)  # (B, C)
-        return mx if pool_type == "max" else 0.5 * (avg + mx)
-
-    return pool
+def _pool(self: nn.Module, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+    """Patched ``VisionTransformer.pool``: size-weighted, padding-aware average/max pooling."""
+    size = getattr(self, _ATTR).state.size
+    pool_type = self.global_pool if pool_type is None else pool_type
+    if size is None or pool_type in ("token", ""):
+        return type(self).pool(self, x, pool_type=pool_type)
+    start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
+    xs, w = x[:, start:], size[:, start:].to(x.dtype)  # (B, T, C), (B, T, 1)
+    avg = (xs * w).sum(1) / w.sum(1)  # (B, C) size-weighted mean, padding excluded
+    if pool_type == "avg":
+        return avg
+    mx = xs.masked_fill(w == 0, float("-inf")).amax(1)  # (B, C)
+    return mx if pool_type == "max" else 0.5 * (avg + mx)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -320,9 +312,10 @@ def apply(model: nn.Module, schedule: Any, *, trace_source: bool = False) -> nn.
         remove(model)
     rt = _Runtime(model, schedule, trace_source)
     for i, (block, layer) in enumerate(zip(model.blocks, schedule.layers)):
-        block.forward = _make_block_forward(block, i, layer, rt)
-    model.pool = _make_pool(model, rt)
+        block._rapid_rt, block._rapid_index, block._rapid_layer = rt, i, layer
+        block.forward = types.MethodType(_block_forward, block)
     setattr(model, _ATTR, rt)
+    model.pool = types.MethodType(_pool, model)
     return model
 
 
@@ -331,7 +324,8 @@ def remove(model: nn.Module) -> nn.Module:
     if not is_patched(model):
         return model
     for block in model.blocks:
-        block.__dict__.pop("forward", None)
+        for k in ("forward", "_rapid_rt", "_rapid_index", "_rapid_layer"):
+            block.__dict__.pop(k, None)
     model.__dict__.pop("pool", None)
     delattr(model, _ATTR)
     return model

@@ -69,6 +69,10 @@ def make_schedule(info: ModelInfo, layers: Sequence[LayerSpec], *, method: str, 
     """Wrap layers into a validated :class:`Schedule` with budget and provenance filled in."""
     from . import __version__
 
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, LayerSpec):
+            raise ScheduleError(f"layers[{i}] is {type(layer).__name__}, not a LayerSpec")
+        layer.validate(f"layers[{i}]")
     layers = _clamped(info, layers)
     macs = schedule_macs(info, layers)
     budget = None

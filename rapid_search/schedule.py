@@ -286,7 +286,7 @@ class Schedule:
         layers = []
         for i, entry in enumerate(raw):
             block, spec = LayerSpec.from_dict(entry, f"layers[{i}]")
-            if block != i:
+            if not _is_int(block) or block != i:
                 raise ScheduleError(f"layers[{i}].block = {block!r} — entries must be listed in block order 0, 1, 2, ...")
             layers.append(spec)
         budget = Budget.from_dict(d["budget"]) if d.get("budget") is not None else None
@@ -373,6 +373,9 @@ def atomic_write_text(path: Union[str, os.PathLike], text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users
         os.replace(tmp, p)
     except BaseException:
         try:

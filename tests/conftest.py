@@ -24,6 +24,13 @@ is a throwaway CI credential, never a real one.
 from __future__ import annotations
 
 import os
+
+# Pretrained weights come from ../shared's Hugging Face cache, offline. Set before anything
+# imports huggingface_hub (it reads these once); `make test` exports the same values.
+_SHARED = os.environ.get("RAPID_SHARED") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
+if os.path.isdir(os.path.join(_SHARED, "hf-cache", "hub")):
+    os.environ.setdefault("HF_HUB_CACHE", os.path.abspath(os.path.join(_SHARED, "hf-cache", "hub")))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import uuid
 from collections.abc import Iterator
 
@@ -85,3 +92,123 @@ def pg_fresh_url(pg_url: str) -> Iterator[str]:
         with admin.connect() as conn:  # FORCE (PostgreSQL 13+) ends sessions a test left open
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+# ---- tiny search set-up and fast worker processes (distributed, interrupt, soak, CLI-error tests) ----
+TINY_WNIDS = ("n01440764", "n01443537")
+
+
+class TinySearch:
+    """A fast search set-up on timm ``test_vit``: ``ckpt`` (its weights as a state dict; test_vit has
+    no pretrained weights, so searches pass ``--checkpoint``) and ``data`` (16 labelled 160 px PNGs
+    in two WordNet-id folders)."""
+
+    def __init__(self, ckpt, data) -> None:
+        self.ckpt, self.data = ckpt, data
+
+    def args(self, storage: str, study: str, out, *, trials: int, extra=()) -> list[str]:
+        """``rapid-search search`` arguments for a fast search (16 images, batch 8, 1 thread)."""
+        return [
+            "search", "--model", "test_vit", "--checkpoint", str(self.ckpt), "--data", str(self.data), "--budget", "50%GFLOPs",
+            "--trials", str(trials), "--calib-images", "16", "--batch-size", "8", "--threads", "1", "--progress", "plain",
+            "--storage", storage, "--study-name", study, "--out", str(out), *map(str, extra),
+        ]
+
+
+@pytest.fixture(scope="session")
+def tiny_search(tmp_path_factory) -> TinySearch:
+    """A :class:`TinySearch` (checkpoint and images made once per session)."""
+    import numpy as np
+    import timm
+    import torch
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tiny-search")
+    torch.manual_seed(0)
+    ckpt = root / "test_vit.pth"
+    torch.save(timm.create_model("test_vit").state_dict(), ckpt)
+    data = root / "data"
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        d = data / TINY_WNIDS[i % 2]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)).save(d / f"img{i:02d}.png")
+    return TinySearch(ckpt, data)
+
+
+def _cli_child(argv, log_path, env, cwd):  # runs in a forkserver child
+    import os
+    import sys
+
+    os.environ.update(env)
+    if cwd:
+        os.chdir(cwd)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    from rapid_search.cli import main
+
+    try:
+        code = main(argv)
+    except BaseException:  # noqa: BLE001 - a traceback is what the log should show then
+        import traceback
+
+        traceback.print_exc()
+        code = 99
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class CliWorkers:
+    """Starts ``rapid-search`` (``rapid_search.cli.main(argv)``) in worker processes forked from a
+    forkserver that has torch, timm, optuna and rapid_search imported already: the same code as
+    the console script in a separate process, without paying 5-15 s of imports per worker on a
+    loaded machine. Output (stdout and stderr) goes to a log file per worker."""
+
+    def __init__(self, ctx) -> None:
+        self.ctx = ctx
+        self.procs = []
+
+    def start(self, argv, log_path, *, env=None, cwd=None):
+        p = self.ctx.Process(target=_cli_child, args=(list(map(str, argv)), str(log_path), dict(env or {}), cwd and str(cwd)))
+        p.start()
+        p.log_path = log_path
+        self.procs.append(p)
+        return p
+
+    def wait(self, p, timeout: float = 120) -> int:
+        p.join(timeout)
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+            raise AssertionError(f"worker did not finish in {timeout} s; log:\n{open(p.log_path).read()[-3000:]}")
+        return p.exitcode
+
+    def kill_all(self) -> None:
+        for p in self.procs:
+            if p.exitcode is None:
+                p.kill()
+                p.join(10)
+        self.procs.clear()
+
+
+@pytest.fixture(scope="session")
+def _worker_ctx():
+    import multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "timm", "optuna", "PIL.Image", "rapid_search.cli", "rapid_search.search.runner", "rapid_search.data"])
+    return ctx
+
+
+@pytest.fixture
+def cli_workers(_worker_ctx) -> Iterator[CliWorkers]:
+    """Start ``rapid-search`` worker processes fast (see :class:`CliWorkers`); all are killed after the test."""
+    w = CliWorkers(_worker_ctx)
+    try:
+        yield w
+    finally:
+        w.kill_all()

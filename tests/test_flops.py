@@ -1,0 +1,155 @@
+"""The analytic cost model (rapid_search.flops) against torch's FlopCounterMode on the patched forward.
+
+FlopCounterMode counts 2 FLOPs per multiply-accumulate for exactly the ops the cost model counts
+(convolution, addmm/mm/bmm, scaled dot-product attention) and nothing else (norms, softmax, GELU,
+gathers and sorts are free in both), so analytic MACs must equal counted FLOPs / 2 exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from helpers import FAMILIES, images
+from torch.utils.flop_counter import FlopCounterMode
+
+import rapid_search as rs
+from rapid_search import LayerSpec as L
+
+SDPA = "_scaled_dot_product_flash_attention_for_cpu"
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: make() for name, make in FAMILIES.items()}
+
+
+def _schedules(model):
+    info = rs.ModelInfo.from_model(model)
+    D, T = info.depth, info.num_tokens - info.num_prefix_tokens
+    r = T // 8
+    rapid = rs.rapid_schedule(model, 0.5)
+    cycle = [L("prune", r), L("tome", r), L("merge", r, None, 0.5), L("evit", r), L()]
+    return {
+        "unreduced": rs.empty_schedule(model),
+        "rapid": rapid,
+        "tome": rs.tome_for_ratio(model, 0.5),
+        "tome_decreasing": rs.tome_for_ratio(model, 0.5, decreasing=True),
+        "evit": rs.variant_schedule(rapid, model, kind="evit"),
+        "tofu": rs.variant_schedule(rapid, model, kind="tofu"),
+        "all_ops": rs.as_schedule([cycle[i % len(cycle)] for i in range(D)], model),
+    }
+
+
+def _counted(model, x, schedule):
+    """(total FLOPs, per-op FLOPs, recorded token counts) of one patched forward."""
+    with rs.applied(model, schedule), torch.no_grad():
+        fc = FlopCounterMode(display=False)
+        with fc:
+            model(x)
+        counts = rs.last_token_counts(model)
+    ops = {str(k).split(".")[-1] if "." in str(k) else str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+    return fc.get_total_flops(), ops, counts
+
+
+def _set_fused(model, fused):
+    for blk in model.blocks:
+        blk.attn.fused_attn = fused
+
+
+@pytest.mark.parametrize(
+    "family,fused",
+    [("test_vit", True), ("test_vit", False), ("distilled", True), ("distilled", False), ("reg4", True), ("avg_nocls", True), ("test_vit2", True)],
+)
+def test_analytic_macs_equal_flop_counter(models, family, fused):
+    model = models[family]
+    info = rs.ModelInfo.from_model(model)
+    B = 2
+    x = images(model, B)
+    _set_fused(model, fused)
+    try:
+        for name, s in _schedules(model).items():
+            total, ops, counts = _counted(model, x, s)
+            if fused:
+                assert any(SDPA in k or "scaled_dot_product" in k for k in ops), f"SDPA not counted: {ops}"
+            else:
+                assert not any("scaled_dot_product" in k for k in ops)
+            assert total % (2 * B) == 0
+            assert total // (2 * B) == rs.schedule_macs(info, s), (name, ops)
+            assert counts[0].tolist() == rs.token_counts(info, s)
+    finally:
+        _set_fused(model, True)
+
+
+@pytest.mark.parametrize("family", ["test_vit", "distilled", "avg_nocls"])
+def test_threshold_schedule_macs_from_counts(models, family):
+    """Data-dependent cost: macs_from_counts on the recorded counts == counted FLOPs / 2 (batch size 1)."""
+    model = models[family]
+    info = rs.ModelInfo.from_model(model)
+    T = info.num_tokens - info.num_prefix_tokens
+    layers = [L("prune", T, 0.55), L("merge", T // 4, 0.4, 0.25), L("evit", T // 10), L("prune", T // 8, 0.5)]
+    sched = [
+        rs.rapid_schedule(model, 0.5, prune_threshold=0.5, merge_threshold=0.3),
+        rs.as_schedule(layers + [L()] * (info.depth - len(layers)), model),
+    ]
+    x = images(model, 3)
+    seen = set()
+    for s in sched:
+        assert s.has_threshold
+        for i in range(len(x)):
+            total, _, counts = _counted(model, x[i : i + 1], s)
+            assert total % 2 == 0
+            got = rs.macs_from_counts(info, s, counts)
+            assert got.dtype == torch.float64 and got.shape == (1,)
+            assert int(got[0]) == got[0] == total // 2
+            assert got[0] >= rs.schedule_macs(info, s)  # the analytic value is the all-pass lower bound
+            seen.add(tuple(counts[0].tolist()))
+    assert len(seen) > 2, "threshold layers should produce image-dependent counts"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_macs_from_counts_equals_schedule_macs(models, family):
+    model = models[family]
+    info = rs.ModelInfo.from_model(model)
+    for name, s in _schedules(model).items():
+        counts = torch.tensor([rs.token_counts(info, s)] * 3)
+        got = rs.macs_from_counts(info, s, counts)
+        assert torch.equal(got, torch.full((3,), float(rs.schedule_macs(info, s)), dtype=torch.float64)), name
+        assert rs.schedule_macs(info, s, counts=counts[0].tolist()) == rs.schedule_macs(info, s)
+        assert rs.schedule_gflops(info, s) == rs.schedule_macs(info, s) / 1e9
+    assert info.base_macs == rs.schedule_macs(info, rs.empty_schedule(model))
+
+
+def test_budget_achieved_matches_cost_model(models):
+    model = models["test_vit"]
+    info = rs.ModelInfo.from_model(model)
+    for s in (rs.rapid_schedule(model, 0.5), rs.tome_for_ratio(model, 0.5)):
+        macs = rs.schedule_macs(info, s)
+        assert s.budget.achieved["gflops"] == round(macs / 1e9, 6)
+        assert macs / info.base_macs <= 0.5
+        assert s.budget.achieved["ratio"] == round(macs / info.base_macs, 6)
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "vit_tiny_patch16_224"])
+def test_tiny_224_base_gflops(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()  # random init: no download
+    info = rs.ModelInfo.from_model(model)
+    assert (info.depth, info.embed_dim, info.num_tokens, info.num_prefix_tokens) == (12, 192, 197, 1)
+    assert round(info.base_gflops, 2) == 1.25  # MACs convention (fvcore / token-reduction papers)
+    assert info.base_macs == 1_253_683_200
+    if name == "deit_tiny_patch16_224":
+        with torch.no_grad():
+            fc = FlopCounterMode(display=False)
+            with fc:
+                model(torch.randn(1, 3, 224, 224))
+        assert fc.get_total_flops() == 2 * info.base_macs
+
+
+def test_model_info_fields(models):
+    info = rs.ModelInfo.from_model(models["distilled"])
+    assert info.num_prefix_tokens == 2 and info.importance_rows == 2 and info.num_tokens == 66
+    assert info.head_macs == 2 * 32 * 10  # head + head_dist
+    assert info.fingerprint() == rs.ModelFingerprint(info.name, 4, 32, 66, 2)
+    info = rs.ModelInfo.from_model(models["reg4"])
+    assert info.num_prefix_tokens == 5 and info.importance_rows == 1 and info.num_tokens == 69

@@ -1,0 +1,146 @@
+"""End-to-end search: real weights and images, resume, reproducibility, export."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import optuna
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import rapid_search as rs
+from rapid_search.cli import main
+from rapid_search.search.runner import SearchOptions, run_search
+
+SHARED = Path(os.environ.get("RAPID_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+os.environ.setdefault("HF_HUB_CACHE", str(SHARED / "hf-cache" / "hub"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """test_vit weights as a local checkpoint and 24 labelled synthetic images."""
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    ckpt = root / "test_vit.pth"
+    torch.save(timm.create_model("test_vit").state_dict(), ckpt)
+    data = root / "data"
+    g = torch.Generator().manual_seed(0)
+    for i in range(24):
+        d = data / WNIDS[i % len(WNIDS)]
+        d.mkdir(parents=True, exist_ok=True)
+        arr = (torch.rand(96, 96, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(d / f"img{i}.png")
+    return ckpt, data
+
+
+def _opts(tiny, tmp_path, **kw) -> SearchOptions:
+    ckpt, data = tiny
+    base = dict(
+        model="test_vit",
+        checkpoint=ckpt,
+        data=data,
+        budget="50%GFLOPs",
+        trials=6,
+        calib_images=24,
+        batch_size=8,
+        progress="quiet",
+        storage=f"journal:{tmp_path / 'study.journal'}",
+        study_name="t",
+        out=tmp_path / "s.yaml",
+    )
+    base.update(kw)
+    return SearchOptions(**base)
+
+
+def test_resume_keeps_trials(tiny, tmp_path):
+    r1 = run_search(_opts(tiny, tmp_path, trials=4))
+    from rapid_search.search.storage import open_storage
+
+    study = optuna.load_study(study_name="t", storage=open_storage(f"journal:{tmp_path / 'study.journal'}", study_name="t"))
+    first = {t.number: (t.state, t.value, t.params) for t in study.trials}
+    assert len(first) == 4
+    r2 = run_search(_opts(tiny, tmp_path, trials=7))
+    study = optuna.load_study(study_name="t", storage=open_storage(f"journal:{tmp_path / 'study.journal'}", study_name="t"))
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(finished) == 7
+    for t in study.trials[:4]:
+        assert (t.state, t.value, t.params) == first[t.number]  # nothing lost or rewritten
+    assert r2.path.exists() and r1.path == r2.path
+
+
+def test_warm_start_and_budget(tiny, tmp_path):
+    res = run_search(_opts(tiny, tmp_path, trials=5))
+    from rapid_search.search.storage import open_storage
+
+    study = optuna.load_study(study_name="t", storage=open_storage(f"journal:{tmp_path / 'study.journal'}", study_name="t"))
+    warm = [t.user_attrs.get("warm_start") for t in study.trials[:3]]
+    assert warm == ["rapid-hand-set", "tome", "tome-decreasing"]
+    # the exported schedule is never worse on the calibration set than the warm starts
+    values = {w: t.value for w, t in zip(warm, study.trials[:3]) if t.value is not None}
+    best = study.trials[res.trial_number].value
+    assert len(values) == 3 and all(best >= v for v in values.values())
+    assert res.schedule.scores["calib_kl"] == pytest.approx(-best, abs=1e-6)
+    model = timm.create_model("test_vit")
+    info = rs.model_info(model)
+    assert rs.schedule_macs(info, res.schedule) <= 0.5 * info.base_macs
+    assert res.schedule.budget.achieved["gflops"] <= res.schedule.budget.target + 1e-9
+
+
+def test_same_seed_same_schedule(tiny, tmp_path):
+    a = run_search(_opts(tiny, tmp_path / "a", trials=6, storage=f"journal:{tmp_path / 'a.journal'}", out=tmp_path / "a.yaml"))
+    b = run_search(_opts(tiny, tmp_path / "b", trials=6, storage=f"journal:{tmp_path / 'b.journal'}", out=tmp_path / "b.yaml"))
+    assert a.schedule.layers == b.schedule.layers
+    assert a.schedule.scores == b.schedule.scores
+
+
+def test_cli_search_export_show(tiny, tmp_path, capsys):
+    ckpt, data = tiny
+    j = f"journal:{tmp_path / 'cli.journal'}"
+    code = main(["--model", "test_vit", "--checkpoint", str(ckpt), "--data", str(data), "--budget", "60%GFLOPs", "--trials", "4",
+                 "--calib-images", "16", "--batch-size", "8", "--quiet", "--storage", j, "--study-name", "c", "--out", str(tmp_path / "c.yaml")])
+    assert code == 0
+    assert "schedule written to" in capsys.readouterr().out
+    code = main(["export", "--study-name", "c", "--storage", j, "--budget", "70%GFLOPs", "--out", str(tmp_path / "e.yaml")])
+    assert code == 0
+    s = rs.Schedule.load(tmp_path / "e.yaml")
+    assert s.budget.spec == "70%GFLOPs" and s.budget.achieved["gflops"] <= s.budget.target
+    assert main(["show", str(tmp_path / "e.yaml")]) == 0
+    assert "block" not in capsys.readouterr().err
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not (SHARED / "data" / "imagenet-calib").is_dir(), reason="needs ../shared (weights and images)")
+def test_real_search_deit_tiny(tmp_path):
+    """A real few-trial search on DeiT-Tiny and the shared calibration images."""
+    res = run_search(
+        SearchOptions(
+            model="deit_tiny_patch16_224",
+            data=SHARED / "data" / "imagenet-calib",
+            budget="50%GFLOPs",
+            trials=4,
+            calib_images=48,
+            batch_size=48,
+            progress="quiet",
+            storage=f"journal:{tmp_path / 'real.journal'}",
+            study_name="real",
+            out=tmp_path / "real.yaml",
+        )
+    )
+    sched = rs.Schedule.load(res.path)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=True).eval()
+    info = rs.model_info(model)
+    assert rs.schedule_macs(info, sched) <= 0.5 * info.base_macs
+    assert sched.scores["unreduced_top1"] > 0.6
+    x = torch.randn(2, 3, 224, 224)
+    with rs.applied(model, sched), torch.inference_mode():
+        y = model(x)
+        counts = rs.last_token_counts(model)
+    assert y.shape == (2, 1000)
+    assert counts[0, -1] < info.num_tokens
+    if not sched.has_threshold:
+        assert counts[0].tolist() == rs.token_counts(info, sched)
