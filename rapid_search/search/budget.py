@@ -1,0 +1,195 @@
+"""Budget grammar: what ``--budget`` accepts and how it becomes a target.
+
+Accepted forms (the unit is case-insensitive; spaces are allowed around the text and between the
+number or ``%`` and the unit, but ``%`` must follow the number directly):
+
+===============  ============================================================================
+``50%GFLOPs``    relative: a fraction of the unreduced model's analytic GFLOPs (``37.5%GFLOPs``)
+``0.6GFLOPs``    absolute GFLOPs (MACs x 1e-9) per image
+``60%latency``   relative: a fraction of the unreduced model's measured latency per batch
+``12ms``         absolute latency in milliseconds per batch
+===============  ============================================================================
+
+Example:
+    >>> from rapid_search.search.budget import parse_budget, resolve
+    >>> spec = parse_budget("50%GFLOPs")
+    >>> spec.kind, spec.value, spec.relative
+    ('gflops', 0.5, True)
+    >>> resolve(spec, base_gflops=1.2)
+    0.6
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Union
+
+from ..schedule import Budget
+
+__all__ = ["BudgetError", "BudgetSpec", "ACCEPTED_FORMS", "parse_budget", "resolve", "to_schedule_budget"]
+
+#: The accepted forms, as listed in every grammar error.
+ACCEPTED_FORMS = "50%GFLOPs (of the unreduced model), 0.6GFLOPs, 60%latency (of the unreduced model) or 12ms (per batch)"
+
+_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
+_RELATIVE = re.compile(rf"^({_NUMBER})%\s*(gflops|latency)$", re.IGNORECASE)
+_ABSOLUTE = re.compile(rf"^({_NUMBER})\s*(gflops|ms)$", re.IGNORECASE)
+
+
+class BudgetError(ValueError):
+    """A budget that cannot be parsed or reached; the message lists the accepted forms or the fix."""
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """A parsed budget.
+
+    Attributes:
+        kind: ``"gflops"`` or ``"latency"``.
+        value: For relative budgets the fraction of the unreduced model (``50%`` -> ``0.5``);
+            otherwise GFLOPs per image (``gflops``) or milliseconds per batch (``latency``).
+        relative: Whether ``value`` is a fraction of the unreduced model.
+        text: The budget as given (surrounding spaces removed), e.g. ``"50%GFLOPs"``.
+    """
+
+    kind: str
+    value: float
+    relative: bool
+    text: str
+
+    @property
+    def canonical(self) -> str:
+        """The budget in its canonical spelling, e.g. ``"50%GFLOPs"``, ``"0.6GFLOPs"``, ``"12ms"``."""
+        if self.relative:
+            return f"{self.value * 100:g}%" + ("GFLOPs" if self.kind == "gflops" else "latency")
+        return f"{self.value:g}" + ("GFLOPs" if self.kind == "gflops" else "ms")
+
+    @property
+    def unit(self) -> str:
+        """Unit of the resolved target: ``"GFLOPs"`` or ``"ms"``."""
+        return "GFLOPs" if self.kind == "gflops" else "ms"
+
+
+def _grammar_error(text: Any) -> BudgetError:
+    return BudgetError(f"budget {text!r} is not understood — use one of: {ACCEPTED_FORMS}")
+
+
+def parse_budget(text: Any) -> BudgetSpec:
+    """Parse a budget string.
+
+    Args:
+        text: ``"50%GFLOPs"``, ``"0.6GFLOPs"``, ``"60%latency"`` or ``"12ms"`` (see the module
+            docstring for the exact grammar).
+
+    Returns:
+        The parsed :class:`BudgetSpec`.
+
+    Raises:
+        BudgetError: Not one of the accepted forms; zero or negative; a relative budget at or
+            above 100%.
+    """
+    if not isinstance(text, str):
+        raise _grammar_error(text)
+    s = text.strip()
+    m = _RELATIVE.match(s)
+    relative = m is not None
+    if m is None:
+        m = _ABSOLUTE.match(s)
+    if m is None:
+        raise _grammar_error(text)
+    number, unit = float(m.group(1)), m.group(2).lower()
+    kind = "gflops" if unit == "gflops" else "latency"
+    example = {("gflops", True): "50%GFLOPs", ("gflops", False): "0.6GFLOPs", ("latency", True): "60%latency", ("latency", False): "12ms"}[
+        (kind, relative)
+    ]
+    if not math.isfinite(number) or number <= 0:
+        raise BudgetError(f"budget {s!r} must be positive — use e.g. {example}")
+    if relative:
+        if number >= 100:
+            raise BudgetError(f"budget {s!r}: a budget at or above 100% reduces nothing — use e.g. {example}")
+        return BudgetSpec(kind=kind, value=number / 100.0, relative=True, text=s)
+    return BudgetSpec(kind=kind, value=number, relative=False, text=s)
+
+
+def resolve(spec: Union[BudgetSpec, str], *, base_gflops: float, base_latency_ms: Optional[float] = None) -> float:
+    """The target in absolute units: GFLOPs per image, or milliseconds per batch.
+
+    Args:
+        spec: A parsed budget (or its text).
+        base_gflops: Analytic GFLOPs of the unreduced model (``ModelInfo.base_gflops``).
+        base_latency_ms: Measured latency of the unreduced model per batch; required for
+            ``%latency`` budgets, and used to check ``ms`` budgets when given.
+
+    Returns:
+        Target GFLOPs (``kind == "gflops"``) or milliseconds (``kind == "latency"``).
+
+    Raises:
+        BudgetError: The target is at or above the unreduced model's cost (it reduces nothing), or
+            a relative latency budget lacks ``base_latency_ms``.
+    """
+    if isinstance(spec, str):
+        spec = parse_budget(spec)
+    if not (isinstance(base_gflops, (int, float)) and math.isfinite(base_gflops) and base_gflops > 0):
+        raise BudgetError(f"base_gflops = {base_gflops!r} must be the unreduced model's positive GFLOPs (ModelInfo.base_gflops)")
+    if spec.kind == "gflops":
+        if spec.relative:
+            return spec.value * base_gflops
+        if spec.value >= base_gflops:
+            raise BudgetError(
+                f"budget {spec.text!r} is at or above the unreduced model's {base_gflops:.4g} GFLOPs, so it reduces nothing — "
+                f"use less, e.g. {base_gflops * 0.5:.3g}GFLOPs or 50%GFLOPs"
+            )
+        return spec.value
+    if base_latency_ms is not None and not (math.isfinite(base_latency_ms) and base_latency_ms > 0):
+        raise BudgetError(f"base_latency_ms = {base_latency_ms!r} must be the unreduced model's positive measured latency")
+    if spec.relative:
+        if base_latency_ms is None:
+            raise BudgetError(
+                f"budget {spec.text!r} is relative to the unreduced latency — pass base_latency_ms "
+                "(measure it with rapid_search.search.latency.measure_schedule_ms(model, None, ...))"
+            )
+        return spec.value * base_latency_ms
+    if base_latency_ms is not None and spec.value >= base_latency_ms:
+        raise BudgetError(
+            f"budget {spec.text!r} is at or above the unreduced model's measured {base_latency_ms:.4g} ms, so it reduces nothing — "
+            f"use less, e.g. {base_latency_ms * 0.6:.3g}ms or 60%latency"
+        )
+    return spec.value
+
+
+def to_schedule_budget(
+    spec: Union[BudgetSpec, str],
+    *,
+    target: Optional[float] = None,
+    base_gflops: Optional[float] = None,
+    base_latency_ms: Optional[float] = None,
+    achieved: Optional[Mapping[str, Any]] = None,
+    digits: int = 6,
+) -> Budget:
+    """The :class:`rapid_search.schedule.Budget` recorded in an exported schedule.
+
+    Args:
+        spec: A parsed budget (or its text).
+        target: The target in absolute units (GFLOPs or ms); resolved from ``base_gflops`` /
+            ``base_latency_ms`` (see :func:`resolve`) when omitted.
+        base_gflops: Unreduced GFLOPs, used when ``target`` is omitted.
+        base_latency_ms: Unreduced latency, used when ``target`` is omitted.
+        achieved: What the schedule achieved (``gflops``, ``latency_ms``, ...); floats are rounded.
+        digits: Decimal digits kept for the target and achieved floats.
+
+    Returns:
+        ``Budget(spec=text, kind=..., target=..., achieved={...})``.
+
+    Raises:
+        BudgetError: Neither ``target`` nor ``base_gflops`` is given, or :func:`resolve` fails.
+    """
+    if isinstance(spec, str):
+        spec = parse_budget(spec)
+    if target is None:
+        if base_gflops is None:
+            raise BudgetError("to_schedule_budget needs target= or base_gflops= (and base_latency_ms= for latency budgets)")
+        target = resolve(spec, base_gflops=base_gflops, base_latency_ms=base_latency_ms)
+    ach = {k: (round(v, digits) if isinstance(v, float) else v) for k, v in (achieved or {}).items()}
+    return Budget(spec=spec.text, kind=spec.kind, target=round(float(target), digits), achieved=ach)
