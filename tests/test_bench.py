@@ -1,0 +1,204 @@
+"""Benchmark bookkeeping (rapid_search.bench) on the tiny test_vit and synthetic image folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import rapid_search as rs
+from rapid_search.bench import (
+    METHODS,
+    BenchError,
+    add_arguments,
+    main,
+    markdown_table,
+    match_searched,
+    method_schedule,
+    parse_ratios,
+    run_bench,
+    schedule_for_spec,
+    write_outputs,
+)
+
+WNIDS = ("n01440764", "n01443537", "n01484850", "n01491361")  # ImageNet-1k indices 0, 1, 2, 3
+RATIOS = (0.9, 0.5, 0.3)  # 30% is below test_vit's cheapest schedules: unreachable for every method
+
+
+def _folder(root: Path, per_class: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    for wnid in WNIDS:
+        d = root / wnid
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            h, w = rng.integers(150, 260, size=2)
+            Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(d / f"{wnid}_{i}.jpg")
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread: tiny models run several times faster on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("test_vit").eval()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("imgs")
+    return _folder(base / "calib", 2, seed=1), _folder(base / "eval", 3, seed=2)
+
+
+@pytest.fixture(scope="module")
+def result(model: torch.nn.Module, folders: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from rapid_search.data import load_images
+
+    tmp = tmp_path_factory.mktemp("searched")
+    searched_file = rs.rapid_schedule(model, 0.5).with_meta(provenance={"method": "rapid-search", "data": str(folders[0])}).save(tmp / "s50.yaml")
+    info = rs.ModelInfo.from_model(model)
+    searched, notes = match_searched([searched_file], info, RATIOS)
+    assert list(searched) == [0.5] and not notes
+    imgs = load_images(folders[1], model=model)
+    return run_bench(model, imgs.images, imgs.labels, ratios=RATIOS, searched=searched, batch_size=8, warmup=0, repeats=1, n_boot=200)
+
+
+def test_parse_ratios() -> None:
+    assert parse_ratios("90,70,50") == (0.9, 0.7, 0.5)
+    assert parse_ratios("0.35, 30%") == (0.35, 0.3)
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_ratios("abc")
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_ratios("150")
+
+
+@pytest.mark.parametrize("ratio", [0.9, 0.7, 0.5, 0.4, 0.35, 0.34, 0.3])
+def test_every_method_meets_its_ratio_or_is_unreachable(model: torch.nn.Module, ratio: float) -> None:
+    info = rs.ModelInfo.from_model(model)
+    for method in METHODS[:-1]:
+        try:
+            s = method_schedule(method, info, ratio)
+        except rs.UnreachableBudget:
+            assert ratio < 0.4  # test_vit cannot go much below 35%
+            continue
+        assert rs.schedule_macs(info, s) / info.base_macs <= ratio
+
+
+def test_variants_share_rapid_counts(model: torch.nn.Module) -> None:
+    info = rs.ModelInfo.from_model(model)
+    for ratio in (0.9, 0.7, 0.5, 0.4):
+        rapid = method_schedule("rapid", info, ratio)
+        evit = method_schedule("evit", info, ratio)
+        assert rs.token_counts(info, evit) == rs.token_counts(info, rapid)
+        assert all(layer.op in ("evit", "none") for layer in evit.layers)
+        tofu = method_schedule("tofu", info, ratio)
+        assert all(layer.protect in (None, 0.0) for layer in tofu.layers)
+        assert [layer.op for layer in tofu.layers] == [layer.op for layer in rapid.layers]
+        if "refit" in tofu.provenance:  # RAPID's counts cost more without protection: more tokens removed, never fewer
+            assert all(t.r >= r.r for t, r in zip(tofu.layers, rapid.layers))
+        else:
+            assert rs.token_counts(info, tofu) == rs.token_counts(info, rapid)
+    assert schedule_for_spec("rapid@50", model) == method_schedule("rapid", info, 0.5)
+
+
+def test_rows_bookkeeping(result: dict) -> None:
+    rows = result["rows"]
+    assert len(rows) == len(RATIOS) * len(METHODS)
+    assert {(r["ratio"], r["method"]) for r in rows} == {(q, m) for q in RATIOS for m in METHODS}
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["achieved_ratio"] <= r["ratio"]
+            assert r["gflops"] == pytest.approx(r["achieved_ratio"] * result["info"]["base_gflops"], rel=1e-4)
+            assert r["gflops"] == pytest.approx(r["analytic_gflops"], rel=1e-9)  # executed == analytic for fixed counts
+            assert 0.0 <= r["top1"] <= 1.0 and 0.0 <= r["agreement"] <= 1.0
+            assert len(r["pred"]) == result["setup"]["images"] == 12
+            assert r["images_per_s"] > 0 and r["speedup"] > 0
+            assert r["speedup_of_ideal"] == pytest.approx(r["speedup"] * r["achieved_ratio"], rel=1e-3)
+        else:
+            assert r["status"] in ("unreachable", "not run")
+            assert "top1" not in r and "gflops" not in r  # no number at another cost
+            assert r["reason"]
+    by = {(r["ratio"], r["method"]): r for r in rows}
+    assert all(by[(0.3, m)]["status"] == "unreachable" for m in METHODS if m != "searched")
+    assert by[(0.9, "searched")]["status"] == "not run"
+    assert by[(0.5, "searched")]["status"] == "ok"
+    # the searched file holds the hand-set schedule: the same predictions, evaluated once
+    assert by[(0.5, "searched")]["pred"] == by[(0.5, "rapid")]["pred"]
+    base = result["base"]
+    assert base["agreement"] == 1.0 and base["ratio"] == 1.0 and len(result["labels"]) == 12
+
+
+def test_comparisons_against_best_tome(result: dict) -> None:
+    comps = {(c["ratio"], c["method"]): c for c in result["comparisons"] if c["kind"] == "vs-best-tome"}
+    assert set(comps) == {(0.9, "rapid"), (0.5, "rapid"), (0.5, "searched")}
+    pairs = {(c["ratio"], c["method"], c["reference"]) for c in result["comparisons"] if c["kind"] == "pair"}
+    assert pairs == {(q, "rapid", m) for q in (0.9, 0.5) for m in ("tofu", "evit")} | {(0.5, "searched", "rapid")}
+    labels = np.asarray(result["labels"])
+    by = {(r["ratio"], r["method"]): r for r in result["rows"]}
+    for (ratio, method), c in comps.items():
+        ref = by[(ratio, c["reference"])]
+        assert c["reference"] in ("tome", "tome-decreasing")
+        other = by[(ratio, "tome" if c["reference"] == "tome-decreasing" else "tome-decreasing")]
+        assert ref["top1"] >= other["top1"]
+        a = np.asarray(by[(ratio, method)]["pred"]) == labels
+        b = np.asarray(ref["pred"]) == labels
+        assert c["diff"] == pytest.approx(a.mean() - b.mean())
+        assert (c["b"], c["c"]) == (int((a & ~b).sum()), int((~a & b).sum()))
+        assert c["ci_low"] <= c["diff"] <= c["ci_high"] and 0.0 <= c["p_value"] <= 1.0
+
+
+def test_writers(result: dict, tmp_path: Path) -> None:
+    paths = write_outputs(result, tmp_path / "out")
+    md = paths["table"].read_text()
+    assert "unreachable" in md and "not run" in md and "ToMe (constant r)" in md and "| 100% | **unreduced**" in md
+    assert md.count("\n| 30% |") == len(METHODS)  # unreachable rows, no pairs at 30%
+    assert "RAPID (hand-set) vs ToFu-style" in md
+    data = json.loads(paths["json"].read_text())
+    assert data["rows"] == result["rows"]
+    with Image.open(paths["plot"]) as im:
+        assert im.format == "PNG" and im.size[0] > 500 and im.size[1] > 400
+    assert markdown_table(result) == md
+
+
+def test_match_searched_tolerance(model: torch.nn.Module, tmp_path: Path) -> None:
+    info = rs.ModelInfo.from_model(model)
+    p = rs.rapid_schedule(model, 0.5).save(tmp_path / "a.yaml")  # achieved ~49.99%
+    chosen, notes = match_searched([p], info, (0.9, 0.45))
+    assert chosen == {} and "matches no benchmark ratio" in notes[0]
+    chosen, _ = match_searched([p], info, (0.9, 0.505))  # within 1 point
+    assert list(chosen) == [0.505]
+
+
+def test_cli_main(folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    calib, data = folders
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    common = ["--model", "test_vit", "--no-pretrained", "--data", str(data), "--ratios", "50", "--batch-size", "8"]
+    common += ["--repeats", "1", "--warmup", "0", "--n-boot", "100", "--quiet"]
+    args = p.parse_args(common + ["--calib", str(calib), "--out-dir", str(tmp_path / "b")])
+    assert main(args) == 0
+    for name in ("table.md", "results.json", "pareto.png"):
+        assert (tmp_path / "b" / name).is_file()
+    data_json = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert "--calib" in data_json["setup"]["command"] and data_json["setup"]["calib_images"] == 8
+    # calibrating on the evaluation images is refused
+    with pytest.raises(BenchError, match="same folder"):
+        main(p.parse_args(common + ["--calib", str(data)]))
+    model = timm.create_model("test_vit")
+    bad = rs.rapid_schedule(model, 0.5).with_meta(provenance={"method": "rapid-search", "data": str(data)}).save(tmp_path / "bad.yaml")
+    with pytest.raises(BenchError, match="calibrated on the evaluation folder"):
+        main(p.parse_args(common + ["--searched", str(bad)]))
