@@ -163,18 +163,21 @@ class _Probe:
     fn: Any
     schedule: Optional[Schedule] = None
     rounds: Optional[int] = None  # None: every round
+    warmup: Optional[int] = None  # None: the measurement's warmup
 
 
 def _run_rounds(
     model: nn.Module, probes: Sequence[_Probe], *, device: torch.device, warmup: int, repeats: int, batch_size: int
 ) -> dict[str, float]:
-    """Median time of each probe over ``repeats`` interleaved rounds (after ``warmup`` untimed runs)."""
+    """Median time of each probe over interleaved rounds (``repeats``, or the probe's own ``rounds``),
+    after ``warmup`` untimed runs."""
     times: dict[str, list[float]] = {p.name: [] for p in probes}
-    for k in range(repeats):
+    n_rounds = max([repeats] + [p.rounds for p in probes if p.rounds is not None])
+    for k in range(n_rounds):
         for p in probes:
-            if p.rounds is not None and k >= p.rounds:
+            if k >= (repeats if p.rounds is None else p.rounds):
                 continue
-            w = warmup if k == 0 else 0
+            w = (warmup if p.warmup is None else p.warmup) if k == 0 else 0
             if p.schedule is None:
                 t = time_callable(p.fn, device=device, warmup=w, repeats=1, batch_size=batch_size)
             else:
@@ -250,7 +253,7 @@ class LatencyModel:
         The probes (block halves at each grid count, stem, one patched block per op, the sized-state
         probe and, with ``calibrate``, the full forward) are timed in interleaved rounds and the
         median per probe is used. Cost: about ``(warmup + repeats) * (grid_points + 7)`` block
-        times plus ``warmup + calibrate_repeats`` full forward passes (a few seconds for DeiT-Tiny
+        times plus ``calibrate_repeats`` full forward passes (a few seconds for DeiT-Tiny
         at batch 32 on two idle CPU cores; well under a second on a GPU).
 
         Args:
@@ -316,7 +319,8 @@ class LatencyModel:
         # blocks after a merge run with token sizes in flight (proportional attention): tome, then a plain block
         probes.append(_Probe("sized", lambda: model.blocks[1](model.blocks[0](x_full)), schedule=scheds["tome"]))
         if calibrate:
-            probes.append(_Probe("full", lambda: model(img), rounds=calibrate_repeats))
+            # last in each round: every part is warm by then, so the full forward needs no warm-up of its own
+            probes.append(_Probe("full", lambda: model(img), rounds=calibrate_repeats, warmup=0))
         med = _run_rounds(model, probes, device=dev, warmup=warmup, repeats=repeats, batch_size=B)
 
         attn_ms = [med[f"attn{n}"] for n in grid]

@@ -22,7 +22,7 @@ Example:
     >>> with Progress.create("plain", stream=buf) as prog:
     ...     prog.start(2)
     ...     prog.update(0, "COMPLETE", 0.81, "switch=3", 0.62)
-    >>> "trial 0" in buf.getvalue()
+    >>> "COMPLETE value 0.81 @ 0.62" in buf.getvalue()
     True
 """
 
