@@ -41,10 +41,12 @@ test: setup
 # imagenet-calib only; evaluated on imagenet-eval by `make bench`.
 STUDY_MODELS ?= deit_tiny_patch16_224 vit_tiny_patch16_224
 STUDY_RATIOS ?= 70 50 35
+STUDY_TRIALS ?= 60
+STUDY_CALIB ?= 512
 studies: setup
 	for m in $(STUDY_MODELS); do for r in $(STUDY_RATIOS); do \
 	  $(BIN)/rapid-search search --model $$m --data $(SHARED)/data/imagenet-calib --budget $${r}%GFLOPs \
-	    --trials 60 --calib-images 512 --seed 0 --metric kl --progress plain \
+	    --trials $(STUDY_TRIALS) --calib-images $(STUDY_CALIB) --seed 0 --metric kl --progress plain \
 	    --study-name $$m-$${r}pct --out studies/$$m-$${r}pct.yaml || exit 1; \
 	done; done
 
