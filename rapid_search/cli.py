@@ -33,25 +33,47 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage dump) and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # one line, always starting "rapid-search: error:" (sub-commands too), no usage dump
+        message = " ".join(str(message).split())
+        if message.endswith("expected one argument"):  # e.g. --budget -50%GFLOPs: argparse takes it for an option
+            message += " — give a value, and write values that start with '-' as --option=VALUE"
+        sys.stderr.write(f"rapid-search: error: {message} (see {self.prog} --help)\n")
         raise SystemExit(EXIT_USAGE)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """argparse type: a whole number in ``[low, high]`` (huge values are refused, not attempted)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number — give e.g. {max(low, min(8, high))}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v} must be at least {low}")
+        if v > high:
+            raise argparse.ArgumentTypeError(f"{v} is too large — at most {high}")
+        return v
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+_positive_int = _int_in(1, 10**9)
+_trials_int = _int_in(1, 1_000_000)
+_images_int = _int_in(1, 10_000_000)
+_batch_int = _int_in(1, 65_536)
+_threads_int = _int_in(1, 1024)
+_rungs_int = _int_in(1, 16)
+_seed_int = _int_in(0, 2**32 - 1)
+_seconds_int = _int_in(1, 86_400)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="batch size for scoring and timing (default: 64)")
+    p.add_argument("--batch-size", type=_batch_int, default=64, help="batch size for scoring and timing (default: 64)")
     p.add_argument("--checkpoint", type=Path, default=None, help="local weights (state dict or .safetensors) instead of timm's pretrained weights")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=_threads_int, default=None, help="CPU threads for torch (default: torch's choice)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,17 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="deit_small_patch16_224", help="timm model name (default: deit_small_patch16_224)")
     s.add_argument("--data", type=Path, default=None, help="calibration images: ImageFolder tree of WordNet-id folders, or a flat folder")
     s.add_argument("--budget", default="50%GFLOPs", help="50%%GFLOPs | 0.6GFLOPs | 60%%latency | 12ms (default: 50%%GFLOPs)")
-    s.add_argument("--trials", type=_positive_int, default=40, help="finished trials in the study, all workers together (default: 40)")
-    s.add_argument("--calib-images", type=_positive_int, default=256, help="calibration images used (default: 256)")
-    s.add_argument("--seed", type=int, default=0, help="sampler and calibration-subset seed (default: 0)")
+    s.add_argument("--trials", type=_trials_int, default=40, help="finished trials in the study, all workers together (default: 40)")
+    s.add_argument("--calib-images", type=_images_int, default=256, help="calibration images used (default: 256)")
+    s.add_argument("--seed", type=_seed_int, default=0, help="sampler and calibration-subset seed (default: 0)")
     s.add_argument("--out", type=Path, default=None, help="schedule YAML to write (default: studies/<study>.yaml)")
     s.add_argument("--space", type=Path, default=None, help="search space YAML (default: search_spaces/default.yaml)")
     s.add_argument("--metric", choices=("auto", "kl", "agreement", "top1"), default="auto", help="calibration score (default: auto = kl)")
-    s.add_argument("--storage", default=None, help="journal:PATH or an RDB URL such as postgresql+psycopg2://user:pw@host/db (default: studies/<study>.journal)")
+    s.add_argument("--storage", default=None, help="journal:PATH (one machine) or postgresql+psycopg2://user@host/db (several machines; password from ~/.pgpass or PGPASSWORD) (default: studies/<study>.journal)")
     s.add_argument("--study-name", default=None, help="study name (default: derived from model, budget, device, images and seed)")
     s.add_argument("--progress", choices=("auto", "rich", "plain", "quiet"), default="auto", help="progress display (default: rich on a terminal, plain lines otherwise)")
     s.add_argument("--quiet", action="store_true", help="print only the result line and errors")
-    s.add_argument("--rungs", type=_positive_int, default=3, help="early-stopping rungs over the calibration set (default: 3)")
+    s.add_argument("--rungs", type=_rungs_int, default=3, help="early-stopping rungs over the calibration set (default: 3)")
+    s.add_argument("--heartbeat-interval", type=_seconds_int, default=None, metavar="S", help="seconds between a running trial's heartbeats (default: 20)")
+    s.add_argument("--grace-period", type=_seconds_int, default=None, metavar="S", help="seconds without a heartbeat before another worker redoes a trial (default: 60)")
     _add_common(s)
 
     e = sub.add_parser("export", help="write the best schedule of an existing study")
@@ -89,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--schedule", required=True, type=Path, help="schedule YAML")
     v.add_argument("--data", required=True, type=Path, help="images: ImageFolder tree of WordNet-id folders (top-1) or a flat folder")
     v.add_argument("--model", default=None, help="timm model (default: the schedule's model)")
-    v.add_argument("--limit", type=_positive_int, default=None, help="evaluate at most N images")
-    v.add_argument("--repeats", type=_positive_int, default=5, help="timing repeats (median) (default: 5)")
+    v.add_argument("--limit", type=_images_int, default=None, help="evaluate at most N images")
+    v.add_argument("--repeats", type=_int_in(1, 10_000), default=5, help="timing repeats (median) (default: 5)")
     v.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON")
     _add_common(v)
 
@@ -131,17 +155,24 @@ def _cmd_search(args: argparse.Namespace) -> int:
         rungs=args.rungs,
         threads=args.threads,
     )
+    if args.heartbeat_interval is not None:
+        opts.heartbeat_interval = args.heartbeat_interval
+    if args.grace_period is not None:
+        opts.grace_period = args.grace_period
     if opts.data is None:
         shared = os.environ.get("RAPID_SHARED")
         if shared and (Path(shared) / "data" / "imagenet-calib").is_dir():
             opts.data = Path(shared) / "data" / "imagenet-calib"
     try:
         res = run_search(opts)
-    except KeyboardInterrupt:
-        from .search.runner import default_study_name
+    except KeyboardInterrupt as e:
+        from .search.runner import SearchInterrupted, default_study_name
 
-        name = opts.study_name or default_study_name(opts)
-        sys.stderr.write(f"rapid-search: interrupted — study {name!r} is kept; re-run the same command to resume\n")
+        if isinstance(e, SearchInterrupted):
+            sys.stderr.write(f"rapid-search: {e}\n")
+        else:  # before the trials started (nothing written yet), or a second Ctrl-C while cleaning up
+            name = opts.study_name or default_study_name(opts)
+            sys.stderr.write(f"rapid-search: interrupted (study {name!r}); re-run the same command to start or resume it\n")
         return EXIT_INTERRUPTED
     ach = res.schedule.budget.achieved if res.schedule.budget else {}
     cost = f"{ach.get('gflops', 0):.3f} GFLOPs" + (f", {ach['latency_ms']:.2f} ms" if "latency_ms" in ach else "")
@@ -152,16 +183,27 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import optuna
 
+    old = optuna.logging.get_verbosity()  # quiet for this command only (main() may run in a longer-lived process)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return _export_study(args)
+    finally:
+        optuna.logging.set_verbosity(old)
+
+
+def _export_study(args: argparse.Namespace) -> int:
+    import optuna
+
     from .schedule import Budget
     from .search.budget import parse_budget, resolve
     from .search.runner import STUDIES_DIR
     from .search.storage import open_storage
     from .search.study import SearchError, export_best
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.storage is None and not (STUDIES_DIR / f"{args.study_name}.journal").exists():
         raise SearchError(f"no study {args.study_name!r} in {STUDIES_DIR}/ — pass --storage where it lives, or run rapid-search search first")
-    storage = open_storage(args.storage, study_name=args.study_name, studies_dir=STUDIES_DIR)
+    # read-only: never creates a journal file; reading while workers write is safe (appends only)
+    storage = open_storage(args.storage, study_name=args.study_name, studies_dir=STUDIES_DIR, create=False, allow_sqlite=True)
     try:
         study = optuna.load_study(study_name=args.study_name, storage=storage)
     except KeyError:
@@ -202,6 +244,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from .data import DataError
 
         raise DataError(f"data folder {args.data} does not exist — pass --data with an ImageFolder tree or a flat folder of images")
+    if args.json is not None:  # refuse an unwritable --json before the work, not after
+        from .search.storage import writable_ancestor
+
+        where = "it is a directory" if args.json.is_dir() else writable_ancestor(args.json)
+        if where is not None:
+            raise OSError(f"cannot write --json {args.json}: {where} — pass a writable file path")
     model = load_model(args.model or schedule.model.name, checkpoint=args.checkpoint, device=device)
     info = ModelInfo.from_model(model)
     schedule.model.check(info.fingerprint())
@@ -285,7 +333,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["search", *argv]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already reported on one line
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "search": _cmd_search,
         "export": _cmd_export,
@@ -302,9 +353,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except _known_errors() as e:
         sys.stderr.write(f"rapid-search: error: {e}\n")
         return EXIT_USAGE
-    except (ValueError, ImportError, FileNotFoundError, PermissionError) as e:
+    except (ValueError, ImportError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         sys.stderr.write(f"rapid-search: error: {msg}\n")
+        return EXIT_USAGE
+    except MemoryError:
+        sys.stderr.write("rapid-search: error: out of memory — lower --batch-size (or --calib-images)\n")
+        return EXIT_USAGE
+    except RuntimeError as e:  # torch's allocator failures; anything else is a bug worth a traceback
+        text = str(e)
+        if "out of memory" not in text and "can't allocate memory" not in text:
+            raise
+        sys.stderr.write("rapid-search: error: out of memory — lower --batch-size (or --calib-images)\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("rapid-search: interrupted\n")

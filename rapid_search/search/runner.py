@@ -3,11 +3,20 @@
 Order of work: every input is validated (budget, search space, device, data folder, model name,
 budget feasibility) before weights are loaded or images decoded; then the calibration images are
 decoded once, the unreduced outputs computed once, and the study is created or resumed.
+
+Several workers (processes or machines) given the same ``storage`` and ``study_name`` share the
+study; ``trials`` counts finished trials of the study, all workers together (see
+:mod:`rapid_search.search.workers` for the protocol, heartbeats and crash recovery). An
+existing study with another set-up (model, budget, search space, metric, calibration images,
+device kind) is refused before any weights are loaded, and nothing is written (no journal file,
+no schedule) when the search cannot start.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+import secrets
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +31,11 @@ from ..flops import ModelInfo
 from ..presets import DEFAULT_PROTECT, DEFAULT_SWITCH_FRACTION
 from ..schedule import Budget, LayerSpec, Schedule
 from .space import SearchSpace
-from .storage import open_storage, describe_storage
+from .storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, check_journal_path, describe_storage, journal_path, open_storage, writable_ancestor
 from .study import Calibration, Objective, SearchError, cheapest_ratio, environment, export_best
+from .workers import count_trials, run_trials
 
-__all__ = ["SearchOptions", "SearchResult", "run_search", "default_study_name", "DEFAULT_METRIC"]
+__all__ = ["SearchOptions", "SearchResult", "SearchInterrupted", "run_search", "default_study_name", "DEFAULT_METRIC"]
 
 #: Default score for ranking trials, chosen by measurement (README "Which calibration score?").
 DEFAULT_METRIC = "kl"
@@ -55,6 +65,31 @@ class SearchOptions:
     rungs: int = 3
     threads: Optional[int] = None
     latency_repeats: int = 10
+    heartbeat_interval: int = HEARTBEAT_INTERVAL
+    grace_period: int = GRACE_PERIOD
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during the trials: the study is kept, the trial in flight was failed and
+    queued again, and the best schedule so far was written when there was one.
+
+    Attributes:
+        study_name: The study (re-run the same command to resume it).
+        out: The schedule written, or None when no finished trial met the budget yet.
+        finished: Finished trials in the study.
+        trials: The trials asked for.
+    """
+
+    def __init__(self, study_name: str, out: Optional[Path], finished: int, trials: int) -> None:
+        super().__init__(study_name)
+        self.study_name, self.out, self.finished, self.trials = study_name, out, finished, trials
+
+    def __str__(self) -> str:
+        wrote = f"best schedule so far written to {self.out}" if self.out else "no finished trial meets the budget yet, no schedule written"
+        return (
+            f"interrupted — study {self.study_name!r} is kept ({self.finished}/{self.trials} trials finished); {wrote}; "
+            "re-run the same command to resume"
+        )
 
 
 @dataclass
@@ -75,21 +110,38 @@ def default_study_name(opts: SearchOptions) -> str:
     return f"{opts.model}-{budget}-{device}-n{opts.calib_images}-s{opts.seed}"
 
 
+def _calib_fingerprint(data: Path, calib_images: int, seed: int) -> str:
+    """The calibration set by content (relative file names and sizes, count, seed), not by path,
+    so that workers on machines that keep the images in different folders can share a study."""
+    from ..data import list_images
+
+    files, _ = list_images(data)
+    h = hashlib.sha256()
+    for f in files:
+        try:
+            size = f.stat().st_size
+        except OSError:
+            size = -1
+        h.update(f"{f.relative_to(data).as_posix()}\0{size}\n".encode())
+    return f"{len(files)} files {h.hexdigest()[:16]}|{calib_images}|{seed}"
+
+
 def _setup_attrs(opts: SearchOptions, info: ModelInfo, space: SearchSpace, metric: str, device: torch.device) -> dict[str, Any]:
     return {
         "model": info.name,
         "budget": opts.budget,
         "space": space.fingerprint(),
         "metric": metric,
-        "calib": f"{Path(opts.data).resolve() if opts.data else None}|{opts.calib_images}|{opts.seed}",
+        "calib": _calib_fingerprint(Path(opts.data), opts.calib_images, opts.seed) if opts.data else None,
         "device_kind": device.type,
     }
 
 
-def _check_setup(study: optuna.Study, attrs: dict[str, Any]) -> None:
+def _check_setup(study: optuna.Study, attrs: dict[str, Any], *, adopt: bool = True) -> None:
     have = study.user_attrs.get("setup")
     if have is None:
-        study.set_user_attr("setup", attrs)
+        if adopt:
+            study.set_user_attr("setup", attrs)
         return
     for k, v in attrs.items():
         if have.get(k) != v:
@@ -97,6 +149,50 @@ def _check_setup(study: optuna.Study, attrs: dict[str, Any]) -> None:
                 f"study {study.study_name!r} was started with {k} = {have.get(k)!r}, not {v!r} — "
                 "use another --study-name or the original settings"
             )
+
+
+def _existing_study(spec: Optional[str], study_name: str) -> tuple[Any, Optional[optuna.Study]]:
+    """``(storage, study)``: the storage when it exists already (None for a journal file still to
+    be made) and the study when it exists; creates nothing (no journal file, no study)."""
+    path = journal_path(spec, study_name, STUDIES_DIR)
+    if path is not None:
+        check_journal_path(path)
+        if not path.is_file() or path.stat().st_size == 0:
+            return None, None
+    storage = open_storage(spec, study_name=study_name, studies_dir=STUDIES_DIR)
+    try:
+        return storage, optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return storage, None
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an output path that cannot be written, before hours of search."""
+    if out.is_dir():
+        raise SearchError(f"--out {out} is a directory — pass --out with a file path such as {out / 'schedule.yaml'}")
+    where = writable_ancestor(out)
+    if where is not None:
+        raise SearchError(f"cannot write the schedule to {out}: {where} — pass --out with a writable path")
+
+
+def _open_study(study_name: str, storage: Any, seed: int, pruner: Any) -> tuple[optuna.Study, bool, int]:
+    """Create the study, or join it when it exists. Returns ``(study, created, sampler_seed)``.
+
+    Exactly one worker creates a study (the storage refuses a second creation); it samples with
+    ``seed``, so a single uninterrupted search is reproducible. Workers that join (other workers,
+    resumed searches) draw their own sampler seed: with the same seed they would sample the same
+    schedules as each other (or as the first run) and duplicate work.
+    """
+
+    def sampler(s: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.TPESampler(seed=s, multivariate=True, n_startup_trials=10)
+
+    try:
+        study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler(seed), pruner=pruner, direction="maximize")
+        return study, True, seed
+    except optuna.exceptions.DuplicatedStudyError:
+        s = (seed * 1_000_003 + secrets.randbits(31)) % 2**32
+        return optuna.load_study(study_name=study_name, storage=storage, sampler=sampler(s), pruner=pruner), False, s
 
 
 def _warm_start(study: optuna.Study, info: ModelInfo, space: SearchSpace) -> None:
@@ -180,10 +276,17 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
         raise SearchError("no calibration images: pass --data DIR (an ImageFolder tree of WordNet-id folders or a flat folder of images)")
     data = Path(opts.data)
     if not data.is_dir():
-        raise DataError(f"data folder {data} does not exist — pass --data with an ImageFolder tree or a flat folder of images")
+        what = "is not a directory" if data.exists() else "does not exist"
+        raise DataError(f"data folder {data} {what} — pass --data with an ImageFolder tree or a flat folder of images")
     metric = DEFAULT_METRIC if opts.metric == "auto" else opts.metric
+    if not (1 <= opts.heartbeat_interval < opts.grace_period):
+        raise SearchError(
+            f"--heartbeat-interval {opts.heartbeat_interval} must be at least 1 and below --grace-period {opts.grace_period} "
+            f"(defaults {HEARTBEAT_INTERVAL} and {GRACE_PERIOD})"
+        )
     set_cpu_threads(opts.threads)
-    arch = load_model(opts.model, pretrained=False)  # shape only: checks the name and the budget cheaply
+    with torch.device("meta"):  # shape only, no memory and no weight init: checks the name and the budget cheaply
+        arch = load_model(opts.model, pretrained=False, device="meta")
     info = ModelInfo.from_model(arch)
     del arch
     if spec.kind == "gflops":
@@ -197,8 +300,13 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
                 f"({floor * info.base_gflops:.3f} GFLOPs, {floor:.0%}) — raise the budget"
             )
     study_name = opts.study_name or default_study_name(opts)
-    storage = open_storage(opts.storage, study_name=study_name, studies_dir=STUDIES_DIR)
     out = Path(opts.out) if opts.out else STUDIES_DIR / f"{study_name}.yaml"
+    _check_out(out)
+    setup = _setup_attrs(opts, info, space, metric, device)
+    storage, existing = _existing_study(opts.storage, study_name)  # connects to a server now: bad URLs fail fast
+    if existing is not None:
+        _check_setup(existing, setup, adopt=False)
+    del existing
 
     prog = progress or Progress.create(opts.progress)
     with prog:
@@ -235,16 +343,22 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
                 )
             prog.log(f"unreduced latency {base_ms:.2f} ms per batch of {opts.batch_size}; target {target:.2f} ms")
 
-        # ---- the study --------------------------------------------------------------------------
-        sampler = optuna.samplers.TPESampler(seed=opts.seed, multivariate=True, n_startup_trials=10)
+        # ---- the study (created only now: nothing is written when loading fails) ---------------
+        if storage is None:
+            storage = open_storage(opts.storage, study_name=study_name, studies_dir=STUDIES_DIR)
+        # the heartbeat thread's writes: an RDB storage is thread-safe (one session per thread);
+        # a journal storage's replay state is not, so that thread gets its own instance
+        rdb = isinstance(storage, optuna.storages.RDBStorage)
+        heartbeat_storage = storage if rdb else open_storage(opts.storage, study_name=study_name, studies_dir=STUDIES_DIR)
         pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
-        study = optuna.create_study(
-            study_name=study_name, storage=storage, sampler=sampler, pruner=pruner, direction="maximize", load_if_exists=True
-        )
-        _check_setup(study, _setup_attrs(opts, info, space, metric, device))
+        study, created, sampler_seed = _open_study(study_name, storage, opts.seed, pruner)
+        _check_setup(study, setup)
+        if not created:
+            prog.log(f"joined study {study_name!r} ({len(study.get_trials(deepcopy=False))} trials so far); sampler seed {sampler_seed}")
         study.set_user_attr("base_gflops", info.base_gflops)
         study.set_user_attr("target", target / 1e9 if spec.kind == "gflops" else target)
-        _warm_start(study, info, space)
+        if created:
+            _warm_start(study, info, space)
         objective = Objective(
             model=model,
             info=info,
@@ -262,19 +376,32 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
         prog.start(opts.trials, done=done, study=study_name, storage=describe_storage(opts.storage, study_name, STUDIES_DIR))
 
         def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                # [k/N] counts the whole study's finished trials, other workers' included
+                prog.done = max(prog.done, count_trials(study).finished - 1)
             prog.trial(study, trial, metric=metric)
 
         if done < opts.trials:
-            cb = optuna.study.MaxTrialsCallback(opts.trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
             try:
-                study.optimize(objective, callbacks=[cb, on_trial], catch=(), gc_after_trial=False)
+                run_trials(  # Ctrl-C and SIGTERM become KeyboardInterrupt, never inside a storage write
+                    study,
+                    objective,
+                    opts.trials,
+                    heartbeat_storage=heartbeat_storage,
+                    interval=opts.heartbeat_interval,
+                    grace=opts.grace_period,
+                    callbacks=[on_trial],
+                    log=prog.log,
+                )
             except KeyboardInterrupt:
-                prog.log("interrupted: the study is kept; writing the best schedule so far")
+                prog.log("interrupted: the study is kept; the trial in flight is queued again; writing the best schedule so far")
+                written: Optional[Path] = None
                 try:
                     _export(study, opts, out, spec, info, calib, metric, model, device, latency_model, target)
+                    written = out
                 except SearchError:
                     pass
-                raise
+                raise SearchInterrupted(study_name, written, _finished(study), opts.trials) from None
 
         schedule, trial = _export(study, opts, out, spec, info, calib, metric, model, device, latency_model, target)
         stats = search_stats(study, len(calib.images))

@@ -1,0 +1,315 @@
+"""Many workers on one study: exact trial count, dead workers' trials redone, export while running.
+
+Worker processes run ``rapid_search.cli.main`` (the console script's code) on timm ``test_vit``
+with 16 images; they are forked from a forkserver with the imports done (``cli_workers``), so a
+worker starts in well under a second. PostgreSQL tests need ``RAPID_PG_URL`` (``.ci/run``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy as sa
+from optuna.trial import TrialState
+
+from rapid_search.cli import main
+from rapid_search.schedule import Schedule
+from rapid_search.search.storage import open_storage
+from rapid_search.search.workers import (
+    FAILED_BECAUSE_KEY,
+    HEARTBEAT_KEY,
+    RETRY_PENDING_KEY,
+    SURPLUS_KEY,
+    WORKER_KEY,
+    Liveness,
+    count_trials,
+    retry_trial,
+    run_trials,
+)
+
+FAST = ["--heartbeat-interval", "1", "--grace-period", "3"]
+
+
+def load(spec: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(spec, study_name=name, create=False))
+
+
+def check_study(study: optuna.Study, n: int) -> list:
+    """The invariants of a study that workers (some killed) have finished; returns its trials."""
+    trials = study.get_trials(deepcopy=False)
+    by = Counter(t.state for t in trials)
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == n, f"{len(finished)} finished trials, asked for {n}: {by}"
+    assert sorted(t.number for t in trials) == list(range(len(trials))), "trial numbers must be unique and gap-free"
+    assert by[TrialState.RUNNING] == 0, "a trial was left running"
+    for t in trials:
+        if t.state == TrialState.FAIL:  # only surplus, interrupted or dead workers' trials fail
+            assert t.system_attrs.get(SURPLUS_KEY) or FAILED_BECAUSE_KEY in t.system_attrs, t
+        if t.state == TrialState.WAITING:  # only queued work (a retry, a warm start) can be left once N are finished
+            assert t.system_attrs.get("retry_history") or t.system_attrs.get("fixed_params") or "warm_start" in t.user_attrs, t
+    for t in finished:
+        assert WORKER_KEY in t.system_attrs
+        if t.state == TrialState.COMPLETE:
+            assert t.value is not None and "schedule" in t.user_attrs
+            Schedule.from_dict(t.user_attrs["schedule"])  # every stored schedule is whole
+    sampled = [tuple(sorted(t.params.items())) for t in finished if t.params]
+    assert len(sampled) == len(set(sampled)), "two finished trials evaluated the same parameters"
+    return trials
+
+
+def export_ok(spec: str, name: str, out: Path) -> Schedule:
+    assert main(["export", "--study-name", name, "--storage", spec, "--out", str(out)]) == 0
+    return Schedule.load(out)
+
+
+# ---- the protocol, in-process (fast) ---------------------------------------------------------------
+def test_exact_count_with_racing_workers(tmp_path) -> None:
+    """Four threads, each with its own journal storage (as separate processes would be), ask as
+    fast as they can: the study ends with exactly N finished trials and the rest failed as surplus."""
+    spec = f"journal:{tmp_path / 'race.journal'}"
+    optuna.create_study(study_name="race", storage=open_storage(spec, study_name="race"))
+    n, errors = 40, []
+
+    def worker(i: int) -> None:
+        try:
+            study = load(spec, "race")
+
+            def objective(trial):
+                x = trial.suggest_float("x", 0, 1)
+                if x < 0.3:
+                    raise optuna.TrialPruned()
+                return x
+
+            run_trials(study, objective, n, heartbeat_storage=open_storage(spec, study_name="race"), interval=1, grace=30)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    study = load(spec, "race")
+    by = Counter(t.state for t in study.trials)
+    assert by[TrialState.COMPLETE] + by[TrialState.PRUNED] == n
+    assert by[TrialState.RUNNING] == by[TrialState.WAITING] == 0
+    assert all(t.system_attrs.get(SURPLUS_KEY) for t in study.trials if t.state == TrialState.FAIL)
+
+
+def test_surplus_trial_is_given_up_unrun_and_its_queue_entry_kept(tmp_path) -> None:
+    """Two workers ask at the same moment for the last slot: the higher trial number gives its
+    trial up without running it (FAIL, ``rapid_search:surplus``), puts the queued parameters it
+    took back in the queue, and waits for the other worker's trial instead of overshooting."""
+    spec = f"journal:{tmp_path / 'surplus.journal'}"
+    study = optuna.create_study(study_name="s", storage=open_storage(spec, study_name="s"))
+    study.enqueue_trial({"x": 0.25}, user_attrs={"warm_start": "a"})
+    study.enqueue_trial({"x": 0.75}, user_attrs={"warm_start": "b"})
+    a, b = load(spec, "s"), load(spec, "s")
+    real_ask, ran, first = b.ask, [], []
+
+    def racing_ask(*args, **kwargs):
+        if not first:  # worker A asks just before B and takes the last slot, finishing 0.5 s later
+            first.append(a.ask())
+            threading.Timer(0.5, lambda: a.tell(first[0], 1.0)).start()
+        return real_ask(*args, **kwargs)
+
+    b.ask = racing_ask
+
+    def objective(trial):
+        ran.append(trial.number)
+        return trial.suggest_float("x", 0, 1)
+
+    assert run_trials(b, objective, 1, heartbeat_storage=open_storage(spec, study_name="s"), interval=1, grace=30) == 0
+    assert ran == []
+    trials = load(spec, "s").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].system_attrs[SURPLUS_KEY] is True
+    assert trials[2].system_attrs["fixed_params"] == {"x": 0.75} and trials[2].user_attrs == {"warm_start": "b"}
+
+
+def test_slot_kept_between_giving_up_and_requeueing(tmp_path) -> None:
+    """A trial just given up keeps its slot until its retry is queued (or the one who gave it up
+    is presumed dead), so no other worker takes the slot meant for the redo."""
+    spec = f"journal:{tmp_path / 'pending.journal'}"
+    study = optuna.create_study(study_name="p", storage=open_storage(spec, study_name="p"))
+    for age in (0, 1000):
+        t = study.ask()
+        study._storage.set_trial_system_attr(t._trial_id, RETRY_PENDING_KEY, time.time() - age)
+        study.tell(t, state=TrialState.FAIL)
+    c = count_trials(study, pending_window=60)
+    assert [t.number for t in c.pending] == [0] and c.claimed == 1  # the old one no longer holds a slot
+    retry_trial(study, study.trials[0])
+    c = count_trials(study, pending_window=60)
+    assert c.pending == [] and c.claimed == 0 and c.waiting == 1
+
+
+def test_stale_trial_failed_once_and_requeued(tmp_path) -> None:
+    """A RUNNING trial whose heartbeat stopped is failed by exactly one of two workers and queued
+    again once, with its parameters; fresh and finished trials are left alone."""
+    spec = f"journal:{tmp_path / 'stale.journal'}"
+    study = optuna.create_study(study_name="s", storage=open_storage(spec, study_name="s"))
+    done = study.ask()
+    done.suggest_float("x", 0, 1)
+    study.tell(done, 1.0)
+    dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    dead.suggest_float("x", 0, 1)
+    dead.set_user_attr("warm_start", "tome")
+    dead.set_user_attr("kl", 0.5)  # a partial result: not carried over
+    study._storage.set_trial_system_attr(dead._trial_id, HEARTBEAT_KEY, time.time() - 100)
+    alive = study.ask()
+    study._storage.set_trial_system_attr(alive._trial_id, HEARTBEAT_KEY, time.time())
+
+    a, b = load(spec, "s"), load(spec, "s")
+    assert Liveness(a, grace=10).recover() + Liveness(b, grace=10).recover() == 1
+    trials = load(spec, "s").trials
+    assert trials[0].state == TrialState.COMPLETE and trials[0].value == 1.0
+    assert trials[1].state == TrialState.FAIL and "heartbeat" in trials[1].system_attrs[FAILED_BECAUSE_KEY]
+    assert trials[2].state == TrialState.RUNNING
+    assert len(trials) == 4 and trials[3].state == TrialState.WAITING
+    assert trials[3].params == trials[1].params and trials[3].system_attrs["retry_history"] == [1]
+    assert trials[3].user_attrs == {"warm_start": "tome"}
+
+
+# ---- real worker processes ---------------------------------------------------------------------------
+def _pg_no_password(url: str) -> tuple[str, dict]:
+    """The URL without its password, and the PGPASSWORD environment that libpq reads instead."""
+    u = sa.engine.make_url(url)
+    return u.set(password=None).render_as_string(hide_password=False), {"PGPASSWORD": u.password or ""}
+
+
+def _log(p) -> str:
+    return Path(p.log_path).read_text(errors="replace")
+
+
+@pytest.mark.postgres
+def test_two_workers_share_one_postgres_study(pg_fresh_url, tiny_search, cli_workers, tmp_path) -> None:
+    """Two workers on one PostgreSQL study finish exactly the requested trials together, with no
+    duplicate or lost trial, and exporting while they run is safe. The password reaches libpq
+    through PGPASSWORD, not the command line."""
+    url, env = _pg_no_password(pg_fresh_url)
+    name, n = "two", 6
+    procs = [
+        cli_workers.start(tiny_search.args(url, name, tmp_path / f"w{i}.yaml", trials=n, extra=FAST), tmp_path / f"w{i}.log", env=env)
+        for i in range(2)
+    ]
+    exports = 0
+    storage = open_storage(pg_fresh_url, study_name=name)
+    os.environ["PGPASSWORD"] = env["PGPASSWORD"]
+    try:
+        while any(p.exitcode is None for p in procs) and exports < 2:  # two exports while they run are enough
+            time.sleep(0.5)
+            if not exports and name in optuna.get_all_study_names(storage):
+                trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+                if not any(t.state == TrialState.COMPLETE for t in trials):
+                    continue
+            elif not exports:
+                continue
+            code = main(["export", "--study-name", name, "--storage", url, "--out", str(tmp_path / "live.yaml")])
+            if code == 0:
+                Schedule.load(tmp_path / "live.yaml")
+                exports += 1
+    finally:
+        del os.environ["PGPASSWORD"]
+    for p in procs:
+        assert cli_workers.wait(p) == 0, _log(p)
+    study = optuna.load_study(study_name=name, storage=open_storage(pg_fresh_url, study_name=name))
+    trials = check_study(study, n)
+    workers = {t.system_attrs[WORKER_KEY] for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+    assert len(workers) == 2, f"both workers should have finished trials: {workers}"
+    assert exports >= 1, "export never ran while the workers were running"
+    assert export_ok(pg_fresh_url, name, tmp_path / "final.yaml").model.name == "test_vit"
+    for p in procs:
+        assert env["PGPASSWORD"] not in _log(p)
+
+
+def freeze(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until it has really stopped (the signal is asynchronous: on a busy
+    machine the process can run on for a while, and a state read meanwhile would be stale)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():  # every thread (the heartbeat thread too)
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:  # a thread that just ended
+                pass
+        if states and all(st in ("T", "t") for st in states):
+            return
+        time.sleep(0.002)
+    raise AssertionError(f"process {pid} did not stop")
+
+
+def _freeze_mid_trial(p, study_of, deadline: float, lock=None) -> int:
+    """SIGSTOP ``p`` while it runs a trial (checked with the process frozen); returns that trial's
+    number. ``lock``: the journal's lock file; a worker killed while holding it would stall the
+    next one for the lock's 30 s grace period, which is not what this test is about."""
+    pid_tag = f":{p.pid}"
+    while time.monotonic() < deadline:
+        assert p.exitcode is None, f"worker ended early:\n{_log(p)}"
+        study = study_of()
+        if study is not None and count_trials(study).finished >= 2:
+            freeze(p.pid)
+            if lock is not None and lock.exists():  # frozen inside a journal append: try again
+                os.kill(p.pid, signal.SIGCONT)
+                continue
+            mine = [
+                t
+                for t in study_of().get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if str(t.system_attrs.get(WORKER_KEY, "")).endswith(pid_tag) and HEARTBEAT_KEY in t.system_attrs
+            ]
+            if mine:
+                return mine[0].number
+            os.kill(p.pid, signal.SIGCONT)
+        time.sleep(0.02)
+    raise AssertionError(f"never caught the worker mid-trial:\n{_log(p)}")
+
+
+@pytest.mark.parametrize("kind", ["journal", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_killed_worker_trial_is_redone(kind, request, tiny_search, cli_workers, tmp_path) -> None:
+    """A worker SIGKILLed mid-trial, then a worker restarted: the dead trial is failed (heartbeat)
+    and redone with its parameters, every trial finished before the kill is intact, the study
+    ends with exactly N finished trials and exports."""
+    spec = request.getfixturevalue("pg_fresh_url") if kind == "postgres" else f"journal:{tmp_path / 'k.journal'}"
+    name, n = "kill", 6
+
+    def study_of():
+        try:
+            return optuna.load_study(study_name=name, storage=open_storage(spec, study_name=name, create=False))
+        except Exception:  # noqa: BLE001 - not created yet
+            return None
+
+    p = cli_workers.start(tiny_search.args(spec, name, tmp_path / "k.yaml", trials=n, extra=FAST), tmp_path / "a.log")
+    lock = tmp_path / "k.journal.lock" if kind == "journal" else None
+    killed = _freeze_mid_trial(p, study_of, time.monotonic() + 90, lock)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(10)
+    assert p.exitcode == -signal.SIGKILL
+    before = {t.number: (t.state, t.value, t.params, t.user_attrs) for t in study_of().trials if t.state.is_finished()}
+    assert study_of().trials[killed].state == TrialState.RUNNING
+
+    q = cli_workers.start(tiny_search.args(spec, name, tmp_path / "k.yaml", trials=n, extra=FAST), tmp_path / "b.log")
+    assert cli_workers.wait(q, 90) == 0, _log(q)
+    assert "no heartbeat" in _log(q)
+
+    study = study_of()
+    trials = check_study(study, n)
+    for number, snap in before.items():  # nothing finished was lost or rewritten
+        t = trials[number]
+        assert (t.state, t.value, t.params, t.user_attrs) == snap
+    dead = trials[killed]
+    assert dead.state == TrialState.FAIL and "heartbeat" in dead.system_attrs[FAILED_BECAUSE_KEY]
+    redo = [t for t in trials if t.system_attrs.get("retry_history") == [killed]]
+    assert len(redo) == 1 and dead.params.items() <= redo[0].params.items()  # all of them unless it died while drawing them
+    assert redo[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert redo[0].user_attrs.get("warm_start") == dead.user_attrs.get("warm_start")
+    assert export_ok(spec, name, tmp_path / "e.yaml").model.name == "test_vit"
