@@ -310,12 +310,19 @@ _CRITICAL = tuple(os.sep + p + os.sep for p in (os.path.join("optuna", "storages
 
 class deferred_interrupts:
     """Within the block (main thread only), SIGINT (Ctrl-C) and SIGTERM raise KeyboardInterrupt,
-    but never inside storage code: an interrupt that arrives there is delivered again 50 ms later,
-    until the main thread has left it (storage calls take milliseconds). Signals that were ignored
-    (``nohup``) stay ignored."""
+    but never inside storage code: an interrupt that arrives there is delivered again every 10 ms
+    until the main thread has left it (storage calls take milliseconds); meanwhile ``pending``
+    says one is on its way (:meth:`raise_pending` raises it at a safe point). Once raised, further
+    deliveries within the block are dropped (the clean-up after it is short); a re-delivery still
+    scheduled when the block ends is cancelled. Signals that were ignored (``nohup``) stay ignored."""
+
+    def __init__(self) -> None:
+        self.pending: Optional[int] = None
+        self.raised = False
+        self._timers: list[threading.Timer] = []
+        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "deferred_interrupts":
-        self._old: dict[int, Any] = {}
         if threading.current_thread() is not threading.main_thread():
             return self
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -324,20 +331,40 @@ class deferred_interrupts:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._cancel()
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-    @staticmethod
-    def _handler(signum: int, frame: Any) -> None:
+    def _cancel(self) -> None:
+        for t in self._timers:
+            t.cancel()
+        self._timers.clear()
+
+    def _raise(self) -> None:
+        self.raised, self.pending = True, None
+        self._cancel()
+        raise KeyboardInterrupt
+
+    def raise_pending(self) -> None:
+        """Raise the interrupt now if one arrived during a storage call."""
+        if self.pending is not None and not self.raised:
+            self._raise()
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.raised:
+            return  # a re-delivery of an interrupt already raised
         f = frame
         while f is not None:
             if any(c in f.f_code.co_filename for c in _CRITICAL):
-                t = threading.Timer(0.05, _thread.interrupt_main, args=(signum,))
-                t.daemon = True
-                t.start()
+                self.pending = signum
+                self._timers = [t for t in self._timers if t.is_alive()]
+                timer = threading.Timer(0.01, _thread.interrupt_main, args=(signum,))
+                timer.daemon = True
+                timer.start()
+                self._timers.append(timer)
                 return
             f = f.f_back
-        raise KeyboardInterrupt
+        self._raise()
 
 
 def _surplus(study: optuna.Study, trial: optuna.trial.Trial, n_trials: int, pending_window: float) -> bool:
@@ -393,8 +420,8 @@ def run_trials(
     # a journal storage replays the whole file on its first read: do that now, not in the first beat
     heartbeat_storage.get_all_studies()
     poll = min(1.0, interval / 2) if poll is None else poll
-    with deferred_interrupts():
-        return _loop(study, objective, n_trials, heartbeat_storage, interval, grace, live, callbacks, log, poll)
+    with deferred_interrupts() as interrupts:
+        return _loop(study, objective, n_trials, heartbeat_storage, interval, grace, live, callbacks, log, poll, interrupts)
 
 
 def _loop(
@@ -408,6 +435,7 @@ def _loop(
     callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]],
     log: Callable[[str], None],
     poll: float,
+    interrupts: deferred_interrupts,
 ) -> int:
     done_here = 0
     waiting_for: Optional[tuple[int, ...]] = None
@@ -431,6 +459,7 @@ def _loop(
                 continue
             waiting_for = None
 
+            interrupts.raise_pending()  # Ctrl-C during the last storage call: start nothing new
             current = study.ask()
             if _surplus(study, current, n_trials, grace):  # another worker asked at the same moment and won
                 frozen = study._storage.get_trial(current._trial_id)  # noqa: SLF001
