@@ -19,11 +19,23 @@ heartbeat options. Passwords never appear in messages: URLs are shown with the p
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["StorageError", "open_storage", "describe_storage", "journal_path", "writable_ancestor", "mask_url", "HEARTBEAT_INTERVAL", "GRACE_PERIOD"]
+__all__ = [
+    "StorageError",
+    "open_storage",
+    "describe_storage",
+    "journal_path",
+    "writable_ancestor",
+    "mask_url",
+    "scrub",
+    "safe_reason",
+    "HEARTBEAT_INTERVAL",
+    "GRACE_PERIOD",
+]
 
 #: Default seconds between heartbeats of a running trial (``--heartbeat-interval``).
 HEARTBEAT_INTERVAL = 20
@@ -37,29 +49,94 @@ class StorageError(ValueError):
     """The storage could not be opened; the message (password masked) says what to do."""
 
 
+#: A URL's scheme (``postgresql+psycopg2://``, ``sqlite:///``): a ``--storage`` value without one
+#: is not shown in messages at all (it may be a password pasted in the wrong place).
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+#: Query parameters whose values are secrets (``?password=...``, ``?sslpassword=...``).
+_SECRET_PARAM = re.compile(r"([?&;][^=&#;]*(?:pass|pwd|secret|token)[^=&#;]*=)([^&#;]*)", re.IGNORECASE)
+
+
+def has_scheme(spec: str) -> bool:
+    """Whether ``spec`` starts with a URL scheme (``name://``)."""
+    return _SCHEME.match(spec) is not None
+
+
 def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    try:
-        from sqlalchemy.engine import make_url
+    """``url`` with every password replaced by ``***``.
 
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        import re
+    Masked: secret query parameters (``?password=...``) and everything between the scheme (or the
+    start of the string) and the *last* ``@`` except the user name, so a password with an
+    unescaped ``@`` (``user:p@ss@host``) is masked whole. Works on strings that do not parse as
+    URLs too (it never needs to parse them).
+    """
+    m = _SCHEME.match(url)
+    head, rest = (url[: m.end()], url[m.end() :]) if m else ("", url)
+    rest = _SECRET_PARAM.sub(r"\1***", rest)
+    at = rest.rfind("@")
+    if at >= 0:
+        userinfo = rest[:at]
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        elif "@" in userinfo:  # several @ and no ':' — no telling user from password
+            userinfo = "***"
+        rest = userinfo + rest[at:]
+    return head + rest
 
-        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+def _secrets(url: str) -> list[str]:
+    """The secret strings in ``url`` (as written and URL-decoded), longest first.
+
+    The password is what lies between the first ``:`` after the scheme and the last ``@``; secret
+    query parameters too. Pieces of a password split at ``@`` (a driver that split the URL at the
+    first ``@`` sees them as password and host) are included when at least 4 characters long.
+    """
+    from urllib.parse import unquote, unquote_plus
+
+    found: list[str] = []
+    m = _SCHEME.match(url)
+    rest = url[m.end() :] if m else url
+    for pm in _SECRET_PARAM.finditer(rest):
+        found.append(pm.group(2))
+    rest = _SECRET_PARAM.sub(lambda pm: pm.group(1), rest)
+    at = rest.rfind("@")
+    if at >= 0 and ":" in rest[:at]:
+        pw = rest[:at].split(":", 1)[1]
+        found.append(pw)
+        found.extend(piece for piece in pw.split("@") if len(piece) >= 4)
+    out: set[str] = set()
+    for f in found:
+        out.update(x for x in (f, unquote(f), unquote_plus(f)) if x)
+    return sorted(out, key=len, reverse=True)
 
 
-def _password(url: str) -> Optional[str]:
-    try:
-        from sqlalchemy.engine import make_url
+def scrub(text: str, url: Optional[str]) -> str:
+    """``text`` (e.g. a driver's error message) without any password from ``url``.
 
-        pw = make_url(url).password
-        return None if pw is None else str(pw)
-    except Exception:
-        import re
+    Replaces ``url`` itself by its masked form, every secret of :func:`_secrets`, and the rest of
+    a password that a driver took for part of the host name (``ss@host`` from ``user:p@ss@host``).
+    Fragments shorter than 4 characters are never replaced blindly (that would garble the text).
+    """
+    if not url:
+        return text
+    text = text.replace(url, mask_url(url))
+    for secret in _secrets(url):
+        text = text.replace(secret, "***")
+    m = _SCHEME.match(url)
+    rest = _SECRET_PARAM.sub(lambda pm: pm.group(1), url[m.end() :] if m else url)
+    at = rest.rfind("@")
+    if at >= 0 and ":" in rest[:at]:
+        pw = rest[:at].split(":", 1)[1]
+        # a parser that splits at the first @ takes the tail after each inner @ for the host
+        for i in [i for i, c in enumerate(pw) if c == "@"]:
+            tail = pw[i + 1 :]
+            if tail:
+                text = text.replace(tail + "@", "***@")
+    return text
 
-        m = re.search(r"://[^:/@]*:([^@]*)@", url)
-        return m.group(1) if m else None
+
+def describe_spec(spec: str) -> str:
+    """``spec`` for a message: the masked URL, or a generic description when it has no scheme."""
+    return mask_url(spec) if has_scheme(spec) else "the --storage value (not shown: it is neither a journal path nor a URL)"
 
 
 def journal_path(spec: Optional[str], study_name: str, studies_dir: Path = Path("studies")) -> Optional[Path]:
@@ -80,7 +157,7 @@ def _journal_path(spec: Optional[str], study_name: str, studies_dir: Path) -> Op
 def describe_storage(spec: Optional[str], study_name: str, studies_dir: Path) -> str:
     """Human-readable storage location (password masked)."""
     path = _journal_path(spec, study_name, studies_dir)
-    return f"journal file {path}" if path is not None else mask_url(str(spec))
+    return f"journal file {path}" if path is not None else describe_spec(str(spec))
 
 
 def check_journal_path(path: Path) -> None:
@@ -151,10 +228,10 @@ def open_storage(
         except OSError as e:
             raise StorageError(f"cannot open journal file {path}: {e.strerror or e} — pass a writable path with --storage journal:PATH") from None
     assert spec is not None
-    if "://" not in spec:
+    if not has_scheme(spec):  # not shown: it may hold a password (user:pw@host/db without its scheme)
         raise StorageError(
-            f"--storage {mask_url(spec)!r} is not a storage — use journal:PATH (several processes, one machine) "
-            "or postgresql+psycopg2://user@host:port/db (several machines)"
+            "--storage is neither a journal file (journal:PATH, PATH.journal) nor a URL with a scheme (value not shown) — "
+            "use journal:PATH (several processes, one machine) or postgresql+psycopg2://user@host:port/db (several machines)"
         )
     if spec.lower().startswith("sqlite") and not allow_sqlite:
         raise StorageError(
@@ -190,14 +267,12 @@ def open_storage(
 
 
 def _reason(e: BaseException, url: str) -> str:
-    """A short, password-free reason for a storage failure."""
+    """A short, password-free reason for a storage failure (the exception's first line)."""
     text = str(getattr(e, "orig", None) or e).strip().splitlines()
     first = text[0] if text else e.__class__.__name__
-    first = first.replace(url, mask_url(url))
-    pw = _password(url)
-    if pw:
-        first = first.replace(pw, "***")
-        from urllib.parse import unquote
+    return scrub(f"{e.__class__.__name__}: {first}", url)[:300]
 
-        first = first.replace(unquote(pw), "***")
-    return f"{e.__class__.__name__}: {first}"[:300]
+
+def safe_reason(e: BaseException, spec: Optional[str]) -> str:
+    """``ExceptionClass: first line`` of ``e`` with any password of ``spec`` removed (for logs)."""
+    return _reason(e, spec or "")
