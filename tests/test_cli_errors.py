@@ -145,6 +145,10 @@ ROWS = {
     "out-is-a-directory": (lambda b, t: _search(t, "--out", str(b)), "is a directory"),
     "export-no-study": (lambda b, t: ["export", "--study-name", "nope"], "run rapid-search search first"),
     "export-missing-journal": (lambda b, t: ["export", "--study-name", "nope", "--storage", str(b / "nope.journal")], "does not exist"),
+    # export only reads: a mistyped storage is reported, never created (the listing check below)
+    "export-missing-journal-relative": (lambda b, t: ["export", "--study-name", "nope", "--storage", "journal:typo.journal"], "does not exist"),
+    "export-missing-sqlite": (lambda b, t: ["export", "--study-name", "nope", "--storage", "sqlite:///typo.db"], "SQLite file typo.db does not exist"),
+    "export-sqlite-in-memory": (lambda b, t: ["export", "--study-name", "nope", "--storage", "sqlite://"], "names no SQLite file"),
     "evaluate-json-unwritable": (
         lambda b, t: ["evaluate", "--schedule", str(b / "good.yaml"), "--data", str(t.data), "--checkpoint", str(t.ckpt),
                       "--json", "/proc/rapid/x.json"],
@@ -310,6 +314,36 @@ def test_scrub_keeps_messages_readable() -> None:
     url = "postgresql+psycopg2://user:p@ss@host/db"
     text = 'could not translate host name "ss@host" to address: please check the postgres pool'
     assert scrub(text, url) == 'could not translate host name "***@host" to address: please check the postgres pool'
+
+
+def test_export_reads_an_existing_sqlite_study_without_writing(tmp_path, monkeypatch, capsys) -> None:
+    """export may read an SQLite study; an SQLite file without Optuna's tables is refused unchanged."""
+    monkeypatch.chdir(tmp_path)
+    empty = tmp_path / "empty.db"
+    import sqlite3
+
+    sqlite3.connect(empty).close()
+    assert empty.stat().st_size == 0
+    _one_error_line(main(["export", "--study-name", "x", "--storage", "sqlite:///empty.db"]), capsys.readouterr().err, "holds no Optuna studies")
+    assert empty.stat().st_size == 0, "export created tables"
+
+
+@pytest.mark.postgres
+def test_export_never_creates_tables(pg_fresh_url, tmp_path, monkeypatch, capsys) -> None:
+    """export on an empty PostgreSQL database: one line, and the database is left empty (no Optuna schema)."""
+    import sqlalchemy as sa
+
+    from conftest import pg_engine
+
+    monkeypatch.chdir(tmp_path)
+    line = _one_error_line(main(["export", "--study-name", "x", "--storage", pg_fresh_url]), capsys.readouterr().err, "holds no Optuna studies")
+    assert sa.engine.make_url(pg_fresh_url).password not in line
+    engine = pg_engine(pg_fresh_url)
+    try:
+        assert sa.inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()
+    assert _listing(tmp_path) == []
 
 
 @pytest.mark.postgres

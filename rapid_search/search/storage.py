@@ -208,22 +208,29 @@ def open_storage(
             an RDB URL.
         study_name: The study (names the default journal file).
         studies_dir: Folder of default journal files.
-        create: Create a missing journal file (False: a missing one is an error, as for export).
+        create: Create what is missing: a journal file, Optuna's tables in a database. False opens
+            for reading (as export does) and creates nothing: a missing journal file, a missing
+            SQLite file or a database without Optuna's tables is an error.
         allow_sqlite: Accept SQLite URLs (read-only uses such as export; never for searches).
 
     Raises:
         StorageError: Unknown form, SQLite for a search, unreachable server, wrong credentials,
-            unwritable or missing path. The message never contains the password.
+            unwritable or missing path, nothing to read. The message never contains the password.
     """
     path = _journal_path(spec, study_name, studies_dir)
     if path is not None:
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        if not create and not path.is_file():
-            raise StorageError(f"journal file {path} does not exist — pass --storage where the study lives")
-        check_journal_path(path)
+        if not create:
+            if not path.is_file():
+                raise StorageError(f"journal file {path} does not exist — pass --storage where the study lives")
+            if not os.access(path, os.R_OK):
+                raise StorageError(f"journal file {path} is not readable — check its permissions or pass --storage where the study lives")
+        else:
+            check_journal_path(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if create:
+                path.parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(str(path)))
         except OSError as e:
             raise StorageError(f"cannot open journal file {path}: {e.strerror or e} — pass a writable path with --storage journal:PATH") from None
@@ -233,11 +240,14 @@ def open_storage(
             "--storage is neither a journal file (journal:PATH, PATH.journal) nor a URL with a scheme (value not shown) — "
             "use journal:PATH (several processes, one machine) or postgresql+psycopg2://user@host:port/db (several machines)"
         )
-    if spec.lower().startswith("sqlite") and not allow_sqlite:
+    sqlite = spec.lower().startswith("sqlite")
+    if sqlite and not allow_sqlite:
         raise StorageError(
             "SQLite storage is not safe for concurrent workers and is not offered for searches — "
             "use journal:PATH (several processes, one machine) or postgresql+psycopg2://user@host:port/db (several machines)"
         )
+    if sqlite and not create:
+        _check_sqlite_file(spec)
     from optuna.storages import RDBStorage
 
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
@@ -251,19 +261,55 @@ def open_storage(
         pass  # RDBStorage reports the malformed URL below
     for attempt in range(3):
         try:
-            return RDBStorage(spec, engine_kwargs=engine_kwargs)
+            if not create and not _has_optuna_tables(spec, engine_kwargs):
+                raise StorageError(
+                    f"{mask_url(spec)} holds no Optuna studies (no Optuna tables) — pass --storage where the study lives"
+                )
+            # read-only: never create tables (RDBStorage would add Optuna's schema to any database)
+            return RDBStorage(spec, engine_kwargs=engine_kwargs, skip_table_creation=not create)
+        except StorageError:
+            raise
         except ImportError as e:
             raise StorageError(f"the driver for {mask_url(spec)} is not installed ({e.name}) — pip install 'rapid-search[postgres]'") from None
         except Exception as e:
             # workers starting together on an empty database race to create Optuna's tables:
             # the losers see a duplicate table/type; the tables exist now, so try again
-            if attempt < 2 and e.__class__.__name__ in ("IntegrityError", "ProgrammingError"):
+            if create and attempt < 2 and e.__class__.__name__ in ("IntegrityError", "ProgrammingError"):
                 time.sleep(0.5 * (attempt + 1))
                 continue
             raise StorageError(
                 f"cannot open storage {mask_url(spec)}: {_reason(e, spec)} — check the URL, that the server runs and the credentials"
             ) from None
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _check_sqlite_file(spec: str) -> None:
+    """Raise :class:`StorageError` unless the SQLite URL names an existing file (connecting to a
+    missing one would create it)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        db = make_url(spec).database
+    except Exception:
+        db = None
+    if db and db.startswith("file:"):  # an SQLite URI filename (sqlite:///file:PATH?mode=ro&uri=true)
+        db = db[len("file:") :].split("?", 1)[0]
+    if not db or db == ":memory:":
+        raise StorageError(f"{mask_url(spec)} names no SQLite file to read — pass --storage sqlite:///PATH of an existing study database")
+    if not Path(db).is_file():
+        raise StorageError(f"SQLite file {db} does not exist — pass --storage where the study lives")
+
+
+def _has_optuna_tables(spec: str, engine_kwargs: dict[str, Any]) -> bool:
+    """Whether the database at ``spec`` has Optuna's tables (looked at without writing anything)."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(spec, **engine_kwargs)
+    try:
+        inspector = sqlalchemy.inspect(engine)
+        return all(inspector.has_table(t) for t in ("studies", "trials", "version_info"))
+    finally:
+        engine.dispose()
 
 
 def _reason(e: BaseException, url: str) -> str:
