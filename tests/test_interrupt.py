@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections import Counter
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from rapid_search.cli import main
@@ -23,7 +25,15 @@ from rapid_search.schedule import Schedule
 from rapid_search.search.storage import open_storage
 from test_distributed import freeze
 
-from rapid_search.search.workers import FAILED_BECAUSE_KEY, HEARTBEAT_KEY, WORKER_KEY, count_trials, deferred_interrupts
+from rapid_search.search.workers import (
+    FAILED_BECAUSE_KEY,
+    HEARTBEAT_KEY,
+    SURPLUS_KEY,
+    WORKER_KEY,
+    count_trials,
+    deferred_interrupts,
+    run_trials,
+)
 
 # A function whose code lives (by name) in Optuna's storage package, standing in for a journal append.
 _FAKE_STORAGE = {}
@@ -34,7 +44,9 @@ exec(compile(
     "    t = time.monotonic()\n"
     "    while time.monotonic() - t < 0.3:\n"
     "        pass\n"
-    "    log.append('append finished')\n",
+    "    log.append('append finished')\n"
+    "def hang(seconds):\n"
+    "    time.sleep(seconds)\n",
     os.path.join(os.sep, "site-packages", "optuna", "storages", "journal", "_fake.py"), "exec"), _FAKE_STORAGE)
 
 
@@ -60,6 +72,120 @@ def test_ctrl_c_inside_a_storage_write_waits_for_it() -> None:
             log.append("at once")
     assert log[-1] == "at once"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _journal_study(tmp_path, name: str, **kwargs) -> tuple[str, optuna.Study]:
+    spec = f"journal:{tmp_path / (name + '.journal')}"
+    return spec, optuna.create_study(study_name=name, storage=open_storage(spec, study_name=name), **kwargs)
+
+
+def _objective(trial) -> float:
+    return trial.suggest_float("x", 0, 1)
+
+
+def test_ctrl_c_between_ask_and_first_heartbeat_waits(tmp_path) -> None:
+    """Ctrl-C after the storage made the trial but before the worker owns it (here: in the
+    sampler's before_trial) is delivered after the first heartbeat: the trial is failed and
+    queued again at once, not left RUNNING without worker or heartbeat for the grace period."""
+    fired = []
+
+    class InterruptingSampler(optuna.samplers.RandomSampler):
+        def before_trial(self, study, trial):
+            super().before_trial(study, trial)
+            if not fired:
+                fired.append(trial.number)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)  # the handler runs in here: nothing is "in storage code"
+
+    spec, study = _journal_study(tmp_path, "ask", sampler=InterruptingSampler(seed=0))
+    ran = []
+
+    def objective(trial):
+        ran.append(trial.number)
+        return _objective(trial)
+
+    try:
+        run_trials(study, objective, 3, heartbeat_storage=open_storage(spec, study_name="ask"), interval=1, grace=600)
+        raise AssertionError("the interrupt was lost")
+    except KeyboardInterrupt:
+        pass
+    assert fired == [0] and ran == []
+    trials = optuna.load_study(study_name="ask", storage=open_storage(spec, study_name="ask", create=False)).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[0].system_attrs[FAILED_BECAUSE_KEY] == "was interrupted" and WORKER_KEY in trials[0].system_attrs
+    assert trials[1].system_attrs["retry_history"] == [0]
+
+
+def test_ctrl_c_between_surplus_fail_and_requeue_keeps_the_queued_trial(tmp_path) -> None:
+    """Ctrl-C right after a surplus trial was failed waits until the queued parameters it took
+    are queued again: the warm start is not lost."""
+    spec, a = _journal_study(tmp_path, "sur")
+    a.enqueue_trial({"x": 0.25}, user_attrs={"warm_start": "a"})
+    a.enqueue_trial({"x": 0.75}, user_attrs={"warm_start": "b"})
+    b = optuna.load_study(study_name="sur", storage=open_storage(spec, study_name="sur"))
+    real_ask, real_tell = b.ask, b.tell
+
+    def racing_ask(*args, **kwargs):  # worker A takes the last slot just before B asks
+        a.ask()
+        b.ask = real_ask
+        return real_ask(*args, **kwargs)
+
+    def interrupted_tell(*args, **kwargs):  # Ctrl-C the moment B's surplus trial is failed
+        frozen = real_tell(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        return frozen
+
+    b.ask, b.tell = racing_ask, interrupted_tell
+    try:
+        run_trials(b, _objective, 1, heartbeat_storage=open_storage(spec, study_name="sur"), interval=1, grace=600)
+        raise AssertionError("the interrupt was lost")
+    except KeyboardInterrupt:
+        pass
+    trials = optuna.load_study(study_name="sur", storage=open_storage(spec, study_name="sur", create=False)).trials
+    assert [t.state for t in trials] == [TrialState.RUNNING, TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].system_attrs[SURPLUS_KEY] is True
+    assert trials[2].system_attrs["fixed_params"] == {"x": 0.75} and trials[2].user_attrs == {"warm_start": "b"}
+
+
+def test_storage_error_in_the_clean_up_keeps_the_interrupt(tmp_path) -> None:
+    """A storage error while failing the interrupted trial is logged; the KeyboardInterrupt, not
+    the storage error, reaches the caller (which then exports the best so far and exits 130)."""
+    spec, study = _journal_study(tmp_path, "err")
+    log: list[str] = []
+
+    def objective(trial):
+        def unreachable(*args, **kwargs):
+            raise ConnectionError("database unreachable")
+
+        study._storage.get_trial = unreachable  # the database went away with the Ctrl-C
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+        return 0.0
+
+    with pytest.raises(KeyboardInterrupt):
+        run_trials(study, objective, 2, heartbeat_storage=open_storage(spec, study_name="err"), interval=1, grace=600, log=log.append)
+    assert any("could not mark trial 0 failed after the interrupt (ConnectionError)" in line for line in log), log
+
+
+def test_second_ctrl_c_ends_a_hanging_clean_up(tmp_path) -> None:
+    """A second Ctrl-C while the clean-up after the first hangs in storage code (an unreachable
+    database) ends it at once, as the module docstring promises."""
+    spec, study = _journal_study(tmp_path, "hang")
+    log: list[str] = []
+
+    def objective(trial):
+        study._storage.get_trial = lambda *a, **k: _FAKE_STORAGE["hang"](60)  # the clean-up's first storage call hangs
+        threading.Timer(0.5, os.kill, args=(os.getpid(), signal.SIGINT)).start()  # the second Ctrl-C
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+        return 0.0
+
+    t = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_trials(study, objective, 2, heartbeat_storage=open_storage(spec, study_name="hang"), interval=1, grace=600, log=log.append)
+    assert time.monotonic() - t < 10, "the second Ctrl-C was ignored"
+    assert any(line.startswith("interrupted again: trial 0") for line in log), log
 
 
 def test_ctrl_c_abandons_trial_keeps_study_and_resumes(tiny_search, cli_workers, tmp_path, capsys) -> None:

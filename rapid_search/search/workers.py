@@ -38,15 +38,21 @@ Heartbeats (every storage, the same way)
 Interrupts
     Within :func:`run_trials`, SIGINT (Ctrl-C) and SIGTERM raise KeyboardInterrupt in the main
     thread, but never inside storage code (a journal append cut short leaves its lock file behind
-    or turns the interrupt into an OSError): there it is delivered right after the storage call.
-    During a trial the heartbeat stops, the trial is marked FAIL and queued again (so a resumed
-    search redoes it) and the interrupt propagates. If even that is cut short (a second Ctrl-C),
-    the trial's heartbeat goes stale and the next worker recovers it.
+    or turns the interrupt into an OSError) nor inside the steps that must happen together: from
+    ``ask`` to the trial's first heartbeat (cut short, a trial would stay RUNNING without worker or
+    heartbeat until the grace period ran out), from giving a surplus trial up to queueing its
+    parameters again, and from failing a trial to queueing its retry (cut short, queued work would
+    be lost). There the interrupt is delivered right after. During a trial the heartbeat stops,
+    the trial is marked FAIL and queued again (so a resumed search redoes it) and the interrupt
+    propagates, also when that clean-up fails (a storage error is logged). A second Ctrl-C during
+    the clean-up (say, hanging on an unreachable database) ends it at once: the trial's heartbeat
+    goes stale and the next worker recovers it.
 """
 
 from __future__ import annotations
 
 import _thread
+import contextlib
 import math
 import os
 import signal
@@ -54,7 +60,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -222,10 +228,16 @@ class Heartbeat:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Stop beating; ``wait``: until the thread has ended (a beat in progress is finished).
+
+        Without waiting (after an interrupt), a beat stuck on an unreachable database cannot hold
+        up the clean-up; the daemon thread ends after that beat.
+        """
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.interval + 30)
+            if wait:
+                self._thread.join(timeout=self.interval + 30)
             self._thread = None
 
     def __enter__(self) -> "Heartbeat":
@@ -243,11 +255,22 @@ class Liveness:
         grace: Seconds without a heartbeat after which a running trial is considered dead.
         max_retry: How often one trial's parameters are queued again at most.
         log: Where to report recoveries.
+        critical: Context manager factory for the steps of :meth:`give_up` that must not be cut
+            short by an interrupt (see :meth:`deferred_interrupts.critical`).
     """
 
-    def __init__(self, study: optuna.Study, *, grace: float, max_retry: Optional[int] = 3, log: Optional[Callable[[str], None]] = None) -> None:
+    def __init__(
+        self,
+        study: optuna.Study,
+        *,
+        grace: float,
+        max_retry: Optional[int] = 3,
+        log: Optional[Callable[[str], None]] = None,
+        critical: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+    ) -> None:
         self.study, self.grace, self.max_retry = study, float(grace), max_retry
         self.log = log or (lambda msg: None)
+        self._critical = critical
         self._first_seen: dict[int, float] = {}
 
     def age(self, trial: FrozenTrial, now: Optional[float] = None) -> float:
@@ -271,25 +294,26 @@ class Liveness:
     def give_up(self, trial: FrozenTrial, because: str, *, retry: bool = True) -> bool:
         """Mark a RUNNING trial FAIL (only one worker succeeds) and queue its parameters again.
 
+        An interrupt between the FAIL and the queueing waits until both are done.
+
         Returns:
             Whether this call failed the trial (False: it was finished meanwhile).
         """
         storage = self.study._storage  # noqa: SLF001 - Optuna's own callbacks use the storage the same way
         history = list(trial.system_attrs.get("retry_history", [])) + [trial.number]
         retry = retry and (self.max_retry is None or len(history) <= self.max_retry)
-        try:
-            storage.set_trial_system_attr(trial._trial_id, FAILED_BECAUSE_KEY, because)
-            if retry:  # keeps the slot until the retry is queued (see TrialCounts)
-                storage.set_trial_system_attr(trial._trial_id, RETRY_PENDING_KEY, time.time())
-            if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+        with self._critical():
+            try:
+                storage.set_trial_system_attr(trial._trial_id, FAILED_BECAUSE_KEY, because)
+                if retry:  # keeps the slot until the retry is queued (see TrialCounts)
+                    storage.set_trial_system_attr(trial._trial_id, RETRY_PENDING_KEY, time.time())
+                if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                    return False
+            except UpdateFinishedTrialError:
                 return False
-        except UpdateFinishedTrialError:
-            return False
-        if retry:
-            _requeue(self.study, storage.get_trial(trial._trial_id), history)
-            self.log(f"trial {trial.number} {because}: marked failed and queued again")
-        else:
-            self.log(f"trial {trial.number} {because}: marked failed")
+            if retry:
+                _requeue(self.study, storage.get_trial(trial._trial_id), history)
+        self.log(f"trial {trial.number} {because}: marked failed" + (" and queued again" if retry else ""))
         return True
 
     def recover(self, running: Optional[Iterable[FrozenTrial]] = None) -> int:
@@ -310,17 +334,25 @@ _CRITICAL = tuple(os.sep + p + os.sep for p in (os.path.join("optuna", "storages
 
 class deferred_interrupts:
     """Within the block (main thread only), SIGINT (Ctrl-C) and SIGTERM raise KeyboardInterrupt,
-    but never inside storage code: an interrupt that arrives there is delivered again every 10 ms
-    until the main thread has left it (storage calls take milliseconds); meanwhile ``pending``
-    says one is on its way (:meth:`raise_pending` raises it at a safe point). Once raised, further
-    deliveries within the block are dropped (the clean-up after it is short); a re-delivery still
-    scheduled when the block ends is cancelled. Signals that were ignored (``nohup``) stay ignored."""
+    but never inside storage code nor inside a :meth:`critical` section.
+
+    An interrupt that arrives in storage code is delivered again every 10 ms until the main thread
+    has left it (storage calls take milliseconds); one that arrives in a critical section is
+    raised when the section ends. Meanwhile ``pending`` says one is on its way
+    (:meth:`raise_pending` raises it at a safe point). Once raised, the re-deliveries still on
+    their way are dropped, but a *new* signal (a second Ctrl-C during the clean-up, say while it
+    hangs on an unreachable database) raises KeyboardInterrupt at once, wherever the main thread
+    is. A re-delivery still scheduled when the block ends is cancelled. Signals that were ignored
+    (``nohup``) stay ignored.
+    """
 
     def __init__(self) -> None:
         self.pending: Optional[int] = None
         self.raised = False
         self._timers: list[threading.Timer] = []
         self._old: dict[int, Any] = {}
+        self._depth = 0  # nesting of critical sections
+        self._redelivered: list[int] = []  # one entry per re-delivery in flight (list ops are atomic)
 
     def __enter__(self) -> "deferred_interrupts":
         if threading.current_thread() is not threading.main_thread():
@@ -335,6 +367,18 @@ class deferred_interrupts:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        """A section that an interrupt must not cut short: one arriving within it is raised when
+        it ends (sections nest; the outermost one raises). An exception leaving the section takes
+        precedence; the interrupt then stays ``pending``."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        self.raise_pending()
+
     def _cancel(self) -> None:
         for t in self._timers:
             t.cancel()
@@ -346,19 +390,34 @@ class deferred_interrupts:
         raise KeyboardInterrupt
 
     def raise_pending(self) -> None:
-        """Raise the interrupt now if one arrived during a storage call."""
-        if self.pending is not None and not self.raised:
+        """Raise the interrupt now if one arrived during a storage call or critical section
+        (nothing within a critical section)."""
+        if self.pending is not None and not self.raised and self._depth == 0:
             self._raise()
 
+    def _redeliver(self, signum: int) -> None:
+        self._redelivered.append(signum)
+        _thread.interrupt_main(signum)
+
     def _handler(self, signum: int, frame: Any) -> None:
+        try:
+            self._redelivered.pop()
+            redelivery = True
+        except IndexError:
+            redelivery = False
         if self.raised:
-            return  # a re-delivery of an interrupt already raised
+            if redelivery:
+                return  # a re-delivery of the interrupt already raised
+            raise KeyboardInterrupt  # a new signal during the clean-up: stop it now
+        if self._depth:
+            self.pending = signum  # raised when the critical section ends
+            return
         f = frame
         while f is not None:
             if any(c in f.f_code.co_filename for c in _CRITICAL):
                 self.pending = signum
                 self._timers = [t for t in self._timers if t.is_alive()]
-                timer = threading.Timer(0.01, _thread.interrupt_main, args=(signum,))
+                timer = threading.Timer(0.01, self._redeliver, args=(signum,))
                 timer.daemon = True
                 timer.start()
                 self._timers.append(timer)
@@ -416,11 +475,11 @@ def run_trials(
         The number of trials this worker finished.
     """
     log = log or (lambda msg: None)
-    live = Liveness(study, grace=grace, max_retry=max_retry, log=log)
     # a journal storage replays the whole file on its first read: do that now, not in the first beat
     heartbeat_storage.get_all_studies()
     poll = min(1.0, interval / 2) if poll is None else poll
     with deferred_interrupts() as interrupts:
+        live = Liveness(study, grace=grace, max_retry=max_retry, log=log, critical=interrupts.critical)
         return _loop(study, objective, n_trials, heartbeat_storage, interval, grace, live, callbacks, log, poll, interrupts)
 
 
@@ -440,6 +499,7 @@ def _loop(
     done_here = 0
     waiting_for: Optional[tuple[int, ...]] = None
     current: Optional[optuna.trial.Trial] = None
+    hb: Optional[Heartbeat] = None
     try:
         while True:
             counts = count_trials(study, pending_window=grace)
@@ -460,36 +520,41 @@ def _loop(
             waiting_for = None
 
             interrupts.raise_pending()  # Ctrl-C during the last storage call: start nothing new
-            current = study.ask()
-            if _surplus(study, current, n_trials, grace):  # another worker asked at the same moment and won
-                frozen = study._storage.get_trial(current._trial_id)  # noqa: SLF001
-                study._storage.set_trial_system_attr(current._trial_id, SURPLUS_KEY, True)  # noqa: SLF001
-                study.tell(current, state=TrialState.FAIL)
-                if _was_queued(frozen):
-                    _requeue(study, frozen, list(frozen.system_attrs.get("retry_history", [])))
-                current = None
-                continue
-            study._storage.set_trial_system_attr(current._trial_id, WORKER_KEY, f"{socket.gethostname()}:{os.getpid()}")  # noqa: SLF001
-            study._storage.set_trial_system_attr(current._trial_id, HEARTBEAT_KEY, time.time())  # noqa: SLF001 - the first beat, at once
+            # An interrupt from ask to the first heartbeat waits (cut short, the trial would stay
+            # RUNNING with no worker and no heartbeat, found only after the grace period), and so
+            # does one between giving a surplus trial up and queueing its parameters again.
+            with interrupts.critical():
+                current = study.ask()
+                if _surplus(study, current, n_trials, grace):  # another worker asked at the same moment and won
+                    frozen = study._storage.get_trial(current._trial_id)  # noqa: SLF001
+                    study._storage.set_trial_system_attr(current._trial_id, SURPLUS_KEY, True)  # noqa: SLF001
+                    study.tell(current, state=TrialState.FAIL)
+                    if _was_queued(frozen):
+                        _requeue(study, frozen, list(frozen.system_attrs.get("retry_history", [])))
+                    current = None
+                    continue
+                study._storage.set_trial_system_attr(current._trial_id, WORKER_KEY, f"{socket.gethostname()}:{os.getpid()}")  # noqa: SLF001
+                study._storage.set_trial_system_attr(current._trial_id, HEARTBEAT_KEY, time.time())  # noqa: SLF001 - the first beat, at once
+                hb = Heartbeat(heartbeat_storage, current._trial_id, interval, on_error=log).start(delay=interval)
 
-            hb = Heartbeat(heartbeat_storage, current._trial_id, interval, on_error=log).start(delay=interval)
             state, value = TrialState.COMPLETE, None
             try:
                 value = objective(current)
             except optuna.TrialPruned:
                 state = TrialState.PRUNED
             except KeyboardInterrupt:
-                raise
+                raise  # the heartbeat is stopped below, without waiting for a beat in progress
             except BaseException:
                 hb.stop()
+                hb = None
                 if _lost(study, current, log, grace):  # a storage write was refused: another worker gave it up
                     current = None
                     continue
                 live.give_up(study._storage.get_trial(current._trial_id), "raised an error", retry=False)  # noqa: SLF001
                 current = None
                 raise
-            finally:
-                hb.stop()
+            hb.stop()
+            hb = None
             try:
                 frozen = study.tell(current, value) if state == TrialState.COMPLETE else study.tell(current, state=state)
             except Exception:
@@ -503,11 +568,26 @@ def _loop(
             for cb in callbacks:
                 cb(study, frozen)
     except KeyboardInterrupt:
+        if hb is not None:
+            hb.stop(wait=False)  # a beat stuck on an unreachable database must not hold up the clean-up
         if current is not None:
-            try:
-                frozen = study._storage.get_trial(current._trial_id)  # noqa: SLF001
-                if frozen.state == TrialState.RUNNING:
-                    live.give_up(frozen, "was interrupted")
-            except KeyboardInterrupt:  # a second Ctrl-C: the heartbeat goes stale and another worker recovers it
-                pass
+            _abandon(study, current, live, log, grace)
         raise
+
+
+def _abandon(study: optuna.Study, trial: optuna.trial.Trial, live: Liveness, log: Callable[[str], None], grace: float) -> None:
+    """After an interrupt: fail the trial in flight and queue it again, if it still runs.
+
+    Never replaces the KeyboardInterrupt being handled: a storage error is logged, and a second
+    interrupt (the clean-up hangs) ends the clean-up. Either way the trial's heartbeat has
+    stopped, so another worker (or the resumed search) takes it over after ``grace`` seconds.
+    """
+    later = f"its heartbeat has stopped, so another worker or the resumed search takes it over after {grace:.0f} s"
+    try:
+        frozen = study._storage.get_trial(trial._trial_id)  # noqa: SLF001
+        if frozen.state == TrialState.RUNNING:
+            live.give_up(frozen, "was interrupted")
+    except KeyboardInterrupt:
+        log(f"interrupted again: trial {trial.number} was not marked failed; {later}")
+    except Exception as e:  # noqa: BLE001 - the interrupt, not the clean-up's failure, is what the caller must see
+        log(f"could not mark trial {trial.number} failed after the interrupt ({e.__class__.__name__}); {later}")
