@@ -152,6 +152,30 @@ def test_slot_kept_between_giving_up_and_requeueing(tmp_path) -> None:
     assert c.pending == [] and c.claimed == 0 and c.waiting == 1
 
 
+def test_failed_for_good_trial_keeps_no_slot_after_a_lost_race(tmp_path) -> None:
+    """A worker gives a trial up as stale (writes retry_pending) while the trial's own worker
+    fails it for good (its objective raised: no retry) and wins the race to the FAIL: the trial
+    neither holds a slot nor is queued again, so no worker idles for the grace period."""
+    spec = f"journal:{tmp_path / 'race.journal'}"
+    study = optuna.create_study(study_name="r", storage=open_storage(spec, study_name="r"))
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    owner, other = load(spec, "r"), load(spec, "r")
+    real_fail = other._storage.set_trial_state_values
+
+    def owner_fails_first(trial_id, state, values=None):  # the owner's error path runs just before the FAIL
+        assert Liveness(owner, grace=10).give_up(owner._storage.get_trial(trial_id), "raised an error", retry=False)
+        return real_fail(trial_id, state, values)
+
+    other._storage.set_trial_state_values = owner_fails_first
+    assert Liveness(other, grace=10).give_up(other._storage.get_trial(trial._trial_id), "had no heartbeat") is False
+    final = load(spec, "r")
+    [t] = final.trials
+    assert t.state == TrialState.FAIL and RETRY_PENDING_KEY in t.system_attrs  # the loser's write is there...
+    c = count_trials(final, pending_window=60)
+    assert c.pending == [] and c.claimed == 0 and c.waiting == 0  # ...but holds no slot
+
+
 def test_stale_trial_failed_once_and_requeued(tmp_path) -> None:
     """A RUNNING trial whose heartbeat stopped is failed by exactly one of two workers and queued
     again once, with its parameters; fresh and finished trials are left alone."""

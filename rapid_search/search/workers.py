@@ -29,7 +29,10 @@ Heartbeats (every storage, the same way)
     ``retry_history`` system attributes, as Optuna's ``RetryHeartbeatStaleTrialCallback``), at
     most ``max_retry`` times, so the work is redone by whichever worker asks next. Between the
     FAIL and the queueing, the failed trial keeps its slot (``rapid_search:retry_pending``), so
-    no other worker takes the slot meant for the redo. Finished trials are never touched.
+    no other worker takes the slot meant for the redo; a trial failed for good (its objective
+    raised, or it was retried ``max_retry`` times) says so (``rapid_search:no_retry``) and keeps no
+    slot, even when a worker that meant to retry it wrote ``retry_pending`` and lost the race to
+    fail it. Finished trials are never touched.
     Optuna 5's own heartbeat exists only for RDB storages and only inside ``study.optimize``;
     this one also covers the journal file. The clocks of the machines must agree to well within
     ``grace`` (NTP); a worker whose trial was given up (it was stalled past ``grace``) has its late
@@ -70,6 +73,7 @@ __all__ = [
     "HEARTBEAT_KEY",
     "WORKER_KEY",
     "RETRY_PENDING_KEY",
+    "NO_RETRY_KEY",
     "deferred_interrupts",
     "SURPLUS_KEY",
     "FAILED_BECAUSE_KEY",
@@ -84,6 +88,7 @@ __all__ = [
 HEARTBEAT_KEY = "rapid_search:heartbeat"
 WORKER_KEY = "rapid_search:worker"
 RETRY_PENDING_KEY = "rapid_search:retry_pending"
+NO_RETRY_KEY = "rapid_search:no_retry"
 SURPLUS_KEY = "rapid_search:surplus"
 FAILED_BECAUSE_KEY = "rapid_search:failed_because"
 
@@ -118,7 +123,7 @@ def _claims(trials: list[FrozenTrial], pending_window: float) -> tuple[list[Froz
     for t in trials:
         if t.state in FINISHED or t.state == TrialState.RUNNING:
             claiming.append(t)
-        elif t.state == TrialState.FAIL and t.number not in retried:
+        elif t.state == TrialState.FAIL and t.number not in retried and not t.system_attrs.get(NO_RETRY_KEY):
             since = t.system_attrs.get(RETRY_PENDING_KEY)  # when it was given up (epoch seconds)
             # after pending_window the one who gave it up is presumed dead before queueing the retry
             if isinstance(since, (int, float)) and abs(now - since) < pending_window:
@@ -294,7 +299,9 @@ class Liveness:
     def give_up(self, trial: FrozenTrial, because: str, *, retry: bool = True) -> bool:
         """Mark a RUNNING trial FAIL (only one worker succeeds) and queue its parameters again.
 
-        An interrupt between the FAIL and the queueing waits until both are done.
+        With ``retry=False`` (or after ``max_retry`` retries) the trial is marked
+        ``rapid_search:no_retry`` before it is failed, so it holds no slot whoever wins the race
+        to fail it. An interrupt between the FAIL and the queueing waits until both are done.
 
         Returns:
             Whether this call failed the trial (False: it was finished meanwhile).
@@ -307,6 +314,8 @@ class Liveness:
                 storage.set_trial_system_attr(trial._trial_id, FAILED_BECAUSE_KEY, because)
                 if retry:  # keeps the slot until the retry is queued (see TrialCounts)
                     storage.set_trial_system_attr(trial._trial_id, RETRY_PENDING_KEY, time.time())
+                else:  # a retry_pending written by a worker racing to give it up as stale must not keep its slot
+                    storage.set_trial_system_attr(trial._trial_id, NO_RETRY_KEY, True)
                 if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
                     return False
             except UpdateFinishedTrialError:
