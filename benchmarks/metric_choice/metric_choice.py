@@ -7,9 +7,11 @@ results. Then, for each metric (``top1`` needs labels; ``agreement`` and ``kl`` 
 unreduced model and need none), many calibration subsets of the size a search uses are drawn;
 on each, the metric picks its best candidate, and we record that pick's held-out top-1. A good
 metric's picks do well on held-out images on average. Also reported: Spearman rho between the
-metric on the whole pool and held-out top-1.
+metric on the whole pool and held-out top-1. Random schedules are mostly far from the best; with
+``--study`` the candidates include every completed trial of a real search at that budget, the
+near-best schedules among which a search actually has to choose.
 
-    HF_HUB_CACHE=../shared/hf-cache/hub HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/metric_choice.py \
+    HF_HUB_CACHE=../shared/hf-cache/hub HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/metric_choice/metric_choice.py \
         --model deit_tiny_patch16_224 --calib ../shared/data/imagenet-calib \
         --eval ../shared/data/imagenet-eval --ratios 0.5 --out benchmarks/metric_choice-50.json
 """
@@ -32,6 +34,8 @@ from rapid_search.loading import load_model
 from rapid_search.measure import set_cpu_threads
 from rapid_search.presets import make_schedule, rapid_schedule, tome_for_ratio
 from rapid_search.search.space import SearchSpace, project
+from rapid_search.search.storage import open_storage
+from rapid_search.search.study import trial_schedule
 
 METRICS = ("top1", "agreement", "kl")
 
@@ -97,12 +101,16 @@ def main() -> None:
     ap.add_argument("--eval", type=Path, required=True)
     ap.add_argument("--ratios", default="0.5,0.35")
     ap.add_argument("--samples", type=int, default=30, help="random schedules per ratio (plus hand-set RAPID and ToMe)")
+    ap.add_argument("--study", nargs=2, metavar=("STORAGE", "NAME"),
+                    help="also take every completed trial of this study as a candidate (one ratio only)")
     ap.add_argument("--subsets", default="128,256,512", help="calibration subset sizes to draw")
     ap.add_argument("--draws", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/metric_choice.json"))
     args = ap.parse_args()
+    if args.study and "," in args.ratios:
+        ap.error("--study takes one --ratios value (the study's budget)")
     set_cpu_threads(args.threads)
     torch.manual_seed(args.seed)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -116,20 +124,27 @@ def main() -> None:
     space = SearchSpace.load()
     subsets = [int(s) for s in args.subsets.split(",")] + [len(calib)]
     results: dict = {
-        "command": "benchmarks/metric_choice.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "command": "benchmarks/metric_choice/metric_choice.py " + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items() if v is not None),
         "model": args.model, "calib_images": len(calib), "eval_images": len(ev), "samples": args.samples,
         "draws": args.draws, "ratios": {},
     }
     for ratio in [float(r) for r in args.ratios.split(",")]:
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=args.seed))
         candidates = [("hand-set", rapid_schedule(info, ratio)), ("tome", tome_for_ratio(info, ratio))]
-        while len(candidates) < args.samples + 2:
+        if args.study:
+            st = optuna.load_study(study_name=args.study[1], storage=open_storage(args.study[0], study_name=args.study[1], create=False))
+            for t in st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+                if t.user_attrs.get("warm_start") is None:  # the warm starts are in already
+                    candidates.append((f"trial-{t.number}", trial_schedule(t)))
+        n_fixed = len(candidates)
+        while len(candidates) < args.samples + n_fixed:
             trial = study.ask()
             shape = space.suggest(trial, info.depth)
             res = project(info, shape, ratio * info.base_macs)
             study.tell(trial, 0.0)
             if res is not None:
-                candidates.append((f"random-{len(candidates) - 1}", make_schedule(info, res[0], method="random")))
+                candidates.append((f"random-{len(candidates) - n_fixed}", make_schedule(info, res[0], method="random")))
         rows, cal = [], {m: [] for m in METRICS}
         for name, sched in candidates:
             pc = predict(model, calib.images, sched, info=info)
