@@ -188,6 +188,45 @@ def test_second_ctrl_c_ends_a_hanging_clean_up(tmp_path) -> None:
     assert any(line.startswith("interrupted again: trial 0") for line in log), log
 
 
+@pytest.mark.parametrize("failure", ["unwritable-out", "schedule-error", "storage-down"])
+def test_failed_export_after_ctrl_c_still_exits_130(failure, tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    """Ctrl-C, then writing the best schedule so far fails (the --out folder became unwritable, a
+    schedule error, the database went away): one logged line, and still exit 130 with the
+    resume message (no traceback, no exit 2)."""
+    import sqlalchemy as sa
+
+    import rapid_search.search.runner as runner
+    from rapid_search.schedule import ScheduleError
+
+    error = {
+        "unwritable-out": PermissionError(13, "Permission denied", str(tmp_path / "best.yaml")),
+        "schedule-error": ScheduleError("layers[3].r = 99 would remove more tokens than are left"),
+        "storage-down": sa.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly")),
+    }[failure]
+
+    def fail(*args, **kwargs):
+        raise error
+
+    def interrupted(*args, **kwargs):  # Ctrl-C during the trials
+        if failure == "storage-down":  # counting the finished trials fails too
+            monkeypatch.setattr(runner, "_finished", fail)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_trials", interrupted)
+    monkeypatch.setattr(runner, "_export", fail)
+    capsys.readouterr()
+    args = tiny_search.args(f"journal:{tmp_path / 'x.journal'}", "exp", tmp_path / "best.yaml", trials=2)
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    logged = [line for line in err.splitlines() if "could not write the best schedule so far" in line]
+    assert len(logged) == 1 and error.__class__.__name__ in logged[0], err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("rapid-search: interrupted — study 'exp' is kept (" + ("?" if failure == "storage-down" else "0") + "/2 trials finished)")
+    assert "the best schedule so far could not be written" in last and last.endswith("re-run the same command to resume")
+    assert not (tmp_path / "best.yaml").exists()
+
+
 def test_ctrl_c_abandons_trial_keeps_study_and_resumes(tiny_search, cli_workers, tmp_path, capsys) -> None:
     spec, name, n = f"journal:{tmp_path / 'i.journal'}", "int", 6
     out = tmp_path / "best.yaml"

@@ -31,7 +31,7 @@ from ..flops import ModelInfo
 from ..presets import DEFAULT_PROTECT, DEFAULT_SWITCH_FRACTION
 from ..schedule import Budget, LayerSpec, Schedule
 from .space import SearchSpace
-from .storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, check_journal_path, describe_storage, journal_path, open_storage, writable_ancestor
+from .storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, check_journal_path, describe_storage, journal_path, open_storage, safe_reason, writable_ancestor
 from .study import Calibration, Objective, SearchError, cheapest_ratio, environment, export_best
 from .workers import count_trials, run_trials
 
@@ -75,19 +75,29 @@ class SearchInterrupted(KeyboardInterrupt):
 
     Attributes:
         study_name: The study (re-run the same command to resume it).
-        out: The schedule written, or None when no finished trial met the budget yet.
-        finished: Finished trials in the study.
+        out: The schedule written, or None when none was (no finished trial met the budget yet,
+            or writing it failed: ``export_error``).
+        finished: Finished trials in the study (None: the storage could not be read).
         trials: The trials asked for.
+        export_error: Why the best schedule so far could not be written (None: it was, or no
+            finished trial meets the budget yet).
     """
 
-    def __init__(self, study_name: str, out: Optional[Path], finished: int, trials: int) -> None:
+    def __init__(self, study_name: str, out: Optional[Path], finished: Optional[int], trials: int, export_error: Optional[str] = None) -> None:
         super().__init__(study_name)
         self.study_name, self.out, self.finished, self.trials = study_name, out, finished, trials
+        self.export_error = export_error
 
     def __str__(self) -> str:
-        wrote = f"best schedule so far written to {self.out}" if self.out else "no finished trial meets the budget yet, no schedule written"
+        if self.out:
+            wrote = f"best schedule so far written to {self.out}"
+        elif self.export_error:
+            wrote = f"the best schedule so far could not be written ({self.export_error})"
+        else:
+            wrote = "no finished trial meets the budget yet, no schedule written"
+        finished = "?" if self.finished is None else self.finished
         return (
-            f"interrupted — study {self.study_name!r} is kept ({self.finished}/{self.trials} trials finished); {wrote}; "
+            f"interrupted — study {self.study_name!r} is kept ({finished}/{self.trials} trials finished); {wrote}; "
             "re-run the same command to resume"
         )
 
@@ -396,12 +406,20 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
             except KeyboardInterrupt:
                 prog.log("interrupted: the study is kept; the trial in flight is queued again; writing the best schedule so far")
                 written: Optional[Path] = None
+                failed: Optional[str] = None
                 try:
                     _export(study, opts, out, spec, info, calib, metric, model, device, latency_model, target)
                     written = out
                 except SearchError:
-                    pass
-                raise SearchInterrupted(study_name, written, _finished(study), opts.trials) from None
+                    pass  # no finished trial meets the budget yet: the message says so
+                except Exception as e:  # noqa: BLE001 - the interrupt decides the exit, not a failed export
+                    failed = safe_reason(e, opts.storage)
+                    prog.log(f"could not write the best schedule so far to {out}: {failed}")
+                try:
+                    finished: Optional[int] = _finished(study)
+                except Exception:  # noqa: BLE001 - the storage went away
+                    finished = None
+                raise SearchInterrupted(study_name, written, finished, opts.trials, export_error=failed) from None
 
         schedule, trial = _export(study, opts, out, spec, info, calib, metric, model, device, latency_model, target)
         stats = search_stats(study, len(calib.images))
