@@ -203,6 +203,43 @@ def test_stale_trial_failed_once_and_requeued(tmp_path) -> None:
     assert trials[3].user_attrs == {"warm_start": "tome"}
 
 
+def test_only_the_creator_records_the_setup(tmp_path) -> None:
+    """Two workers start a new study at the same moment with different set-ups: the one that
+    joins waits for the creator's set-up and is refused, instead of finding none and writing its
+    own; a joiner with the same set-up keeps the creator's target (and says when its own differs)."""
+    from rapid_search.search.runner import share_setup
+    from rapid_search.search.study import SearchError
+
+    spec = f"journal:{tmp_path / 'setup.journal'}"
+    creator = optuna.create_study(study_name="s", storage=open_storage(spec, study_name="s"))
+    mine = {"setup": {"model": "test_vit", "budget": "60%latency"}, "base_gflops": 0.04, "target": 12.0}
+    other = {"setup": {"model": "test_vit2", "budget": "60%latency"}, "base_gflops": 0.05, "target": 15.0}
+    threading.Timer(0.5, share_setup, args=(creator, True, mine)).start()  # the creator is a moment late
+    with pytest.raises(SearchError, match="was started with model = 'test_vit', not 'test_vit2'"):
+        share_setup(load(spec, "s"), False, other, poll=0.05)
+    assert load(spec, "s").user_attrs == mine
+
+    log: list[str] = []
+    assert share_setup(load(spec, "s"), False, dict(mine, target=12.5), log=log.append)["target"] == 12.0
+    assert log == []  # within 10 %: nothing to say
+    assert share_setup(load(spec, "s"), False, dict(mine, target=20.0), log=log.append)["target"] == 12.0
+    assert len(log) == 1 and "measured by the worker that created it" in log[0]
+    assert load(spec, "s").user_attrs == mine
+
+
+def test_joining_worker_keeps_the_creators_target(tiny_search, tmp_path, capsys) -> None:
+    """A worker that joins (here: resumes) a study does not overwrite the target the creator
+    recorded (for a latency budget, the creator's measurement; export reports that one)."""
+    spec, name = f"journal:{tmp_path / 't.journal'}", "tgt"
+    assert main(tiny_search.args(spec, name, tmp_path / "a.yaml", trials=1, extra=["--progress", "quiet"])) == 0
+    study = load(spec, name)
+    created = study.user_attrs["target"]
+    study.set_user_attr("target", created * 0.9)  # as if measured on the creator's machine
+    assert main(tiny_search.args(spec, name, tmp_path / "b.yaml", trials=2, extra=["--progress", "quiet"])) == 0
+    capsys.readouterr()
+    assert load(spec, name).user_attrs["target"] == created * 0.9
+
+
 # ---- real worker processes ---------------------------------------------------------------------------
 def _pg_no_password(url: str) -> tuple[str, dict]:
     """The URL without its password, and the PGPASSWORD environment that libpq reads instead."""

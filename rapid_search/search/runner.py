@@ -18,9 +18,10 @@ import hashlib
 import re
 import secrets
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import optuna
 import torch
@@ -35,7 +36,15 @@ from .storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, check_journal_path, descr
 from .study import Calibration, Objective, SearchError, cheapest_ratio, environment, export_best
 from .workers import count_trials, run_trials
 
-__all__ = ["SearchOptions", "SearchResult", "SearchInterrupted", "run_search", "default_study_name", "DEFAULT_METRIC"]
+__all__ = [
+    "SearchOptions",
+    "SearchResult",
+    "SearchInterrupted",
+    "run_search",
+    "default_study_name",
+    "share_setup",
+    "DEFAULT_METRIC",
+]
 
 #: Default score for ranking trials, chosen by measurement (README "Which calibration score?").
 DEFAULT_METRIC = "kl"
@@ -147,11 +156,11 @@ def _setup_attrs(opts: SearchOptions, info: ModelInfo, space: SearchSpace, metri
     }
 
 
-def _check_setup(study: optuna.Study, attrs: dict[str, Any], *, adopt: bool = True) -> None:
-    have = study.user_attrs.get("setup")
+def _check_setup(study: optuna.Study, attrs: dict[str, Any], have: Optional[dict[str, Any]] = None) -> None:
+    """Refuse a study started with another set-up (``have``: its stored one; None reads it; a
+    study without one passes)."""
+    have = study.user_attrs.get("setup") if have is None else have
     if have is None:
-        if adopt:
-            study.set_user_attr("setup", attrs)
         return
     for k, v in attrs.items():
         if have.get(k) != v:
@@ -159,6 +168,66 @@ def _check_setup(study: optuna.Study, attrs: dict[str, Any], *, adopt: bool = Tr
                 f"study {study.study_name!r} was started with {k} = {have.get(k)!r}, not {v!r} — "
                 "use another --study-name or the original settings"
             )
+
+
+#: The study attributes only the worker that created the study writes (``setup`` last: a worker
+#: that sees it sees the others too).
+_SHARED_ATTRS = ("base_gflops", "target", "setup")
+
+
+def share_setup(
+    study: optuna.Study,
+    created: bool,
+    attrs: dict[str, Any],
+    *,
+    log: Callable[[str], None] = lambda msg: None,
+    wait: float = 10.0,
+    poll: float = 0.2,
+) -> dict[str, Any]:
+    """Record the study's set-up (its creator), or check this worker's against it (the others).
+
+    Only the worker that created the study writes ``setup``, ``base_gflops`` and ``target``: two
+    workers starting a new study at the same moment cannot both find no set-up and write theirs,
+    and a joining worker never overwrites the creator's ``target`` (for a latency budget, each
+    machine measures its own; the study keeps the creator's). A joiner that finds a new study
+    (no trials) without a set-up waits up to ``wait`` seconds for its creator to write it. Only
+    when there is still none (the creator died first, or an older study) does it write its own,
+    and re-reads after ``poll`` seconds, so of two joiners racing to do that the one overwritten
+    is refused if the set-ups differ.
+
+    Args:
+        study: The study.
+        created: Whether this worker created it.
+        attrs: This worker's ``setup``, ``base_gflops`` and ``target``.
+        log: Where to say that this worker's target differs from the study's.
+
+    Returns:
+        The study's values of ``attrs`` (the creator's).
+
+    Raises:
+        SearchError: The study was started with another set-up.
+    """
+    if created:
+        for k in _SHARED_ATTRS:
+            study.set_user_attr(k, attrs[k])
+        return {k: attrs[k] for k in _SHARED_ATTRS}
+    have = study.user_attrs
+    if "setup" not in have and not study.get_trials(deepcopy=False):
+        deadline = time.monotonic() + wait
+        while "setup" not in have and time.monotonic() < deadline:
+            time.sleep(poll)
+            have = study.user_attrs
+    if "setup" not in have:
+        for k in _SHARED_ATTRS:
+            if k not in have:
+                study.set_user_attr(k, attrs[k])
+        time.sleep(poll)
+        have = study.user_attrs
+    _check_setup(study, attrs["setup"], have["setup"])
+    mine, theirs = attrs.get("target"), have.get("target")
+    if isinstance(mine, (int, float)) and isinstance(theirs, (int, float)) and abs(mine - theirs) > 0.1 * abs(theirs):
+        log(f"budget target here {mine:.4g}, the study's (measured by the worker that created it) {theirs:.4g}: this worker's trials are judged against its own")
+    return {k: have.get(k, attrs[k]) for k in _SHARED_ATTRS}
 
 
 def _existing_study(spec: Optional[str], study_name: str) -> tuple[Any, Optional[optuna.Study]]:
@@ -315,7 +384,7 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
     setup = _setup_attrs(opts, info, space, metric, device)
     storage, existing = _existing_study(opts.storage, study_name)  # connects to a server now: bad URLs fail fast
     if existing is not None:
-        _check_setup(existing, setup, adopt=False)
+        _check_setup(existing, setup)
     del existing
 
     prog = progress or Progress.create(opts.progress)
@@ -362,11 +431,15 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
         heartbeat_storage = storage if rdb else open_storage(opts.storage, study_name=study_name, studies_dir=STUDIES_DIR)
         pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
         study, created, sampler_seed = _open_study(study_name, storage, opts.seed, pruner)
-        _check_setup(study, setup)
+        # only the creator records the set-up and target; the others check theirs against it
+        share_setup(
+            study,
+            created,
+            {"setup": setup, "base_gflops": info.base_gflops, "target": target / 1e9 if spec.kind == "gflops" else target},
+            log=prog.log,
+        )
         if not created:
             prog.log(f"joined study {study_name!r} ({len(study.get_trials(deepcopy=False))} trials so far); sampler seed {sampler_seed}")
-        study.set_user_attr("base_gflops", info.base_gflops)
-        study.set_user_attr("target", target / 1e9 if spec.kind == "gflops" else target)
         if created:
             _warm_start(study, info, space)
         objective = Objective(
