@@ -99,8 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--progress", choices=("auto", "rich", "plain", "quiet"), default="auto", help="progress display (default: rich on a terminal, plain lines otherwise)")
     s.add_argument("--quiet", action="store_true", help="print only the result line and errors")
     s.add_argument("--rungs", type=_rungs_int, default=3, help="early-stopping rungs over the calibration set (default: 3)")
-    s.add_argument("--heartbeat-interval", type=_seconds_int, default=None, metavar="S", help="seconds between a running trial's heartbeats (default: 20)")
-    s.add_argument("--grace-period", type=_seconds_int, default=None, metavar="S", help="seconds without a heartbeat before another worker redoes a trial (default: 60)")
+    s.add_argument("--heartbeat-interval", type=_seconds_int, default=None, metavar="S", help="seconds between a running trial's heartbeats (default: 10)")
+    s.add_argument(
+        "--grace-period", type=_seconds_int, default=None, metavar="S",
+        help="seconds without a heartbeat before another worker redoes a trial (default: 60; with a journal file more than 2 x interval + 30)",
+    )
     _add_common(s)
 
     e = sub.add_parser("export", help="write the best schedule of an existing study")

@@ -140,6 +140,8 @@ ROWS = {
     "storage-sqlite": (lambda b, t: _search(t, "--storage", "sqlite:///x.db"), "not safe for concurrent workers"),
     "storage-unreachable": (lambda b, t: _search(t, "--storage", f"postgresql+psycopg2://u:{SECRET}@127.0.0.1:1/db"), "that the server runs"),
     "storage-malformed-url": (lambda b, t: _search(t, "--storage", f"postgresql+psycopg2://u:{SECRET}@host:notaport/db"), "check the URL"),
+    "grace-period-too-short-for-journal": (lambda b, t: _search(t, "--grace-period", "20"), "use --grace-period 51 or more"),
+    "heartbeat-interval-not-below-grace": (lambda b, t: _search(t, "--heartbeat-interval", "70", "--grace-period", "60"), "must be at least 1 and below --grace-period 60"),
     "storage-journal-unwritable": (lambda b, t: _search(t, "--storage", "journal:/proc/rapid/x.journal"), "journal:PATH"),
     "out-unwritable": (lambda b, t: _search(t, "--out", "/proc/rapid/x.yaml"), "writable path"),
     "out-is-a-directory": (lambda b, t: _search(t, "--out", str(b)), "is a directory"),
@@ -248,6 +250,23 @@ def test_loading_never_runs_code(bad) -> None:
     assert "yaml.load(" not in src and "yaml.unsafe_load" not in src and "pickle.load" not in src
     for call in [line for line in src.splitlines() if "torch.load(" in line and not line.strip().startswith((">>>", "#"))]:
         assert "weights_only=True" in call, call
+
+
+def test_grace_period_for_journal_files() -> None:
+    """A journal file's lock, left by a killed worker, blocks heartbeats for 30 s: with a journal
+    the grace period must exceed 2 x interval + 30 s. The default is raised (with a note), a value
+    set by --grace-period is refused; PostgreSQL has no such lock."""
+    from rapid_search.search.runner import SearchOptions, heartbeat_timing
+    from rapid_search.search.study import SearchError
+
+    assert heartbeat_timing(SearchOptions()) == (10, 60, None)
+    interval, grace, note = heartbeat_timing(SearchOptions(heartbeat_interval=20))
+    assert (interval, grace) == (20, 71) and "journal file" in note
+    for storage in (None, "journal:x.journal", "x.journal"):
+        with pytest.raises(SearchError, match=r"--grace-period 60 is too short for a journal file.*use --grace-period 71 or more"):
+            heartbeat_timing(SearchOptions(storage=storage, heartbeat_interval=20, grace_period=60))
+    assert heartbeat_timing(SearchOptions(heartbeat_interval=1, grace_period=33)) == (1, 33, None)
+    assert heartbeat_timing(SearchOptions(storage="postgresql+psycopg2://u@h/db", heartbeat_interval=1, grace_period=3)) == (1, 3, None)
 
 
 # ---- storage passwords ------------------------------------------------------------------------------

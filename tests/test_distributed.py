@@ -36,6 +36,9 @@ from rapid_search.search.workers import (
 )
 
 FAST = ["--heartbeat-interval", "1", "--grace-period", "3"]
+# a journal file needs a grace period above 2 x interval + 30 s (its lock, left by a killed worker,
+# blocks heartbeats for 30 s): the shortest allowed with 1 s heartbeats
+FAST_JOURNAL = ["--heartbeat-interval", "1", "--grace-period", "33"]
 
 
 def load(spec: str, name: str) -> optuna.Study:
@@ -349,7 +352,8 @@ def test_killed_worker_trial_is_redone(kind, request, tiny_search, cli_workers, 
         except Exception:  # noqa: BLE001 - not created yet
             return None
 
-    p = cli_workers.start(tiny_search.args(spec, name, tmp_path / "k.yaml", trials=n, extra=FAST), tmp_path / "a.log")
+    fast = FAST_JOURNAL if kind == "journal" else FAST
+    p = cli_workers.start(tiny_search.args(spec, name, tmp_path / "k.yaml", trials=n, extra=fast), tmp_path / "a.log")
     lock = tmp_path / "k.journal.lock" if kind == "journal" else None
     killed = _freeze_mid_trial(p, study_of, time.monotonic() + 90, lock)
     os.kill(p.pid, signal.SIGKILL)
@@ -358,8 +362,8 @@ def test_killed_worker_trial_is_redone(kind, request, tiny_search, cli_workers, 
     before = {t.number: (t.state, t.value, t.params, t.user_attrs) for t in study_of().trials if t.state.is_finished()}
     assert study_of().trials[killed].state == TrialState.RUNNING
 
-    q = cli_workers.start(tiny_search.args(spec, name, tmp_path / "k.yaml", trials=n, extra=FAST), tmp_path / "b.log")
-    assert cli_workers.wait(q, 90) == 0, _log(q)
+    q = cli_workers.start(tiny_search.args(spec, name, tmp_path / "k.yaml", trials=n, extra=fast), tmp_path / "b.log")
+    assert cli_workers.wait(q, 120) == 0, _log(q)
     assert "no heartbeat" in _log(q)
 
     study = study_of()

@@ -230,7 +230,7 @@ def test_failed_export_after_ctrl_c_still_exits_130(failure, tiny_search, tmp_pa
 def test_ctrl_c_abandons_trial_keeps_study_and_resumes(tiny_search, cli_workers, tmp_path, capsys) -> None:
     spec, name, n = f"journal:{tmp_path / 'i.journal'}", "int", 6
     out = tmp_path / "best.yaml"
-    args = tiny_search.args(spec, name, out, trials=n, extra=["--heartbeat-interval", "1", "--grace-period", "5"])
+    args = tiny_search.args(spec, name, out, trials=n, extra=["--heartbeat-interval", "1", "--grace-period", "33"])
     proc = cli_workers.start(args, tmp_path / "worker.log")
 
     def study():

@@ -32,7 +32,17 @@ from ..flops import ModelInfo
 from ..presets import DEFAULT_PROTECT, DEFAULT_SWITCH_FRACTION
 from ..schedule import Budget, LayerSpec, Schedule
 from .space import SearchSpace
-from .storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, check_journal_path, describe_storage, journal_path, open_storage, safe_reason, writable_ancestor
+from .storage import (
+    GRACE_PERIOD,
+    HEARTBEAT_INTERVAL,
+    JOURNAL_LOCK_GRACE,
+    check_journal_path,
+    describe_storage,
+    journal_path,
+    open_storage,
+    safe_reason,
+    writable_ancestor,
+)
 from .study import Calibration, Objective, SearchError, cheapest_ratio, environment, export_best
 from .workers import count_trials, run_trials
 
@@ -43,6 +53,7 @@ __all__ = [
     "run_search",
     "default_study_name",
     "share_setup",
+    "heartbeat_timing",
     "DEFAULT_METRIC",
 ]
 
@@ -75,7 +86,8 @@ class SearchOptions:
     threads: Optional[int] = None
     latency_repeats: int = 10
     heartbeat_interval: int = HEARTBEAT_INTERVAL
-    grace_period: int = GRACE_PERIOD
+    #: None: ``GRACE_PERIOD``, raised where a journal file needs more (see :func:`heartbeat_timing`).
+    grace_period: Optional[int] = None
 
 
 class SearchInterrupted(KeyboardInterrupt):
@@ -230,6 +242,41 @@ def share_setup(
     return {k: have.get(k, attrs[k]) for k in _SHARED_ATTRS}
 
 
+def heartbeat_timing(opts: SearchOptions) -> tuple[int, int, Optional[str]]:
+    """``(interval, grace, note)``: the heartbeat interval and grace period to use, and a note to
+    log when the default grace period was raised.
+
+    A journal file's lock, left behind by a worker killed while appending, blocks every write
+    (heartbeats too) for ``JOURNAL_LOCK_GRACE`` seconds; a grace period shorter than that plus
+    two heartbeat intervals would give live trials up. So with a journal file the grace period
+    must exceed ``2 * interval + JOURNAL_LOCK_GRACE``: the default one is raised to that, one
+    set by ``--grace-period`` is refused.
+
+    Raises:
+        SearchError: ``--heartbeat-interval`` not below the grace period, or ``--grace-period``
+            too short for a journal file.
+    """
+    interval = opts.heartbeat_interval
+    grace = GRACE_PERIOD if opts.grace_period is None else opts.grace_period
+    note = None
+    journal = journal_path(opts.storage, "-", STUDIES_DIR) is not None
+    least = 2 * interval + JOURNAL_LOCK_GRACE + 1
+    if journal and opts.grace_period is None and grace < least:
+        grace, note = least, f"grace period {least} s (a journal file needs more than 2 x --heartbeat-interval {interval} + {JOURNAL_LOCK_GRACE} s)"
+    if not (1 <= interval < grace):
+        raise SearchError(
+            f"--heartbeat-interval {interval} must be at least 1 and below --grace-period {grace} "
+            f"(defaults {HEARTBEAT_INTERVAL} and {GRACE_PERIOD})"
+        )
+    if journal and grace < least:
+        raise SearchError(
+            f"--grace-period {grace} is too short for a journal file: a worker killed while writing to it blocks heartbeats for "
+            f"{JOURNAL_LOCK_GRACE} s, and live trials would be given up — use --grace-period {least} or more "
+            f"(more than 2 x --heartbeat-interval {interval} + {JOURNAL_LOCK_GRACE}), or PostgreSQL storage"
+        )
+    return interval, grace, note
+
+
 def _existing_study(spec: Optional[str], study_name: str) -> tuple[Any, Optional[optuna.Study]]:
     """``(storage, study)``: the storage when it exists already (None for a journal file still to
     be made) and the study when it exists; creates nothing (no journal file, no study)."""
@@ -358,11 +405,7 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
         what = "is not a directory" if data.exists() else "does not exist"
         raise DataError(f"data folder {data} {what} — pass --data with an ImageFolder tree or a flat folder of images")
     metric = DEFAULT_METRIC if opts.metric == "auto" else opts.metric
-    if not (1 <= opts.heartbeat_interval < opts.grace_period):
-        raise SearchError(
-            f"--heartbeat-interval {opts.heartbeat_interval} must be at least 1 and below --grace-period {opts.grace_period} "
-            f"(defaults {HEARTBEAT_INTERVAL} and {GRACE_PERIOD})"
-        )
+    interval, grace, grace_note = heartbeat_timing(opts)
     set_cpu_threads(opts.threads)
     with torch.device("meta"):  # shape only, no memory and no weight init: checks the name and the budget cheaply
         arch = load_model(opts.model, pretrained=False, device="meta")
@@ -389,6 +432,8 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
 
     prog = progress or Progress.create(opts.progress)
     with prog:
+        if grace_note:
+            prog.log(grace_note)
         # ---- load once: weights, images, unreduced outputs ----------------------------------------
         prog.log(f"loading {opts.model} on {device} ...")
         model = load_model(opts.model, checkpoint=opts.checkpoint, device=device)
@@ -471,8 +516,8 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
                     objective,
                     opts.trials,
                     heartbeat_storage=heartbeat_storage,
-                    interval=opts.heartbeat_interval,
-                    grace=opts.grace_period,
+                    interval=interval,
+                    grace=grace,
                     callbacks=[on_trial],
                     log=prog.log,
                 )

@@ -35,12 +35,18 @@ __all__ = [
     "safe_reason",
     "HEARTBEAT_INTERVAL",
     "GRACE_PERIOD",
+    "JOURNAL_LOCK_GRACE",
 ]
 
 #: Default seconds between heartbeats of a running trial (``--heartbeat-interval``).
-HEARTBEAT_INTERVAL = 20
-#: Default seconds without a heartbeat after which a running trial's worker is presumed dead (``--grace-period``).
+HEARTBEAT_INTERVAL = 10
+#: Default seconds without a heartbeat after which a running trial's worker is presumed dead
+#: (``--grace-period``). For a journal file it must exceed ``2 * interval + JOURNAL_LOCK_GRACE``
+#: (as the defaults do), see ``rapid_search.search.runner.heartbeat_timing``.
 GRACE_PERIOD = 60
+#: Seconds after which a journal file's lock is taken over from its holder (a worker killed while
+#: appending leaves it behind; heartbeats of live trials wait that long meanwhile).
+JOURNAL_LOCK_GRACE = 30
 #: Seconds libpq waits for a PostgreSQL server before giving up (unless the URL sets connect_timeout).
 CONNECT_TIMEOUT = 10
 
@@ -219,7 +225,7 @@ def open_storage(
     """
     path = _journal_path(spec, study_name, studies_dir)
     if path is not None:
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
+        from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalStorage
 
         if not create:
             if not path.is_file():
@@ -231,7 +237,8 @@ def open_storage(
         try:
             if create:
                 path.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(str(path)))
+            lock = JournalFileSymlinkLock(str(path), grace_period=JOURNAL_LOCK_GRACE)
+            return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
         except OSError as e:
             raise StorageError(f"cannot open journal file {path}: {e.strerror or e} — pass a writable path with --storage journal:PATH") from None
     assert spec is not None
