@@ -178,3 +178,26 @@ def test_real_search_latency_budget(tmp_path):
     info = rs.model_info(timm.create_model("deit_tiny_patch16_224"))
     assert rs.schedule_macs(info, sched) < 0.85 * info.base_macs
     assert sched.provenance["device"] == "cpu"
+
+
+def test_threshold_schedule_over_budget_is_stopped_on_the_first_rung(tiny, tmp_path):
+    """Thresholds no token pair reaches (0.999) block the planned reduction: after fitting, the
+    first rung still measures far over the budget, so the trial is pruned there (constraint
+    violated), not scored on the whole calibration set."""
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "format: rapid-search-space/v1\nswitch: {low: 0.0, high: 1.0}\nprune_weight: {low: 0.25, high: 4.0, log: true}\n"
+        "decay: {low: -0.9, high: 0.9}\nprotect: {low: 0.0, high: 0.6}\nprune_threshold: 0.999\nmerge_threshold: 0.999\n"
+    )
+    res = run_search(_opts(tiny, tmp_path, trials=5, space=space))
+    from rapid_search.search.storage import open_storage
+
+    study = optuna.load_study(study_name="t", storage=open_storage(f"journal:{tmp_path / 'study.journal'}", study_name="t"))
+    sampled = [t for t in study.trials if t.user_attrs.get("warm_start") in (None, "rapid-hand-set")]
+    assert len(sampled) >= 2
+    for t in sampled:
+        assert t.state == optuna.trial.TrialState.PRUNED
+        assert t.constraints["budget"] > 0.5  # nearly the unreduced cost at a 50% budget
+        assert t.user_attrs["images_forwarded"] == 6  # the first rung: a quarter of 24 images
+        assert "kl" not in t.user_attrs  # never scored
+    assert res.schedule.provenance["method"] in ("tome", "tome-decreasing")  # the only feasible trials
