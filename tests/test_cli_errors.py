@@ -1,4 +1,4 @@
-"""Every row of the bad-input table (docs/bad-inputs.md), run for real.
+"""Every row of the bad-input table (README, "Bad inputs and what they get"), run for real.
 
 Each bad input gets exactly one stderr line starting ``rapid-search: error:`` that names the fix,
 exit code 2, no traceback, and no output written (the working directory, where the default
