@@ -113,25 +113,29 @@ def test_cli_search_export_show(tiny, tmp_path, capsys):
     assert "block" not in capsys.readouterr().err
 
 
+def _real_search(tmp_path, name: str, **kw) -> rs.Schedule:
+    """A real few-trial DeiT-Tiny search on the shared calibration images; the schedule it wrote."""
+    opts = dict(
+        model="deit_tiny_patch16_224",
+        data=SHARED / "data" / "imagenet-calib",
+        trials=4,
+        progress="quiet",
+        storage=f"journal:{tmp_path / (name + '.journal')}",
+        study_name=name,
+        out=tmp_path / f"{name}.yaml",
+    )
+    opts.update(kw)
+    return rs.Schedule.load(run_search(SearchOptions(**opts)).path)
+
+
+needs_shared = pytest.mark.skipif(not (SHARED / "data" / "imagenet-calib").is_dir(), reason="needs ../shared (weights and images)")
+
+
 @pytest.mark.real
-@pytest.mark.skipif(not (SHARED / "data" / "imagenet-calib").is_dir(), reason="needs ../shared (weights and images)")
+@needs_shared
 def test_real_search_deit_tiny(tmp_path):
     """A real few-trial search on DeiT-Tiny and the shared calibration images."""
-    res = run_search(
-        SearchOptions(
-            model="deit_tiny_patch16_224",
-            data=SHARED / "data" / "imagenet-calib",
-            budget="50%GFLOPs",
-            trials=4,
-            calib_images=48,
-            batch_size=48,
-            progress="quiet",
-            storage=f"journal:{tmp_path / 'real.journal'}",
-            study_name="real",
-            out=tmp_path / "real.yaml",
-        )
-    )
-    sched = rs.Schedule.load(res.path)
+    sched = _real_search(tmp_path, "real", budget="50%GFLOPs", calib_images=48, batch_size=48)
     model = timm.create_model("deit_tiny_patch16_224", pretrained=True).eval()
     info = rs.model_info(model)
     assert rs.schedule_macs(info, sched) <= 0.5 * info.base_macs
@@ -147,28 +151,12 @@ def test_real_search_deit_tiny(tmp_path):
 
 
 @pytest.mark.real
-@pytest.mark.skipif(not (SHARED / "data" / "imagenet-calib").is_dir(), reason="needs ../shared (weights and images)")
+@needs_shared
 def test_real_search_latency_budget(tmp_path):
     """A latency budget end to end on DeiT-Tiny (CPU): the search predicts latency from the
     per-block model, and the exported schedule's latency, re-measured at the end (median of
     repeated runs), meets the target and is reported beside the prediction."""
-    res = run_search(
-        SearchOptions(
-            model="deit_tiny_patch16_224",
-            data=SHARED / "data" / "imagenet-calib",
-            budget="65%latency",
-            trials=4,
-            calib_images=16,
-            batch_size=16,
-            threads=1,
-            latency_repeats=7,
-            progress="quiet",
-            storage=f"journal:{tmp_path / 'lat.journal'}",
-            study_name="lat",
-            out=tmp_path / "lat.yaml",
-        )
-    )
-    sched = rs.Schedule.load(res.path)
+    sched = _real_search(tmp_path, "lat", budget="65%latency", calib_images=16, batch_size=16, threads=1, latency_repeats=7)
     b = sched.budget
     assert b.kind == "latency" and b.spec == "65%latency"
     assert 0 < b.achieved["latency_ms"] <= b.target  # measured for real at the end
