@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .argtypes import int_in
 from .flops import ModelInfo, schedule_macs
 from .presets import UnreachableBudget, as_schedule, rapid_schedule, tome_for_ratio, variant_schedule
 from .schedule import Schedule, atomic_write_text
@@ -786,24 +787,8 @@ def write_outputs(result: dict[str, Any], out_dir: Union[str, Path]) -> dict[str
 
 
 # ---- command line ------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} must be 0 or more")
-    return v
+_positive_int = int_in(1, 10**9)
+_nonneg_int = int_in(0, 10**9)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

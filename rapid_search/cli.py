@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from .argtypes import int_in
+
 __all__ = ["main", "build_parser"]
 
 EXIT_USAGE = 2
@@ -41,32 +43,14 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def _int_in(low: int, high: int) -> Callable[[str], int]:
-    """argparse type: a whole number in ``[low, high]`` (huge values are refused, not attempted)."""
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number — give e.g. {max(low, min(8, high))}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"{v} must be at least {low}")
-        if v > high:
-            raise argparse.ArgumentTypeError(f"{v} is too large — at most {high}")
-        return v
-
-    parse.__name__ = "whole number"
-    return parse
-
-
-_positive_int = _int_in(1, 10**9)
-_trials_int = _int_in(1, 1_000_000)
-_images_int = _int_in(1, 10_000_000)
-_batch_int = _int_in(1, 65_536)
-_threads_int = _int_in(1, 1024)
-_rungs_int = _int_in(1, 16)
-_seed_int = _int_in(0, 2**32 - 1)
-_seconds_int = _int_in(1, 86_400)
+_positive_int = int_in(1, 10**9)
+_trials_int = int_in(1, 1_000_000)
+_images_int = int_in(1, 10_000_000)
+_batch_int = int_in(1, 65_536)
+_threads_int = int_in(1, 1024)
+_rungs_int = int_in(1, 16)
+_seed_int = int_in(0, 2**32 - 1)
+_seconds_int = int_in(1, 86_400)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -117,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", required=True, type=Path, help="images: ImageFolder tree of WordNet-id folders (top-1) or a flat folder")
     v.add_argument("--model", default=None, help="timm model (default: the schedule's model)")
     v.add_argument("--limit", type=_images_int, default=None, help="evaluate at most N images")
-    v.add_argument("--repeats", type=_int_in(1, 10_000), default=5, help="timing repeats (median) (default: 5)")
+    v.add_argument("--repeats", type=int_in(1, 10_000), default=5, help="timing repeats (median) (default: 5)")
     v.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON")
     _add_common(v)
 
