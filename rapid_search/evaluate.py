@@ -17,7 +17,7 @@ from .patch import applied, last_token_counts
 from .presets import as_schedule
 from .schedule import Schedule
 
-__all__ = ["Predictions", "predict", "fidelity", "METRICS", "metric_value"]
+__all__ = ["Predictions", "predict", "per_image_scores", "fidelity", "METRICS", "metric_value"]
 
 #: Scores a trial can be ranked by (all "higher is better" as used by the search).
 METRICS = ("top1", "agreement", "kl")
@@ -78,8 +78,33 @@ def predict(
     return Predictions(logits=logits, macs=macs, counts=counts_t, seconds=seconds)
 
 
+def per_image_scores(logits: torch.Tensor, base_logits: torch.Tensor, labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """Per-image scores of reduced-model ``logits`` against the unreduced model (and labels).
+
+    Args:
+        logits: ``(N, K)`` reduced-model logits.
+        base_logits: ``(N, K)`` unreduced-model logits on the same images.
+        labels: ``(N,)`` ImageNet indices, or None for unlabelled images.
+
+    Returns:
+        ``(N,)`` float64 tensors: ``agreement`` (1 where the top-1 equals the unreduced model's),
+        ``kl`` (KL(p_base || p)) and, with labels, ``top1`` (1 where correct).
+    """
+    logp = torch.log_softmax(logits.double(), dim=-1)  # (N, K)
+    logq = torch.log_softmax(base_logits.double(), dim=-1)  # (N, K)
+    pred = logits.argmax(-1)  # (N,)
+    out = {
+        "agreement": (pred == base_logits.argmax(-1)).double(),  # (N,)
+        "kl": (logq.exp() * (logq - logp)).sum(-1),  # (N,)
+    }
+    if labels is not None:
+        out["top1"] = (pred == labels).double()  # (N,)
+    return out
+
+
 def fidelity(logits: torch.Tensor, base_logits: torch.Tensor, labels: Optional[torch.Tensor] = None) -> dict[str, float]:
-    """Scores of reduced-model ``logits`` against the unreduced model (and labels, if any).
+    """Scores of reduced-model ``logits`` against the unreduced model (and labels, if any): the
+    means of :func:`per_image_scores` over the images.
 
     Args:
         logits: ``(N, K)`` reduced-model logits.
@@ -90,16 +115,7 @@ def fidelity(logits: torch.Tensor, base_logits: torch.Tensor, labels: Optional[t
         ``agreement`` (top-1 equal to the unreduced model's), ``kl`` (mean KL(p_base || p)) and,
         with labels, ``top1``.
     """
-    logp = torch.log_softmax(logits.double(), dim=-1)  # (N, K)
-    logq = torch.log_softmax(base_logits.double(), dim=-1)  # (N, K)
-    kl = (logq.exp() * (logq - logp)).sum(-1).mean()
-    out = {
-        "agreement": float((logits.argmax(-1) == base_logits.argmax(-1)).double().mean()),
-        "kl": float(kl),
-    }
-    if labels is not None:
-        out["top1"] = float((logits.argmax(-1) == labels).double().mean())
-    return out
+    return {k: float(v.mean()) for k, v in per_image_scores(logits, base_logits, labels).items()}
 
 
 def metric_value(scores: dict[str, float], metric: str) -> float:

@@ -28,7 +28,7 @@ import optuna
 import torch
 
 from rapid_search.data import load_images
-from rapid_search.evaluate import predict
+from rapid_search.evaluate import per_image_scores, predict
 from rapid_search.flops import ModelInfo
 from rapid_search.loading import load_model
 from rapid_search.measure import set_cpu_threads
@@ -56,21 +56,9 @@ def spearman(a, b) -> float:
 
 
 def per_image(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:
-    """Per-image value of each metric, larger is better (KL is negated), as the search uses them.
-
-    Args:
-        logits: ``(N, K)`` reduced-model logits.
-        base_logits: ``(N, K)`` unreduced-model logits.
-        labels: ``(N,)`` ImageNet indices.
-    """
-    logp = torch.log_softmax(logits.double(), -1)  # (N, K)
-    logq = torch.log_softmax(base_logits.double(), -1)  # (N, K)
-    pred = logits.argmax(-1)  # (N,)
-    return {
-        "top1": (pred == labels).double().numpy(),
-        "agreement": (pred == base_logits.argmax(-1)).double().numpy(),
-        "kl": -(logq.exp() * (logq - logp)).sum(-1).numpy(),  # (N,)
-    }
+    """Per-image value of each metric, larger is better (KL negated), as the search ranks them."""
+    scores = per_image_scores(logits, base_logits, labels)
+    return {m: (-scores[m] if m == "kl" else scores[m]).numpy() for m in METRICS}
 
 
 def pick_quality(calib: dict[str, np.ndarray], eval_top1: np.ndarray, subset: int, draws: int, rng: np.random.Generator) -> dict:
