@@ -212,3 +212,27 @@ def cli_workers(_worker_ctx) -> Iterator[CliWorkers]:
         yield w
     finally:
         w.kill_all()
+
+
+# ---- tiny models ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny models run several times faster on a shared machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """timm's tiny ``test_vit`` with seeded random weights, in eval mode (modules may override)."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    return timm.create_model("test_vit").eval()
+

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -17,19 +16,8 @@ from rapid_search.bench import method_schedule
 from rapid_search.visualize import add_arguments, default_layers, labels_from_source, main, render, token_labels
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: tiny models run several times faster on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("test_vit").eval()
+# one torch thread and the seeded test_vit ``model``: fixtures in conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()
