@@ -89,24 +89,28 @@ def mask_url(url: str) -> str:
     return head + rest
 
 
+def _userinfo_password(url: str) -> Optional[str]:
+    """The password in ``url``'s user info: what lies between the first ``:`` after the scheme
+    and the last ``@`` (secret query parameters set aside), or None."""
+    m = _SCHEME.match(url)
+    rest = _SECRET_PARAM.sub(lambda pm: pm.group(1), url[m.end() :] if m else url)
+    at = rest.rfind("@")
+    return rest[:at].split(":", 1)[1] if at >= 0 and ":" in rest[:at] else None
+
+
 def _secrets(url: str) -> list[str]:
     """The secret strings in ``url`` (as written and URL-decoded), longest first.
 
-    The password is what lies between the first ``:`` after the scheme and the last ``@``; secret
-    query parameters too. Pieces of a password split at ``@`` (a driver that split the URL at the
-    first ``@`` sees them as password and host) are included when at least 4 characters long.
+    The password of :func:`_userinfo_password` and secret query parameters. Pieces of a password
+    split at ``@`` (a driver that split the URL at the first ``@`` sees them as password and
+    host) are included when at least 4 characters long.
     """
     from urllib.parse import unquote, unquote_plus
 
-    found: list[str] = []
     m = _SCHEME.match(url)
-    rest = url[m.end() :] if m else url
-    for pm in _SECRET_PARAM.finditer(rest):
-        found.append(pm.group(2))
-    rest = _SECRET_PARAM.sub(lambda pm: pm.group(1), rest)
-    at = rest.rfind("@")
-    if at >= 0 and ":" in rest[:at]:
-        pw = rest[:at].split(":", 1)[1]
+    found = [pm.group(2) for pm in _SECRET_PARAM.finditer(url[m.end() :] if m else url)]
+    pw = _userinfo_password(url)
+    if pw is not None:
         found.append(pw)
         found.extend(piece for piece in pw.split("@") if len(piece) >= 4)
     out: set[str] = set()
@@ -127,16 +131,12 @@ def scrub(text: str, url: Optional[str]) -> str:
     text = text.replace(url, mask_url(url))
     for secret in _secrets(url):
         text = text.replace(secret, "***")
-    m = _SCHEME.match(url)
-    rest = _SECRET_PARAM.sub(lambda pm: pm.group(1), url[m.end() :] if m else url)
-    at = rest.rfind("@")
-    if at >= 0 and ":" in rest[:at]:
-        pw = rest[:at].split(":", 1)[1]
-        # a parser that splits at the first @ takes the tail after each inner @ for the host
-        for i in [i for i, c in enumerate(pw) if c == "@"]:
-            tail = pw[i + 1 :]
-            if tail:
-                text = text.replace(tail + "@", "***@")
+    pw = _userinfo_password(url) or ""
+    # a parser that splits at the first @ takes the tail after each inner @ for the host
+    for i in [i for i, c in enumerate(pw) if c == "@"]:
+        tail = pw[i + 1 :]
+        if tail:
+            text = text.replace(tail + "@", "***@")
     return text
 
 
