@@ -14,6 +14,7 @@ from PIL import Image
 import rapid_search as rs
 from rapid_search.cli import main
 from rapid_search.search.runner import SearchOptions, run_search
+from rapid_search.search.study import LATENCY_MARGIN
 
 SHARED = Path(os.environ.get("RAPID_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 os.environ.setdefault("HF_HUB_CACHE", str(SHARED / "hf-cache" / "hub"))
@@ -160,7 +161,8 @@ def test_real_search_latency_budget(tmp_path):
     b = sched.budget
     assert b.kind == "latency" and b.spec == "65%latency"
     assert 0 < b.achieved["latency_ms"] <= b.target  # measured for real at the end
-    assert 0 < b.achieved["predicted_ms"]
+    # drawn a timing-noise margin below the target, so the re-measurement lands under it
+    assert 0 < b.achieved["predicted_ms"] <= b.target * (1 - LATENCY_MARGIN[0]) + 1e-3
     assert b.achieved["batch_size"] == 16 and b.achieved["latency_repeats"] == 7
     # a schedule that is 35% faster removes a large share of the work
     info = rs.model_info(timm.create_model("deit_tiny_patch16_224"))

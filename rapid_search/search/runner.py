@@ -43,7 +43,7 @@ from .storage import (
     safe_reason,
     writable_ancestor,
 )
-from .study import Calibration, Objective, SearchError, cheapest_ratio, environment, export_best
+from .study import LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest_ratio, environment, export_best
 from .workers import count_trials, run_trials
 
 __all__ = [
@@ -450,14 +450,17 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
             + (f"; unreduced top-1 {base_scores['top1']:.2%}" if "top1" in base_scores else " (unlabelled)")
         )
 
-        latency_model = None
+        latency_model, margin = None, 0.0
         if spec.kind == "latency":
             from .budget import resolve
             from .latency import LatencyModel, measure_schedule_ms
 
             prog.log(f"measuring per-block latency on {device} at batch {opts.batch_size} ...")
             latency_model = LatencyModel.measure(model, device=device, batch_size=opts.batch_size)
-            base_ms = measure_schedule_ms(model, None, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats).median_ms
+            base_t = measure_schedule_ms(model, None, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats)
+            base_ms = base_t.median_ms
+            lo, hi = LATENCY_MARGIN
+            margin = min(hi, max(lo, base_t.iqr_ms / base_ms if base_ms > 0 else hi))
             target = resolve(spec, base_gflops=info.base_gflops, base_latency_ms=base_ms)
             floor = cheapest_ratio(info, space, cost=lambda layers: float(latency_model.predict_ms(layers)))
             if target < floor * latency_model.predict_ms([LayerSpec()] * info.depth):
@@ -465,7 +468,10 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
                     f"budget {opts.budget} ({target:.2f} ms) is below the fastest schedule the search space allows "
                     f"(about {floor:.0%} of the unreduced {base_ms:.2f} ms) — raise the budget"
                 )
-            prog.log(f"unreduced latency {base_ms:.2f} ms per batch of {opts.batch_size}; target {target:.2f} ms")
+            prog.log(
+                f"unreduced latency {base_ms:.2f} ms per batch of {opts.batch_size}; target {target:.2f} ms; "
+                f"schedules drawn up to {target * (1 - margin):.2f} ms predicted ({margin:.1%} timing-noise margin)"
+            )
 
         # ---- the study (created only now: nothing is written when loading fails) ---------------
         if storage is None:
@@ -499,6 +505,7 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
             batch_size=opts.batch_size,
             n_rungs=opts.rungs,
             latency_model=latency_model,
+            margin=margin,
         )
         done = _finished(study)
         prog.start(opts.trials, done=done, study=study_name, storage=describe_storage(opts.storage, study_name, STUDIES_DIR))
