@@ -25,8 +25,9 @@ from PIL import Image
 
 import rapid_search as rs
 from rapid_search.cli import main
+from rapid_search.search.space import DEFAULT_SPACE
 
-FULL_SPACE = (Path(__file__).resolve().parents[1] / "search_spaces" / "default.yaml").read_text()
+FULL_SPACE = DEFAULT_SPACE.read_text()
 SECRET = "s3cret-Pw-4711"
 
 
@@ -55,7 +56,7 @@ def bad(tmp_path_factory, tiny_search):
     with torch.device("meta"):  # architecture only
         rs.rapid_schedule(timm.create_model("deit_tiny_patch16_224"), 0.5).save(d / "deit_tiny.yaml")
     (d / "space_malformed.yaml").write_text("format: rapid-search-space/v1\nswitch: {low: 0.0, high: [\n")
-    (d / "space_truncated.yaml").write_text(FULL_SPACE[: len(FULL_SPACE) // 2])
+    (d / "space_truncated.yaml").write_text(FULL_SPACE[: FULL_SPACE.rindex("\n", 0, len(FULL_SPACE) // 2) + 1])  # cut at a line end: valid YAML, keys missing
     (d / "space_threshold.yaml").write_text(FULL_SPACE.replace("low: 0.3, high: 0.95", "low: 0.3, high: 1.5"))
     (d / "space_narrow.yaml").write_text(FULL_SPACE.replace("protect: {low: 0.0, high: 0.6}", "protect: {low: 0.1, high: 0.5}"))
     (d / "empty_dir").mkdir()
@@ -103,7 +104,7 @@ ROWS = {
         "make a schedule for this model",
     ),
     "space-malformed-yaml": (lambda b, t: _search(t, "--space", str(b / "space_malformed.yaml")), "not valid YAML"),
-    "space-truncated-yaml": (lambda b, t: _search(t, "--space", str(b / "space_truncated.yaml")), "copy them from search_spaces/default.yaml"),
+    "space-truncated-yaml": (lambda b, t: _search(t, "--space", str(b / "space_truncated.yaml")), "copy them from " + str(DEFAULT_SPACE)),
     "space-threshold-out-of-range": (lambda b, t: _search(t, "--space", str(b / "space_threshold.yaml")), "<= 1.0"),
     "space-code-tag": (lambda b, t: _search(t, "--space", str(b / "code.yaml")), "not valid YAML"),
     "trials-negative": (lambda b, t: _search(t, "--trials=-3"), "must be at least 1"),

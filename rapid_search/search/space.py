@@ -2,7 +2,7 @@
 
 A trial samples the *shape* of a schedule; its *scale* is then solved so that the schedule
 meets the budget (projection onto the budget), so no calibration forward pass is spent on a
-schedule that cannot meet it. Parameters (see ``search_spaces/default.yaml`` for the why):
+schedule that cannot meet it. Parameters (see ``rapid_search/search/spaces/default.yaml`` for the why):
 
 ``switch``         first merging block, as a fraction of the depth (rounded to a block).
 ``prune_weight``   per-block count in prune blocks relative to merge blocks.
@@ -18,6 +18,7 @@ Per-block count: ``r_l = round(s * w_l)`` with ``w_l = (prune_weight if l < swit
 from __future__ import annotations
 
 import hashlib
+from importlib import resources
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,9 @@ from ..schedule import LayerSpec
 
 __all__ = ["SearchSpaceError", "FloatRange", "ThresholdRange", "SearchSpace", "DEFAULT_SPACE", "layers_for"]
 
-DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "default.yaml"
+#: The default search space, shipped inside the package (found with importlib.resources, so it is
+#: there in a wheel install as in a source checkout); copy it to write your own.
+DEFAULT_SPACE = Path(str(resources.files(__package__) / "spaces" / "default.yaml"))
 _FORMAT = "rapid-search-space/v1"
 
 
@@ -135,7 +138,7 @@ class SearchSpace:
     @classmethod
     def from_dict(cls, d: Any, *, source: str = "<dict>") -> "SearchSpace":
         if not isinstance(d, Mapping):
-            raise SearchSpaceError(f"{source}: a search space must be a YAML mapping — see search_spaces/default.yaml")
+            raise SearchSpaceError(f"{source}: a search space must be a YAML mapping — see {DEFAULT_SPACE}")
         keys = {"format", "switch", "prune_weight", "decay", "protect", "prune_threshold", "merge_threshold"}
         unknown = set(map(str, d)) - keys
         if unknown:
@@ -144,7 +147,7 @@ class SearchSpace:
             raise SearchSpaceError(f"{source}: format must be {_FORMAT!r}, got {d.get('format')!r}")
         missing = sorted(keys - {"format"} - set(d))
         if missing:
-            raise SearchSpaceError(f"{source}: missing key(s) {', '.join(missing)} — copy them from search_spaces/default.yaml")
+            raise SearchSpaceError(f"{source}: missing key(s) {', '.join(missing)} — copy them from {DEFAULT_SPACE}")
         try:
             return cls(
                 switch=_float_range("switch", d["switch"], 0.0, 1.0, allow_log=False),
@@ -160,18 +163,18 @@ class SearchSpace:
 
     @classmethod
     def load(cls, path: Union[str, Path, None] = None) -> "SearchSpace":
-        """Read a search space YAML (default: ``search_spaces/default.yaml``)."""
+        """Read a search space YAML (default: :data:`DEFAULT_SPACE`, shipped in the package)."""
         p = Path(path) if path is not None else DEFAULT_SPACE
         try:
             text = p.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise SearchSpaceError(f"search space {p} does not exist — pass --space with a YAML file like search_spaces/default.yaml") from None
+            raise SearchSpaceError(f"search space {p} does not exist — pass --space with a YAML file like {DEFAULT_SPACE}") from None
         except (OSError, UnicodeDecodeError) as e:
             raise SearchSpaceError(f"cannot read search space {p}: {e.__class__.__name__}") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError:
-            raise SearchSpaceError(f"{p}: not valid YAML — fix it (see search_spaces/default.yaml)") from None
+            raise SearchSpaceError(f"{p}: not valid YAML — fix it (see {DEFAULT_SPACE})") from None
         return cls.from_dict(data, source=str(p))
 
     def without_thresholds(self) -> "SearchSpace":
