@@ -1,7 +1,10 @@
 # Two entry points for a fresh clone (see README):
 #   make search   set up .venv, then run a real search on DeiT-Tiny (../shared images, CPU)
 #   make test     set up .venv, then run the test suite
-# Everything is installed from this project's own pyproject.toml into .venv.
+# Everything is installed from this project's own pyproject.toml into .venv, at the exact versions
+# recorded in constraints.txt (the lock: what the suite and the README's figures were produced with).
+#   make lock     re-resolve every dependency to the newest this machine's index offers and
+#                 rewrite constraints.txt (then run `make test` and commit both)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -20,13 +23,26 @@ TRIALS  ?= 40
 DEVICE  ?= cpu
 MODEL   ?= deit_tiny_patch16_224
 
-.PHONY: setup search test studies clean
+.PHONY: setup search test studies clean lock wheel-check
 
-$(BIN)/.installed: pyproject.toml
+LOCK   := constraints.txt
+
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -c $(LOCK) pip
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[test]'
 	touch $@
+
+# A throwaway venv resolves '.[test]' afresh; its exact versions (pip and setuptools too) become the lock.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q --upgrade pip
+	.lock-venv/bin/python -m pip install -q '.[test]'
+	{ echo "# The lock: exact versions of every dependency of rapid-search[test] (runtime, search, postgres, test)."; \
+	  echo "# Written by 'make lock' on $$(date -u +%Y-%m-%d) with $$(.lock-venv/bin/python -V); used by 'make setup' (pip -c)."; \
+	  .lock-venv/bin/python -m pip freeze --all --exclude-editable | grep -iv '^rapid[-_]search' | LC_ALL=C sort -f; } > $(LOCK)
+	rm -rf .lock-venv
 
 setup: $(BIN)/.installed
 
@@ -53,5 +69,10 @@ studies: setup
 	    --threads $(STUDY_THREADS) --batch-size 32 --json studies/$$m-$${r}pct.eval.json || exit 1; \
 	done; done
 
+# The wheel is the product: build it, install it alone into a fresh venv (runtime only, then with
+# the search extras), and run the README's Python API example and main command from outside the tree.
+wheel-check:
+	bash scripts/wheel_check.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .lock-venv
