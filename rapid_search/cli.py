@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from .argtypes import int_in
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "MissingExtraError", "require_extras"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-images", type=_images_int, default=256, help="calibration images used (default: 256)")
     s.add_argument("--seed", type=_seed_int, default=0, help="sampler and calibration-subset seed (default: 0)")
     s.add_argument("--out", type=Path, default=None, help="schedule YAML to write (default: studies/<study>.yaml)")
-    s.add_argument("--space", type=Path, default=None, help="search space YAML (default: search_spaces/default.yaml)")
+    s.add_argument("--space", type=Path, default=None, help="search space YAML (default: the one shipped in the package, rapid_search/search/spaces/default.yaml)")
     s.add_argument("--metric", choices=("auto", "kl", "agreement", "top1"), default="auto", help="calibration score (default: auto = kl)")
     s.add_argument("--storage", default=None, help="journal:PATH (one machine) or postgresql+psycopg2://user@host/db (several machines; password from ~/.pgpass or PGPASSWORD) (default: studies/<study>.journal)")
     s.add_argument("--study-name", default=None, help="study name (default: derived from model, budget, device, images and seed)")
@@ -108,15 +108,49 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("show", help="print a schedule")
     sh.add_argument("schedule", type=Path, help="schedule YAML")
 
-    for name, module, help_ in (("bench", "bench", "Pareto benchmark against the baselines"), ("visualize", "visualize", "draw kept/pruned/merged patches")):
+    from . import bench, visualize  # both import with the runtime alone (matplotlib is checked per command)
+
+    for name, mod, help_ in (("bench", bench, "Pareto benchmark against the baselines"), ("visualize", visualize, "draw kept/pruned/merged patches")):
         p = sub.add_parser(name, help=help_)
-        p.set_defaults(_module=module)
-        try:
-            mod = __import__(f"rapid_search.{module}", fromlist=["add_arguments"])
-            mod.add_arguments(p)
-        except (ImportError, AttributeError):
-            p.set_defaults(_unavailable=True)
+        p.set_defaults(_main=mod.main)
+        mod.add_arguments(p)
     return parser
+
+
+# ---- optional dependencies ---------------------------------------------------------------------
+#: Top-level module -> the pip extra that installs it.
+EXTRAS = {"optuna": "search", "rich": "search", "matplotlib": "search", "sqlalchemy": "search", "psycopg2": "postgres"}
+#: Sub-command -> the optional modules it needs; checked before any work is done.
+NEEDS = {"search": ("optuna", "rich"), "export": ("optuna",), "bench": ("matplotlib",), "visualize": ("matplotlib",)}
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency of a sub-command is not installed; the message names the pip extra."""
+
+    def __init__(self, command: str, module: str) -> None:
+        extra = EXTRAS.get(module, "search")
+        super().__init__(f"'rapid-search {command}' needs {module}, which is not installed — pip install 'rapid-search[{extra}]'")
+
+
+def _missing_extra(exc: BaseException) -> Optional[str]:
+    """The optional top-level module whose absence raised ``exc`` (a ModuleNotFoundError), if any."""
+    name = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    root = (name or "").split(".")[0]
+    return root if root in EXTRAS else None
+
+
+def require_extras(command: str) -> None:
+    """Import the optional modules ``command`` needs; raise :class:`MissingExtraError` naming the extra."""
+    import importlib
+
+    for module in NEEDS.get(command, ()):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            missing = _missing_extra(e)
+            if missing is None:  # something else is broken: its own message, not a wrong hint
+                raise
+            raise MissingExtraError(command, missing) from None
 
 
 # ---- command implementations -------------------------------------------------------------------
@@ -331,16 +365,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "show": _cmd_show,
     }
     try:
+        require_extras(args.command)
         if args.command in ("bench", "visualize"):
-            if getattr(args, "_unavailable", False):
-                raise ImportError(f"'{args.command}' needs the search extras — pip install 'rapid-search[search]'")
-            mod = __import__(f"rapid_search.{args._module}", fromlist=["main"])
-            return int(mod.main(args) or 0)
+            return int(args._main(args) or 0)
         return commands[args.command](args)
     except _known_errors() as e:
         sys.stderr.write(f"rapid-search: error: {e}\n")
         return EXIT_USAGE
     except (ValueError, ImportError, OSError) as e:
+        missing = _missing_extra(e)  # an optional module imported later than the up-front check
+        if missing is not None:
+            e = MissingExtraError(args.command, missing)
         msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         sys.stderr.write(f"rapid-search: error: {msg}\n")
         return EXIT_USAGE
