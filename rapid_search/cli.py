@@ -28,6 +28,7 @@ __all__ = ["main", "build_parser"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
 _COMMANDS = ("search", "export", "evaluate", "show", "bench", "visualize")
 
 
@@ -39,7 +40,9 @@ class _Parser(argparse.ArgumentParser):
         message = " ".join(str(message).split())
         if message.endswith("expected one argument"):  # e.g. --budget -50%GFLOPs: argparse takes it for an option
             message += " — give a value, and write values that start with '-' as --option=VALUE"
-        sys.stderr.write(f"rapid-search: error: {message} (see {self.prog} --help)\n")
+        from .termsafe import printable
+
+        sys.stderr.write(printable(f"rapid-search: error: {message} (see {self.prog} --help)") + "\n")
         raise SystemExit(EXIT_USAGE)
 
 
@@ -156,10 +159,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
         from .search.runner import SearchInterrupted, default_study_name
 
         if isinstance(e, SearchInterrupted):
-            sys.stderr.write(f"rapid-search: {e}\n")
+            _say(f"rapid-search: {e}", args)
         else:  # before the trials started (nothing written yet), or a second Ctrl-C while cleaning up
             name = opts.study_name or default_study_name(opts)
-            sys.stderr.write(f"rapid-search: interrupted (study {name!r}); re-run the same command to start or resume it\n")
+            _say(f"rapid-search: interrupted (study {name!r}); re-run the same command to start or resume it", args)
         return EXIT_INTERRUPTED
     ach = res.schedule.budget.achieved if res.schedule.budget else {}
     cost = f"{ach.get('gflops', 0):.3f} GFLOPs" + (f", {ach['latency_ms']:.2f} ms" if "latency_ms" in ach else "")
@@ -279,16 +282,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_show(args: argparse.Namespace) -> int:
     from .schedule import Schedule
 
+    from .termsafe import printable
+
     s = Schedule.load(args.schedule)
     m = s.model
-    print(f"{args.schedule}: {m.name} (depth {m.depth}, {m.num_tokens} tokens, {m.num_prefix_tokens} prefix)")
+    lines = [f"{args.schedule}: {m.name} (depth {m.depth}, {m.num_tokens} tokens, {m.num_prefix_tokens} prefix)"]
     if s.budget:
-        print(f"budget {s.budget.spec} (target {s.budget.target}); achieved {s.budget.achieved}")
+        lines.append(f"budget {s.budget.spec} (target {s.budget.target}); achieved {s.budget.achieved}")
     if s.scores:
-        print("scores " + ", ".join(f"{k}={v}" for k, v in s.scores.items()))
+        lines.append("scores " + ", ".join(f"{k}={v}" for k, v in s.scores.items()))
     if s.provenance:
-        print("provenance " + ", ".join(f"{k}={v}" for k, v in s.provenance.items()))
-    print(s.describe())
+        lines.append("provenance " + ", ".join(f"{k}={v}" for k, v in s.provenance.items()))
+    lines.append(s.describe())
+    print(printable("\n".join(lines)))  # the schedule is untrusted: no control characters reach the terminal
+    sys.stdout.flush()  # a closed pipe (show s.yaml | head) is reported here, inside main
     return 0
 
 
@@ -314,16 +321,59 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``rapid-search``; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
-        argv = ["search", *argv]
-    parser = build_parser()
+def _say(line: str, args: Optional[argparse.Namespace] = None) -> None:
+    """Write one line to stderr: any part of the storage's password removed (whatever raised
+    the message, and however the URL was shaped) and control characters made visible."""
+    from .termsafe import printable
+
+    storage = getattr(args, "storage", None)
+    if storage:
+        try:
+            from .search.storage import scrub
+
+            line = scrub(line, storage)
+        except ImportError:  # runtime-only install: no storage URLs either
+            pass
+    sys.stderr.write(printable(line) + "\n")
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe (``rapid-search show s.yaml | head``): send what is still buffered to
+    /dev/null so that the interpreter's final flush does not complain."""
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help, --version, or a usage error already reported on one line
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is no real file (captured, closed)
+        pass
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``rapid-search``; returns the exit code.
+
+    Errors end in one line on stderr and exit code 2; Ctrl-C (at any point, start-up included)
+    in one line and exit code 130; a closed pipe on stdout (``... | head``) quietly, with exit
+    code 141 (as a process ended by SIGPIPE).
+    """
+    args: Optional[argparse.Namespace] = None
+    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+            argv = ["search", *argv]
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help, --version, or a usage error already reported on one line
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+        return _run(args)
+    except KeyboardInterrupt:
+        _say("rapid-search: interrupted", args)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _run(args: argparse.Namespace) -> int:
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "search": _cmd_search,
         "export": _cmd_export,
@@ -337,25 +387,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             mod = __import__(f"rapid_search.{args._module}", fromlist=["main"])
             return int(mod.main(args) or 0)
         return commands[args.command](args)
+    except BrokenPipeError:
+        raise
     except _known_errors() as e:
-        sys.stderr.write(f"rapid-search: error: {e}\n")
+        _say(f"rapid-search: error: {_first_line(e)}", args)
         return EXIT_USAGE
     except (ValueError, ImportError, OSError) as e:
-        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-        sys.stderr.write(f"rapid-search: error: {msg}\n")
+        _say(f"rapid-search: error: {_first_line(e)}", args)
         return EXIT_USAGE
     except MemoryError:
-        sys.stderr.write("rapid-search: error: out of memory — lower --batch-size (or --calib-images)\n")
+        _say("rapid-search: error: out of memory — lower --batch-size (or --calib-images)", args)
+        return EXIT_USAGE
+    except RecursionError:
+        _say("rapid-search: error: an input is nested too deeply to read — simplify it", args)
         return EXIT_USAGE
     except RuntimeError as e:  # torch's allocator failures; anything else is a bug worth a traceback
         text = str(e)
         if "out of memory" not in text and "can't allocate memory" not in text:
             raise
-        sys.stderr.write("rapid-search: error: out of memory — lower --batch-size (or --calib-images)\n")
+        _say("rapid-search: error: out of memory — lower --batch-size (or --calib-images)", args)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        sys.stderr.write("rapid-search: interrupted\n")
-        return EXIT_INTERRUPTED
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e)
+    return " ".join(text.splitlines()[0].split()) if text.strip() else e.__class__.__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

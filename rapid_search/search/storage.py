@@ -119,17 +119,27 @@ def _secrets(url: str) -> list[str]:
     return sorted(out, key=len, reverse=True)
 
 
-def scrub(text: str, url: Optional[str]) -> str:
-    """``text`` (e.g. a driver's error message) without any password from ``url``.
+#: Shortest piece of a password replaced wherever it appears in a message (shorter ones would
+#: garble ordinary words; a whole password shorter than this is still replaced).
+_MIN_PIECE = 4
 
-    Replaces ``url`` itself by its masked form, every secret of :func:`_secrets`, and the rest of
-    a password that a driver took for part of the host name (``ss@host`` from ``user:p@ss@host``).
-    Fragments shorter than 4 characters are never replaced blindly (that would garble the text).
+
+def scrub(text: str, url: Optional[str]) -> str:
+    """``text`` (e.g. a driver's error message) without any part of a password from ``url``.
+
+    Replaces ``url`` itself by its masked form, every secret of :func:`_secrets`, and then every
+    remaining piece of a password (as written or URL-decoded) of at least 4 characters, longest
+    first, wherever it appears: however a parser split the URL (at the first ``@``, at a ``:``
+    in the password taken for a port, ...), whatever part of the password it put in its message
+    is gone. A password shorter than 4 characters is replaced only whole.
     """
     if not url:
         return text
+    from urllib.parse import unquote, unquote_plus
+
     text = text.replace(url, mask_url(url))
-    for secret in _secrets(url):
+    secrets = _secrets(url)
+    for secret in secrets:
         text = text.replace(secret, "***")
     pw = _userinfo_password(url) or ""
     # a parser that splits at the first @ takes the tail after each inner @ for the host
@@ -137,7 +147,44 @@ def scrub(text: str, url: Optional[str]) -> str:
         tail = pw[i + 1 :]
         if tail:
             text = text.replace(tail + "@", "***@")
+    # every piece (substring) of every secret still in the text
+    for secret in secrets:
+        for form in {secret, unquote(secret), unquote_plus(secret)}:
+            text = _cut_pieces(text, form)
+    # short pieces: what a parser split off at a URL delimiter and reported on its own (a host,
+    # a port), replaced where they stand as a whole token; and any tail of the password it
+    # glued to the real host (``gh@127.0.0.1`` from ``user:ab:cd@ef:gh@127.0.0.1``)
+    host = re.split(r"[:/?#\[\]]", url[url.rfind("@") + 1 :], maxsplit=1)[0] if "@" in url else ""
+    for secret in secrets:
+        for piece in sorted({p for p in re.split(r"[@:/?#\[\]]", secret) if p}, key=len, reverse=True):
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(piece)}(?![A-Za-z0-9])", "***", text)
+        if host:
+            for i in range(len(secret)):
+                tail = secret[i:]
+                if "*" not in tail:
+                    text = text.replace(f"{tail}@{host}", f"***@{host}")
     return text
+
+
+def _cut_pieces(text: str, secret: str) -> str:
+    """``text`` with every run of at least ``min(4, len(secret))`` characters that is a piece of
+    ``secret`` replaced by ``***`` (scanning left to right, each run as long as it goes)."""
+    least = min(_MIN_PIECE, len(secret))
+    if not least:
+        return text
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        j = i
+        while j < len(text) and text[i : j + 1] in secret:
+            j += 1
+        if j - i >= least and text[i:j].strip("*"):
+            out.append("***")
+            i = j
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
 
 
 def describe_spec(spec: str) -> str:
@@ -277,7 +324,7 @@ def open_storage(
         except StorageError:
             raise
         except ImportError as e:
-            raise StorageError(f"the driver for {mask_url(spec)} is not installed ({e.name}) — pip install 'rapid-search[postgres]'") from None
+            raise StorageError(_missing_driver(e, spec)) from None
         except Exception as e:
             # workers starting together on an empty database race to create Optuna's tables:
             # the losers see a duplicate table/type; the tables exist now, so try again
@@ -288,6 +335,24 @@ def open_storage(
                 f"cannot open storage {mask_url(spec)}: {_reason(e, spec)} — check the URL, that the server runs and the credentials"
             ) from None
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _missing_driver(e: ImportError, spec: str) -> str:
+    """The message for a URL whose database driver is not installed: names the module SQLAlchemy
+    looked for (Optuna re-raises without it) and, when the URL names no driver and the one this
+    package installs (psycopg2) is there, the URL that uses it."""
+    import importlib.util
+
+    missing, cause = None, e  # type: Optional[str], Optional[BaseException]
+    while cause is not None and missing is None:
+        missing = getattr(cause, "name", None)
+        cause = cause.__cause__ or cause.__context__
+    scheme = spec.split("://", 1)[0]
+    what = f"the database driver {missing!r}" if missing else "the database driver"
+    if scheme.split("+", 1)[0].lower() in ("postgresql", "postgres") and missing != "psycopg2" and importlib.util.find_spec("psycopg2"):
+        fixed = "postgresql+psycopg2://" + spec.split("://", 1)[1]
+        return f"{what} that {scheme}:// uses is not installed — name the installed one in the URL: {mask_url(fixed)}"
+    return f"{what} for {mask_url(spec)} is not installed — pip install 'rapid-search[postgres]' and use postgresql+psycopg2://..."
 
 
 def _check_sqlite_file(spec: str) -> None:
