@@ -162,3 +162,132 @@ def test_ctrl_c_during_start_up(monkeypatch, capsys) -> None:
 
     monkeypatch.setattr(cli, "build_parser", interrupted)
     _one_line(main(["show", "x.yaml"]), capsys.readouterr().err, "interrupted", exit_code=130)
+
+
+# ---- 2. journals: torn or corrupted tails, damage inside, disk full ------------------------------
+def _journal_study(tiny_search, tmp_path, monkeypatch, capsys, trials: str = "2") -> Path:
+    monkeypatch.chdir(tmp_path)
+    assert main(_search(tiny_search, trials=trials)) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    journal = tmp_path / "studies" / "h.journal"
+    assert journal.is_file()
+    return journal
+
+
+def _finished(journal: Path, name: str = "h") -> int:
+    import optuna
+
+    from rapid_search.search.storage import open_storage
+
+    study = optuna.load_study(study_name=name, storage=open_storage(str(journal), study_name=name, create=False, log=lambda m: None))
+    return sum(t.state.is_finished() and t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+
+
+@pytest.mark.parametrize("damage", ["torn-last-record", "garbage-appended", "torn-then-garbage"])
+def test_damaged_journal_tail_is_repaired_with_a_backup(damage, tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    """A cut last record or garbage after the last record: the next search keeps a backup, cuts the
+    tail back to the last complete record (one line saying so), and resumes; export reads it
+    meanwhile without changing it."""
+    journal = _journal_study(tiny_search, tmp_path, monkeypatch, capsys)
+    good = journal.read_bytes()
+    last = good[: -1].rfind(b"\n") + 1
+    damaged = {
+        "torn-last-record": good[: last + (len(good) - last) // 2],
+        "garbage-appended": good + b"\x00\xff\xfegarbage\n{\"op_code\": \n",
+        "torn-then-garbage": good[:-5] + b"\n\x1b[31m\xff not json",
+    }[damage]
+    journal.write_bytes(damaged)
+    # export: read-only, reads a repaired copy, the file is left as it is
+    assert main(["export", "--study-name", "h", "--out", str(tmp_path / "e.yaml")]) == 0
+    assert "read without it" in capsys.readouterr().err
+    assert journal.read_bytes() == damaged
+    # search: repaired in place after a backup, then resumed
+    assert main(_search(tiny_search, trials="3")) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "back to its last complete record" in line]
+    assert len(notes) == 1 and "journal file studies/h.journal " in notes[0], err
+    backups = list(journal.parent.glob("h.journal.damaged-*"))
+    assert len(backups) == 1 and backups[0].read_bytes() == damaged and f"studies/{backups[0].name}" in notes[0]
+    assert _finished(journal) >= 3
+    from rapid_search.search.storage import check_journal
+
+    assert check_journal(journal, repair=False) is None  # clean now
+
+
+@pytest.mark.parametrize("damage", ["unknown-op-code", "undecodable-record-inside"])
+def test_damage_inside_a_journal_is_refused_unchanged(damage, tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    journal = _journal_study(tiny_search, tmp_path, monkeypatch, capsys)
+    lines = journal.read_bytes().split(b"\n")
+    mid = len(lines) // 2
+    lines[mid] = b'{"op_code": 99, "worker_id": "x"}' if damage == "unknown-op-code" else lines[mid][: len(lines[mid]) // 2] + b"\xff"
+    journal.write_bytes(b"\n".join(lines))
+    before = journal.read_bytes()
+    expect = "unknown op code 99" if damage == "unknown-op-code" else f"damaged at line {mid + 1}"
+    for argv in (_search(tiny_search, trials="3"), ["export", "--study-name", "h"]):
+        line = _one_line(main(argv), capsys.readouterr().err, expect)
+        assert "journal file studies/h.journal " in line and "another --study-name" in line and "left unchanged" in line
+    assert journal.read_bytes() == before
+    assert not list(journal.parent.glob("*.damaged-*"))
+
+
+def test_disk_full_during_a_search(tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    """The disk fills up after 2 finished trials, in the middle of a journal write: one line naming
+    the journal and the fix, the best schedule so far written, the journal still ending with a
+    complete record, and the same command resumes once there is space."""
+    import rapid_search.search.storage as storage
+
+    monkeypatch.chdir(tmp_path)
+    real = storage._write_all
+    state = {"complete": 0}
+
+    def write_all(fd, data):
+        if state["complete"] >= 2:
+            real(fd, data[: len(data) // 2])  # part of the record reaches the disk, then it is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+        state["complete"] += data.count(b'"op_code":6') and data.count(b'"state":1')
+
+    monkeypatch.setattr(storage, "_write_all", write_all)
+    out = tmp_path / "best.yaml"
+    line = _one_line(main(_search(tiny_search, "--out", str(out), trials="6")), capsys.readouterr().err, "No space left on device")
+    journal = tmp_path / "studies" / "h.journal"
+    assert "journal file studies/h.journal:" in line
+    assert "free space" in line and "re-run the same command" in line and f"best schedule so far written to {out}" in line
+    assert rs.Schedule.load(out).budget is not None
+    from rapid_search.search.storage import check_journal
+
+    assert journal.read_bytes().endswith(b"\n") and check_journal(journal, repair=False) is None
+    monkeypatch.setattr(storage, "_write_all", real)
+    assert _finished(journal) >= 2
+    assert main(_search(tiny_search, "--out", str(out), trials="3")) == 0
+    assert _finished(journal) >= 3
+
+
+def test_storage_failing_mid_search_is_one_line(tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    """A database server that dies during the search (as Optuna reports it: StorageInternalError
+    from an SQLAlchemy OperationalError): one line, the study kept, the best schedule so far."""
+    import optuna
+    import sqlalchemy.exc
+
+    from optuna.storages.journal import JournalStorage
+
+    monkeypatch.chdir(tmp_path)
+    real = JournalStorage.set_trial_state_values
+    calls = {"n": 0}
+
+    def dying(self, trial_id, state, values=None):
+        if state.is_finished():
+            calls["n"] += 1
+            if calls["n"] > 2:
+                try:
+                    raise sqlalchemy.exc.OperationalError("UPDATE trials", {}, Exception("server closed the connection unexpectedly"))
+                except sqlalchemy.exc.OperationalError as e:
+                    raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from e
+        return real(self, trial_id, state, values)
+
+    monkeypatch.setattr(JournalStorage, "set_trial_state_values", dying)
+    out = tmp_path / "best.yaml"
+    line = _one_line(main(_search(tiny_search, "--out", str(out), trials="6")), capsys.readouterr().err, "failed during the search")
+    assert "server closed the connection unexpectedly" in line and "re-run the same command to resume" in line
+    assert "study 'h' kept" in line and f"best schedule so far written to {out}" in line
+    assert out.is_file()

@@ -36,6 +36,7 @@ from .storage import (
     GRACE_PERIOD,
     HEARTBEAT_INTERVAL,
     JOURNAL_LOCK_GRACE,
+    JournalWriteError,
     check_journal_path,
     describe_storage,
     journal_path,
@@ -545,12 +546,52 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
                 except Exception:  # noqa: BLE001 - the storage went away
                     finished = None
                 raise SearchInterrupted(study_name, written, finished, opts.trials, export_error=failed) from None
+            except _storage_failures() as e:  # disk full under the journal, the database server gone
+                raise _storage_failed(e, study, opts, out, study_name, spec, info, calib, metric, model, device, latency_model, target) from None
 
         schedule, trial = _export(study, opts, out, spec, info, calib, metric, model, device, latency_model, target)
         stats = search_stats(study, len(calib.images))
         stats["calib_seconds_unreduced"] = round(calib.base_seconds, 3)
         prog.finish(study, schedule, out, stats, metric=metric)
         return SearchResult(schedule=schedule, path=out, study_name=study_name, trial_number=trial.number, stats=stats)
+
+
+def _storage_failures() -> tuple[type[BaseException], ...]:
+    """What a storage raises when it fails during a search: a journal append that failed (disk
+    full, I/O error) and any database error (Optuna wraps SQLAlchemy's in StorageInternalError)."""
+    kinds: list[type[BaseException]] = [JournalWriteError, optuna.exceptions.StorageInternalError]
+    try:
+        import sqlalchemy.exc
+
+        kinds.append(sqlalchemy.exc.SQLAlchemyError)
+    except ImportError:  # pragma: no cover - optuna needs sqlalchemy for RDB storages only
+        pass
+    return tuple(kinds)
+
+
+def _storage_failed(e: BaseException, study: optuna.Study, opts: SearchOptions, out: Path, study_name: str, *export_args: Any) -> SearchError:
+    """The one-line error for a storage that failed mid-search, after writing the best schedule
+    so far (when one meets the budget and the storage can still be read)."""
+    if isinstance(e, JournalWriteError):
+        what = str(e)
+    else:
+        cause = e.__cause__ or getattr(e, "orig", None) or e
+        what = (
+            f"storage {describe_storage(opts.storage, study_name, STUDIES_DIR)} failed during the search ({safe_reason(cause, opts.storage)}) — "
+            "check that the server runs and re-run the same command to resume"
+        )
+    try:
+        _export(study, opts, out, *export_args)
+        wrote = f"best schedule so far written to {out}"
+    except SearchError:
+        wrote = "no finished trial meets the budget yet, no schedule written"
+    except Exception as x:  # noqa: BLE001 - the storage failure is what the caller must see
+        wrote = f"the best schedule so far could not be written ({safe_reason(x, opts.storage)})"
+    try:
+        finished = str(_finished(study))
+    except Exception:  # noqa: BLE001 - the storage went away
+        finished = "?"
+    return SearchError(f"{what}; study {study_name!r} kept ({finished}/{opts.trials} trials finished); {wrote}")
 
 
 def _export(

@@ -18,14 +18,18 @@ heartbeat options. Passwords never appear in messages: URLs are shown with the p
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 __all__ = [
     "StorageError",
+    "JournalWriteError",
+    "check_journal",
     "open_storage",
     "describe_storage",
     "journal_path",
@@ -53,6 +57,12 @@ CONNECT_TIMEOUT = 10
 
 class StorageError(ValueError):
     """The storage could not be opened; the message (password masked) says what to do."""
+
+
+class JournalWriteError(StorageError, OSError):
+    """Appending to a journal file failed (disk full, I/O error): the bytes of that append were
+    taken back, so the journal still ends with its last complete record, and this backend
+    refuses further appends (each would be a torn record)."""
 
 
 #: A URL's scheme (``postgresql+psycopg2://``, ``sqlite:///``): a ``--storage`` value without one
@@ -253,6 +263,7 @@ def open_storage(
     studies_dir: Path = Path("studies"),
     create: bool = True,
     allow_sqlite: bool = False,
+    log: Optional[Callable[[str], None]] = None,
 ) -> Any:
     """Open the storage named by ``spec`` (see module docstring).
 
@@ -265,14 +276,16 @@ def open_storage(
             for reading (as export does) and creates nothing: a missing journal file, a missing
             SQLite file or a database without Optuna's tables is an error.
         allow_sqlite: Accept SQLite URLs (read-only uses such as export; never for searches).
+        log: Where the one-line note about a repaired journal goes (default: stderr).
 
     Raises:
         StorageError: Unknown form, SQLite for a search, unreachable server, wrong credentials,
-            unwritable or missing path, nothing to read. The message never contains the password.
+            unwritable or missing path, nothing to read, a journal damaged before its last
+            record. The message never contains the password.
     """
     path = _journal_path(spec, study_name, studies_dir)
     if path is not None:
-        from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalStorage
+        from optuna.storages.journal import JournalFileSymlinkLock, JournalStorage
 
         if not create:
             if not path.is_file():
@@ -285,7 +298,14 @@ def open_storage(
             if create:
                 path.parent.mkdir(parents=True, exist_ok=True)
             lock = JournalFileSymlinkLock(str(path), grace_period=JOURNAL_LOCK_GRACE)
-            return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+            read_from = path
+            if path.is_file():
+                # before Optuna reads or appends: a torn or garbage tail is cut off (after a
+                # backup; read-only uses read a repaired copy instead), damage inside refused
+                fixed = check_journal(path, repair=create, lock=lock if create else None, log=log)
+                if fixed is not None and not create:
+                    read_from = fixed
+            return JournalStorage(_JournalBackend(str(read_from), lock_obj=lock, shown=path))
         except OSError as e:
             raise StorageError(f"cannot open journal file {path}: {e.strerror or e} — pass a writable path with --storage journal:PATH") from None
     assert spec is not None
@@ -353,6 +373,169 @@ def _missing_driver(e: ImportError, spec: str) -> str:
         fixed = "postgresql+psycopg2://" + spec.split("://", 1)[1]
         return f"{what} that {scheme}:// uses is not installed — name the installed one in the URL: {mask_url(fixed)}"
     return f"{what} for {mask_url(spec)} is not installed — pip install 'rapid-search[postgres]' and use postgresql+psycopg2://..."
+
+
+# ---- journal files: detection, repair, all-or-nothing appends ---------------------------------------
+def _journal_ops() -> set[int]:
+    from optuna.storages.journal._storage import JournalOperation
+
+    return {int(op) for op in JournalOperation}
+
+
+def _bad_record(line: bytes, ops: set[int]) -> Optional[str]:
+    """Why ``line`` (without its newline) is not a journal record, or None when it is one."""
+    import json
+
+    try:
+        rec = json.loads(line)
+    except (ValueError, RecursionError):
+        return "not a JSON record"
+    if not isinstance(rec, dict) or not isinstance(rec.get("op_code"), int) or isinstance(rec.get("op_code"), bool):
+        return "not a journal record (no op_code)"
+    if rec["op_code"] not in ops:
+        return f"unknown op code {rec['op_code']} (written by another Optuna version?)"
+    return None
+
+
+def check_journal(
+    path: Path,
+    *,
+    repair: bool,
+    lock: Any = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> Optional[Path]:
+    """Check a journal file before Optuna reads or appends to it.
+
+    A damaged *tail* — a last record cut short (a crash or a full disk mid-write, a copy in
+    progress) or garbage after the last record — is what Optuna would append after, making
+    every later record unreadable. With ``repair`` the file is copied whole to
+    ``PATH.damaged-<time>`` and cut back to its last complete record (under the journal's lock,
+    so no worker is appending meanwhile), and one line says so; without it (read-only uses) a
+    repaired copy is made in a temporary folder and returned, the file left alone. Damage
+    *before* the last record (an undecodable record, an unknown op code anywhere) cannot be cut
+    off without losing what follows: it is refused, nothing changed.
+
+    Returns:
+        None when nothing was wrong or the file was repaired in place; the repaired temporary
+        copy to read instead when ``repair`` is False.
+
+    Raises:
+        StorageError: Damage before the last record, or an unknown op code.
+    """
+    ops = _journal_ops()
+    say = log or (lambda msg: sys.stderr.write(f"rapid-search: {msg}\n"))
+    if lock is not None:
+        lock.acquire()
+    try:
+        data = path.read_bytes()
+        lines = data.split(b"\n")
+        tail = lines.pop()  # after the last newline: b"" when the file ends with a complete record
+        end = 0  # byte offset just past the last good record
+        offset = 0
+        first_bad: Optional[tuple[int, str]] = None
+        for number, line in enumerate(lines, start=1):
+            offset += len(line) + 1
+            why = _bad_record(line, ops)
+            if why is None:
+                if first_bad is not None:
+                    raise StorageError(
+                        f"journal file {path} is damaged at line {first_bad[0]} ({first_bad[1]}) with records after it — "
+                        "restore the file from a copy, or start a new study with another --study-name (the file was left unchanged)"
+                    )
+                end = offset
+            elif why.startswith("unknown op code"):
+                raise StorageError(
+                    f"journal file {path} has a record with an {why} at line {number} — read it with the Optuna version that "
+                    "wrote it, or start a new study with another --study-name (the file was left unchanged)"
+                )
+            elif first_bad is None:
+                first_bad = (number, why)
+        if end == len(data):
+            return None
+        cut = len(data) - end
+        what = "a torn last record" if first_bad is None else f"garbage after the last record (from line {first_bad[0]})"
+        if not repair:
+            import tempfile
+
+            copy = Path(tempfile.mkdtemp(prefix="rapid-journal-")) / path.name
+            copy.write_bytes(data[:end])
+            say(f"journal file {path} ends with {what} ({cut} bytes): read without it; the next search repairs the file")
+            return copy
+        backup = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        import shutil
+
+        shutil.copyfile(path, backup)
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+        say(f"journal file {path} ended with {what}: cut {cut} bytes back to its last complete record; the original is kept as {backup}")
+        return None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is written (raises OSError when the disk is full)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _journal_backend_class() -> type:
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal._file import get_lock_file
+
+    class _Backend(JournalFileBackend):
+        """Optuna's journal file with all-or-nothing appends: when a write fails (disk full, I/O
+        error) the bytes written of it are cut off again, so the file still ends with a complete
+        record, and every later append is refused (this process must stop writing)."""
+
+        def __init__(self, file_path: str, lock_obj: Any = None, *, shown: Path) -> None:
+            super().__init__(file_path, lock_obj=lock_obj)
+            self._shown = shown
+            self._failed: Optional[str] = None
+
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            import json
+
+            if self._failed is not None:
+                raise JournalWriteError(self._failed)
+            data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
+            with get_lock_file(self._lock):
+                fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND)
+                try:
+                    start = os.fstat(fd).st_size
+                    try:
+                        _write_all(fd, data)
+                        os.fsync(fd)
+                    except OSError as e:
+                        try:
+                            os.ftruncate(fd, start)
+                        except OSError:
+                            pass  # the next open repairs the tail
+                        reason = e.strerror or e.__class__.__name__
+                        fix = "free space on its file system" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the file system"
+                        self._failed = (
+                            f"cannot write to journal file {self._shown}: {reason} — {fix} and re-run the same command to resume "
+                            "(every finished trial is kept)"
+                        )
+                        raise JournalWriteError(self._failed) from None
+                finally:
+                    os.close(fd)
+
+    return _Backend
+
+
+def _JournalBackend(file_path: str, *, lock_obj: Any, shown: Path) -> Any:
+    global _BACKEND
+    if _BACKEND is None:
+        _BACKEND = _journal_backend_class()
+    return _BACKEND(file_path, lock_obj, shown=shown)
+
+
+_BACKEND: Optional[type] = None
 
 
 def _check_sqlite_file(spec: str) -> None:
