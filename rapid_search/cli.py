@@ -187,9 +187,11 @@ def _export_study(args: argparse.Namespace) -> int:
     from .schedule import Budget
     from .search.budget import parse_budget, resolve
     from .search.runner import STUDIES_DIR
-    from .search.storage import open_storage
+    from .outputs import check_output
+    from .search.storage import check_study_name, open_storage
     from .search.study import SearchError, export_best
 
+    check_study_name(args.study_name)
     if args.storage is None and not (STUDIES_DIR / f"{args.study_name}.journal").exists():
         raise SearchError(f"no study {args.study_name!r} in {STUDIES_DIR}/ — pass --storage where it lives, or run rapid-search search first")
     # read-only: never creates a journal file; reading while workers write is safe (appends only)
@@ -210,12 +212,23 @@ def _export_study(args: argparse.Namespace) -> int:
     else:
         raise SearchError("a latency budget is measured on the device: export with the study's own budget, or run a search for it")
     out = args.out or STUDIES_DIR / f"{args.study_name}.yaml"
+    check_output(out, option="--out", example="schedule.yaml", reads=_storage_files(args.storage, args.study_name, STUDIES_DIR))
     budget = Budget(spec=text, kind=spec.kind, target=round(target, 6))
     final, trial = export_best(
         study, out, budget=budget, provenance={"exported_from": args.study_name}, max_gflops=target if spec.kind == "gflops" else None
     )
     print(f"schedule written to {out} (trial {trial.number}, {final.budget.achieved.get('gflops', 0):.3f} GFLOPs)")
     return 0
+
+
+def _storage_files(spec: Optional[str], study_name: str, studies_dir: Path) -> list[tuple[str, Optional[Path]]]:
+    """``(what, path)`` of the file a study lives in: its journal file or SQLite database."""
+    from .search.storage import journal_path
+
+    files: list[tuple[str, Optional[Path]]] = [("the study's journal file", journal_path(spec, study_name, studies_dir))]
+    if spec and spec.lower().startswith("sqlite:///"):
+        files.append(("the study's SQLite database", Path(spec[len("sqlite:///") :].split("?", 1)[0])))
+    return files
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -234,12 +247,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from .data import DataError
 
         raise DataError(f"data folder {args.data} does not exist — pass --data with an ImageFolder tree or a flat folder of images")
-    if args.json is not None:  # refuse an unwritable --json before the work, not after
-        from .search.storage import writable_ancestor
+    if args.json is not None:  # refuse an unwritable --json, or one that is an input, before the work
+        from .outputs import check_output
 
-        where = "it is a directory" if args.json.is_dir() else writable_ancestor(args.json)
-        if where is not None:
-            raise OSError(f"cannot write --json {args.json}: {where} — pass a writable file path")
+        check_output(
+            args.json, option="--json", example="result.json",
+            reads=[("the --schedule file", args.schedule), ("the --checkpoint file", args.checkpoint)], data=[args.data],
+        )
     model = load_model(args.model or schedule.model.name, checkpoint=args.checkpoint, device=device)
     info = ModelInfo.from_model(model)
     schedule.model.check(info.fingerprint())

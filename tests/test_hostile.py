@@ -291,3 +291,111 @@ def test_storage_failing_mid_search_is_one_line(tiny_search, tmp_path, monkeypat
     assert "server closed the connection unexpectedly" in line and "re-run the same command to resume" in line
     assert "study 'h' kept" in line and f"best schedule so far written to {out}" in line
     assert out.is_file()
+
+
+# ---- 3. outputs that must not be replaced --------------------------------------------------------
+def _fixture_files(tmp_path: Path, tiny_search) -> dict[str, Path]:
+    space = tmp_path / "space.yaml"
+    space.write_text((Path(__file__).resolve().parents[1] / "search_spaces" / "default.yaml").read_text())
+    schedule = _schedule_with(tmp_path)
+    image = tmp_path / "img.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "studies").mkdir()
+    journal = tmp_path / "studies" / "h.journal"
+    journal.write_bytes(b'{"op_code":0,"worker_id":"w","study_name":"h","directions":[2]}\n')
+    link = tmp_path / "link.yaml"
+    link.symlink_to(space)
+    return {"space": space, "schedule": schedule, "image": image, "fifo": fifo, "journal": journal, "link": link}
+
+
+OUTPUT_CASES = {
+    # id -> (argv builder (files, tiny search), text of the one-line message)
+    "search-out-is-the-journal": (lambda f, t: _search(t, "--out", "studies/h.journal"), "is the study's journal file"),
+    "search-out-is-the-journal-spelled-otherwise": (lambda f, t: _search(t, "--out", "./studies/../studies/h.journal"), "is the study's journal file"),
+    "search-out-is-the-space": (lambda f, t: _search(t, "--space", str(f["space"]), "--out", str(f["space"])), "is the --space file"),
+    "search-out-links-to-the-space": (lambda f, t: _search(t, "--space", str(f["space"]), "--out", str(f["link"])), "is the --space file"),
+    "search-out-is-the-checkpoint": (lambda f, t: _search(t, "--out", str(t.ckpt)), "is the --checkpoint file"),
+    "search-out-is-dev-null": (lambda f, t: _search(t, "--out", "/dev/null"), "is a character device"),
+    "search-out-is-a-fifo": (lambda f, t: _search(t, "--out", str(f["fifo"])), "is a named pipe"),
+    "evaluate-json-is-the-schedule": (
+        lambda f, t: ["evaluate", "--schedule", str(f["schedule"]), "--data", str(t.data), "--checkpoint", str(t.ckpt), "--json", str(f["schedule"])],
+        "is the --schedule file",
+    ),
+    "evaluate-json-is-dev-null": (
+        lambda f, t: ["evaluate", "--schedule", str(f["schedule"]), "--data", str(t.data), "--checkpoint", str(t.ckpt), "--json", "/dev/null"],
+        "is a character device",
+    ),
+    "visualize-out-is-the-image": (
+        lambda f, t: ["visualize", "--model", "test_vit", "--no-pretrained", "--schedule", "rapid@50", "--image", str(f["image"]), "--out", str(f["image"])],
+        "is the --image file",
+    ),
+    "visualize-out-is-dev-null": (
+        lambda f, t: ["visualize", "--model", "test_vit", "--no-pretrained", "--schedule", "rapid@50", "--image", str(f["image"]), "--out", "/dev/null"],
+        "is a character device",
+    ),
+    "bench-output-is-a-searched-schedule": (
+        lambda f, t: ["bench", "--model", "test_vit", "--no-pretrained", "--data", str(t.data), "--searched", str(f["schedule"].parent / "table.md"),
+                      "--out-dir", str(f["schedule"].parent), "--quiet"],
+        "is a --searched schedule",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTPUT_CASES))
+def test_outputs_never_replace_inputs_the_study_or_devices(case, tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    files = _fixture_files(tmp_path, tiny_search)
+    if case.startswith("bench"):
+        files["schedule"].rename(tmp_path / "table.md")
+    monkeypatch.chdir(tmp_path)
+    build, expect = OUTPUT_CASES[case]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink() and p.name != "fifo"}
+    listing = _listing(tmp_path)
+    _one_line(main(build(files, tiny_search)), capsys.readouterr().err, expect)
+    assert _listing(tmp_path) == listing
+    assert {p: p.read_bytes() for p in before} == before
+    assert Path("/dev/null").is_char_device()
+
+
+def test_export_out_is_never_the_journal(tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    journal = _journal_study(tiny_search, tmp_path, monkeypatch, capsys)
+    size = journal.stat().st_size
+    for out in ("studies/h.journal", str(journal)):
+        _one_line(main(["export", "--study-name", "h", "--out", out]), capsys.readouterr().err, "is the study's journal file")
+    assert journal.stat().st_size == size and _finished(journal) >= 2
+
+
+def test_atomic_write_never_replaces_a_device(tmp_path) -> None:
+    from rapid_search.outputs import OutputError, atomic_write_text
+
+    with pytest.raises(OutputError, match="character device"):
+        atomic_write_text("/dev/null", "x")
+    assert Path("/dev/null").is_char_device()
+    assert atomic_write_text(tmp_path / "a.txt", "x").read_text() == "x"
+
+
+# ---- 4. study names that are names --------------------------------------------------------------
+BAD_NAMES = {
+    "parent-path": "../../../x",
+    "absolute": "/tmp/rapid-abs-study",
+    "separator": "a/b",
+    "dot-dot": "..",
+    "backslash": "a\\b",
+    "control-chars": "x\x1b[31my",
+    "newline": "x\ny",
+    "too-long": "x" * 200,
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_NAMES))
+def test_study_names_are_names(kind, tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    work = tmp_path / "a" / "b" / "c"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    for argv in (_search(tiny_search, study_name=BAD_NAMES[kind]), ["export", "--study-name", BAD_NAMES[kind]]):
+        line = _one_line(main(argv), capsys.readouterr().err, "is not a plain name")
+        assert "use letters, digits" in line and "\x1b" not in line
+    assert _listing(tmp_path) == ["a", "a/b", "a/b/c"]
+    assert not Path("/tmp/rapid-abs-study.journal").exists()

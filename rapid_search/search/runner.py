@@ -38,11 +38,11 @@ from .storage import (
     JOURNAL_LOCK_GRACE,
     JournalWriteError,
     check_journal_path,
+    check_study_name,
     describe_storage,
     journal_path,
     open_storage,
     safe_reason,
-    writable_ancestor,
 )
 from .study import LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest_ratio, environment, export_best
 from .workers import count_trials, run_trials
@@ -293,13 +293,22 @@ def _existing_study(spec: Optional[str], study_name: str) -> tuple[Any, Optional
         return storage, None
 
 
-def _check_out(out: Path) -> None:
-    """Refuse an output path that cannot be written, before hours of search."""
-    if out.is_dir():
-        raise SearchError(f"--out {out} is a directory — pass --out with a file path such as {out / 'schedule.yaml'}")
-    where = writable_ancestor(out)
-    if where is not None:
-        raise SearchError(f"cannot write the schedule to {out}: {where} — pass --out with a writable path")
+def _check_out(out: Path, opts: SearchOptions, study_name: str) -> None:
+    """Refuse an output path that cannot or must not be written, before hours of search: not a
+    regular file, the study's journal, an input of the search (``--space``, ``--checkpoint``)."""
+    from ..outputs import check_output
+
+    check_output(
+        out,
+        option="--out",
+        example="schedule.yaml",
+        reads=[
+            ("the study's journal file", journal_path(opts.storage, study_name, STUDIES_DIR)),
+            ("the --space file", opts.space),
+            ("the --checkpoint file", opts.checkpoint),
+        ],
+        data=[opts.data],
+    )
 
 
 def _open_study(study_name: str, storage: Any, seed: int, pruner: Any) -> tuple[optuna.Study, bool, int]:
@@ -422,9 +431,9 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
                 f"budget {opts.budget} ({target / 1e9:.3f} GFLOPs) is below the cheapest schedule the search space allows "
                 f"({floor * info.base_gflops:.3f} GFLOPs, {floor:.0%}) — raise the budget"
             )
-    study_name = opts.study_name or default_study_name(opts)
+    study_name = check_study_name(default_study_name(opts) if opts.study_name is None else opts.study_name)
     out = Path(opts.out) if opts.out else STUDIES_DIR / f"{study_name}.yaml"
-    _check_out(out)
+    _check_out(out, opts, study_name)
     setup = _setup_attrs(opts, info, space, metric, device)
     storage, existing = _existing_study(opts.storage, study_name)  # connects to a server now: bad URLs fail fast
     if existing is not None:

@@ -26,10 +26,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..outputs import writable_ancestor
+
 __all__ = [
     "StorageError",
     "JournalWriteError",
     "check_journal",
+    "check_study_name",
+    "MAX_STUDY_NAME",
     "open_storage",
     "describe_storage",
     "journal_path",
@@ -197,6 +201,39 @@ def _cut_pieces(text: str, secret: str) -> str:
     return "".join(out)
 
 
+#: The longest study name (it names files: ``<name>.journal``, ``<name>.yaml``).
+MAX_STUDY_NAME = 128
+
+
+def check_study_name(name: str) -> str:
+    """Refuse a study name that is not a plain name: it names files under ``studies/``, so it
+    must not hold path separators, be ``.`` or ``..``, hold control characters, or be longer
+    than :data:`MAX_STUDY_NAME` characters. Returns ``name``.
+
+    Raises:
+        StorageError: The name, with the reason and the fix.
+    """
+    from ..termsafe import printable
+
+    if not name:
+        why = "it is empty"
+    elif len(name) > MAX_STUDY_NAME:
+        why = f"it is {len(name)} characters long (at most {MAX_STUDY_NAME})"
+    elif any(sep in name for sep in ("/", "\\", os.sep, os.altsep or "/")):
+        why = "it holds a path separator"
+    elif name in (".", ".."):
+        why = "it is a folder name"
+    elif any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in name):
+        why = "it holds control characters"
+    else:
+        return name
+    shown = printable(repr(name if len(name) <= 60 else name[:60] + "..."))
+    raise StorageError(
+        f"--study-name {shown} is not a plain name: {why} — use letters, digits and . _ - (e.g. deit-s-50); "
+        "to keep the study elsewhere pass --storage journal:PATH"
+    )
+
+
 def describe_spec(spec: str) -> str:
     """``spec`` for a message: the masked URL, or a generic description when it has no scheme."""
     return mask_url(spec) if has_scheme(spec) else "the --storage value (not shown: it is neither a journal path nor a URL)"
@@ -235,25 +272,6 @@ def check_journal_path(path: Path) -> None:
     where = writable_ancestor(path)
     if where is not None:
         raise StorageError(f"cannot create journal file {path}: {where} — {hint}")
-
-
-def writable_ancestor(path: Path) -> Optional[str]:
-    """None when files can be created next to ``path`` (in its folder, or in the nearest existing
-    ancestor of a folder still to be made), else the reason. Probes with a temporary file that is
-    removed at once (permission bits alone say nothing for root or on /proc-like file systems)."""
-    import tempfile
-
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"{parent} is not a directory"
-    try:
-        with tempfile.TemporaryFile(dir=parent, prefix=".rapid-write-check-"):
-            pass
-    except OSError as e:
-        return f"{parent} is not writable ({e.strerror or e.__class__.__name__})"
-    return None
 
 
 def open_storage(
@@ -452,6 +470,12 @@ def check_journal(
                 first_bad = (number, why)
         if end == len(data):
             return None
+        if end == 0:  # nothing to keep: not a journal (a file given by mistake), or a first record torn
+            raise StorageError(
+                f"journal file {path} holds no complete journal record (is it a journal file?) — pass --storage journal:PATH "
+                "of a study's journal or a new path; if it is a new study's journal, cut short at its first write, remove it "
+                "(the file was left unchanged)"
+            )
         cut = len(data) - end
         what = "a torn last record" if first_bad is None else f"garbage after the last record (from line {first_bad[0]})"
         if not repair:
