@@ -827,6 +827,7 @@ def main(args: argparse.Namespace) -> int:
         raise BenchError("--calib and --data are the same folder — evaluate on images the search never saw")
     model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, device=device)
     info = ModelInfo.from_model(model)
+    _check_outputs(args.out_dir or Path("benchmarks") / info.name, args)
     notes: list[str] = []
     searched, more = match_searched(args.searched, info, args.ratios)
     notes += more
@@ -872,6 +873,16 @@ def main(args: argparse.Namespace) -> int:
     for p in paths.values():
         print(f"wrote {p}")
     return 0
+
+
+def _check_outputs(out_dir: Path, args: argparse.Namespace) -> None:
+    """Refuse, before the benchmark, output files (:func:`write_outputs`) that are inputs of
+    this command or not regular files."""
+    from .outputs import check_output
+
+    reads = [("the --checkpoint file", args.checkpoint)] + [("a --searched schedule", p) for p in args.searched]
+    for name in ("table.md", "results.json", "pareto.png"):
+        check_output(Path(out_dir) / name, option="--out-dir", reads=reads, data=[args.data, args.calib])
 
 
 def _command(args: argparse.Namespace) -> str:

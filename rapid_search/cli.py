@@ -28,6 +28,7 @@ __all__ = ["main", "build_parser", "MissingExtraError", "require_extras"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
 _COMMANDS = ("search", "export", "evaluate", "show", "bench", "visualize")
 
 
@@ -39,7 +40,9 @@ class _Parser(argparse.ArgumentParser):
         message = " ".join(str(message).split())
         if message.endswith("expected one argument"):  # e.g. --budget -50%GFLOPs: argparse takes it for an option
             message += " — give a value, and write values that start with '-' as --option=VALUE"
-        sys.stderr.write(f"rapid-search: error: {message} (see {self.prog} --help)\n")
+        from .termsafe import printable
+
+        sys.stderr.write(printable(f"rapid-search: error: {message} (see {self.prog} --help)") + "\n")
         raise SystemExit(EXIT_USAGE)
 
 
@@ -190,10 +193,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
         from .search.runner import SearchInterrupted, default_study_name
 
         if isinstance(e, SearchInterrupted):
-            sys.stderr.write(f"rapid-search: {e}\n")
+            _say(f"rapid-search: {e}", args)
         else:  # before the trials started (nothing written yet), or a second Ctrl-C while cleaning up
             name = opts.study_name or default_study_name(opts)
-            sys.stderr.write(f"rapid-search: interrupted (study {name!r}); re-run the same command to start or resume it\n")
+            _say(f"rapid-search: interrupted (study {name!r}); re-run the same command to start or resume it", args)
         return EXIT_INTERRUPTED
     ach = res.schedule.budget.achieved if res.schedule.budget else {}
     cost = f"{ach.get('gflops', 0):.3f} GFLOPs" + (f", {ach['latency_ms']:.2f} ms" if "latency_ms" in ach else "")
@@ -218,9 +221,11 @@ def _export_study(args: argparse.Namespace) -> int:
     from .schedule import Budget
     from .search.budget import parse_budget, resolve
     from .search.runner import STUDIES_DIR
-    from .search.storage import open_storage
+    from .outputs import check_output
+    from .search.storage import check_study_name, open_storage
     from .search.study import SearchError, export_best
 
+    check_study_name(args.study_name)
     if args.storage is None and not (STUDIES_DIR / f"{args.study_name}.journal").exists():
         raise SearchError(f"no study {args.study_name!r} in {STUDIES_DIR}/ — pass --storage where it lives, or run rapid-search search first")
     # read-only: never creates a journal file; reading while workers write is safe (appends only)
@@ -241,12 +246,23 @@ def _export_study(args: argparse.Namespace) -> int:
     else:
         raise SearchError("a latency budget is measured on the device: export with the study's own budget, or run a search for it")
     out = args.out or STUDIES_DIR / f"{args.study_name}.yaml"
+    check_output(out, option="--out", example="schedule.yaml", reads=_storage_files(args.storage, args.study_name, STUDIES_DIR))
     budget = Budget(spec=text, kind=spec.kind, target=round(target, 6))
     final, trial = export_best(
         study, out, budget=budget, provenance={"exported_from": args.study_name}, max_gflops=target if spec.kind == "gflops" else None
     )
     print(f"schedule written to {out} (trial {trial.number}, {final.budget.achieved.get('gflops', 0):.3f} GFLOPs)")
     return 0
+
+
+def _storage_files(spec: Optional[str], study_name: str, studies_dir: Path) -> list[tuple[str, Optional[Path]]]:
+    """``(what, path)`` of the file a study lives in: its journal file or SQLite database."""
+    from .search.storage import journal_path
+
+    files: list[tuple[str, Optional[Path]]] = [("the study's journal file", journal_path(spec, study_name, studies_dir))]
+    if spec and spec.lower().startswith("sqlite:///"):
+        files.append(("the study's SQLite database", Path(spec[len("sqlite:///") :].split("?", 1)[0])))
+    return files
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -265,12 +281,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from .data import DataError
 
         raise DataError(f"data folder {args.data} does not exist — pass --data with an ImageFolder tree or a flat folder of images")
-    if args.json is not None:  # refuse an unwritable --json before the work, not after
-        from .search.storage import writable_ancestor
+    if args.json is not None:  # refuse an unwritable --json, or one that is an input, before the work
+        from .outputs import check_output
 
-        where = "it is a directory" if args.json.is_dir() else writable_ancestor(args.json)
-        if where is not None:
-            raise OSError(f"cannot write --json {args.json}: {where} — pass a writable file path")
+        check_output(
+            args.json, option="--json", example="result.json",
+            reads=[("the --schedule file", args.schedule), ("the --checkpoint file", args.checkpoint)], data=[args.data],
+        )
     model = load_model(args.model or schedule.model.name, checkpoint=args.checkpoint, device=device)
     info = ModelInfo.from_model(model)
     schedule.model.check(info.fingerprint())
@@ -313,16 +330,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_show(args: argparse.Namespace) -> int:
     from .schedule import Schedule
 
+    from .termsafe import printable
+
     s = Schedule.load(args.schedule)
     m = s.model
-    print(f"{args.schedule}: {m.name} (depth {m.depth}, {m.num_tokens} tokens, {m.num_prefix_tokens} prefix)")
+    lines = [f"{args.schedule}: {m.name} (depth {m.depth}, {m.num_tokens} tokens, {m.num_prefix_tokens} prefix)"]
     if s.budget:
-        print(f"budget {s.budget.spec} (target {s.budget.target}); achieved {s.budget.achieved}")
+        lines.append(f"budget {s.budget.spec} (target {s.budget.target}); achieved {s.budget.achieved}")
     if s.scores:
-        print("scores " + ", ".join(f"{k}={v}" for k, v in s.scores.items()))
+        lines.append("scores " + ", ".join(f"{k}={v}" for k, v in s.scores.items()))
     if s.provenance:
-        print("provenance " + ", ".join(f"{k}={v}" for k, v in s.provenance.items()))
-    print(s.describe())
+        lines.append("provenance " + ", ".join(f"{k}={v}" for k, v in s.provenance.items()))
+    lines.append(s.describe())
+    print(printable("\n".join(lines)))  # the schedule is untrusted: no control characters reach the terminal
+    sys.stdout.flush()  # a closed pipe (show s.yaml | head) is reported here, inside main
     return 0
 
 
@@ -348,16 +369,59 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``rapid-search``; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
-        argv = ["search", *argv]
-    parser = build_parser()
+def _say(line: str, args: Optional[argparse.Namespace] = None) -> None:
+    """Write one line to stderr: any part of the storage's password removed (whatever raised
+    the message, and however the URL was shaped) and control characters made visible."""
+    from .termsafe import printable
+
+    storage = getattr(args, "storage", None)
+    if storage:
+        try:
+            from .search.storage import scrub
+
+            line = scrub(line, storage)
+        except ImportError:  # runtime-only install: no storage URLs either
+            pass
+    sys.stderr.write(printable(line) + "\n")
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe (``rapid-search show s.yaml | head``): send what is still buffered to
+    /dev/null so that the interpreter's final flush does not complain."""
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help, --version, or a usage error already reported on one line
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is no real file (captured, closed)
+        pass
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``rapid-search``; returns the exit code.
+
+    Errors end in one line on stderr and exit code 2; Ctrl-C (at any point, start-up included)
+    in one line and exit code 130; a closed pipe on stdout (``... | head``) quietly, with exit
+    code 141 (as a process ended by SIGPIPE).
+    """
+    args: Optional[argparse.Namespace] = None
+    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+            argv = ["search", *argv]
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help, --version, or a usage error already reported on one line
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+        return _run(args)
+    except KeyboardInterrupt:
+        _say("rapid-search: interrupted", args)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _run(args: argparse.Namespace) -> int:
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "search": _cmd_search,
         "export": _cmd_export,
@@ -369,28 +433,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command in ("bench", "visualize"):
             return int(args._main(args) or 0)
         return commands[args.command](args)
+    except BrokenPipeError:
+        raise
     except _known_errors() as e:
-        sys.stderr.write(f"rapid-search: error: {e}\n")
+        _say(f"rapid-search: error: {_first_line(e)}", args)
         return EXIT_USAGE
     except (ValueError, ImportError, OSError) as e:
         missing = _missing_extra(e)  # an optional module imported later than the up-front check
         if missing is not None:
             e = MissingExtraError(args.command, missing)
-        msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-        sys.stderr.write(f"rapid-search: error: {msg}\n")
+        _say(f"rapid-search: error: {_first_line(e)}", args)
         return EXIT_USAGE
     except MemoryError:
-        sys.stderr.write("rapid-search: error: out of memory — lower --batch-size (or --calib-images)\n")
+        _say("rapid-search: error: out of memory — lower --batch-size (or --calib-images)", args)
+        return EXIT_USAGE
+    except RecursionError:
+        _say("rapid-search: error: an input is nested too deeply to read — simplify it", args)
         return EXIT_USAGE
     except RuntimeError as e:  # torch's allocator failures; anything else is a bug worth a traceback
         text = str(e)
         if "out of memory" not in text and "can't allocate memory" not in text:
             raise
-        sys.stderr.write("rapid-search: error: out of memory — lower --batch-size (or --calib-images)\n")
+        _say("rapid-search: error: out of memory — lower --batch-size (or --calib-images)", args)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        sys.stderr.write("rapid-search: interrupted\n")
-        return EXIT_INTERRUPTED
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e)
+    return " ".join(text.splitlines()[0].split()) if text.strip() else e.__class__.__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
+
+from .outputs import atomic_write_text
 
 __all__ = [
     "FORMAT",
@@ -361,29 +362,6 @@ class Schedule:
                 s += f" protect={layer.protect:.2f}"
             rows.append(s)
         return "\n".join(rows)
-
-
-def atomic_write_text(path: Union[str, os.PathLike], text: str) -> Path:
-    """Write ``text`` to ``path`` atomically: readers see the old file or the new one, never half."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return p
 
 
 def load_schedule(path: Union[str, os.PathLike]) -> Schedule:

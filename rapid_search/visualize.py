@@ -352,6 +352,12 @@ def main(args: argparse.Namespace) -> int:
     from .bench import schedule_for_spec
     from .loading import load_model
 
+    from .outputs import check_output
+
+    check_output(  # before the model is loaded: never an input of this command, never a device
+        args.out, option="--out", example="patches.png",
+        reads=[("the --image file", args.image), ("the --schedule file", Path(args.schedule)), ("the --checkpoint file", args.checkpoint)],
+    )
     model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
     sched = schedule_for_spec(args.schedule, model)
     path = render(model, args.image, sched, layers=args.layers, out=args.out)

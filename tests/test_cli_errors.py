@@ -155,7 +155,7 @@ ROWS = {
     "evaluate-json-unwritable": (
         lambda b, t: ["evaluate", "--schedule", str(b / "good.yaml"), "--data", str(t.data), "--checkpoint", str(t.ckpt),
                       "--json", "/proc/rapid/x.json"],
-        "writable file path",
+        "pass --json with a writable path",
     ),
     "unknown-option": (lambda b, t: _search(t, "--frobnicate"), "unrecognized arguments"),
     "unknown-command": (lambda b, t: ["frobnicate"], "invalid choice"),

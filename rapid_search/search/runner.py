@@ -36,12 +36,13 @@ from .storage import (
     GRACE_PERIOD,
     HEARTBEAT_INTERVAL,
     JOURNAL_LOCK_GRACE,
+    JournalWriteError,
     check_journal_path,
+    check_study_name,
     describe_storage,
     journal_path,
     open_storage,
     safe_reason,
-    writable_ancestor,
 )
 from .study import LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest_ratio, environment, export_best
 from .workers import count_trials, run_trials
@@ -292,13 +293,22 @@ def _existing_study(spec: Optional[str], study_name: str) -> tuple[Any, Optional
         return storage, None
 
 
-def _check_out(out: Path) -> None:
-    """Refuse an output path that cannot be written, before hours of search."""
-    if out.is_dir():
-        raise SearchError(f"--out {out} is a directory — pass --out with a file path such as {out / 'schedule.yaml'}")
-    where = writable_ancestor(out)
-    if where is not None:
-        raise SearchError(f"cannot write the schedule to {out}: {where} — pass --out with a writable path")
+def _check_out(out: Path, opts: SearchOptions, study_name: str) -> None:
+    """Refuse an output path that cannot or must not be written, before hours of search: not a
+    regular file, the study's journal, an input of the search (``--space``, ``--checkpoint``)."""
+    from ..outputs import check_output
+
+    check_output(
+        out,
+        option="--out",
+        example="schedule.yaml",
+        reads=[
+            ("the study's journal file", journal_path(opts.storage, study_name, STUDIES_DIR)),
+            ("the --space file", opts.space),
+            ("the --checkpoint file", opts.checkpoint),
+        ],
+        data=[opts.data],
+    )
 
 
 def _open_study(study_name: str, storage: Any, seed: int, pruner: Any) -> tuple[optuna.Study, bool, int]:
@@ -421,9 +431,9 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
                 f"budget {opts.budget} ({target / 1e9:.3f} GFLOPs) is below the cheapest schedule the search space allows "
                 f"({floor * info.base_gflops:.3f} GFLOPs, {floor:.0%}) — raise the budget"
             )
-    study_name = opts.study_name or default_study_name(opts)
+    study_name = check_study_name(default_study_name(opts) if opts.study_name is None else opts.study_name)
     out = Path(opts.out) if opts.out else STUDIES_DIR / f"{study_name}.yaml"
-    _check_out(out)
+    _check_out(out, opts, study_name)
     setup = _setup_attrs(opts, info, space, metric, device)
     storage, existing = _existing_study(opts.storage, study_name)  # connects to a server now: bad URLs fail fast
     if existing is not None:
@@ -545,12 +555,52 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
                 except Exception:  # noqa: BLE001 - the storage went away
                     finished = None
                 raise SearchInterrupted(study_name, written, finished, opts.trials, export_error=failed) from None
+            except _storage_failures() as e:  # disk full under the journal, the database server gone
+                raise _storage_failed(e, study, opts, out, study_name, spec, info, calib, metric, model, device, latency_model, target) from None
 
         schedule, trial = _export(study, opts, out, spec, info, calib, metric, model, device, latency_model, target)
         stats = search_stats(study, len(calib.images))
         stats["calib_seconds_unreduced"] = round(calib.base_seconds, 3)
         prog.finish(study, schedule, out, stats, metric=metric)
         return SearchResult(schedule=schedule, path=out, study_name=study_name, trial_number=trial.number, stats=stats)
+
+
+def _storage_failures() -> tuple[type[BaseException], ...]:
+    """What a storage raises when it fails during a search: a journal append that failed (disk
+    full, I/O error) and any database error (Optuna wraps SQLAlchemy's in StorageInternalError)."""
+    kinds: list[type[BaseException]] = [JournalWriteError, optuna.exceptions.StorageInternalError]
+    try:
+        import sqlalchemy.exc
+
+        kinds.append(sqlalchemy.exc.SQLAlchemyError)
+    except ImportError:  # pragma: no cover - optuna needs sqlalchemy for RDB storages only
+        pass
+    return tuple(kinds)
+
+
+def _storage_failed(e: BaseException, study: optuna.Study, opts: SearchOptions, out: Path, study_name: str, *export_args: Any) -> SearchError:
+    """The one-line error for a storage that failed mid-search, after writing the best schedule
+    so far (when one meets the budget and the storage can still be read)."""
+    if isinstance(e, JournalWriteError):
+        what = str(e)
+    else:
+        cause = e.__cause__ or getattr(e, "orig", None) or e
+        what = (
+            f"storage {describe_storage(opts.storage, study_name, STUDIES_DIR)} failed during the search ({safe_reason(cause, opts.storage)}) — "
+            "check that the server runs and re-run the same command to resume"
+        )
+    try:
+        _export(study, opts, out, *export_args)
+        wrote = f"best schedule so far written to {out}"
+    except SearchError:
+        wrote = "no finished trial meets the budget yet, no schedule written"
+    except Exception as x:  # noqa: BLE001 - the storage failure is what the caller must see
+        wrote = f"the best schedule so far could not be written ({safe_reason(x, opts.storage)})"
+    try:
+        finished = str(_finished(study))
+    except Exception:  # noqa: BLE001 - the storage went away
+        finished = "?"
+    return SearchError(f"{what}; study {study_name!r} kept ({finished}/{opts.trials} trials finished); {wrote}")
 
 
 def _export(

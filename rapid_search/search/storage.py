@@ -18,14 +18,22 @@ heartbeat options. Passwords never appear in messages: URLs are shown with the p
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+from ..outputs import writable_ancestor
 
 __all__ = [
     "StorageError",
+    "JournalWriteError",
+    "check_journal",
+    "check_study_name",
+    "MAX_STUDY_NAME",
     "open_storage",
     "describe_storage",
     "journal_path",
@@ -53,6 +61,12 @@ CONNECT_TIMEOUT = 10
 
 class StorageError(ValueError):
     """The storage could not be opened; the message (password masked) says what to do."""
+
+
+class JournalWriteError(StorageError, OSError):
+    """Appending to a journal file failed (disk full, I/O error): the bytes of that append were
+    taken back, so the journal still ends with its last complete record, and this backend
+    refuses further appends (each would be a torn record)."""
 
 
 #: A URL's scheme (``postgresql+psycopg2://``, ``sqlite:///``): a ``--storage`` value without one
@@ -119,17 +133,27 @@ def _secrets(url: str) -> list[str]:
     return sorted(out, key=len, reverse=True)
 
 
-def scrub(text: str, url: Optional[str]) -> str:
-    """``text`` (e.g. a driver's error message) without any password from ``url``.
+#: Shortest piece of a password replaced wherever it appears in a message (shorter ones would
+#: garble ordinary words; a whole password shorter than this is still replaced).
+_MIN_PIECE = 4
 
-    Replaces ``url`` itself by its masked form, every secret of :func:`_secrets`, and the rest of
-    a password that a driver took for part of the host name (``ss@host`` from ``user:p@ss@host``).
-    Fragments shorter than 4 characters are never replaced blindly (that would garble the text).
+
+def scrub(text: str, url: Optional[str]) -> str:
+    """``text`` (e.g. a driver's error message) without any part of a password from ``url``.
+
+    Replaces ``url`` itself by its masked form, every secret of :func:`_secrets`, and then every
+    remaining piece of a password (as written or URL-decoded) of at least 4 characters, longest
+    first, wherever it appears: however a parser split the URL (at the first ``@``, at a ``:``
+    in the password taken for a port, ...), whatever part of the password it put in its message
+    is gone. A password shorter than 4 characters is replaced only whole.
     """
     if not url:
         return text
+    from urllib.parse import unquote, unquote_plus
+
     text = text.replace(url, mask_url(url))
-    for secret in _secrets(url):
+    secrets = _secrets(url)
+    for secret in secrets:
         text = text.replace(secret, "***")
     pw = _userinfo_password(url) or ""
     # a parser that splits at the first @ takes the tail after each inner @ for the host
@@ -137,7 +161,77 @@ def scrub(text: str, url: Optional[str]) -> str:
         tail = pw[i + 1 :]
         if tail:
             text = text.replace(tail + "@", "***@")
+    # every piece (substring) of every secret still in the text
+    for secret in secrets:
+        for form in {secret, unquote(secret), unquote_plus(secret)}:
+            text = _cut_pieces(text, form)
+    # short pieces: what a parser split off at a URL delimiter and reported on its own (a host,
+    # a port), replaced where they stand as a whole token; and any tail of the password it
+    # glued to the real host (``gh@127.0.0.1`` from ``user:ab:cd@ef:gh@127.0.0.1``)
+    host = re.split(r"[:/?#\[\]]", url[url.rfind("@") + 1 :], maxsplit=1)[0] if "@" in url else ""
+    for secret in secrets:
+        for piece in sorted({p for p in re.split(r"[@:/?#\[\]]", secret) if p}, key=len, reverse=True):
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(piece)}(?![A-Za-z0-9])", "***", text)
+        if host:
+            for i in range(len(secret)):
+                tail = secret[i:]
+                if "*" not in tail:
+                    text = text.replace(f"{tail}@{host}", f"***@{host}")
     return text
+
+
+def _cut_pieces(text: str, secret: str) -> str:
+    """``text`` with every run of at least ``min(4, len(secret))`` characters that is a piece of
+    ``secret`` replaced by ``***`` (scanning left to right, each run as long as it goes)."""
+    least = min(_MIN_PIECE, len(secret))
+    if not least:
+        return text
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        j = i
+        while j < len(text) and text[i : j + 1] in secret:
+            j += 1
+        if j - i >= least and text[i:j].strip("*"):
+            out.append("***")
+            i = j
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+#: The longest study name (it names files: ``<name>.journal``, ``<name>.yaml``).
+MAX_STUDY_NAME = 128
+
+
+def check_study_name(name: str) -> str:
+    """Refuse a study name that is not a plain name: it names files under ``studies/``, so it
+    must not hold path separators, be ``.`` or ``..``, hold control characters, or be longer
+    than :data:`MAX_STUDY_NAME` characters. Returns ``name``.
+
+    Raises:
+        StorageError: The name, with the reason and the fix.
+    """
+    from ..termsafe import printable
+
+    if not name:
+        why = "it is empty"
+    elif len(name) > MAX_STUDY_NAME:
+        why = f"it is {len(name)} characters long (at most {MAX_STUDY_NAME})"
+    elif any(sep in name for sep in ("/", "\\", os.sep, os.altsep or "/")):
+        why = "it holds a path separator"
+    elif name in (".", ".."):
+        why = "it is a folder name"
+    elif any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in name):
+        why = "it holds control characters"
+    else:
+        return name
+    shown = printable(repr(name if len(name) <= 60 else name[:60] + "..."))
+    raise StorageError(
+        f"--study-name {shown} is not a plain name: {why} — use letters, digits and . _ - (e.g. deit-s-50); "
+        "to keep the study elsewhere pass --storage journal:PATH"
+    )
 
 
 def describe_spec(spec: str) -> str:
@@ -180,25 +274,6 @@ def check_journal_path(path: Path) -> None:
         raise StorageError(f"cannot create journal file {path}: {where} — {hint}")
 
 
-def writable_ancestor(path: Path) -> Optional[str]:
-    """None when files can be created next to ``path`` (in its folder, or in the nearest existing
-    ancestor of a folder still to be made), else the reason. Probes with a temporary file that is
-    removed at once (permission bits alone say nothing for root or on /proc-like file systems)."""
-    import tempfile
-
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"{parent} is not a directory"
-    try:
-        with tempfile.TemporaryFile(dir=parent, prefix=".rapid-write-check-"):
-            pass
-    except OSError as e:
-        return f"{parent} is not writable ({e.strerror or e.__class__.__name__})"
-    return None
-
-
 def open_storage(
     spec: Optional[str],
     *,
@@ -206,6 +281,7 @@ def open_storage(
     studies_dir: Path = Path("studies"),
     create: bool = True,
     allow_sqlite: bool = False,
+    log: Optional[Callable[[str], None]] = None,
 ) -> Any:
     """Open the storage named by ``spec`` (see module docstring).
 
@@ -218,14 +294,16 @@ def open_storage(
             for reading (as export does) and creates nothing: a missing journal file, a missing
             SQLite file or a database without Optuna's tables is an error.
         allow_sqlite: Accept SQLite URLs (read-only uses such as export; never for searches).
+        log: Where the one-line note about a repaired journal goes (default: stderr).
 
     Raises:
         StorageError: Unknown form, SQLite for a search, unreachable server, wrong credentials,
-            unwritable or missing path, nothing to read. The message never contains the password.
+            unwritable or missing path, nothing to read, a journal damaged before its last
+            record. The message never contains the password.
     """
     path = _journal_path(spec, study_name, studies_dir)
     if path is not None:
-        from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalStorage
+        from optuna.storages.journal import JournalFileSymlinkLock, JournalStorage
 
         if not create:
             if not path.is_file():
@@ -238,7 +316,14 @@ def open_storage(
             if create:
                 path.parent.mkdir(parents=True, exist_ok=True)
             lock = JournalFileSymlinkLock(str(path), grace_period=JOURNAL_LOCK_GRACE)
-            return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+            read_from = path
+            if path.is_file():
+                # before Optuna reads or appends: a torn or garbage tail is cut off (after a
+                # backup; read-only uses read a repaired copy instead), damage inside refused
+                fixed = check_journal(path, repair=create, lock=lock if create else None, log=log)
+                if fixed is not None and not create:
+                    read_from = fixed
+            return JournalStorage(_JournalBackend(str(read_from), lock_obj=lock, shown=path))
         except OSError as e:
             raise StorageError(f"cannot open journal file {path}: {e.strerror or e} — pass a writable path with --storage journal:PATH") from None
     assert spec is not None
@@ -277,7 +362,7 @@ def open_storage(
         except StorageError:
             raise
         except ImportError as e:
-            raise StorageError(f"the driver for {mask_url(spec)} is not installed ({e.name}) — pip install 'rapid-search[postgres]'") from None
+            raise StorageError(_missing_driver(e, spec)) from None
         except Exception as e:
             # workers starting together on an empty database race to create Optuna's tables:
             # the losers see a duplicate table/type; the tables exist now, so try again
@@ -288,6 +373,193 @@ def open_storage(
                 f"cannot open storage {mask_url(spec)}: {_reason(e, spec)} — check the URL, that the server runs and the credentials"
             ) from None
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _missing_driver(e: ImportError, spec: str) -> str:
+    """The message for a URL whose database driver is not installed: names the module SQLAlchemy
+    looked for (Optuna re-raises without it) and, when the URL names no driver and the one this
+    package installs (psycopg2) is there, the URL that uses it."""
+    import importlib.util
+
+    missing, cause = None, e  # type: Optional[str], Optional[BaseException]
+    while cause is not None and missing is None:
+        missing = getattr(cause, "name", None)
+        cause = cause.__cause__ or cause.__context__
+    scheme = spec.split("://", 1)[0]
+    what = f"the database driver {missing!r}" if missing else "the database driver"
+    if scheme.split("+", 1)[0].lower() in ("postgresql", "postgres") and missing != "psycopg2" and importlib.util.find_spec("psycopg2"):
+        fixed = "postgresql+psycopg2://" + spec.split("://", 1)[1]
+        return f"{what} that {scheme}:// uses is not installed — name the installed one in the URL: {mask_url(fixed)}"
+    return f"{what} for {mask_url(spec)} is not installed — pip install 'rapid-search[postgres]' and use postgresql+psycopg2://..."
+
+
+# ---- journal files: detection, repair, all-or-nothing appends ---------------------------------------
+def _journal_ops() -> set[int]:
+    from optuna.storages.journal._storage import JournalOperation
+
+    return {int(op) for op in JournalOperation}
+
+
+def _bad_record(line: bytes, ops: set[int]) -> Optional[str]:
+    """Why ``line`` (without its newline) is not a journal record, or None when it is one."""
+    import json
+
+    try:
+        rec = json.loads(line)
+    except (ValueError, RecursionError):
+        return "not a JSON record"
+    if not isinstance(rec, dict) or not isinstance(rec.get("op_code"), int) or isinstance(rec.get("op_code"), bool):
+        return "not a journal record (no op_code)"
+    if rec["op_code"] not in ops:
+        return f"unknown op code {rec['op_code']} (written by another Optuna version?)"
+    return None
+
+
+def check_journal(
+    path: Path,
+    *,
+    repair: bool,
+    lock: Any = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> Optional[Path]:
+    """Check a journal file before Optuna reads or appends to it.
+
+    A damaged *tail* — a last record cut short (a crash or a full disk mid-write, a copy in
+    progress) or garbage after the last record — is what Optuna would append after, making
+    every later record unreadable. With ``repair`` the file is copied whole to
+    ``PATH.damaged-<time>`` and cut back to its last complete record (under the journal's lock,
+    so no worker is appending meanwhile), and one line says so; without it (read-only uses) a
+    repaired copy is made in a temporary folder and returned, the file left alone. Damage
+    *before* the last record (an undecodable record, an unknown op code anywhere) cannot be cut
+    off without losing what follows: it is refused, nothing changed.
+
+    Returns:
+        None when nothing was wrong or the file was repaired in place; the repaired temporary
+        copy to read instead when ``repair`` is False.
+
+    Raises:
+        StorageError: Damage before the last record, or an unknown op code.
+    """
+    ops = _journal_ops()
+    say = log or (lambda msg: sys.stderr.write(f"rapid-search: {msg}\n"))
+    if lock is not None:
+        lock.acquire()
+    try:
+        data = path.read_bytes()
+        lines = data.split(b"\n")
+        tail = lines.pop()  # after the last newline: b"" when the file ends with a complete record
+        end = 0  # byte offset just past the last good record
+        offset = 0
+        first_bad: Optional[tuple[int, str]] = None
+        for number, line in enumerate(lines, start=1):
+            offset += len(line) + 1
+            why = _bad_record(line, ops)
+            if why is None:
+                if first_bad is not None:
+                    raise StorageError(
+                        f"journal file {path} is damaged at line {first_bad[0]} ({first_bad[1]}) with records after it — "
+                        "restore the file from a copy, or start a new study with another --study-name (the file was left unchanged)"
+                    )
+                end = offset
+            elif why.startswith("unknown op code"):
+                raise StorageError(
+                    f"journal file {path} has a record with an {why} at line {number} — read it with the Optuna version that "
+                    "wrote it, or start a new study with another --study-name (the file was left unchanged)"
+                )
+            elif first_bad is None:
+                first_bad = (number, why)
+        if end == len(data):
+            return None
+        if end == 0:  # nothing to keep: not a journal (a file given by mistake), or a first record torn
+            raise StorageError(
+                f"journal file {path} holds no complete journal record (is it a journal file?) — pass --storage journal:PATH "
+                "of a study's journal or a new path; if it is a new study's journal, cut short at its first write, remove it "
+                "(the file was left unchanged)"
+            )
+        cut = len(data) - end
+        what = "a torn last record" if first_bad is None else f"garbage after the last record (from line {first_bad[0]})"
+        if not repair:
+            import tempfile
+
+            copy = Path(tempfile.mkdtemp(prefix="rapid-journal-")) / path.name
+            copy.write_bytes(data[:end])
+            say(f"journal file {path} ends with {what} ({cut} bytes): read without it; the next search repairs the file")
+            return copy
+        backup = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        import shutil
+
+        shutil.copyfile(path, backup)
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+        say(f"journal file {path} ended with {what}: cut {cut} bytes back to its last complete record; the original is kept as {backup}")
+        return None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is written (raises OSError when the disk is full)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _journal_backend_class() -> type:
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal._file import get_lock_file
+
+    class _Backend(JournalFileBackend):
+        """Optuna's journal file with all-or-nothing appends: when a write fails (disk full, I/O
+        error) the bytes written of it are cut off again, so the file still ends with a complete
+        record, and every later append is refused (this process must stop writing)."""
+
+        def __init__(self, file_path: str, lock_obj: Any = None, *, shown: Path) -> None:
+            super().__init__(file_path, lock_obj=lock_obj)
+            self._shown = shown
+            self._failed: Optional[str] = None
+
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            import json
+
+            if self._failed is not None:
+                raise JournalWriteError(self._failed)
+            data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
+            with get_lock_file(self._lock):
+                fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND)
+                try:
+                    start = os.fstat(fd).st_size
+                    try:
+                        _write_all(fd, data)
+                        os.fsync(fd)
+                    except OSError as e:
+                        try:
+                            os.ftruncate(fd, start)
+                        except OSError:
+                            pass  # the next open repairs the tail
+                        reason = e.strerror or e.__class__.__name__
+                        fix = "free space on its file system" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the file system"
+                        self._failed = (
+                            f"cannot write to journal file {self._shown}: {reason} — {fix} and re-run the same command to resume "
+                            "(every finished trial is kept)"
+                        )
+                        raise JournalWriteError(self._failed) from None
+                finally:
+                    os.close(fd)
+
+    return _Backend
+
+
+def _JournalBackend(file_path: str, *, lock_obj: Any, shown: Path) -> Any:
+    global _BACKEND
+    if _BACKEND is None:
+        _BACKEND = _journal_backend_class()
+    return _BACKEND(file_path, lock_obj, shown=shown)
+
+
+_BACKEND: Optional[type] = None
 
 
 def _check_sqlite_file(spec: str) -> None:

@@ -1,0 +1,401 @@
+"""Hostile input and failing machines, beyond the README's bad-input table (issue 14).
+
+One test (or a parametrised family) per class of failure, each through its mechanism: passwords
+in any URL shape, torn or corrupted journals, disk full, outputs that would replace what they
+must not, study names that are paths, YAML bombs, data folders with loops and odd names, set-up
+values spelled differently, control characters on the terminal, and the remaining tracebacks.
+Every fixture is built by the test that uses it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from PIL import Image
+
+import rapid_search as rs
+from rapid_search.cli import main
+
+SECRET = "s3cr3t-Zq"
+
+
+def _search(ts, *extra: str, **change: str) -> list[str]:
+    """A valid tiny search (storage and output under ./studies/), options replaced or added."""
+    args = ["--model", "test_vit", "--checkpoint", str(ts.ckpt), "--data", str(ts.data), "--budget", "50%GFLOPs",
+            "--trials", "2", "--calib-images", "16", "--batch-size", "8", "--threads", "1", "--progress", "quiet",
+            "--study-name", "h"]
+    for k, v in change.items():
+        i = args.index("--" + k.replace("_", "-"))
+        if v is None:
+            del args[i : i + 2]
+        else:
+            args[i + 1] = v
+    return ["search", *args, *extra]
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _one_line(code: int, err: str, expect: str, *, exit_code: int = 2) -> str:
+    assert code == exit_code, err
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one line, got:\n{err}"
+    assert lines[0].startswith("rapid-search: ") and "Traceback" not in err
+    assert expect in lines[0], lines[0]
+    return lines[0]
+
+
+# ---- 1. passwords, whatever the URL's shape -------------------------------------------------------
+URL_SHAPES = {
+    "at-then-colon": (f"postgresql+psycopg2://user:p@ss:{SECRET}@127.0.0.1:1/db", ["p@ss", SECRET, "ss:"]),
+    "at-then-colon-no-port": (f"postgresql+psycopg2://user:p@ss:{SECRET}@127.0.0.1/db", [SECRET, "ss:"]),
+    "colons-and-ats": (f"postgresql+psycopg2://user:ab:cd@ef:{SECRET}@127.0.0.1:1/db", ["ab:cd", "cd@ef", SECRET, '"ef"']),
+    "colon-in-password": (f"postgresql+psycopg2://user:x:{SECRET}@127.0.0.1:1/db", [SECRET]),
+    "slash-in-password": (f"postgresql+psycopg2://user:a/{SECRET}@127.0.0.1:1/db", [SECRET]),
+    "hash-in-password": (f"postgresql+psycopg2://user:a#{SECRET}@127.0.0.1:1/db", [SECRET]),
+    "question-in-password": (f"postgresql+psycopg2://user:a?{SECRET}@127.0.0.1:1/db", [SECRET]),
+}
+
+
+@pytest.mark.parametrize("shape", list(URL_SHAPES))
+def test_password_never_printed_whatever_the_url_shape(shape, tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    """search and export, before any connection: one line, no piece of the password."""
+    spec, secrets = URL_SHAPES[shape]
+    monkeypatch.chdir(tmp_path)
+    for argv in (_search(tiny_search, "--storage", spec), ["export", "--study-name", "x", "--storage", spec]):
+        line = _one_line(main(argv), capsys.readouterr().err, "— ")
+        for s in secrets:
+            assert s not in line, f"{s!r} leaked: {line}"
+    assert _listing(tmp_path) == []
+
+
+def test_scrub_removes_every_piece_of_the_password() -> None:
+    from rapid_search.search.storage import scrub
+
+    url = f"postgresql+psycopg2://user:p@ss:{SECRET}@127.0.0.1:1/db"
+    text = f"invalid literal for int() with base 10: '{SECRET}@127.0.0.1:1' (host 'ss', user 'user')"
+    out = scrub(text, url)
+    assert SECRET not in out and SECRET[:6] not in out and "'ss'" not in out
+    assert "127.0.0.1:1" in out and "user 'user'" in out and out.startswith("invalid literal for int()")
+
+
+def test_any_error_line_is_scrubbed(tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    """A raw URL in an exception raised anywhere (not only by open_storage) is masked by main."""
+    spec = f"postgresql+psycopg2://user:p@ss:{SECRET}@127.0.0.1:1/db"
+    import rapid_search.search.runner as runner
+
+    def boom(opts, **kw):
+        raise ValueError(f"could not use {opts.storage} (port {SECRET}@127.0.0.1:1)")
+
+    monkeypatch.setattr(runner, "run_search", boom)
+    monkeypatch.chdir(tmp_path)
+    line = _one_line(main(_search(tiny_search, "--storage", spec)), capsys.readouterr().err, "could not use")
+    assert SECRET not in line and "p@ss" not in line
+
+
+def test_postgresql_url_without_a_driver_names_the_installed_one() -> None:
+    """``postgresql://`` makes SQLAlchemy look for psycopg (v3); the extra installs psycopg2."""
+    pytest.importorskip("psycopg2")
+    from rapid_search.search.storage import StorageError, open_storage
+
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        with pytest.raises(StorageError, match=r"'psycopg' that postgresql:// uses is not installed — .*postgresql\+psycopg2://u:\*\*\*@127"):
+            open_storage(f"postgresql://u:{SECRET}@127.0.0.1:1/db", study_name="x")
+    else:  # pragma: no cover - psycopg installed: the URL works as written
+        pytest.skip("psycopg is installed")
+
+
+# ---- 8. terminal output --------------------------------------------------------------------------
+def _schedule_with(tmp_path: Path, **provenance) -> Path:
+    s = rs.rapid_schedule(timm.create_model("test_vit"), 0.5).with_meta(provenance=provenance)
+    return s.save(tmp_path / "s.yaml")
+
+
+def test_show_makes_control_characters_visible(tmp_path, capsys) -> None:
+    path = _schedule_with(tmp_path, tool="\x1b[2J\x1b]0;owned\x07evil\x9b31m\u202eok")
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\x9b" not in out and "\u202e" not in out
+    assert "\\x1b[2J" in out and "evil" in out and "\n" in out
+
+
+def test_errors_make_control_characters_visible(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad\x1b[31m.yaml"
+    assert main(["show", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\\x1b[31m" in err
+
+
+def test_show_into_a_closed_pipe_is_quiet(tmp_path) -> None:
+    """``show s.yaml | head -1``: no traceback, no "Broken pipe" error; exit 141 (as SIGPIPE)."""
+    path = _schedule_with(tmp_path, note="x" * 200_000)  # more than a pipe buffer
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    p = subprocess.Popen([sys.executable, "-m", "rapid_search.cli", "show", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.read(10)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, err
+    assert err == ""
+
+
+def test_ctrl_c_during_start_up(monkeypatch, capsys) -> None:
+    """Ctrl-C while the parser is built (the sub-commands import torch, timm, ...): one line, 130."""
+    import rapid_search.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    _one_line(main(["show", "x.yaml"]), capsys.readouterr().err, "interrupted", exit_code=130)
+
+
+# ---- 2. journals: torn or corrupted tails, damage inside, disk full ------------------------------
+def _journal_study(tiny_search, tmp_path, monkeypatch, capsys, trials: str = "2") -> Path:
+    monkeypatch.chdir(tmp_path)
+    assert main(_search(tiny_search, trials=trials)) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    journal = tmp_path / "studies" / "h.journal"
+    assert journal.is_file()
+    return journal
+
+
+def _finished(journal: Path, name: str = "h") -> int:
+    import optuna
+
+    from rapid_search.search.storage import open_storage
+
+    study = optuna.load_study(study_name=name, storage=open_storage(str(journal), study_name=name, create=False, log=lambda m: None))
+    return sum(t.state.is_finished() and t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+
+
+@pytest.mark.parametrize("damage", ["torn-last-record", "garbage-appended", "torn-then-garbage"])
+def test_damaged_journal_tail_is_repaired_with_a_backup(damage, tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    """A cut last record or garbage after the last record: the next search keeps a backup, cuts the
+    tail back to the last complete record (one line saying so), and resumes; export reads it
+    meanwhile without changing it."""
+    journal = _journal_study(tiny_search, tmp_path, monkeypatch, capsys)
+    good = journal.read_bytes()
+    last = good[: -1].rfind(b"\n") + 1
+    damaged = {
+        "torn-last-record": good[: last + (len(good) - last) // 2],
+        "garbage-appended": good + b"\x00\xff\xfegarbage\n{\"op_code\": \n",
+        "torn-then-garbage": good[:-5] + b"\n\x1b[31m\xff not json",
+    }[damage]
+    journal.write_bytes(damaged)
+    # export: read-only, reads a repaired copy, the file is left as it is
+    assert main(["export", "--study-name", "h", "--out", str(tmp_path / "e.yaml")]) == 0
+    assert "read without it" in capsys.readouterr().err
+    assert journal.read_bytes() == damaged
+    # search: repaired in place after a backup, then resumed
+    assert main(_search(tiny_search, trials="3")) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "back to its last complete record" in line]
+    assert len(notes) == 1 and "journal file studies/h.journal " in notes[0], err
+    backups = list(journal.parent.glob("h.journal.damaged-*"))
+    assert len(backups) == 1 and backups[0].read_bytes() == damaged and f"studies/{backups[0].name}" in notes[0]
+    assert _finished(journal) >= 3
+    from rapid_search.search.storage import check_journal
+
+    assert check_journal(journal, repair=False) is None  # clean now
+
+
+@pytest.mark.parametrize("damage", ["unknown-op-code", "undecodable-record-inside"])
+def test_damage_inside_a_journal_is_refused_unchanged(damage, tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    journal = _journal_study(tiny_search, tmp_path, monkeypatch, capsys)
+    lines = journal.read_bytes().split(b"\n")
+    mid = len(lines) // 2
+    lines[mid] = b'{"op_code": 99, "worker_id": "x"}' if damage == "unknown-op-code" else lines[mid][: len(lines[mid]) // 2] + b"\xff"
+    journal.write_bytes(b"\n".join(lines))
+    before = journal.read_bytes()
+    expect = "unknown op code 99" if damage == "unknown-op-code" else f"damaged at line {mid + 1}"
+    for argv in (_search(tiny_search, trials="3"), ["export", "--study-name", "h"]):
+        line = _one_line(main(argv), capsys.readouterr().err, expect)
+        assert "journal file studies/h.journal " in line and "another --study-name" in line and "left unchanged" in line
+    assert journal.read_bytes() == before
+    assert not list(journal.parent.glob("*.damaged-*"))
+
+
+def test_disk_full_during_a_search(tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    """The disk fills up after 2 finished trials, in the middle of a journal write: one line naming
+    the journal and the fix, the best schedule so far written, the journal still ending with a
+    complete record, and the same command resumes once there is space."""
+    import rapid_search.search.storage as storage
+
+    monkeypatch.chdir(tmp_path)
+    real = storage._write_all
+    state = {"complete": 0}
+
+    def write_all(fd, data):
+        if state["complete"] >= 2:
+            real(fd, data[: len(data) // 2])  # part of the record reaches the disk, then it is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+        state["complete"] += data.count(b'"op_code":6') and data.count(b'"state":1')
+
+    monkeypatch.setattr(storage, "_write_all", write_all)
+    out = tmp_path / "best.yaml"
+    line = _one_line(main(_search(tiny_search, "--out", str(out), trials="6")), capsys.readouterr().err, "No space left on device")
+    journal = tmp_path / "studies" / "h.journal"
+    assert "journal file studies/h.journal:" in line
+    assert "free space" in line and "re-run the same command" in line and f"best schedule so far written to {out}" in line
+    assert rs.Schedule.load(out).budget is not None
+    from rapid_search.search.storage import check_journal
+
+    assert journal.read_bytes().endswith(b"\n") and check_journal(journal, repair=False) is None
+    monkeypatch.setattr(storage, "_write_all", real)
+    assert _finished(journal) >= 2
+    assert main(_search(tiny_search, "--out", str(out), trials="3")) == 0
+    assert _finished(journal) >= 3
+
+
+def test_storage_failing_mid_search_is_one_line(tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    """A database server that dies during the search (as Optuna reports it: StorageInternalError
+    from an SQLAlchemy OperationalError): one line, the study kept, the best schedule so far."""
+    import optuna
+    import sqlalchemy.exc
+
+    from optuna.storages.journal import JournalStorage
+
+    monkeypatch.chdir(tmp_path)
+    real = JournalStorage.set_trial_state_values
+    calls = {"n": 0}
+
+    def dying(self, trial_id, state, values=None):
+        if state.is_finished():
+            calls["n"] += 1
+            if calls["n"] > 2:
+                try:
+                    raise sqlalchemy.exc.OperationalError("UPDATE trials", {}, Exception("server closed the connection unexpectedly"))
+                except sqlalchemy.exc.OperationalError as e:
+                    raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from e
+        return real(self, trial_id, state, values)
+
+    monkeypatch.setattr(JournalStorage, "set_trial_state_values", dying)
+    out = tmp_path / "best.yaml"
+    line = _one_line(main(_search(tiny_search, "--out", str(out), trials="6")), capsys.readouterr().err, "failed during the search")
+    assert "server closed the connection unexpectedly" in line and "re-run the same command to resume" in line
+    assert "study 'h' kept" in line and f"best schedule so far written to {out}" in line
+    assert out.is_file()
+
+
+# ---- 3. outputs that must not be replaced --------------------------------------------------------
+def _fixture_files(tmp_path: Path, tiny_search) -> dict[str, Path]:
+    space = tmp_path / "space.yaml"
+    space.write_text((Path(__file__).resolve().parents[1] / "search_spaces" / "default.yaml").read_text())
+    schedule = _schedule_with(tmp_path)
+    image = tmp_path / "img.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "studies").mkdir()
+    journal = tmp_path / "studies" / "h.journal"
+    journal.write_bytes(b'{"op_code":0,"worker_id":"w","study_name":"h","directions":[2]}\n')
+    link = tmp_path / "link.yaml"
+    link.symlink_to(space)
+    return {"space": space, "schedule": schedule, "image": image, "fifo": fifo, "journal": journal, "link": link}
+
+
+OUTPUT_CASES = {
+    # id -> (argv builder (files, tiny search), text of the one-line message)
+    "search-out-is-the-journal": (lambda f, t: _search(t, "--out", "studies/h.journal"), "is the study's journal file"),
+    "search-out-is-the-journal-spelled-otherwise": (lambda f, t: _search(t, "--out", "./studies/../studies/h.journal"), "is the study's journal file"),
+    "search-out-is-the-space": (lambda f, t: _search(t, "--space", str(f["space"]), "--out", str(f["space"])), "is the --space file"),
+    "search-out-links-to-the-space": (lambda f, t: _search(t, "--space", str(f["space"]), "--out", str(f["link"])), "is the --space file"),
+    "search-out-is-the-checkpoint": (lambda f, t: _search(t, "--out", str(t.ckpt)), "is the --checkpoint file"),
+    "search-out-is-dev-null": (lambda f, t: _search(t, "--out", "/dev/null"), "is a character device"),
+    "search-out-is-a-fifo": (lambda f, t: _search(t, "--out", str(f["fifo"])), "is a named pipe"),
+    "evaluate-json-is-the-schedule": (
+        lambda f, t: ["evaluate", "--schedule", str(f["schedule"]), "--data", str(t.data), "--checkpoint", str(t.ckpt), "--json", str(f["schedule"])],
+        "is the --schedule file",
+    ),
+    "evaluate-json-is-dev-null": (
+        lambda f, t: ["evaluate", "--schedule", str(f["schedule"]), "--data", str(t.data), "--checkpoint", str(t.ckpt), "--json", "/dev/null"],
+        "is a character device",
+    ),
+    "visualize-out-is-the-image": (
+        lambda f, t: ["visualize", "--model", "test_vit", "--no-pretrained", "--schedule", "rapid@50", "--image", str(f["image"]), "--out", str(f["image"])],
+        "is the --image file",
+    ),
+    "visualize-out-is-dev-null": (
+        lambda f, t: ["visualize", "--model", "test_vit", "--no-pretrained", "--schedule", "rapid@50", "--image", str(f["image"]), "--out", "/dev/null"],
+        "is a character device",
+    ),
+    "bench-output-is-a-searched-schedule": (
+        lambda f, t: ["bench", "--model", "test_vit", "--no-pretrained", "--data", str(t.data), "--searched", str(f["schedule"].parent / "table.md"),
+                      "--out-dir", str(f["schedule"].parent), "--quiet"],
+        "is a --searched schedule",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTPUT_CASES))
+def test_outputs_never_replace_inputs_the_study_or_devices(case, tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    files = _fixture_files(tmp_path, tiny_search)
+    if case.startswith("bench"):
+        files["schedule"].rename(tmp_path / "table.md")
+    monkeypatch.chdir(tmp_path)
+    build, expect = OUTPUT_CASES[case]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink() and p.name != "fifo"}
+    listing = _listing(tmp_path)
+    _one_line(main(build(files, tiny_search)), capsys.readouterr().err, expect)
+    assert _listing(tmp_path) == listing
+    assert {p: p.read_bytes() for p in before} == before
+    assert Path("/dev/null").is_char_device()
+
+
+def test_export_out_is_never_the_journal(tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    journal = _journal_study(tiny_search, tmp_path, monkeypatch, capsys)
+    size = journal.stat().st_size
+    for out in ("studies/h.journal", str(journal)):
+        _one_line(main(["export", "--study-name", "h", "--out", out]), capsys.readouterr().err, "is the study's journal file")
+    assert journal.stat().st_size == size and _finished(journal) >= 2
+
+
+def test_atomic_write_never_replaces_a_device(tmp_path) -> None:
+    from rapid_search.outputs import OutputError, atomic_write_text
+
+    with pytest.raises(OutputError, match="character device"):
+        atomic_write_text("/dev/null", "x")
+    assert Path("/dev/null").is_char_device()
+    assert atomic_write_text(tmp_path / "a.txt", "x").read_text() == "x"
+
+
+# ---- 4. study names that are names --------------------------------------------------------------
+BAD_NAMES = {
+    "parent-path": "../../../x",
+    "absolute": "/tmp/rapid-abs-study",
+    "separator": "a/b",
+    "dot-dot": "..",
+    "backslash": "a\\b",
+    "control-chars": "x\x1b[31my",
+    "newline": "x\ny",
+    "too-long": "x" * 200,
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_NAMES))
+def test_study_names_are_names(kind, tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    work = tmp_path / "a" / "b" / "c"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    for argv in (_search(tiny_search, study_name=BAD_NAMES[kind]), ["export", "--study-name", BAD_NAMES[kind]]):
+        line = _one_line(main(argv), capsys.readouterr().err, "is not a plain name")
+        assert "use letters, digits" in line and "\x1b" not in line
+    assert _listing(tmp_path) == ["a", "a/b", "a/b/c"]
+    assert not Path("/tmp/rapid-abs-study.journal").exists()
