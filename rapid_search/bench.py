@@ -670,8 +670,8 @@ def markdown_table(result: dict[str, Any]) -> str:
             name = f"**{name}**"
         lines.append(
             f"| {target} | {name} | {row['gflops']:.3f} ({_pct(row['achieved_ratio'])}){flag} | {_pct(row['top1'])} | "
-            f"{_pct(row['agreement'])} | {_ips(row)} | {_num(row['speedup'], '.2f')}x | "
-            f"{_pct(row['speedup_of_ideal'], 0)} | {diff} | {p} |"
+            f"{_pct(row['agreement'])} | {_ips(row)} | {_num(row.get('speedup'), '.2f')}x | "  # no timing: --repeats 0
+            f"{_pct(row.get('speedup_of_ideal'), 0)} | {diff} | {p} |"
         )
     pairs = [c for c in result["comparisons"] if c.get("kind") == "pair"]
     if pairs:

@@ -184,10 +184,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _export_study(args: argparse.Namespace) -> int:
     import optuna
 
+    from .outputs import check_output
     from .schedule import Budget
     from .search.budget import parse_budget, resolve
-    from .search.runner import STUDIES_DIR
-    from .outputs import check_output
+    from .search.runner import STUDIES_DIR, canonical_setup_value
     from .search.storage import check_study_name, open_storage
     from .search.study import SearchError, export_best
 
@@ -207,7 +207,7 @@ def _export_study(args: argparse.Namespace) -> int:
     spec = parse_budget(text)
     if spec.kind == "gflops":
         target = resolve(spec, base_gflops=float(study.user_attrs["base_gflops"]))
-    elif args.budget is None or args.budget == setup.get("budget"):
+    elif args.budget is None or spec.canonical == canonical_setup_value("budget", setup.get("budget")):
         target = float(study.user_attrs["target"])
     else:
         raise SearchError("a latency budget is measured on the device: export with the study's own budget, or run a search for it")
@@ -345,7 +345,7 @@ def _say(line: str, args: Optional[argparse.Namespace] = None) -> None:
         try:
             from .search.storage import scrub
 
-            line = scrub(line, storage)
+            line = scrub(line, storage, pieces=False)  # driver texts in it were scrubbed piece by piece already
         except ImportError:  # runtime-only install: no storage URLs either
             pass
     sys.stderr.write(printable(line) + "\n")
