@@ -246,7 +246,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if not args.data.is_dir():
         from .data import DataError
 
-        raise DataError(f"data folder {args.data} does not exist — pass --data with an ImageFolder tree or a flat folder of images")
+        what = "is not a directory" if args.data.exists() else "does not exist"
+        raise DataError(f"data folder {args.data} {what} — pass --data with an ImageFolder tree or a flat folder of images")
     if args.json is not None:  # refuse an unwritable --json, or one that is an input, before the work
         from .outputs import check_output
 

@@ -610,3 +610,17 @@ def test_bench_without_timing(tiny_search, tmp_path, monkeypatch, capsys) -> Non
     assert main(argv) == 0, capsys.readouterr().err
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| —x |" in table and json.loads((tmp_path / "out" / "results.json").read_text())
+
+
+def test_data_that_is_a_file_is_not_reported_missing(tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    schedule = _schedule_with(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for argv in (
+        ["evaluate", "--schedule", str(schedule), "--data", str(f), "--checkpoint", str(tiny_search.ckpt)],
+        ["bench", "--model", "test_vit", "--checkpoint", str(tiny_search.ckpt), "--data", str(f), "--quiet"],
+        _search(tiny_search, data=str(f)),
+    ):
+        line = _one_line(main(argv), capsys.readouterr().err, "is not a directory")
+        assert "does not exist" not in line

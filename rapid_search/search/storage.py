@@ -492,7 +492,12 @@ def check_journal(
         if not repair:
             import tempfile
 
-            copy = Path(tempfile.mkdtemp(prefix="rapid-journal-")) / path.name
+            import atexit
+            import shutil
+
+            folder = tempfile.mkdtemp(prefix="rapid-journal-")
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            copy = Path(folder) / path.name
             copy.write_bytes(data[:end])
             say(f"journal file {path} ends with {what} ({cut} bytes): read without it; the next search repairs the file")
             return copy
