@@ -670,8 +670,8 @@ def markdown_table(result: dict[str, Any]) -> str:
             name = f"**{name}**"
         lines.append(
             f"| {target} | {name} | {row['gflops']:.3f} ({_pct(row['achieved_ratio'])}){flag} | {_pct(row['top1'])} | "
-            f"{_pct(row['agreement'])} | {_ips(row)} | {_num(row['speedup'], '.2f')}x | "
-            f"{_pct(row['speedup_of_ideal'], 0)} | {diff} | {p} |"
+            f"{_pct(row['agreement'])} | {_ips(row)} | {_num(row.get('speedup'), '.2f')}x | "  # no timing: --repeats 0
+            f"{_pct(row.get('speedup_of_ideal'), 0)} | {diff} | {p} |"
         )
     pairs = [c for c in result["comparisons"] if c.get("kind") == "pair"]
     if pairs:
@@ -822,7 +822,8 @@ def main(args: argparse.Namespace) -> int:
     device = parse_device(args.device)
     set_cpu_threads(args.threads)
     if not Path(args.data).is_dir():
-        raise BenchError(f"evaluation folder {args.data} does not exist — pass --data with an ImageFolder tree")
+        what = "is not a directory" if Path(args.data).exists() else "does not exist"
+        raise BenchError(f"evaluation folder {args.data} {what} — pass --data with an ImageFolder tree")
     if args.calib is not None and Path(args.calib).resolve() == Path(args.data).resolve():
         raise BenchError("--calib and --data are the same folder — evaluate on images the search never saw")
     model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, device=device)

@@ -218,10 +218,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _export_study(args: argparse.Namespace) -> int:
     import optuna
 
+    from .outputs import check_output
     from .schedule import Budget
     from .search.budget import parse_budget, resolve
-    from .search.runner import STUDIES_DIR
-    from .outputs import check_output
+    from .search.runner import STUDIES_DIR, canonical_setup_value
     from .search.storage import check_study_name, open_storage
     from .search.study import SearchError, export_best
 
@@ -241,7 +241,7 @@ def _export_study(args: argparse.Namespace) -> int:
     spec = parse_budget(text)
     if spec.kind == "gflops":
         target = resolve(spec, base_gflops=float(study.user_attrs["base_gflops"]))
-    elif args.budget is None or args.budget == setup.get("budget"):
+    elif args.budget is None or spec.canonical == canonical_setup_value("budget", setup.get("budget")):
         target = float(study.user_attrs["target"])
     else:
         raise SearchError("a latency budget is measured on the device: export with the study's own budget, or run a search for it")
@@ -280,7 +280,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if not args.data.is_dir():
         from .data import DataError
 
-        raise DataError(f"data folder {args.data} does not exist — pass --data with an ImageFolder tree or a flat folder of images")
+        what = "is not a directory" if args.data.exists() else "does not exist"
+        raise DataError(f"data folder {args.data} {what} — pass --data with an ImageFolder tree or a flat folder of images")
     if args.json is not None:  # refuse an unwritable --json, or one that is an input, before the work
         from .outputs import check_output
 
@@ -379,7 +380,7 @@ def _say(line: str, args: Optional[argparse.Namespace] = None) -> None:
         try:
             from .search.storage import scrub
 
-            line = scrub(line, storage)
+            line = scrub(line, storage, pieces=False)  # driver texts in it were scrubbed piece by piece already
         except ImportError:  # runtime-only install: no storage URLs either
             pass
     sys.stderr.write(printable(line) + "\n")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import stat
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -165,13 +166,69 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _walk_images(folder: Path) -> list[Path]:
-    """Every image file under ``folder`` (recursive, hidden entries skipped), sorted."""
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in filenames if _is_image(f))
-    return sorted(found)
+class _Walk:
+    """One walk over a data folder: each real directory entered once (symlink loops, a folder
+    linked twice) and each real file listed once (hard links, symbolic links to the same image),
+    whatever the file names' encoding; entries that cannot be examined (a symbolic link to
+    itself, a dangling link, an unreadable sub-folder) are left out, never fatal."""
+
+    def __init__(self) -> None:
+        self.dirs: set[tuple[int, int]] = set()
+        self.files: set[tuple[int, int]] = set()
+
+    def enter(self, folder: Path) -> bool:
+        """Whether ``folder`` is a directory not entered before (marks it entered)."""
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return False
+        key = (st.st_dev, st.st_ino)
+        if not stat.S_ISDIR(st.st_mode) or key in self.dirs:
+            return False
+        self.dirs.add(key)
+        return True
+
+    def take(self, path: Path) -> bool:
+        """Whether ``path`` is a regular file not listed before (marks it listed)."""
+        try:
+            st = os.stat(path)
+        except OSError:  # a link to itself (ELOOP), dangling, no permission
+            return False
+        key = (st.st_dev, st.st_ino)
+        if not stat.S_ISREG(st.st_mode) or key in self.files:
+            return False
+        self.files.add(key)
+        return True
+
+    def images(self, folder: Path) -> list[Path]:
+        """Every image file under ``folder`` (recursive, hidden entries skipped), sorted."""
+        found: list[Path] = []
+        todo = [folder]
+        while todo:
+            d = todo.pop()
+            if not self.enter(d):
+                continue
+            try:
+                entries = sorted(os.scandir(d), key=lambda e: e.name)
+            except OSError:
+                continue  # an unreadable sub-folder: its images are not there to use
+            subdirs = []
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                if _is_image(e.name) and self.take(Path(e.path)):
+                    found.append(Path(e.path))
+                elif _entry_is_dir(e):
+                    subdirs.append(Path(e.path))
+            todo.extend(reversed(subdirs))  # depth first, in name order
+        return sorted(found)
+
+
+def _entry_is_dir(e: "os.DirEntry[str]") -> bool:
+    try:
+        return e.is_dir()  # follows symbolic links
+    except OSError:
+        return False
 
 
 def list_images(root: Union[str, os.PathLike]) -> tuple[list[Path], Optional[list[int]]]:
@@ -202,9 +259,11 @@ def list_images(root: Union[str, os.PathLike]) -> tuple[list[Path], Optional[lis
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as e:
         raise DataError(f"cannot list data folder {root} ({e.__class__.__name__}) — check its permissions") from None
-    top_files = [Path(e.path) for e in entries if _is_image(e.name) and e.is_file()]
-    subdirs = [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir()]
-    per_dir = {d: _walk_images(d) for d in subdirs}
+    walk = _Walk()
+    walk.enter(root)
+    top_files = [Path(e.path) for e in entries if _is_image(e.name) and walk.take(Path(e.path))]
+    subdirs = [Path(e.path) for e in entries if not e.name.startswith(".") and _entry_is_dir(e)]
+    per_dir = {d: walk.images(d) for d in subdirs}
     with_images = [d for d in subdirs if per_dir[d]]
     wnid_dirs = [d for d in with_images if _WNID.fullmatch(d.name)]
 

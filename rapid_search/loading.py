@@ -29,7 +29,13 @@ def _load_state_dict(path: Path) -> dict:
             from safetensors.torch import load_file
         except ImportError:  # pragma: no cover - safetensors comes with timm
             raise ModelLoadError("reading .safetensors needs the safetensors package — pip install safetensors") from None
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # SafetensorError (header too large, truncated), OSError
+            raise ModelLoadError(
+                f"cannot read checkpoint {path}: {e.__class__.__name__} (not a complete .safetensors file) — "
+                "pass a .safetensors file saved with safetensors.torch.save_file, or a state dict"
+            ) from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, refused globals, truncated files
@@ -82,8 +88,11 @@ def load_model(
     check_model(model)
     if checkpoint is not None:
         path = Path(checkpoint)
-        if not path.is_file():
-            raise ModelLoadError(f"checkpoint {path} does not exist — check the path")
+        from .outputs import input_problem
+
+        problem = input_problem(path)
+        if problem is not None:
+            raise ModelLoadError(f"checkpoint {path} {problem} — check the path")
         state = _load_state_dict(path)
         try:
             model.load_state_dict(state)

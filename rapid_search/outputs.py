@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
-__all__ = ["OutputError", "check_output", "writable_ancestor", "atomic_write_text"]
+__all__ = ["OutputError", "check_output", "input_problem", "writable_ancestor", "atomic_write_text"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -61,6 +61,22 @@ def _inside(path: Path, folder: Path) -> bool:
         return path.resolve().is_relative_to(folder.resolve())
     except (OSError, RuntimeError):
         return False
+
+
+def input_problem(path: PathLike) -> Optional[str]:
+    """Why ``path`` cannot be read as an input file — ``"does not exist"``, ``"is a directory"``,
+    ``"is a character device, not a regular file"``, ... — or None when it is a regular file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e.__class__.__name__})"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(st.st_mode):
+        return f"is {_kind(st.st_mode)}, not a regular file"
+    return None
 
 
 def writable_ancestor(path: Path) -> Optional[str]:

@@ -18,7 +18,7 @@ size-weighted merging, ``protect`` = protected fraction); ``tome`` (ToMe's bipar
 baseline); ``evit`` (importance-only pruning, the EViT-style baseline). ``threshold`` is a cosine
 similarity in ``[-1, 1]`` or ``null`` (off: reduce exactly ``r`` tokens).
 
-Loading validates every field (``yaml.safe_load`` only) and raises :class:`ScheduleError` with a
+Loading validates every field (``rapid_search.yamlsafe``: safe, bounded, duplicate keys refused) and raises :class:`ScheduleError` with a
 message naming the field and the fix. ``save`` writes atomically; load/save round-trips exactly.
 """
 
@@ -307,12 +307,13 @@ class Schedule:
 
     @classmethod
     def from_yaml(cls, text: str, *, source: str = "<string>") -> "Schedule":
+        from .yamlsafe import YAMLInputError, load_yaml
+
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ScheduleError(f"{source}: not valid YAML{at} — fix the file or re-export it with rapid-search export") from None
+            data = load_yaml(text)  # safe, bounded (size, depth, aliases), duplicate keys refused
+        except YAMLInputError as e:
+            at = f" at line {e.line}" if e.line else ""
+            raise ScheduleError(f"{source}: {e.reason}{at} — fix the file or re-export it with rapid-search export") from None
         if data is None:
             raise ScheduleError(f"{source}: file is empty — export a schedule with rapid-search export")
         try:
@@ -327,11 +328,17 @@ class Schedule:
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "Schedule":
         """Read and validate a YAML schedule."""
+        from .outputs import input_problem
+        from .yamlsafe import YAMLInputError, read_yaml
+
         p = Path(path)
+        problem = input_problem(p)
+        if problem is not None:
+            raise ScheduleError(f"schedule file {p} {problem} — check the path")
         try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ScheduleError(f"schedule file {p} does not exist — check the path") from None
+            text = read_yaml(p)
+        except YAMLInputError as e:
+            raise ScheduleError(f"{p}: {e.reason} — pass a schedule written by rapid-search") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ScheduleError(f"cannot read schedule {p}: {e.__class__.__name__} — pass a readable YAML file") from None
         return cls.from_yaml(text, source=str(p))

@@ -235,13 +235,25 @@ def _load_image(model: nn.Module, image_path: Union[str, Path]) -> tuple[torch.T
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
 
+    from .outputs import input_problem
+
     path = Path(image_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {path} does not exist — pass a JPEG/PNG file")
+    problem = input_problem(path)
+    if problem is not None:
+        raise FileNotFoundError(f"image {path} {problem} — pass a JPEG/PNG file")
+    import warnings
+
     try:
-        with Image.open(path) as im:
-            rgb = im.convert("RGB")
-    except OSError as e:
+        with warnings.catch_warnings():  # PIL warns above MAX_IMAGE_PIXELS and refuses above twice that
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                rgb = im.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(
+            f"image {path} has more than {Image.MAX_IMAGE_PIXELS} pixels (PIL's limit against decompression bombs) — "
+            "pass a smaller JPEG/PNG file"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ValueError(f"cannot decode image {path}: {e.__class__.__name__} — pass a JPEG/PNG file") from None
     cfg = resolve_data_config(model=model)
     x = create_transform(**cfg, is_training=False)(rgb)[None]  # (1, 3, H, W) normalised

@@ -27,6 +27,7 @@ from PIL import Image
 
 import rapid_search as rs
 from rapid_search.cli import main
+from rapid_search.search.space import DEFAULT_SPACE
 
 SECRET = "s3cr3t-Zq"
 
@@ -296,7 +297,7 @@ def test_storage_failing_mid_search_is_one_line(tiny_search, tmp_path, monkeypat
 # ---- 3. outputs that must not be replaced --------------------------------------------------------
 def _fixture_files(tmp_path: Path, tiny_search) -> dict[str, Path]:
     space = tmp_path / "space.yaml"
-    space.write_text((Path(__file__).resolve().parents[1] / "search_spaces" / "default.yaml").read_text())
+    space.write_text(DEFAULT_SPACE.read_text())
     schedule = _schedule_with(tmp_path)
     image = tmp_path / "img.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
@@ -399,3 +400,228 @@ def test_study_names_are_names(kind, tiny_search, tmp_path, monkeypatch, capsys)
         assert "use letters, digits" in line and "\x1b" not in line
     assert _listing(tmp_path) == ["a", "a/b", "a/b/c"]
     assert not Path("/tmp/rapid-abs-study.journal").exists()
+
+
+# ---- 5. YAML: size, depth, alias expansion, duplicate keys, strings that are not booleans ---------
+def _deep(levels: int) -> str:
+    return "format: rapid-schedule/v1\nprovenance:\n" + "".join("  " * (i + 1) + f"k{i}:\n" for i in range(levels)) + "  " * (levels + 1) + "x: 1\n"
+
+
+def _alias_bomb() -> str:
+    """About 1.5 KB that expands to 9**12 strings."""
+    lines = ['l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i in range(1, 12):
+        lines.append(f"l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def _schedule_text(**extra: str) -> str:
+    text = rs.rapid_schedule(timm.create_model("test_vit"), 0.5).to_yaml()
+    return text + "".join(f"{k}: {v}\n" for k, v in extra.items())
+
+
+YAML_CASES = {
+    # id -> (file text, text of the one-line message)
+    "500-deep": (lambda: _deep(500), "nested deeper than 64 levels"),
+    "500-deep-flow": (lambda: "[" * 500 + "]" * 500, "nested deeper than 64 levels"),
+    "alias-bomb": (lambda: _schedule_text().replace("provenance:", "provenance:\n  bomb: *l11\n  was:") .replace("format:", _alias_bomb() + "format:", 1), "aliases expand to more than"),
+    "recursive-alias": (lambda: "a: &a [*a]\n", "recursive alias"),
+    "duplicate-layers": (lambda: _schedule_text() + "layers: []\n", "duplicate key 'layers'"),
+    "too-large": (lambda: _schedule_text() + "# " + "x" * (1 << 20) + "\n", "larger than 1024 KB"),
+}
+
+
+@pytest.mark.parametrize("case", list(YAML_CASES))
+def test_yaml_limits_in_every_reader(case, tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    """The same file through show, evaluate --schedule, visualize --schedule and search --space:
+    one line each, nothing expanded, nothing written."""
+    make, expect = YAML_CASES[case]
+    text = make()
+    if case == "alias-bomb":
+        assert len(_alias_bomb()) < 1600
+    f = tmp_path / "in.yaml"
+    f.write_text(text)
+    image = tmp_path / "img.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    monkeypatch.chdir(tmp_path)
+    listing = _listing(tmp_path)
+    for argv in (
+        ["show", str(f)],
+        ["evaluate", "--schedule", str(f), "--data", str(tiny_search.data), "--checkpoint", str(tiny_search.ckpt)],
+        ["visualize", "--model", "test_vit", "--no-pretrained", "--schedule", str(f), "--image", str(image), "--out", "v.png"],
+        _search(tiny_search, "--space", str(f)),
+    ):
+        line = _one_line(main(argv), capsys.readouterr().err, expect)
+        assert "in.yaml" in line and "— " in line
+    assert _listing(tmp_path) == listing
+
+
+def test_search_space_log_must_be_a_boolean(tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    from rapid_search.search.space import SearchSpace, SearchSpaceError
+
+    full = DEFAULT_SPACE.read_text()
+    assert "prune_weight: {low: 0.25, high: 4.0, log: true}" in full
+    f = tmp_path / "space.yaml"
+    f.write_text(full.replace("log: true}", "log: 'false'}"))
+    with pytest.raises(SearchSpaceError, match=r"prune_weight.log = 'false' must be true or false"):
+        SearchSpace.load(f)
+    f.write_text(full.replace("log: true}", "log: false}"))
+    assert SearchSpace.load(f).prune_weight.log is False
+
+
+# ---- 9. remaining tracebacks: inputs that are directories, corrupt checkpoints, huge images ------
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels (no pixel data): a decompression bomb's header."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_inputs_that_are_directories_say_so(tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    d = tmp_path / "folder.yaml"
+    d.mkdir()
+    monkeypatch.chdir(tmp_path)
+    image = tmp_path / "img.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    for argv in (
+        ["show", str(d)],
+        _search(tiny_search, "--space", str(d)),
+        _search(tiny_search, checkpoint=str(d)),
+        ["visualize", "--model", "test_vit", "--no-pretrained", "--schedule", "rapid@50", "--image", str(d), "--out", "v.png"],
+    ):
+        line = _one_line(main(argv), capsys.readouterr().err, "is a directory, not a file")
+        assert "does not exist" not in line
+
+
+def test_corrupt_safetensors_checkpoint(tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    from safetensors.torch import save_file
+
+    good = tmp_path / "w.safetensors"
+    save_file(timm.create_model("test_vit").state_dict(), str(good))
+    data = good.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    for name, blob in (("truncated", data[: len(data) // 2]), ("garbage", os.urandom(256)), ("huge-header", struct.pack("<Q", 2**40) + b"{}")):
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(blob)
+        line = _one_line(main(_search(tiny_search, checkpoint=str(bad))), capsys.readouterr().err, f"cannot read checkpoint {bad}")
+        assert ".safetensors" in line
+    assert not (tmp_path / "studies").exists()
+
+
+def test_900_megapixel_image_in_visualize(tmp_path, monkeypatch, capsys) -> None:
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header(30_000, 30_000))
+    assert bomb.stat().st_size < 100
+    monkeypatch.chdir(tmp_path)
+    argv = ["visualize", "--model", "test_vit", "--no-pretrained", "--schedule", "rapid@50", "--image", str(bomb), "--out", "v.png"]
+    _one_line(main(argv), capsys.readouterr().err, "pixels (PIL's limit against decompression bombs)")
+    assert not (tmp_path / "v.png").exists()
+
+
+# ---- 6. data folders: loops, odd names, duplicates -----------------------------------------------
+def _hostile_folder(root: Path, n: int = 10) -> Path:
+    """``n`` real 64 px PNGs (one with a non-UTF-8 name) in a flat tree, plus a symbolic link to
+    itself, a directory link back to the root (a loop), a link and a hard link to an image, and a
+    dangling link."""
+    rng = np.random.default_rng(1)
+    sub = root / "sub"
+    sub.mkdir(parents=True)
+    for i in range(n - 1):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save((root if i % 2 else sub) / f"img{i}.png")
+    odd = os.path.join(os.fsencode(root), b"caf\xe9-\xff.png")  # Latin-1 bytes: not UTF-8
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(os.fsdecode(odd), format="PNG")
+    (root / "self.png").symlink_to("self.png")
+    (sub / "loop").symlink_to("..", target_is_directory=True)
+    (sub / "again").symlink_to(sub, target_is_directory=True)
+    (root / "dup.png").symlink_to(root / "img1.png")
+    os.link(root / "img3.png", root / "hard.png")
+    (root / "gone.png").symlink_to(root / "nowhere.png")
+    return root
+
+
+def test_data_walk_counts_each_real_image_once(tmp_path) -> None:
+    from rapid_search.data import list_images
+
+    root = _hostile_folder(tmp_path / "data")
+    paths, labels = list_images(root)
+    assert labels is None and len(paths) == 10, [str(p) for p in paths]
+    assert len({os.stat(p).st_ino for p in paths}) == 10
+    assert any(b"\xff" in os.fsencode(p) for p in paths)
+
+
+def test_search_on_a_hostile_folder(tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    root = _hostile_folder(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    code = main(_search(tiny_search, data=str(root), trials="1", calib_images="16", progress="plain"))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "10 calibration images" in err and "Traceback" not in err
+
+
+# ---- 7. set-up values compared after normalisation ----------------------------------------------
+def test_budget_and_device_spellings_are_one_study(tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    """'50%gflops', ' 50% GFLOPs ' and 'CPU ' are the canonical 50%GFLOPs on cpu: the same
+    default study name, and accepted when resuming a study recorded either way."""
+    monkeypatch.chdir(tmp_path)
+    assert main(_search(tiny_search, budget="50%gflops", study_name=None, trials="1")) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    journals = sorted(p.name for p in (tmp_path / "studies").glob("*.journal"))
+    assert journals == ["test_vit-50pctGFLOPs-cpu-n16-s0.journal"]
+    for budget, device in ((" 50% GFLOPs ", "CPU "), ("50.0%GFLOPs", "cpu")):
+        code = main(_search(tiny_search, "--device", device, budget=budget, study_name=None, trials="2"))
+        assert code == 0, capsys.readouterr().err
+        capsys.readouterr()
+    assert sorted(p.name for p in (tmp_path / "studies").glob("*.journal")) == journals
+    import yaml as _yaml
+
+    assert _yaml.safe_load((tmp_path / "studies" / "test_vit-50pctGFLOPs-cpu-n16-s0.yaml").read_text())["budget"]["spec"] == "50%GFLOPs"
+
+
+def test_a_study_recorded_with_another_spelling_is_resumed(tmp_path) -> None:
+    from rapid_search.search.runner import _check_setup
+
+    class Study:
+        study_name = "x"
+        user_attrs = {"setup": {"budget": " 50% gflops", "model": "m"}}
+
+    _check_setup(Study(), {"budget": "50%GFLOPs", "model": "m"})  # an older study recorded the raw text
+    from rapid_search.search.study import SearchError
+
+    with pytest.raises(SearchError, match="was started with budget"):
+        _check_setup(Study(), {"budget": "60%GFLOPs", "model": "m"})
+
+
+# ---- 9. the rest: NaN weights, bench --repeats 0 -----------------------------------------------
+def test_nan_weights_blame_the_weights(tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    state = torch.load(tiny_search.ckpt, weights_only=True)
+    state["head.weight"] = torch.full_like(state["head.weight"], float("nan"))
+    ckpt = tmp_path / "nan.pth"
+    torch.save(state, ckpt)
+    monkeypatch.chdir(tmp_path)
+    line = _one_line(main(_search(tiny_search, checkpoint=str(ckpt))), capsys.readouterr().err, "non-finite outputs")
+    assert "--checkpoint" in line and "--budget" not in line
+    assert not (tmp_path / "studies").exists()
+
+
+def test_bench_without_timing(tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    """``bench --repeats 0`` skips timing: the table shows no speed, and nothing raises."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "--model", "test_vit", "--checkpoint", str(tiny_search.ckpt), "--data", str(tiny_search.data), "--repeats", "0",
+            "--n-boot", "10", "--ratios", "50", "--threads", "1", "--out-dir", "out", "--quiet"]
+    assert main(argv) == 0, capsys.readouterr().err
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| —x |" in table and json.loads((tmp_path / "out" / "results.json").read_text())
+
+
+def test_data_that_is_a_file_is_not_reported_missing(tiny_search, tmp_path, monkeypatch, capsys) -> None:
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    schedule = _schedule_with(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for argv in (
+        ["evaluate", "--schedule", str(schedule), "--data", str(f), "--checkpoint", str(tiny_search.ckpt)],
+        ["bench", "--model", "test_vit", "--checkpoint", str(tiny_search.ckpt), "--data", str(f), "--quiet"],
+        _search(tiny_search, data=str(f)),
+    ):
+        line = _one_line(main(argv), capsys.readouterr().err, "is not a directory")
+        assert "does not exist" not in line

@@ -387,7 +387,7 @@ def test_unreadable_file(tmp_path):
     (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ScheduleError, match="cannot read"):
         Schedule.load(tmp_path / "bin.yaml")
-    with pytest.raises(ScheduleError, match="cannot read"):
+    with pytest.raises(ScheduleError, match="is a directory, not a file"):
         Schedule.load(tmp_path)  # a directory
 
 

@@ -19,7 +19,7 @@ import re
 import secrets
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -55,6 +55,7 @@ __all__ = [
     "default_study_name",
     "share_setup",
     "heartbeat_timing",
+    "canonical_setup_value",
     "DEFAULT_METRIC",
 ]
 
@@ -154,7 +155,7 @@ def _calib_fingerprint(data: Path, calib_images: int, seed: int) -> str:
             size = f.stat().st_size
         except OSError:
             size = -1
-        h.update(f"{f.relative_to(data).as_posix()}\0{size}\n".encode())
+        h.update(f"{f.relative_to(data).as_posix()}\0{size}\n".encode("utf-8", "surrogateescape"))  # any file name
     return f"{len(files)} files {h.hexdigest()[:16]}|{calib_images}|{seed}"
 
 
@@ -176,11 +177,24 @@ def _check_setup(study: optuna.Study, attrs: dict[str, Any], have: Optional[dict
     if have is None:
         return
     for k, v in attrs.items():
-        if have.get(k) != v:
+        if canonical_setup_value(k, have.get(k)) != canonical_setup_value(k, v):
             raise SearchError(
                 f"study {study.study_name!r} was started with {k} = {have.get(k)!r}, not {v!r} — "
                 "use another --study-name or the original settings"
             )
+
+
+def canonical_setup_value(key: str, value: Any) -> Any:
+    """A recorded set-up value in its canonical spelling (a budget as ``50%GFLOPs``, whatever
+    case and spaces it was given with, as older studies may have recorded it), for comparisons."""
+    if key == "budget" and isinstance(value, str):
+        from .budget import BudgetError, parse_budget
+
+        try:
+            return parse_budget(value).canonical
+        except BudgetError:
+            return value
+    return value
 
 
 #: The study attributes only the worker that created the study writes (``setup`` last: a worker
@@ -398,6 +412,9 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
 
     # ---- validate everything before any work --------------------------------------------------
     spec = parse_budget(opts.budget)
+    # set-up values in their canonical spelling from here on (study name, recorded set-up,
+    # comparisons): ' 50% gflops ' and 'CPU ' are the same study as 50%GFLOPs and cpu
+    opts = replace(opts, budget=spec.canonical, device=str(opts.device).strip().lower())
     space = SearchSpace.load(opts.space)
     if spec.kind == "latency":
         space = space.without_thresholds()
@@ -453,6 +470,12 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
         if metric == "top1" and imgs.labels is None:
             raise SearchError(f"--metric top1 needs labelled images (WordNet-id folders) but {data} is unlabelled — use --metric kl")
         base = predict(model, imgs.images, None, batch_size=opts.batch_size, device=device, info=info)
+        if not bool(torch.isfinite(base.logits).all()):  # every trial would score NaN: the weights, not the budget, are at fault
+            bad = int((~torch.isfinite(base.logits).all(dim=-1)).sum())
+            raise SearchError(
+                f"the unreduced {opts.model} gives non-finite outputs (NaN or inf) for {bad} of {len(imgs)} calibration images — "
+                "check its weights (--checkpoint) and the images; nothing can be scored with them"
+            )
         base_scores = fidelity(base.logits, base.logits, imgs.labels)
         calib = Calibration(imgs.images, imgs.labels, base.logits, base_scores, base.seconds)
         prog.log(

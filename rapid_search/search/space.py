@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
-import yaml
-
 from ..flops import ModelInfo, schedule_macs
 from ..presets import rapid_layers
 from ..schedule import LayerSpec
@@ -95,7 +93,9 @@ def _float_range(where: str, v: Any, lo: float, hi: float, *, allow_log: bool = 
     a, b = _num(f"{where}.low", v["low"]), _num(f"{where}.high", v["high"])
     if not (lo <= a <= b <= hi):
         raise SearchSpaceError(f"{where}: need {lo} <= low <= high <= {hi}, got low={a}, high={b}")
-    log = bool(v.get("log", False))
+    log = v.get("log", False)
+    if not isinstance(log, bool):  # 'false' (a string) is not a boolean: bool('false') is True
+        raise SearchSpaceError(f"{where}.log = {log!r} must be true or false (unquoted)")
     if log and (not allow_log or a <= 0):
         raise SearchSpaceError(f"{where}: log: true needs low > 0")
     return FloatRange(a, b, log)
@@ -165,16 +165,19 @@ class SearchSpace:
     def load(cls, path: Union[str, Path, None] = None) -> "SearchSpace":
         """Read a search space YAML (default: :data:`DEFAULT_SPACE`, shipped in the package)."""
         p = Path(path) if path is not None else DEFAULT_SPACE
+        from ..outputs import input_problem
+        from ..yamlsafe import YAMLInputError, load_yaml, read_yaml
+
+        problem = input_problem(p)
+        if problem is not None:
+            raise SearchSpaceError(f"search space {p} {problem} — pass --space with a YAML file like {DEFAULT_SPACE}")
         try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise SearchSpaceError(f"search space {p} does not exist — pass --space with a YAML file like {DEFAULT_SPACE}") from None
+            data = load_yaml(read_yaml(p))  # safe, bounded (size, depth, aliases), duplicate keys refused
+        except YAMLInputError as e:
+            at = f" at line {e.line}" if e.line and not e.syntax else ""
+            raise SearchSpaceError(f"{p}: {e.reason}{at} — fix it (see {DEFAULT_SPACE})") from None
         except (OSError, UnicodeDecodeError) as e:
             raise SearchSpaceError(f"cannot read search space {p}: {e.__class__.__name__}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise SearchSpaceError(f"{p}: not valid YAML — fix it (see {DEFAULT_SPACE})") from None
         return cls.from_dict(data, source=str(p))
 
     def without_thresholds(self) -> "SearchSpace":

@@ -138,14 +138,22 @@ def _secrets(url: str) -> list[str]:
 _MIN_PIECE = 4
 
 
-def scrub(text: str, url: Optional[str]) -> str:
+def scrub(text: str, url: Optional[str], *, pieces: bool = True) -> str:
     """``text`` (e.g. a driver's error message) without any part of a password from ``url``.
 
     Replaces ``url`` itself by its masked form, every secret of :func:`_secrets`, and then every
     remaining piece of a password (as written or URL-decoded) of at least 4 characters, longest
     first, wherever it appears: however a parser split the URL (at the first ``@``, at a ``:``
     in the password taken for a port, ...), whatever part of the password it put in its message
-    is gone. A password shorter than 4 characters is replaced only whole.
+    is gone. A password shorter than 4 characters is replaced only whole. A piece that is also
+    part of what the masked URL shows (the user name, the host, the database) is kept.
+
+    Args:
+        text: The message.
+        url: The storage URL (None or empty: ``text`` is returned as is).
+        pieces: Also replace pieces of the password (for a driver's or parser's text); False
+            replaces the URL, the whole password and what a parser glued to the host only (for
+            rapid-search's own lines, whose wording must stay intact).
     """
     if not url:
         return text
@@ -162,16 +170,18 @@ def scrub(text: str, url: Optional[str]) -> str:
         if tail:
             text = text.replace(tail + "@", "***@")
     # every piece (substring) of every secret still in the text
-    for secret in secrets:
+    public = mask_url(url)
+    for secret in secrets if pieces else ():
         for form in {secret, unquote(secret), unquote_plus(secret)}:
-            text = _cut_pieces(text, form)
+            text = _cut_pieces(text, form, public)
     # short pieces: what a parser split off at a URL delimiter and reported on its own (a host,
     # a port), replaced where they stand as a whole token; and any tail of the password it
     # glued to the real host (``gh@127.0.0.1`` from ``user:ab:cd@ef:gh@127.0.0.1``)
     host = re.split(r"[:/?#\[\]]", url[url.rfind("@") + 1 :], maxsplit=1)[0] if "@" in url else ""
     for secret in secrets:
-        for piece in sorted({p for p in re.split(r"[@:/?#\[\]]", secret) if p}, key=len, reverse=True):
-            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(piece)}(?![A-Za-z0-9])", "***", text)
+        for piece in sorted({p for p in re.split(r"[@:/?#\[\]]", secret) if p}, key=len, reverse=True) if pieces else ():
+            if piece not in public:
+                text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(piece)}(?![A-Za-z0-9])", "***", text)
         if host:
             for i in range(len(secret)):
                 tail = secret[i:]
@@ -180,9 +190,10 @@ def scrub(text: str, url: Optional[str]) -> str:
     return text
 
 
-def _cut_pieces(text: str, secret: str) -> str:
+def _cut_pieces(text: str, secret: str, public: str) -> str:
     """``text`` with every run of at least ``min(4, len(secret))`` characters that is a piece of
-    ``secret`` replaced by ``***`` (scanning left to right, each run as long as it goes)."""
+    ``secret`` (and not of ``public``) replaced by ``***`` (scanning left to right, each run as
+    long as it goes)."""
     least = min(_MIN_PIECE, len(secret))
     if not least:
         return text
@@ -192,7 +203,7 @@ def _cut_pieces(text: str, secret: str) -> str:
         j = i
         while j < len(text) and text[i : j + 1] in secret:
             j += 1
-        if j - i >= least and text[i:j].strip("*"):
+        if j - i >= least and text[i:j].strip("*") and text[i:j] not in public:
             out.append("***")
             i = j
         else:
@@ -481,7 +492,12 @@ def check_journal(
         if not repair:
             import tempfile
 
-            copy = Path(tempfile.mkdtemp(prefix="rapid-journal-")) / path.name
+            import atexit
+            import shutil
+
+            folder = tempfile.mkdtemp(prefix="rapid-journal-")
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            copy = Path(folder) / path.name
             copy.write_bytes(data[:end])
             say(f"journal file {path} ends with {what} ({cut} bytes): read without it; the next search repairs the file")
             return copy
