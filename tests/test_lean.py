@@ -158,3 +158,51 @@ def test_empty_schedule_runs_timm_forward_untouched(models64):
     assert all("forward" not in blk.__dict__ for blk in model.blocks) and "pool" not in model.__dict__
     rs.apply(model, [L()] * len(model.blocks))  # the same through as_schedule
     assert all("forward" not in blk.__dict__ for blk in model.blocks)
+
+
+# ---- torch.compile -------------------------------------------------------------------------------------------
+
+
+def _compile_check(model, schedule, x, *, backend):
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    with torch.no_grad():
+        ref_unpatched = model(x)
+        rs.apply(model, schedule)
+        eager = model(x)
+        eager_counts = rs.last_token_counts(model)
+        dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+        out = compiled(x)
+        torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+        assert torch.equal(rs.last_token_counts(model), eager_counts)  # the runtime's record survives compilation
+        with dynamo.config.patch(error_on_recompile=True):
+            for seed in (1, 2):
+                x2 = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+                torch.testing.assert_close(compiled(x2), model(x2), rtol=1e-4, atol=1e-4)
+        assert counters["stats"]["unique_graphs"] == 1
+        rs.remove(model)
+        assert all("forward" not in blk.__dict__ for blk in model.blocks)
+        assert torch.equal(model(x), ref_unpatched)
+        dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "family,kind", [("test_vit", "mixed"), ("distilled", "mixed"), ("avg_nocls", "mixed"), ("test_vit", "all_ops"), ("reg4", "empty")]
+)
+def test_fixed_schedule_compiles_fullgraph_without_recompiles(family, kind):
+    model = FAMILIES[family]()
+    s = rs.empty_schedule(model) if kind == "empty" else fixed_schedule(model, kind)
+    _compile_check(model, s, images(model, 2), backend="aot_eager")
+
+
+def test_fixed_schedule_compiles_with_inductor():
+    """The real compiler (C++ codegen on CPU) on a two-block ViT, to keep the compile time short."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
+    s = rs.as_schedule([L("prune", 3), L("merge", 3, None, 0.25)], model)
+    _compile_check(model, s, torch.randn(2, 3, 32, 32), backend="inductor")
