@@ -44,6 +44,16 @@ __all__ = [
 _NEG_INF = float("-inf")
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """float32 for reduced-precision dtypes, else the dtype itself (float64 stays float64)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` (no op when it already is)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def protected_count(num_tokens: int, protect: float) -> int:
     """Number of tokens protected by a merge layer: ``floor(protect * T + 0.5)``.
 
@@ -194,7 +204,7 @@ def redundancy_prune(
         return None
     B, N, _ = metric.shape
     T = N - num_prefix
-    m = F.normalize(metric[:, num_prefix:], dim=-1)  # (B, T, C)
+    m = F.normalize(_as(metric[:, num_prefix:], _wide(metric.dtype)), dim=-1)  # (B, T, C) float32 or wider
     a, b = m[:, ::2], m[:, 1::2]  # (B, Ta, C), (B, Tb, C)
     Ta = a.shape[1]
     if b.shape[1] == 0:
@@ -276,7 +286,7 @@ def importance_merge(
         return _compact(torch.zeros(B, N, dtype=torch.bool, device=device), _seq_valid(n_valid, N, device), dst=None)
     a_idx = is_a.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :Ta]  # (B, Ta) source positions
     a_ok = torch.arange(Ta, device=device)[None, :] < n_a[:, None]  # (B, Ta) real sources (padding: fewer)
-    m = F.normalize(metric[:, num_prefix:], dim=-1)  # (B, T, C)
+    m = F.normalize(_as(metric[:, num_prefix:], _wide(metric.dtype)), dim=-1)  # (B, T, C) float32 or wider
     ma = m.gather(1, a_idx[..., None].expand(B, Ta, C))  # (B, Ta, C)
     sim = ma @ m.transpose(1, 2)  # (B, Ta, T)
     not_dst = is_a if pvalid is None else (is_a | ~pvalid)  # destinations: protected tokens and B
@@ -374,6 +384,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, *, num_prefix: int) ->
         return None
     pa, pb = (num_prefix + 1) // 2, num_prefix // 2  # prefix tokens in A and in B
     with torch.no_grad():
+        metric = _as(metric, _wide(metric.dtype))  # similarity in float32 (or wider)
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[..., ::2, :], metric[..., 1::2, :]  # (B, Ta, C), (B, Tb, C)
         scores = a @ b.transpose(-1, -2)  # (B, Ta, Tb)
@@ -423,11 +434,6 @@ def merge_source(reduce: ReduceFn, x: torch.Tensor, source: Optional[torch.Tenso
 # host, branch only on Python ints, and build flat row indices once so that applying the reduction is one
 # ``index_select`` (pruning) or ``index_select`` + ``index_add_`` + ``index_select`` (merging) per tensor.
 # They select exactly the tokens the general functions above select (same scores, same top-k).
-
-
-def _wide(dtype: torch.dtype) -> torch.dtype:
-    """float32 for reduced-precision dtypes, else the dtype itself (float64 stays float64)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _flat(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -501,10 +507,6 @@ class FixedReduction:
         return None
 
 
-def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x if x.dtype == dtype else x.to(dtype)
-
-
 def _unit(metric: torch.Tensor) -> torch.Tensor:
     """Unit-norm metric of every token in float32 (or wider), as ``F.normalize``: ``(B, N, C)``."""
     m = _as(metric, _wide(metric.dtype))  # (B, N, C)
@@ -564,8 +566,8 @@ def fixed_merge(metric: torch.Tensor, importance: torch.Tensor, r: int, *, num_p
     r = min(r, ta)
     if T < 2 or r <= 0:
         return None
-    if k > 0:
-        unp = _ascending(P, N, importance.topk(k, dim=1).indices)  # (B, T - k) unprotected sequence positions, in order
+    if k > 0:  # the T - k least important tokens, in sequence order
+        unp = importance.topk(T - k, dim=1, largest=False).indices.sort(dim=1).values + P  # (B, T - k) sequence positions
     else:
         unp = torch.arange(P, N, device=metric.device).expand(B, T)  # (B, T)
     a_seq = unp[:, ::2]  # (B, Ta) sources: every other unprotected token

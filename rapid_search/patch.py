@@ -305,8 +305,8 @@ def _pool(self: nn.Module, x: torch.Tensor, pool_type: Optional[str] = None) -> 
     if size is None or pool_type in ("token", ""):
         return type(self).pool(self, x, pool_type=pool_type)
     start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
-    xs, w = x[:, start:], size[:, start:].to(x.dtype)  # (B, T, C), (B, T, 1)
-    avg = (xs * w).sum(1) / w.sum(1)  # (B, C) size-weighted mean, padding excluded
+    xs, w = x[:, start:], size[:, start:]  # (B, T, C), (B, T, 1)
+    avg = ((_as(xs, w.dtype) * w).sum(1) / w.sum(1)).to(x.dtype)  # (B, C) size-weighted mean (float32 or wider), padding excluded
     if pool_type == "avg":
         return avg
     mx = xs.masked_fill(w == 0, float("-inf")).amax(1)  # (B, C)

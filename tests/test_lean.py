@@ -206,3 +206,46 @@ def test_fixed_schedule_compiles_with_inductor():
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
     s = rs.as_schedule([L("prune", 3), L("merge", 3, None, 0.25)], model)
     _compile_check(model, s, torch.randn(2, 3, 32, 32), backend="inductor")
+
+
+# ---- reduced precision ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", ["test_vit", "distilled", "avg_nocls"])
+def test_reduced_precision_keeps_counts_and_stays_close(family, dtype):
+    """Same tokens per block as float32; similarity, importance and sizes are float32 inside."""
+    from rapid_search.evaluate import predict
+
+    m32, m16 = FAMILIES[family](), FAMILIES[family]().to(dtype)
+    x = images(m32, 4)
+    for kind in ("mixed", "all_ops", "merge"):
+        s = fixed_schedule(m32, kind)
+        ref, low = predict(m32, x, s, batch_size=2), predict(m16, x, s, batch_size=2)  # predict casts the images
+        assert torch.equal(low.counts, ref.counts)
+        assert low.logits.dtype == torch.float32 and torch.isfinite(low.logits).all()
+        with rs.applied(m16, s), torch.no_grad():
+            m16(x[:2].to(dtype))
+            sizes = rs.last_sizes(m16)
+        assert sizes.dtype == torch.float32  # token counts are bookkept in float32
+        if kind == "merge":
+            assert torch.equal(sizes.sum(1), torch.full((2, 1), float(rs.ModelInfo.from_model(m32).num_tokens)))
+
+
+def test_evaluate_cli_dtype(tiny_search, tmp_path):
+    import json
+
+    from rapid_search.cli import main
+
+    s = rs.rapid_schedule(timm_test_vit(), 0.5).save(tmp_path / "s.yaml")
+    out = tmp_path / "r.json"
+    argv = ["evaluate", "--schedule", str(s), "--data", str(tiny_search.data), "--checkpoint", str(tiny_search.ckpt), "--model", "test_vit"]
+    assert main(argv + ["--dtype", "bfloat16", "--repeats", "1", "--threads", "1", "--batch-size", "8", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["dtype"] == "bfloat16" and res["images"] == 16 and 0 <= res["schedule_scores"]["agreement"] <= 1
+
+
+def timm_test_vit():
+    import timm
+
+    return timm.create_model("test_vit")
