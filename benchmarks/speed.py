@@ -1,87 +1,170 @@
-"""Throughput of the runtime: unreduced vs RAPID and ToMe at a GFLOPs ratio.
+"""Speed of the runtime: unreduced vs RAPID and ToMe at a GFLOPs ratio, eager and compiled, per dtype.
 
-Configurations are timed round-robin (one batch each, repeated), so load from other processes
-on a shared machine hits every configuration alike; medians are reported. "of ideal" is the
-measured speedup divided by the ideal speedup (unreduced GFLOPs / schedule GFLOPs).
+Every configuration is its own copy of the model (so that each can be compiled for what it runs);
+within one table (batch size x dtype) the configurations are timed round-robin, one forward each
+per round, so load from other processes on a shared machine hits them alike. Rounds continue
+until the median of every configuration is stable (its bootstrap 95 % interval within
+``--stable`` of the median) or ``--seconds`` have passed. Reported: median ms per batch, IQR in %
+of the median, speed-up over the unpatched model in the same mode, the FLOPs-ideal speed-up
+(unreduced GFLOPs / schedule GFLOPs) and the fraction of it reached. A row is flagged when its
+speed-up exceeds the ideal beyond the noise or its spread is too wide to compare.
 
-    python benchmarks/speed.py --model deit_tiny_patch16_224 --batch-size 32 --ratio 0.5
+Official ToMe (facebookresearch/ToMe) is imported from a checkout given with ``--tome`` (a
+fetched copy; its code is never part of this repository) and patched onto its own model copy
+with the same constant ``r`` as the project's ToMe row.
+
+    python benchmarks/speed.py --threads 1 --batch-sizes 1,32 --modes eager,compiled --dtypes float32
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
+import numpy as np
 import timm
 import torch
 
 import rapid_search as rs
 
+FLAG_SPREAD = 0.15  # IQR above 15 % of the median: too noisy to compare
+
+
+def _official_tome(path: Path, tmp: str) -> Any:
+    """Import ``tome`` from a checkout (a work tree, or a bare git directory: its HEAD is extracted)."""
+    src = path
+    if not (path / "tome" / "__init__.py").exists():
+        subprocess.run(f"git --git-dir {path} archive HEAD tome | tar -x -C {tmp}", shell=True, check=True)
+        src = Path(tmp)
+    sys.path.insert(0, str(src))
+    import tome  # noqa: PLC0415
+
+    return tome
+
+
+def _stats(v: list[float]) -> tuple[float, float, float]:
+    """median, IQR / median, bootstrap 95 % half-width of the median / median."""
+    a = np.asarray(v)
+    med = float(np.median(a))
+    q25, q75 = np.percentile(a, [25, 75])
+    rng = np.random.default_rng(0)
+    boots = np.median(rng.choice(a, size=(300, a.size)), axis=1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return med, float(q75 - q25) / med, float(hi - lo) / 2 / med
+
+
+def _table(
+    configs: dict[str, tuple[Callable[[], Any], float]], *, min_rounds: int, seconds: float, stable: float, clock: Callable[[], float]
+) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    t_end = time.perf_counter() + seconds
+    rounds = 0
+    with torch.inference_mode():
+        for fn, _ in configs.values():  # warm-up (and compilation)
+            fn(), fn(), fn()
+        while True:
+            for name, (fn, _) in configs.items():
+                t0 = clock()
+                fn()
+                times[name].append((clock() - t0) * 1e3)
+            rounds += 1
+            if rounds >= min_rounds and (time.perf_counter() > t_end or all(_stats(v)[2] <= stable for v in times.values())):
+                return times
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="deit_tiny_patch16_224")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-sizes", default="1,32")
     ap.add_argument("--ratio", type=float, default=0.5)
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--modes", default="eager,compiled", help="eager and/or compiled (torch.compile, inductor, dynamic=False)")
+    ap.add_argument("--dtypes", default="float32", help="float32, bfloat16, float16 (comma-separated)")
+    ap.add_argument("--seconds", type=float, default=120.0, help="time limit per table (default 120)")
+    ap.add_argument("--min-rounds", type=int, default=15)
+    ap.add_argument("--stable", type=float, default=0.01, help="stop when every median's 95%% interval is within this fraction")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="wall: perf_counter; cpu: this process's CPU time (with --threads 1 the forward runs on one thread, so time spent "
+        "waiting for a core shared with other processes is not counted)",
+    )
+    ap.add_argument("--tome", type=Path, default=None, help="checkout of facebookresearch/ToMe (work tree or git dir)")
     ap.add_argument("--schedule", type=Path, action="append", default=[], help="extra schedule YAMLs to time")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    model = timm.create_model(args.model).eval().to(device)  # weights do not change the speed
-    info = rs.model_info(model)
-    x = torch.randn(args.batch_size, *model.pretrained_cfg["input_size"], device=device)
-    configs = {
-        "unreduced (unpatched)": None,
-        "empty schedule (patched)": rs.empty_schedule(info),
+    base_model = timm.create_model(args.model).eval()  # random weights: speed does not depend on them
+    info = rs.model_info(base_model)
+    tome_sched = rs.tome_for_ratio(info, args.ratio)
+    tome_r = tome_sched.layers[0].r
+    schedules: dict[str, Any] = {
+        "unpatched": None,
+        "empty schedule": rs.empty_schedule(info),
         f"RAPID hand-set {args.ratio:.0%}": rs.rapid_schedule(info, args.ratio),
-        f"ToMe {args.ratio:.0%}": rs.tome_for_ratio(info, args.ratio),
-        f"ToMe decreasing {args.ratio:.0%}": rs.tome_for_ratio(info, args.ratio, decreasing=True),
+        f"ToMe r={tome_r} (this project)": tome_sched,
     }
     for p in args.schedule:
-        configs[p.stem] = rs.Schedule.load(p)
-    times: dict[str, list[float]] = {k: [] for k in configs}
-
-    def run(name: str) -> float:
-        sched = configs[name]
-        if sched is not None:
-            rs.apply(model, sched)
-        try:
-            with torch.inference_mode():
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+        schedules[p.stem] = rs.Schedule.load(p)
+    tmp = tempfile.TemporaryDirectory()
+    tome = _official_tome(args.tome, tmp.name) if args.tome else None
+    gflops = {k: (info.base_gflops if s is None else rs.schedule_macs(info, s) / 1e9) for k, s in schedules.items()}
+    if tome is not None:
+        gflops[f"official ToMe r={tome_r}"] = rs.schedule_macs(info, tome_sched) / 1e9
+    print(
+        f"{args.model}, CPU threads {torch.get_num_threads()}, torch {torch.__version__}, {args.clock} clock; round-robin, medians; "
+        f"IQR in % of the median; ! = flagged (speed-up above ideal beyond noise, or IQR > {FLAG_SPREAD:.0%})"
+    )
+    out: list[dict[str, Any]] = []
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        for bs in [int(b) for b in args.batch_sizes.split(",")]:
+            x = torch.randn(bs, *base_model.pretrained_cfg["input_size"]).to(dtype)
+            for mode in args.modes.split(","):
+                configs: dict[str, tuple[Callable[[], Any], float]] = {}
+                for name, sched in schedules.items():
+                    m = copy.deepcopy(base_model).to(dtype)
+                    if sched is not None:
+                        rs.apply(m, sched)
+                    configs[name] = (m, gflops[name])
+                if tome is not None:
+                    m = copy.deepcopy(base_model).to(dtype)
+                    tome.patch.timm(m)
+                    m.r = tome_r
+                    configs[f"official ToMe r={tome_r}"] = (m, gflops[f"official ToMe r={tome_r}"])
+                if mode == "compiled":
+                    torch._dynamo.reset()
+                    configs = {k: (torch.compile(m, dynamic=False), g) for k, (m, g) in configs.items()}
                 t0 = time.perf_counter()
-                model(x)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                return time.perf_counter() - t0
-        finally:
-            rs.remove(model)
-
-    for name in configs:  # warm-up
-        run(name), run(name)
-    for _ in range(args.repeats):
-        for name in configs:
-            times[name].append(run(name))
-    base = statistics.median(times["unreduced (unpatched)"])
-    rows = []
-    print(f"{args.model}, batch {args.batch_size}, {device}, threads {torch.get_num_threads()}, {args.repeats} round-robin repeats (medians)")
-    print(f"| schedule | GFLOPs | images/s | speedup | ideal | of ideal |\n|---|---|---|---|---|---|")
-    for name, sched in configs.items():
-        t = statistics.median(times[name])
-        g = info.base_gflops if sched is None else rs.schedule_macs(info, sched) / 1e9
-        speed, ideal = base / t, info.base_gflops / g
-        rows.append({"schedule": name, "gflops": g, "images_per_s": args.batch_size / t, "speedup": speed, "ideal": ideal, "of_ideal": speed / ideal})
-        print(f"| {name} | {g:.3f} | {args.batch_size / t:.1f} | {speed:.2f}x | {ideal:.2f}x | {speed / ideal:.2f} |")
+                fns = {k: ((lambda m=m: m(x)), g) for k, (m, g) in configs.items()}
+                clock = time.perf_counter if args.clock == "wall" else time.process_time
+                times = _table(fns, min_rounds=args.min_rounds, seconds=args.seconds, stable=args.stable, clock=clock)
+                base_med, base_iqr, base_ci = _stats(times["unpatched"])
+                print(f"\n### batch {bs}, {mode}, {dtype_name}: {len(times['unpatched'])} rounds in {time.perf_counter() - t0:.0f} s")
+                print("| configuration | GFLOPs | ms / batch (IQR) | speed-up | ideal | of ideal |\n|---|---|---|---|---|---|")
+                for name, v in times.items():
+                    med, iqr, ci = _stats(v)
+                    g = configs[name][1]
+                    speed, ideal = base_med / med, info.base_gflops / g
+                    noise = speed * (ci + base_ci)
+                    flag = (speed - noise > ideal * 1.0 + 1e-9) or iqr > FLAG_SPREAD
+                    print(f"| {name} | {g:.3f} | {med:.2f} ({100 * iqr:.0f}%) | {speed:.2f}x | {ideal:.2f}x | {speed / ideal:.2f}{' !' if flag else ''} |")
+                    out.append(
+                        {"batch_size": bs, "mode": mode, "dtype": dtype_name, "config": name, "gflops": g, "median_ms": med,
+                         "iqr_frac": iqr, "ci_frac": ci, "speedup": speed, "ideal": ideal, "of_ideal": speed / ideal,
+                         "flagged": bool(flag), "rounds": len(v)}
+                    )
+                sys.stdout.flush()
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "batch_size": args.batch_size, "device": str(device), "rows": rows}, indent=1) + "\n")
+        meta = {"model": args.model, "threads": torch.get_num_threads(), "clock": args.clock, "command": " ".join(sys.argv)}
+        args.json.write_text(json.dumps({**meta, "rows": out}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-__all__ = ["int_in"]
+__all__ = ["DTYPES", "int_in"]
+
+#: Floating-point dtypes a model can run in (``--dtype``).
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def int_in(low: int, high: int) -> Callable[[str], int]:

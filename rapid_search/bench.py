@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .argtypes import int_in
+from .argtypes import DTYPES, int_in
 from .flops import ModelInfo, schedule_macs
 from .presets import UnreachableBudget, as_schedule, rapid_schedule, tome_for_ratio, variant_schedule
 from .schedule import Schedule, atomic_write_text
@@ -637,7 +637,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"# {result['model']}: accuracy vs cost",
         "",
         f"{s['images']} evaluation images ({s.get('data', 'given tensors')}), calibration folder "
-        f"{s.get('calib') or '—'}; device {s['device']}, batch {s['batch_size']}, "
+        f"{s.get('calib') or '—'}; device {s['device']}, {s.get('dtype', 'float32')}, batch {s['batch_size']}, "
         f"torch threads: {s['torch_threads']}. Timing: {s['repeats']} interleaved rounds (one batch of every schedule per round, "
         f"after {s['warmup']} warm-up batches each), median per schedule, IQR of the batch times in % of the median"
         + (
@@ -654,7 +654,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         "",
         "| target | method | GFLOPs (of unreduced) | top-1 | agree | img/s (IQR) | speedup | % of ideal | Δ top-1 vs best ToMe [95% CI] | p |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        f"| 100% | **unreduced** | {base['gflops']:.3f} (100%) | {_pct(base['top1'])} | 100% | {_ips(base)} | 1.00x | — | | |",
+        f"| 100% | **unreduced** | {base['gflops']:.3f} (100%) | {_pct(base['top1'])} | 100% | {_ips(base)} | {'1.00x' if base.get('median_ms') else '—'} | — | | |",
     ]
     for row in result["rows"]:
         target = f"{100 * row['ratio']:g}%"
@@ -807,6 +807,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-boot", type=_positive_int, default=10_000, help="bootstrap resamples (default: 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image subset and the bootstrap (default: 0)")
     parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="precision the models run and are timed in (default: float32)")
     parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="load timm's pretrained weights (default: on)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="local weights file instead of timm's pretrained weights")
     parser.add_argument("--quiet", action="store_true", help="print only the output paths")
@@ -826,7 +827,7 @@ def main(args: argparse.Namespace) -> int:
         raise BenchError(f"evaluation folder {args.data} {what} — pass --data with an ImageFolder tree")
     if args.calib is not None and Path(args.calib).resolve() == Path(args.data).resolve():
         raise BenchError("--calib and --data are the same folder — evaluate on images the search never saw")
-    model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, device=device)
+    model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, device=device, dtype=args.dtype)
     info = ModelInfo.from_model(model)
     _check_outputs(args.out_dir or Path("benchmarks") / info.name, args)
     notes: list[str] = []
@@ -850,6 +851,7 @@ def main(args: argparse.Namespace) -> int:
         "limit": args.limit,
         "searched": {f"{r:g}": str(p) for r, (p, _) in searched.items()},
         "notes": notes,
+        "dtype": args.dtype,
         "command": _command(args),
     }
     result = run_bench(
@@ -900,6 +902,8 @@ def _command(args: argparse.Namespace) -> str:
         parts += ["--limit", str(args.limit)]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
+    if getattr(args, "dtype", "float32") != "float32":
+        parts += ["--dtype", args.dtype]
     if not args.pretrained:
         parts.append("--no-pretrained")
     if args.checkpoint is not None:

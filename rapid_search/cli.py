@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .argtypes import int_in
+from .argtypes import DTYPES, int_in
 
 __all__ = ["main", "build_parser", "MissingExtraError", "require_extras"]
 
@@ -61,6 +61,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_batch_int, default=64, help="batch size for scoring and timing (default: 64)")
     p.add_argument("--checkpoint", type=Path, default=None, help="local weights (state dict or .safetensors) instead of timm's pretrained weights")
     p.add_argument("--threads", type=_threads_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="precision the model runs (and is timed) in (default: float32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +179,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         progress="quiet" if args.quiet else args.progress,
         rungs=args.rungs,
         threads=args.threads,
+        dtype=args.dtype,
     )
     if args.heartbeat_interval is not None:
         opts.heartbeat_interval = args.heartbeat_interval
@@ -289,7 +291,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             args.json, option="--json", example="result.json",
             reads=[("the --schedule file", args.schedule), ("the --checkpoint file", args.checkpoint)], data=[args.data],
         )
-    model = load_model(args.model or schedule.model.name, checkpoint=args.checkpoint, device=device)
+    model = load_model(args.model or schedule.model.name, checkpoint=args.checkpoint, device=device, dtype=args.dtype)
     info = ModelInfo.from_model(model)
     schedule.model.check(info.fingerprint())
     imgs = load_images(args.data, model=model, limit=args.limit)
@@ -308,6 +310,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         "images": len(imgs),
         "skipped": len(imgs.skipped),
         "device": str(device),
+        "dtype": args.dtype,
         "batch_size": args.batch_size,
         "unreduced": {**base_scores, "gflops": g_base, "images_per_s": t_base.images_per_s},
         "schedule_scores": {**scores, "gflops": g_red, "images_per_s": t_red.images_per_s},
@@ -316,7 +319,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     }
     result["speedup_of_ideal"] = result["speedup"] / result["ideal_speedup"]
     top = lambda d: f"{d['top1']:.2%}" if "top1" in d else "n/a"  # noqa: E731
-    print(f"{info.name} on {len(imgs)} images from {args.data} ({device}, batch {args.batch_size}); skipped {len(imgs.skipped)}")
+    print(f"{info.name} on {len(imgs)} images from {args.data} ({device}, {args.dtype}, batch {args.batch_size}); skipped {len(imgs.skipped)}")
     print(f"{'':12s}{'top-1':>8s}{'agree':>8s}{'KL':>8s}{'GFLOPs':>8s}{'img/s':>9s}")
     print(f"{'unreduced':12s}{top(base_scores):>8s}{'100.0%':>8s}{0.0:8.4f}{g_base:8.3f}{t_base.images_per_s:9.1f}")
     print(f"{'schedule':12s}{top(scores):>8s}{scores['agreement']:8.1%}{scores['kl']:8.4f}{g_red:8.3f}{t_red.images_per_s:9.1f}")

@@ -52,18 +52,22 @@ def predict(
 ) -> Predictions:
     """Run ``model`` under ``schedule`` on ``images`` ``(N, 3, H, W)``; returns logits and costs.
 
-    The schedule is applied for the duration of the call and removed afterwards.
+    The schedule is applied for the duration of the call and removed afterwards. Images are cast
+    to the model's floating-point dtype (run a bfloat16 model with ``model.to(torch.bfloat16)``);
+    logits come back in float32.
     """
     import time
 
     info = info or ModelInfo.from_model(model)
     sched: Schedule = as_schedule(schedule, info)
-    device = device or next(model.parameters()).device
+    param = next(model.parameters())
+    device = device or param.device
+    dtype = param.dtype if param.dtype.is_floating_point else torch.float32
     outs, counts = [], []
     t0 = time.perf_counter()
     with applied(model, sched):
         for i in range(0, len(images), batch_size):
-            x = images[i : i + batch_size].to(device, non_blocking=True)
+            x = images[i : i + batch_size].to(device, dtype, non_blocking=True)
             outs.append(model(x).float().cpu())
             counts.append(last_token_counts(model))
     if device.type == "cuda":

@@ -58,6 +58,7 @@ def load_model(
     pretrained: bool = True,
     checkpoint: Optional[Union[str, os.PathLike]] = None,
     device: Union[str, torch.device] = "cpu",
+    dtype: Union[str, torch.dtype, None] = None,
 ) -> nn.Module:
     """Create a timm ViT in eval mode on ``device``, with pretrained or local weights.
 
@@ -66,6 +67,7 @@ def load_model(
         pretrained: Load timm's pretrained weights (ignored when ``checkpoint`` is given).
         checkpoint: Local weights file (state dict, ``.pth``/``.pt``/``.bin`` or ``.safetensors``).
         device: Where to put the model.
+        dtype: Parameter dtype (``float32``, ``bfloat16``, ``float16``); None keeps float32.
 
     Raises:
         ModelLoadError: Unknown name, weights unavailable (offline, not cached), bad checkpoint.
@@ -99,4 +101,8 @@ def load_model(
         except RuntimeError as e:
             first = str(e).splitlines()[0] if str(e) else ""
             raise ModelLoadError(f"checkpoint {path} does not fit {name}: {first} — pass weights for this architecture") from None
+    if dtype is not None:
+        from .measure import parse_dtype
+
+        model = model.to(parse_dtype(dtype))
     return model.eval().to(device)

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Timing", "measure_model", "parse_device", "set_cpu_threads", "time_callable"]
+from .argtypes import DTYPES
+
+__all__ = ["DTYPES", "Timing", "measure_model", "parse_device", "parse_dtype", "set_cpu_threads", "time_callable"]
 
 DeviceLike = Union[str, torch.device]
 
@@ -101,6 +103,23 @@ def parse_device(spec: DeviceLike) -> torch.device:
     if index >= count:
         raise ValueError(f"CUDA device {index} requested (--device {text}) but only {count} visible (0..{count - 1}) — use --device cuda:0")
     return torch.device("cuda", index)
+
+
+def parse_dtype(spec: Union[str, torch.dtype, None]) -> torch.dtype:
+    """``'float32'``, ``'bfloat16'`` or ``'float16'`` (or a ``torch.dtype``) -> the ``torch.dtype``; None -> float32.
+
+    Raises:
+        ValueError: Any other name.
+    """
+    if spec is None:
+        return torch.float32
+    if isinstance(spec, torch.dtype):
+        name = str(spec).replace("torch.", "")
+    else:
+        name = str(spec).strip().lower()
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {str(spec)!r} — use --dtype float32, bfloat16 or float16")
+    return getattr(torch, name)
 
 
 def set_cpu_threads(n: Optional[int]) -> None:

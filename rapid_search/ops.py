@@ -35,9 +35,23 @@ __all__ = [
     "merge_wavg",
     "merge_source",
     "protected_count",
+    "FixedReduction",
+    "fixed_prune",
+    "fixed_merge",
+    "fixed_evit",
 ]
 
 _NEG_INF = float("-inf")
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """float32 for reduced-precision dtypes, else the dtype itself (float64 stays float64)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` (no op when it already is)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def protected_count(num_tokens: int, protect: float) -> int:
@@ -190,7 +204,7 @@ def redundancy_prune(
         return None
     B, N, _ = metric.shape
     T = N - num_prefix
-    m = F.normalize(metric[:, num_prefix:], dim=-1)  # (B, T, C)
+    m = F.normalize(_as(metric[:, num_prefix:], _wide(metric.dtype)), dim=-1)  # (B, T, C) float32 or wider
     a, b = m[:, ::2], m[:, 1::2]  # (B, Ta, C), (B, Tb, C)
     Ta = a.shape[1]
     if b.shape[1] == 0:
@@ -272,7 +286,7 @@ def importance_merge(
         return _compact(torch.zeros(B, N, dtype=torch.bool, device=device), _seq_valid(n_valid, N, device), dst=None)
     a_idx = is_a.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :Ta]  # (B, Ta) source positions
     a_ok = torch.arange(Ta, device=device)[None, :] < n_a[:, None]  # (B, Ta) real sources (padding: fewer)
-    m = F.normalize(metric[:, num_prefix:], dim=-1)  # (B, T, C)
+    m = F.normalize(_as(metric[:, num_prefix:], _wide(metric.dtype)), dim=-1)  # (B, T, C) float32 or wider
     ma = m.gather(1, a_idx[..., None].expand(B, Ta, C))  # (B, Ta, C)
     sim = ma @ m.transpose(1, 2)  # (B, Ta, T)
     not_dst = is_a if pvalid is None else (is_a | ~pvalid)  # destinations: protected tokens and B
@@ -370,6 +384,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, *, num_prefix: int) ->
         return None
     pa, pb = (num_prefix + 1) // 2, num_prefix // 2  # prefix tokens in A and in B
     with torch.no_grad():
+        metric = _as(metric, _wide(metric.dtype))  # similarity in float32 (or wider)
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[..., ::2, :], metric[..., 1::2, :]  # (B, Ta, C), (B, Tb, C)
         scores = a @ b.transpose(-1, -2)  # (B, Ta, Tb)
@@ -391,12 +406,17 @@ ReduceFn = Callable[..., torch.Tensor]
 
 
 def merge_wavg(reduce: ReduceFn, x: torch.Tensor, size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Size-weighted average merge: returns merged ``x`` and the new sizes ``(B, L, 1)``."""
+    """Size-weighted average merge: returns merged ``x`` and the new sizes ``(B, L, 1)``.
+
+    Reduced-precision features are averaged in float32 and returned in their own dtype; sizes
+    are float32 (or the features' dtype when that is wider), so token counts stay exact.
+    """
+    wide = _wide(x.dtype)
     if size is None:
-        size = torch.ones_like(x[..., :1])  # (B, N, 1)
-    x = reduce(x * size, mode="sum")  # (B, L, C)
+        size = torch.ones_like(x[..., :1], dtype=wide)  # (B, N, 1)
+    out = reduce(x.to(wide) * size, mode="sum")  # (B, L, C)
     size = reduce(size, mode="sum")  # (B, L, 1)
-    return x / size.clamp_min(1e-6), size
+    return (out / size.clamp_min(1e-6)).to(x.dtype), size
 
 
 def merge_source(reduce: ReduceFn, x: torch.Tensor, source: Optional[torch.Tensor]) -> torch.Tensor:
@@ -405,3 +425,174 @@ def merge_source(reduce: ReduceFn, x: torch.Tensor, source: Optional[torch.Tenso
         B, N, _ = x.shape
         source = torch.eye(N, device=x.device, dtype=x.dtype)[None].expand(B, N, N)
     return reduce(source, mode="amax")
+
+
+# ---- the lean fixed-count path ---------------------------------------------------------------------------
+#
+# A fixed-count layer (threshold null) on a batch without padding removes the same number of tokens from
+# every image, so every shape follows from the schedule: the functions below never synchronise with the
+# host, branch only on Python ints, and build flat row indices once so that applying the reduction is one
+# ``index_select`` (pruning) or ``index_select`` + ``index_add_`` + ``index_select`` (merging) per tensor.
+# They select exactly the tokens the general functions above select (same scores, same top-k).
+
+
+def _flat(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """``(B, K)`` per-image row indices into ``n`` rows -> ``(B * K,)`` rows of the flattened batch."""
+    B = idx.shape[0]
+    if B == 1:
+        return idx.reshape(-1)  # (K,)
+    offs = torch.arange(0, B * n, n, device=idx.device)  # (B,)
+    return (idx + offs[:, None]).reshape(-1)  # (B * K,)
+
+
+@dataclass
+class FixedReduction:
+    """A fixed-count reduction of ``(B, N, C)`` tensors to ``(B, L, C)``, as flat row indices.
+
+    Attributes:
+        batch: Images ``B``.
+        num_in: Tokens per image before ``N``.
+        keep: ``(B * L,)`` rows of the flattened ``(B * N, C)`` input kept, in sequence order.
+        src: ``(B * R,)`` rows merged away (None: pruning).
+        dst: ``(B * R,)`` the rows they are added into (never removed; None: pruning).
+    """
+
+    batch: int
+    num_in: int
+    keep: torch.Tensor
+    src: Optional[torch.Tensor] = None
+    dst: Optional[torch.Tensor] = None
+    ragged = False
+
+    @property
+    def num_out(self) -> int:
+        return self.keep.shape[0] // self.batch
+
+    def __call__(self, x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+        """Apply to ``x`` ``(B, N, C)`` -> ``(B, L, C)``; ``mode`` combines merged rows (``sum`` or ``amax``)."""
+        B, N, C = x.shape
+        flat = x.reshape(B * N, C)  # (B * N, C)
+        if self.src is not None:
+            rows = flat.index_select(0, self.src)  # (B * R, C)
+            if mode == "sum":
+                flat = flat.index_add(0, self.dst, rows)  # (B * N, C)
+            else:
+                index = self.dst[:, None].expand(-1, C)  # (B * R, C)
+                flat = flat.scatter_reduce(0, index, rows, reduce=mode, include_self=True)  # (B * N, C)
+        return flat.index_select(0, self.keep).view(B, self.num_out, C)  # (B, L, C)
+
+    def merge(self, x: torch.Tensor, size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Size-weighted average merge of ``x`` ``(B, N, C)`` in one pass over a fused buffer.
+
+        Features and sizes travel together as ``(B * N, C + 1)`` rows in float32 (float64 inputs
+        stay float64), so the weighted sums and the token counts are exact to that precision.
+
+        Returns:
+            ``(B, L, C)`` merged features in ``x``'s dtype and ``(B, L, 1)`` sizes.
+        """
+        B, N, C = x.shape
+        wide = _wide(x.dtype)
+        ones = size is None
+        buf = torch.cat([_as(x, wide), x.new_ones(B, N, 1, dtype=wide) if ones else _as(size, wide)], dim=-1)  # (B, N, C + 1)
+        if not ones:
+            buf[..., :C].mul_(buf[..., C:])  # size-weighted features
+        flat = buf.view(B * N, C + 1)
+        if self.src is not None:
+            flat.index_add_(0, self.dst, flat.index_select(0, self.src))  # (B * N, C + 1)
+        out = flat.index_select(0, self.keep).view(B, self.num_out, C + 1)  # (B, L, C + 1)
+        size = out[..., C:]  # (B, L, 1) >= 1: no padding on this path
+        return _as(out[..., :C] / size, x.dtype), size
+
+    def valid_mask(self) -> None:
+        return None
+
+
+def _unit(metric: torch.Tensor) -> torch.Tensor:
+    """Unit-norm metric of every token in float32 (or wider), as ``F.normalize``: ``(B, N, C)``."""
+    m = _as(metric, _wide(metric.dtype))  # (B, N, C)
+    return m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (B, N, C)
+
+
+def _ascending(start: int, stop: int, removed: torch.Tensor) -> torch.Tensor:
+    """Positions ``start..stop-1`` except ``removed`` ``(B, R)`` (given relative to ``start``),
+    in increasing order: ``(B, stop - start - R)``."""
+    B, R = removed.shape
+    n = stop - start
+    key = torch.arange(start, stop, device=removed.device).expand(B, n).scatter(1, removed, stop)  # (B, n) removed last
+    return key.topk(n - R, dim=1, largest=False, sorted=True).values  # (B, n - R)
+
+
+def fixed_prune(metric: torch.Tensor, r: int, *, num_prefix: int) -> Optional[FixedReduction]:
+    """:func:`redundancy_prune` with a fixed count and no padding, without host synchronisation.
+
+    Args:
+        metric: ``(B, N, C)`` similarity features.
+        r: Tokens dropped per image (capped at the A half ``ceil(T / 2)``).
+        num_prefix: Leading tokens never touched.
+
+    Returns:
+        The reduction, or None when nothing is removed (fewer than two patch tokens, or ``r = 0``).
+    """
+    B, N, _ = metric.shape
+    P = num_prefix
+    T = N - P
+    r = min(r, (T + 1) // 2)
+    if T < 2 or r <= 0:
+        return None
+    m = _unit(metric)  # (B, N, C)
+    score = (m[:, P::2] @ m[:, P + 1 :: 2].transpose(1, 2)).amax(dim=-1)  # (B, Ta) redundancy of each A token
+    drop = score.topk(r, dim=1).indices * 2  # (B, r) dropped A tokens, as patch positions
+    return FixedReduction(B, N, _flat(_ascending(0, N, drop + P if P else drop), N))
+
+
+def fixed_merge(metric: torch.Tensor, importance: torch.Tensor, r: int, *, num_prefix: int, protect: float) -> Optional[FixedReduction]:
+    """:func:`importance_merge` with a fixed count and no padding, without host synchronisation.
+
+    Args:
+        metric: ``(B, N, C)`` similarity features.
+        importance: ``(B, T)`` importance of the patch tokens.
+        r: Tokens merged away per image (capped at half the unprotected tokens, rounded up).
+        num_prefix: Leading tokens never touched.
+        protect: Fraction of patch tokens protected.
+
+    Returns:
+        The reduction, or None when nothing is merged.
+    """
+    B, N, C = metric.shape
+    P = num_prefix
+    T = N - P
+    k = protected_count(T, protect)
+    ta = (T - k + 1) // 2
+    r = min(r, ta)
+    if T < 2 or r <= 0:
+        return None
+    if k > 0:  # the T - k least important tokens, in sequence order
+        unp = importance.topk(T - k, dim=1, largest=False).indices.sort(dim=1).values + P  # (B, T - k) sequence positions
+    else:
+        unp = torch.arange(P, N, device=metric.device).expand(B, T)  # (B, T)
+    a_seq = unp[:, ::2]  # (B, Ta) sources: every other unprotected token
+    a_rows = _flat(a_seq, N)  # (B * Ta,)
+    m = _unit(metric)  # (B, N, C)
+    ma = m.view(B * N, C).index_select(0, a_rows).view(B, ta, C)  # (B, Ta, C)
+    sim = m @ ma.transpose(1, 2)  # (B, N, Ta): destinations x sources
+    flat_sim = sim.view(B * N, ta)
+    flat_sim.index_fill_(0, a_rows, _NEG_INF)  # sources are no destinations
+    if P:
+        sim[:, :P] = _NEG_INF  # nor are prefix tokens
+    score, dst_a = sim.max(dim=1)  # (B, Ta) best destination of each source, as a sequence position
+    chosen = score.topk(r, dim=1).indices  # (B, r) into the sources
+    src = a_seq.gather(1, chosen)  # (B, r) sequence positions
+    dst = dst_a.gather(1, chosen)  # (B, r)
+    return FixedReduction(B, N, _flat(_ascending(0, N, src), N), _flat(src, N), _flat(dst, N))
+
+
+def fixed_evit(importance: torch.Tensor, r: int, *, num_prefix: int) -> Optional[FixedReduction]:
+    """:func:`importance_prune` with no padding, without host synchronisation: drop the ``r``
+    least important patch tokens (keeping at least one)."""
+    B, T = importance.shape
+    r = min(r, T - 1)
+    if r <= 0:
+        return None
+    drop = importance.topk(r, dim=1, largest=False).indices  # (B, r) patch positions
+    N = T + num_prefix
+    return FixedReduction(B, N, _flat(_ascending(0, N, drop + num_prefix if num_prefix else drop), N))

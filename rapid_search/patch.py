@@ -32,13 +32,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import (
+    FixedReduction,
     bipartite_soft_matching,
+    fixed_evit,
+    fixed_merge,
+    fixed_prune,
     importance_merge,
     importance_prune,
     merge_source,
     merge_wavg,
     redundancy_prune,
 )
+from .ops import _as, _wide
 from .schedule import LayerSpec, Schedule, ScheduleError
 
 __all__ = [
@@ -119,6 +124,8 @@ class _Runtime:
         self.num_prefix = int(model.num_prefix_tokens)
         self.num_tokens = schedule.model.num_tokens
         self.batch = 0
+        self.hook: Optional[torch.utils.hooks.RemovableHandle] = None  # the empty schedule's pre-hook
+        self.lean = True  # fixed-count layers take the lean path (tests switch it off to compare)
         if getattr(model, "dist_token", None) is not None:
             self.importance_rows = 2
         elif getattr(model, "has_class_token", True) and getattr(model, "cls_token", None) is not None:
@@ -156,7 +163,7 @@ def _attention(
     qkv = attn.qkv(x).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
     q, k, v = qkv.unbind(0)  # (B, H, N, hd) each
     q, k = attn.q_norm(q), attn.k_norm(k)
-    bias = None if size is None else size.log().to(q.dtype)[:, None, None, :, 0]  # (B, 1, 1, N) proportional attention
+    bias = None if size is None else _as(size.log(), q.dtype).view(B, 1, 1, N)  # (B, 1, 1, N) proportional attention
     if attn.fused_attn:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     else:
@@ -183,13 +190,40 @@ def _attention(
         logits = (qr * attn.scale) @ k.transpose(-2, -1)  # (B, H, R, N)
         if bias is not None:
             logits = logits + bias
-        importance = logits.softmax(dim=-1).mean(dim=(1, 2))[:, num_prefix:]  # (B, T)
+        importance = _as(logits, _wide(logits.dtype)).softmax(dim=-1).mean(dim=(1, 2))[:, num_prefix:]  # (B, T) float32 or wider
     return out, metric, importance
+
+
+def _reduce_fixed(x: torch.Tensor, metric: torch.Tensor, importance: Optional[torch.Tensor], layer: LayerSpec, rt: _Runtime) -> torch.Tensor:
+    """The lean path: a fixed-count layer on a batch without padding (every shape from the schedule,
+    no host synchronisation; see :class:`rapid_search.ops.FixedReduction`)."""
+    st, P = rt.state, rt.num_prefix
+    red: Optional[FixedReduction]
+    if layer.op == "prune":
+        red = fixed_prune(metric, layer.r, num_prefix=P)
+    elif layer.op == "merge":
+        red = fixed_merge(metric, importance, layer.r, num_prefix=P, protect=float(layer.protect))  # type: ignore[arg-type]
+    else:
+        red = fixed_evit(importance, layer.r, num_prefix=P)  # type: ignore[arg-type]
+    if red is None:
+        return x
+    if st.trace_source:
+        st.source = merge_source(red, x, st.source)
+    if layer.op == "merge":
+        x, st.size = red.merge(x, st.size)
+        st.merged = True
+    else:
+        x = red(x)
+        if st.size is not None:
+            st.size = red(st.size)
+    return x
 
 
 def _reduce(x: torch.Tensor, metric: torch.Tensor, importance: Optional[torch.Tensor], layer: LayerSpec, rt: _Runtime) -> torch.Tensor:
     """Apply one block's reduction to ``x`` ``(B, N, C)`` and update the shared state."""
     st, P = rt.state, rt.num_prefix
+    if rt.lean and layer.threshold is None and st.n_valid is None and layer.op in ("prune", "merge", "evit"):
+        return _reduce_fixed(x, metric, importance, layer, rt)
     if layer.op == "tome":
         red = bipartite_soft_matching(metric, layer.r, num_prefix=P)
         merging = True
@@ -220,7 +254,7 @@ def _reduce(x: torch.Tensor, metric: torch.Tensor, importance: Optional[torch.Te
     valid = red.valid_mask()  # (B, L) or None
     if valid is not None:
         if st.size is None:
-            st.size = torch.ones_like(x[..., :1])
+            st.size = torch.ones_like(x[..., :1], dtype=_wide(x.dtype))
         st.size = st.size * valid[..., None].to(st.size.dtype)  # padding gets size 0
         st.n_valid = red.n_keep
     else:
@@ -240,10 +274,7 @@ def _block_forward(self: nn.Module, x: torch.Tensor, attn_mask: Optional[torch.T
         st.reset()
         rt.batch = x.shape[0]
         if x.shape[1] != rt.num_tokens:
-            raise ScheduleError(
-                f"the input gives {x.shape[1]} tokens but the schedule was made for {rt.num_tokens} — "
-                "feed images at the model's input size or make a schedule for this size"
-            )
+            raise _wrong_tokens(x.shape[1], rt.num_tokens)
         st.record(x)
     if not layer.reduces and st.size is None:
         x = type(self).forward(self, x, attn_mask=attn_mask, is_causal=is_causal)  # identity fast path: timm's own forward
@@ -274,8 +305,8 @@ def _pool(self: nn.Module, x: torch.Tensor, pool_type: Optional[str] = None) -> 
     if size is None or pool_type in ("token", ""):
         return type(self).pool(self, x, pool_type=pool_type)
     start = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
-    xs, w = x[:, start:], size[:, start:].to(x.dtype)  # (B, T, C), (B, T, 1)
-    avg = (xs * w).sum(1) / w.sum(1)  # (B, C) size-weighted mean, padding excluded
+    xs, w = x[:, start:], size[:, start:]  # (B, T, C), (B, T, 1)
+    avg = ((_as(xs, w.dtype) * w).sum(1) / w.sum(1)).to(x.dtype)  # (B, C) size-weighted mean (float32 or wider), padding excluded
     if pool_type == "avg":
         return avg
     mx = xs.masked_fill(w == 0, float("-inf")).amax(1)  # (B, C)
@@ -311,18 +342,47 @@ def apply(model: nn.Module, schedule: Any, *, trace_source: bool = False) -> nn.
     if is_patched(model):
         remove(model)
     rt = _Runtime(model, schedule, trace_source)
+    setattr(model, _ATTR, rt)
+    if not schedule.reduces and not trace_source:
+        # identity fast path: timm's own forward runs untouched; a pre-hook only notes the batch size
+        rt.hook = model.register_forward_pre_hook(_identity_record)
+        return model
     for i, (block, layer) in enumerate(zip(model.blocks, schedule.layers)):
         block._rapid_rt, block._rapid_index, block._rapid_layer = rt, i, layer
         block.forward = types.MethodType(_block_forward, block)
-    setattr(model, _ATTR, rt)
     model.pool = types.MethodType(_pool, model)
     return model
+
+
+def _wrong_tokens(got: int, want: int) -> ScheduleError:
+    return ScheduleError(
+        f"the input gives {got} tokens but the schedule was made for {want} — "
+        "feed images at the model's input size or make a schedule for this size"
+    )
+
+
+def _identity_record(model: nn.Module, args: tuple[Any, ...]) -> None:
+    """Forward pre-hook of a model patched with an empty schedule: every block sees all tokens."""
+    rt: _Runtime = getattr(model, _ATTR)
+    st = rt.state
+    st.reset()
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    rt.batch = 1 if x is None else x.shape[0]
+    pe = model.patch_embed
+    if x is not None and x.ndim == 4 and getattr(model, "dynamic_img_size", False):  # other models reject other sizes themselves
+        gh, gw = pe.dynamic_feat_size((x.shape[-2], x.shape[-1]))
+        if gh * gw + rt.num_prefix != rt.num_tokens:
+            raise _wrong_tokens(gh * gw + rt.num_prefix, rt.num_tokens)
+    st.counts = [rt.num_tokens] * (len(rt.schedule.layers) + 1)
 
 
 def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`apply`: the model is exactly as it was (no attributes left behind)."""
     if not is_patched(model):
         return model
+    hook = getattr(model, _ATTR).hook
+    if hook is not None:
+        hook.remove()
     for block in model.blocks:
         for k in ("forward", "_rapid_rt", "_rapid_index", "_rapid_layer"):
             block.__dict__.pop(k, None)

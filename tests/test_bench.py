@@ -190,3 +190,20 @@ def test_cli_main(folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.Cap
     bad = rs.rapid_schedule(model, 0.5).with_meta(provenance={"method": "rapid-search", "data": str(data)}).save(tmp_path / "bad.yaml")
     with pytest.raises(BenchError, match="calibrated on the evaluation folder"):
         main(p.parse_args(common + ["--searched", str(bad)]))
+
+
+def test_cli_repeats_0_skips_timing_and_dtype(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    """--repeats 0 evaluates without timing (no KeyError); --dtype bfloat16 runs and is recorded."""
+    _, data = folders
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(
+        ["--model", "test_vit", "--no-pretrained", "--data", str(data), "--ratios", "50", "--batch-size", "8", "--repeats", "0",
+         "--n-boot", "100", "--quiet", "--dtype", "bfloat16", "--out-dir", str(tmp_path / "b")]
+    )
+    assert main(args) == 0
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert res["setup"]["dtype"] == "bfloat16" and "--dtype bfloat16" in res["setup"]["command"]
+    assert all("speedup" not in r for r in res["rows"]) and "median_ms" not in res["base"]
+    assert any(r["status"] == "ok" and r["top1"] is not None for r in res["rows"])
+    assert "| — | — |" in (tmp_path / "b" / "table.md").read_text()

@@ -87,6 +87,8 @@ class SearchOptions:
     rungs: int = 3
     threads: Optional[int] = None
     latency_repeats: int = 10
+    #: Precision the model is scored and timed in (``float32``, ``bfloat16``, ``float16``).
+    dtype: str = "float32"
     heartbeat_interval: int = HEARTBEAT_INTERVAL
     #: None: ``GRACE_PERIOD``, raised where a journal file needs more (see :func:`heartbeat_timing`).
     grace_period: Optional[int] = None
@@ -140,7 +142,17 @@ def default_study_name(opts: SearchOptions) -> str:
     """A study name that identifies the set-up, so re-running the same command resumes it."""
     budget = re.sub(r"[^A-Za-z0-9.]+", "", opts.budget.replace("%", "pct"))
     device = opts.device.replace(":", "")
-    return f"{opts.model}-{budget}-{device}-n{opts.calib_images}-s{opts.seed}"
+    return f"{opts.model}-{budget}-{device}-n{opts.calib_images}-s{opts.seed}" + _runtime_suffix(opts)
+
+
+def _runtime_suffix(opts: SearchOptions) -> str:
+    """Study-name suffix for a non-default precision (nothing for float32: old names stay valid)."""
+    return "" if opts.dtype == "float32" else f"-{opts.dtype}"
+
+
+def _runtime_setup(opts: SearchOptions) -> dict[str, Any]:
+    """Set-up entries for a non-default precision (none for float32, so older studies still match)."""
+    return {} if opts.dtype == "float32" else {"dtype": opts.dtype}
 
 
 def _calib_fingerprint(data: Path, calib_images: int, seed: int) -> str:
@@ -167,6 +179,7 @@ def _setup_attrs(opts: SearchOptions, info: ModelInfo, space: SearchSpace, metri
         "metric": metric,
         "calib": _calib_fingerprint(Path(opts.data), opts.calib_images, opts.seed) if opts.data else None,
         "device_kind": device.type,
+        **_runtime_setup(opts),
     }
 
 
@@ -406,7 +419,7 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
 
     from ..data import DataError, load_images
     from ..loading import load_model
-    from ..measure import parse_device, set_cpu_threads
+    from ..measure import parse_device, parse_dtype, set_cpu_threads
     from .budget import parse_budget
     from .progress import Progress
 
@@ -419,6 +432,7 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
     if spec.kind == "latency":
         space = space.without_thresholds()
     device = parse_device(opts.device)
+    parse_dtype(opts.dtype)
     if opts.trials < 1:
         raise SearchError(f"--trials {opts.trials} must be at least 1")
     if opts.calib_images < 8:
@@ -463,7 +477,7 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
             prog.log(grace_note)
         # ---- load once: weights, images, unreduced outputs ----------------------------------------
         prog.log(f"loading {opts.model} on {device} ...")
-        model = load_model(opts.model, checkpoint=opts.checkpoint, device=device)
+        model = load_model(opts.model, checkpoint=opts.checkpoint, device=device, dtype=opts.dtype)
         imgs = load_images(data, model=model, limit=opts.calib_images, seed=opts.seed)
         if imgs.skipped:
             prog.log(f"skipped {len(imgs.skipped)} unreadable image(s) in {data} (first: {imgs.skipped[0][0]}: {imgs.skipped[0][1]})")

@@ -1,0 +1,251 @@
+"""The lean fixed-count path (rapid_search.ops.fixed_*): same tokens and outputs as the general
+path, no host synchronisation, torch.compile(fullgraph=True) without recompiles, reduced precision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import FAMILIES, images
+from test_runtime import FIXED, fixed_schedule
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import rapid_search as rs
+from rapid_search import LayerSpec as L
+from rapid_search.ops import (
+    fixed_evit,
+    fixed_merge,
+    fixed_prune,
+    importance_merge,
+    importance_prune,
+    merge_source,
+    merge_wavg,
+    redundancy_prune,
+)
+from rapid_search.patch import _runtime
+
+
+@pytest.fixture(scope="module")
+def models64():
+    return {name: make().double() for name, make in FAMILIES.items()}
+
+
+@pytest.fixture(autouse=True)
+def _unpatch(models64):
+    yield
+    for m in models64.values():
+        rs.remove(m)
+
+
+def _run(model, x, schedule, *, lean: bool):
+    with rs.applied(model, schedule, trace_source=True), torch.no_grad():
+        _runtime(model).lean = lean
+        y = model(x)
+        return y, rs.last_token_counts(model), rs.last_sizes(model), rs.last_source(model)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("kind", FIXED)
+def test_lean_path_equals_general_path(models64, family, kind):
+    """Same tokens kept, same sizes, same sources; outputs equal to float64 rounding."""
+    model = models64[family]
+    x = images(model, 3, dtype=torch.float64)
+    s = fixed_schedule(model, kind)
+    y, counts, sizes, source = _run(model, x, s, lean=True)
+    y0, counts0, sizes0, source0 = _run(model, x, s, lean=False)
+    torch.testing.assert_close(y, y0, rtol=1e-10, atol=1e-10)
+    assert torch.equal(counts, counts0)
+    assert torch.equal(source, source0)
+    assert (sizes is None) == (sizes0 is None)
+    if sizes is not None:
+        assert sizes.dtype == sizes0.dtype == torch.float64
+        assert torch.equal(sizes, sizes0)
+        assert torch.equal(sizes.sum(1)[:, 0], source.sum((1, 2)))  # sizes add up to the covered patches
+
+
+def _removed_rows(red, B, N):
+    """(B, N) bool mask of the rows a FixedReduction drops."""
+    kept = torch.zeros(B * N, dtype=torch.bool)
+    kept[red.keep] = True
+    return ~kept.view(B, N)
+
+
+def _general_removed(red, B, N):
+    keep = torch.zeros(B, N, dtype=torch.bool)
+    keep.scatter_(1, red.keep_idx, True)
+    return ~keep
+
+
+@pytest.mark.parametrize("P", [0, 1, 2, 5])
+@pytest.mark.parametrize("r", [1, 6, 40])
+def test_fixed_ops_select_what_the_general_ops_select(P, r):
+    """Same tokens removed (prefix never), merged features equal, sizes add up, batched == per image."""
+    B, N, C = 3, 29, 8
+    g = torch.Generator().manual_seed(P * 100 + r)
+    metric = torch.randn(B, N, C, generator=g, dtype=torch.float64)
+    imp = torch.rand(B, N - P, generator=g, dtype=torch.float64)
+    x = torch.randn(B, N, 5, generator=g, dtype=torch.float64)
+    size = torch.randint(1, 4, (B, N, 1), generator=g).double()
+    ops = {
+        "prune": (lambda m, i: fixed_prune(m, r, num_prefix=P), lambda m, i: redundancy_prune(m, r, num_prefix=P)),
+        "evit": (lambda m, i: fixed_evit(i, r, num_prefix=P), lambda m, i: importance_prune(i, r, num_prefix=P)),
+    }
+    for protect in (0.0, 0.25, 0.5):
+        ops[f"merge{protect}"] = (
+            lambda m, i, p=protect: fixed_merge(m, i, r, num_prefix=P, protect=p),
+            lambda m, i, p=protect: importance_merge(m, i, r, num_prefix=P, protect=p),
+        )
+    for name, (lean_op, general_op) in ops.items():
+        lean, general = lean_op(metric, imp), general_op(metric, imp)
+        gone = _removed_rows(lean, B, N)
+        assert torch.equal(gone, _general_removed(general, B, N)), name
+        assert not gone[:, :P].any()  # prefix tokens survive
+        assert (gone.sum(1) == gone[0].sum()).all() and gone[0].sum() > 0
+        for i in range(B):  # batched == per image
+            assert torch.equal(_removed_rows(lean_op(metric[i : i + 1], imp[i : i + 1]), 1, N)[0], gone[i]), name
+        if lean.src is None:
+            torch.testing.assert_close(lean(x), general(x), rtol=0, atol=0)
+            continue
+        got_x, got_s = lean.merge(x, size)
+        want_x, want_s = merge_wavg(general, x, size)
+        torch.testing.assert_close(got_x, want_x, rtol=1e-12, atol=1e-12)
+        assert torch.equal(got_s, want_s)
+        assert torch.equal(got_s.sum(1), size.sum(1))  # nothing lost
+        torch.testing.assert_close(merge_source(lean, x, None), merge_source(general, x, None), rtol=0, atol=0)
+
+
+def test_fixed_ops_identity_when_nothing_to_do():
+    metric = torch.randn(2, 3, 4)
+    assert fixed_prune(metric, 0, num_prefix=1) is None
+    assert fixed_prune(metric[:, :2], 5, num_prefix=1) is None  # one patch token: no partner
+    assert fixed_merge(metric, torch.rand(2, 2), 0, num_prefix=1, protect=0.25) is None
+    assert fixed_evit(torch.rand(2, 1), 3, num_prefix=1) is None  # keeps at least one patch token
+
+
+class _SyncSpy(TorchDispatchMode):
+    """Records ops that read device data on the host or give data-dependent shapes."""
+
+    BAD = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "item")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bad: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.BAD or (name == "index" and any(t is not None and t.dtype == torch.bool for t in args[1])):
+            self.bad.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", ["test_vit", "distilled", "reg4", "avg_nocls"])
+@pytest.mark.parametrize("kind", ["mixed", "all_ops", "evit"])
+def test_fixed_schedule_never_synchronises(models64, family, kind):
+    model = models64[family]
+    x = images(model, 2, dtype=torch.float64)
+    with rs.applied(model, fixed_schedule(model, kind)), torch.no_grad(), _SyncSpy() as spy:
+        model(x)
+    assert spy.bad == []
+    # the general path does synchronise (the spy can fail)
+    s = rs.rapid_schedule(model, 0.5, prune_threshold=0.5)
+    with rs.applied(model, s), torch.no_grad(), _SyncSpy() as spy:
+        model(x)
+    assert spy.bad
+
+
+def test_empty_schedule_runs_timm_forward_untouched(models64):
+    model = models64["test_vit"]
+    rs.apply(model, rs.empty_schedule(model))
+    assert all("forward" not in blk.__dict__ for blk in model.blocks) and "pool" not in model.__dict__
+    rs.apply(model, [L()] * len(model.blocks))  # the same through as_schedule
+    assert all("forward" not in blk.__dict__ for blk in model.blocks)
+
+
+# ---- torch.compile -------------------------------------------------------------------------------------------
+
+
+def _compile_check(model, schedule, x, *, backend):
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    with torch.no_grad():
+        ref_unpatched = model(x)
+        rs.apply(model, schedule)
+        eager = model(x)
+        eager_counts = rs.last_token_counts(model)
+        dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+        out = compiled(x)
+        torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+        assert torch.equal(rs.last_token_counts(model), eager_counts)  # the runtime's record survives compilation
+        with dynamo.config.patch(error_on_recompile=True):
+            for seed in (1, 2):
+                x2 = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+                torch.testing.assert_close(compiled(x2), model(x2), rtol=1e-4, atol=1e-4)
+        assert counters["stats"]["unique_graphs"] == 1
+        rs.remove(model)
+        assert all("forward" not in blk.__dict__ for blk in model.blocks)
+        assert torch.equal(model(x), ref_unpatched)
+        dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "family,kind", [("test_vit", "mixed"), ("distilled", "mixed"), ("avg_nocls", "mixed"), ("test_vit", "all_ops"), ("reg4", "empty")]
+)
+def test_fixed_schedule_compiles_fullgraph_without_recompiles(family, kind):
+    model = FAMILIES[family]()
+    s = rs.empty_schedule(model) if kind == "empty" else fixed_schedule(model, kind)
+    _compile_check(model, s, images(model, 2), backend="aot_eager")
+
+
+def test_fixed_schedule_compiles_with_inductor():
+    """The real compiler (C++ codegen on CPU) on a two-block ViT, to keep the compile time short."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
+    s = rs.as_schedule([L("prune", 3), L("merge", 3, None, 0.25)], model)
+    _compile_check(model, s, torch.randn(2, 3, 32, 32), backend="inductor")
+
+
+# ---- reduced precision ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", ["test_vit", "distilled", "avg_nocls"])
+def test_reduced_precision_keeps_counts_and_stays_close(family, dtype):
+    """Same tokens per block as float32; similarity, importance and sizes are float32 inside."""
+    from rapid_search.evaluate import predict
+
+    m32, m16 = FAMILIES[family](), FAMILIES[family]().to(dtype)
+    x = images(m32, 4)
+    for kind in ("mixed", "all_ops", "merge"):
+        s = fixed_schedule(m32, kind)
+        ref, low = predict(m32, x, s, batch_size=2), predict(m16, x, s, batch_size=2)  # predict casts the images
+        assert torch.equal(low.counts, ref.counts)
+        assert low.logits.dtype == torch.float32 and torch.isfinite(low.logits).all()
+        with rs.applied(m16, s), torch.no_grad():
+            m16(x[:2].to(dtype))
+            sizes = rs.last_sizes(m16)
+        assert sizes.dtype == torch.float32  # token counts are bookkept in float32
+        if kind == "merge":
+            assert torch.equal(sizes.sum(1), torch.full((2, 1), float(rs.ModelInfo.from_model(m32).num_tokens)))
+
+
+def test_evaluate_cli_dtype(tiny_search, tmp_path):
+    import json
+
+    from rapid_search.cli import main
+
+    s = rs.rapid_schedule(timm_test_vit(), 0.5).save(tmp_path / "s.yaml")
+    out = tmp_path / "r.json"
+    argv = ["evaluate", "--schedule", str(s), "--data", str(tiny_search.data), "--checkpoint", str(tiny_search.ckpt), "--model", "test_vit"]
+    assert main(argv + ["--dtype", "bfloat16", "--repeats", "1", "--threads", "1", "--batch-size", "8", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["dtype"] == "bfloat16" and res["images"] == 16 and 0 <= res["schedule_scores"]["agreement"] <= 1
+
+
+def timm_test_vit():
+    import timm
+
+    return timm.create_model("test_vit")
