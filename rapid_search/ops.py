@@ -34,6 +34,7 @@ __all__ = [
     "importance_prune",
     "merge_wavg",
     "merge_source",
+    "follow_positions",
     "protected_count",
 ]
 
@@ -405,3 +406,22 @@ def merge_source(reduce: ReduceFn, x: torch.Tensor, source: Optional[torch.Tenso
         B, N, _ = x.shape
         source = torch.eye(N, device=x.device, dtype=x.dtype)[None].expand(B, N, N)
     return reduce(source, mode="amax")
+
+
+def follow_positions(reduce: ReduceFn, pos: torch.Tensor) -> torch.Tensor:
+    """Input position of every output token of a reduction: ``(B, N)`` -> ``(B, L)`` long.
+
+    A kept token keeps its own position; a merge destination keeps its own (the tokens merged into
+    it do not move it). Padding slots carry the position of some removed token (their size is 0).
+    """
+    if isinstance(reduce, Reduction):
+        return pos.gather(1, reduce.keep_idx)  # (B, L)
+    if isinstance(reduce, TomeReduction):
+        B, N = pos.shape
+        removed = torch.zeros(B, (N + 1) // 2, dtype=torch.bool, device=pos.device)  # (B, Ta) A tokens merged away
+        removed.scatter_(1, reduce.src_idx[..., 0].expand(B, -1), True)
+        key = pos.clone()
+        key[:, ::2] += N * (~removed).long()  # survivors outrank the sources merged into them
+        key[:, 1::2] += N
+        return reduce(key[..., None], mode="amax")[..., 0] - N  # (B, L)
+    raise TypeError(f"cannot follow positions through {type(reduce).__name__}")
