@@ -58,6 +58,11 @@ class ModelInfo:
         patch_macs: MACs of the patch embedding for one image.
         head_macs: MACs of the classifier head(s) for one image.
         importance_rows: Query rows used for importance (1; 2 for distilled DeiT).
+        pool_token_macs: MACs per token entering attention pooling (``global_pool='map'``: the
+            key/value projection and the latent queries' two attention matmuls); 0 otherwise.
+        pool_skip: Leading (prefix) tokens the attention pooling does not see.
+        const_macs: Input-independent MACs of one forward (``RelPosMlp`` bias tables), counted
+            once per image: exact at batch size 1, an upper bound per image for larger batches.
     """
 
     name: str
@@ -73,20 +78,29 @@ class ModelInfo:
     patch_macs: int
     head_macs: int
     importance_rows: int
+    pool_token_macs: int = 0
+    pool_skip: int = 0
+    const_macs: int = 0
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "ModelInfo":
-        """Read the facts from a timm ``VisionTransformer`` (see ``rapid_search.patch.check_model``)."""
-        from .patch import check_model
+        """Read the facts from a supported timm ViT (see ``rapid_search.check_model``)."""
+        from .families import adapter_for, attn_dim, head_dim, patch_macs
 
-        check_model(model)
+        ad = adapter_for(model)
         blk = model.blocks[0]
-        attn = blk.attn
-        pe = model.patch_embed
-        num_patches = int(pe.num_patches)
+        attns, mlps = ad.attns(blk), ad.mlps(blk)
+        attn = attns[0]
+        num_patches = int(model.patch_embed.num_patches)
         P = int(model.num_prefix_tokens)
-        patch_macs = num_patches * pe.proj.weight[0].numel() * pe.proj.out_channels
         head_macs = _linear_macs(getattr(model, "head", None)) + _linear_macs(getattr(model, "head_dist", None))
+        pool_token_macs, pool_skip = 0, 0
+        attn_pool = getattr(model, "attn_pool", None)
+        if attn_pool is not None:  # AttentionPoolLatent: latent queries attend to the final tokens
+            L, E = int(attn_pool.latent_len), int(attn_pool.num_heads * attn_pool.head_dim)
+            head_macs += L * (_linear_macs(attn_pool.q) + _linear_macs(attn_pool.proj) + _linear_macs(attn_pool.mlp))
+            pool_token_macs = _linear_macs(attn_pool.kv) + 2 * L * E
+            pool_skip = 0 if getattr(model, "pool_include_prefix", True) else P
         name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
         return cls(
             name=str(name),
@@ -95,13 +109,16 @@ class ModelInfo:
             num_tokens=num_patches + P,
             num_prefix_tokens=P,
             num_heads=int(attn.num_heads),
-            head_dim=int(attn.head_dim),
-            attn_dim=int(attn.num_heads * attn.head_dim),
-            attn_linear_macs=_linear_macs(attn),
-            mlp_macs=_linear_macs(blk.mlp),
-            patch_macs=int(patch_macs),
+            head_dim=head_dim(attn),
+            attn_dim=sum(attn_dim(a) for a in attns),
+            attn_linear_macs=sum(_linear_macs(a) - _linear_macs(getattr(a, "rel_pos", None)) for a in attns),  # bias MLPs: const_macs
+            mlp_macs=sum(_linear_macs(m) for m in mlps),
+            patch_macs=patch_macs(model),
             head_macs=int(head_macs),
             importance_rows=2 if getattr(model, "dist_token", None) is not None else 1,
+            pool_token_macs=int(pool_token_macs),
+            pool_skip=int(pool_skip),
+            const_macs=int(ad.const_macs(model)),
         )
 
     def fingerprint(self) -> ModelFingerprint:
@@ -188,7 +205,8 @@ def schedule_macs(info: ModelInfo, schedule: Union[Schedule, Sequence[LayerSpec]
     layers = _as_layers(schedule)
     if counts is None:
         counts = token_counts(info, layers)
-    total = info.patch_macs + info.head_macs
+    total = info.patch_macs + info.head_macs + info.const_macs
+    total += info.pool_token_macs * (int(counts[-1]) - info.pool_skip)
     for i, layer in enumerate(layers):
         total += block_macs(info, layer, int(counts[i]), int(counts[i + 1]))
     return total
@@ -213,7 +231,8 @@ def macs_from_counts(info: ModelInfo, schedule: Union[Schedule, Sequence[LayerSp
     """
     layers = _as_layers(schedule)
     c = counts.to(torch.float64)  # (B, L + 1)
-    total = torch.full((c.shape[0],), float(info.patch_macs + info.head_macs), dtype=torch.float64)
+    total = torch.full((c.shape[0],), float(info.patch_macs + info.head_macs + info.const_macs), dtype=torch.float64)
+    total += info.pool_token_macs * (c[:, -1] - info.pool_skip)
     P, hd, A = info.num_prefix_tokens, info.head_dim, info.attn_dim
     for i, layer in enumerate(layers):
         n, n_out = c[:, i], c[:, i + 1]

@@ -34,6 +34,7 @@ __all__ = [
     "importance_prune",
     "merge_wavg",
     "merge_source",
+    "follow_positions",
     "protected_count",
     "FixedReduction",
     "fixed_prune",
@@ -574,15 +575,12 @@ def fixed_merge(metric: torch.Tensor, importance: torch.Tensor, r: int, *, num_p
     a_rows = _flat(a_seq, N)  # (B * Ta,)
     m = _unit(metric)  # (B, N, C)
     ma = m.view(B * N, C).index_select(0, a_rows).view(B, ta, C)  # (B, Ta, C)
-    sim = m @ ma.transpose(1, 2)  # (B, N, Ta): destinations x sources
-    flat_sim = sim.view(B * N, ta)
-    flat_sim.index_fill_(0, a_rows, _NEG_INF)  # sources are no destinations
-    if P:
-        sim[:, :P] = _NEG_INF  # nor are prefix tokens
-    score, dst_a = sim.max(dim=1)  # (B, Ta) best destination of each source, as a sequence position
+    sim = m[:, P:] @ ma.transpose(1, 2)  # (B, T, Ta): patch tokens (the only destinations) x sources
+    sim.view(B * T, ta).index_fill_(0, _flat(a_seq - P, T), _NEG_INF)  # sources are no destinations
+    score, dst_a = sim.max(dim=1)  # (B, Ta) best destination of each source, as a patch position
     chosen = score.topk(r, dim=1).indices  # (B, r) into the sources
     src = a_seq.gather(1, chosen)  # (B, r) sequence positions
-    dst = dst_a.gather(1, chosen)  # (B, r)
+    dst = dst_a.gather(1, chosen) + P  # (B, r) sequence positions
     return FixedReduction(B, N, _flat(_ascending(0, N, src), N), _flat(src, N), _flat(dst, N))
 
 
@@ -596,3 +594,25 @@ def fixed_evit(importance: torch.Tensor, r: int, *, num_prefix: int) -> Optional
     drop = importance.topk(r, dim=1, largest=False).indices  # (B, r) patch positions
     N = T + num_prefix
     return FixedReduction(B, N, _flat(_ascending(0, N, drop + num_prefix if num_prefix else drop), N))
+
+
+def follow_positions(reduce: ReduceFn, pos: torch.Tensor) -> torch.Tensor:
+    """Input position of every output token of a reduction: ``(B, N)`` -> ``(B, L)`` long.
+
+    A kept token keeps its own position; a merge destination keeps its own (the tokens merged into
+    it do not move it). Padding slots carry the position of some removed token (their size is 0).
+    """
+    if isinstance(reduce, FixedReduction):  # the lean path: kept rows, destinations included, in order
+        B, N = pos.shape
+        return pos.reshape(B * N).index_select(0, reduce.keep).view(B, reduce.num_out)  # (B, L)
+    if isinstance(reduce, Reduction):
+        return pos.gather(1, reduce.keep_idx)  # (B, L)
+    if isinstance(reduce, TomeReduction):
+        B, N = pos.shape
+        removed = torch.zeros(B, (N + 1) // 2, dtype=torch.bool, device=pos.device)  # (B, Ta) A tokens merged away
+        removed.scatter_(1, reduce.src_idx[..., 0].expand(B, -1), True)
+        key = pos.clone()
+        key[:, ::2] += N * (~removed).long()  # survivors outrank the sources merged into them
+        key[:, 1::2] += N
+        return reduce(key[..., None], mode="amax")[..., 0] - N  # (B, L)
+    raise TypeError(f"cannot follow positions through {type(reduce).__name__}")

@@ -37,6 +37,7 @@ from .ops import (
     fixed_evit,
     fixed_merge,
     fixed_prune,
+    follow_positions,
     importance_merge,
     importance_prune,
     merge_source,
@@ -66,35 +67,23 @@ class UnsupportedModelError(ValueError):
 
 
 def check_model(model: nn.Module) -> None:
-    """Raise :class:`UnsupportedModelError` unless ``model`` is a patchable timm ViT.
+    """Raise :class:`UnsupportedModelError` (one line, saying why) unless ``model`` can be patched.
 
-    Supported: ``timm.models.vision_transformer.VisionTransformer`` and subclasses (DeiT,
-    distilled DeiT, DeiT-III, register and avg-pool variants) whose blocks are timm ``Block``
-    with timm ``Attention``.
+    Public API for "is my model supported?": it never raises anything else, for any timm model.
+    Supported families (``rapid_search.families``): timm ``VisionTransformer`` (ViT, DeiT, DeiT-III,
+    distilled DeiT, registers, avg/max pooling, ``global_pool='map'`` attention pooling as in
+    SigLIP, ``ResPostBlock`` and ``ParallelThingsBlock`` blocks), ``Eva`` (EVA-02, DINOv3, PE,
+    ``vit_*_rope_*``: RoPE, SwiGLU, LayerScale), ``Beit`` and ``VisionTransformerRelPos``
+    (relative position bias). Refused: ``NaFlexVit``, ``ParallelScalingBlock``, ``DiffAttention``,
+    hybrid (convolutional-stem) patch embeddings and any other model.
+
+    Example:
+        >>> import timm, rapid_search
+        >>> rapid_search.check_model(timm.create_model("test_vit"))  # returns None: supported
     """
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
+    from .families import adapter_for
 
-    name = type(model).__name__
-    if not isinstance(model, VisionTransformer):
-        raise UnsupportedModelError(
-            f"{name} is not a timm VisionTransformer — rapid-search supports vit_*, deit_*, deit3_* models (e.g. deit_small_patch16_224)"
-        )
-    for i, blk in enumerate(model.blocks):
-        if type(blk).forward is not Block.forward:
-            raise UnsupportedModelError(
-                f"block {i} is {type(blk).__name__}, not timm's pre-norm Block — this ViT variant is not supported; use a vit_*/deit_* model"
-            )
-        if type(blk.attn).forward is not Attention.forward:
-            raise UnsupportedModelError(
-                f"block {i} uses {type(blk.attn).__name__}, not timm's Attention — this ViT variant is not supported; use a vit_*/deit_* model"
-            )
-    if getattr(model, "attn_pool", None) is not None:
-        raise UnsupportedModelError(
-            f"{name} pools with attention (global_pool='map'), which ignores token sizes — use a model with token or avg pooling"
-        )
-    if model.global_pool not in ("token", "avg", "max", "avgmax", ""):
-        raise UnsupportedModelError(f"global_pool={model.global_pool!r} is not supported — use 'token' or 'avg'")
+    adapter_for(model)
 
 
 class _State:
@@ -109,6 +98,7 @@ class _State:
         self.n_valid: Optional[torch.Tensor] = None  # (B,) real tokens per image when ragged
         self.merged = False
         self.source: Optional[torch.Tensor] = None  # (B, N, N0) patches covered by each token
+        self.pos: Optional[torch.Tensor] = None  # (B, N) input position of each token (RoPE / relative-bias families)
         self.counts: list[Any] = []  # tokens after each block (int, or (B,) tensor when ragged)
 
     def record(self, x: torch.Tensor) -> None:
@@ -126,6 +116,8 @@ class _Runtime:
         self.batch = 0
         self.hook: Optional[torch.utils.hooks.RemovableHandle] = None  # the empty schedule's pre-hook
         self.lean = True  # fixed-count layers take the lean path (tests switch it off to compare)
+        self.adapter: Any = None  # the model family's adapter (rapid_search.families), set by apply
+        self.patched: tuple[str, ...] = ()  # model methods replaced by apply
         if getattr(model, "dist_token", None) is not None:
             self.importance_rows = 2
         elif getattr(model, "has_class_token", True) and getattr(model, "cls_token", None) is not None:
@@ -209,6 +201,8 @@ def _reduce_fixed(x: torch.Tensor, metric: torch.Tensor, importance: Optional[to
         return x
     if st.trace_source:
         st.source = merge_source(red, x, st.source)
+    if st.pos is not None:  # positions follow tokens (RoPE / relative-bias families)
+        st.pos = follow_positions(red, st.pos)
     if layer.op == "merge":
         x, st.size = red.merge(x, st.size)
         st.merged = True
@@ -242,6 +236,8 @@ def _reduce(x: torch.Tensor, metric: torch.Tensor, importance: Optional[torch.Te
         raise ScheduleError(f"unknown op {layer.op!r}")
     if red is None:
         return x
+    if st.pos is not None:
+        st.pos = follow_positions(red, st.pos)
     if st.trace_source:
         st.source = merge_source(red, x, st.source)
     if merging:
@@ -322,7 +318,7 @@ def apply(model: nn.Module, schedule: Any, *, trace_source: bool = False) -> nn.
     """Patch a timm ViT in place so that it runs ``schedule``.
 
     Args:
-        model: A timm ``VisionTransformer`` (see :func:`check_model`).
+        model: A supported timm ViT (see :func:`check_model`).
         schedule: Anything :func:`rapid_search.as_schedule` accepts: a :class:`Schedule`, a YAML
             path, a ToMe ``r`` (int), ``(r, inflect)`` or list of per-layer ``r``.
         trace_source: Record which input patches each token covers (``last_source``), for
@@ -335,22 +331,25 @@ def apply(model: nn.Module, schedule: Any, *, trace_source: bool = False) -> nn.
         UnsupportedModelError: The model cannot be patched.
         ScheduleError: The schedule is invalid or was made for another model.
     """
+    from .families import adapter_for, bind
     from .presets import as_schedule
 
-    check_model(model)
+    adapter = adapter_for(model)
     schedule = as_schedule(schedule, model)
     if is_patched(model):
         remove(model)
     rt = _Runtime(model, schedule, trace_source)
+    rt.adapter = adapter
     setattr(model, _ATTR, rt)
     if not schedule.reduces and not trace_source:
         # identity fast path: timm's own forward runs untouched; a pre-hook only notes the batch size
         rt.hook = model.register_forward_pre_hook(_identity_record)
         return model
+    forward = adapter.block_forward or _block_forward
     for i, (block, layer) in enumerate(zip(model.blocks, schedule.layers)):
         block._rapid_rt, block._rapid_index, block._rapid_layer = rt, i, layer
-        block.forward = types.MethodType(_block_forward, block)
-    model.pool = types.MethodType(_pool, model)
+        block.forward = types.MethodType(forward, block)
+    rt.patched = bind(adapter, model)
     return model
 
 
@@ -386,7 +385,8 @@ def remove(model: nn.Module) -> nn.Module:
     for block in model.blocks:
         for k in ("forward", "_rapid_rt", "_rapid_index", "_rapid_layer"):
             block.__dict__.pop(k, None)
-    model.__dict__.pop("pool", None)
+    for k in getattr(model, _ATTR).patched:
+        model.__dict__.pop(k, None)
     delattr(model, _ATTR)
     return model
 

@@ -275,9 +275,11 @@ def test_counts_match_cost_model_down_to_one_patch(op):
 
 
 def test_unsupported_models_rejected():
+    from timm.models.vision_transformer import ParallelScalingBlock
+
     for model, match in (
-        (timm.create_model("test_resnet"), "not a timm VisionTransformer"),
-        (timm.create_model("test_vit3"), "map"),  # attention pooling ignores token sizes
+        (timm.create_model("test_resnet"), "not a supported timm ViT"),
+        (VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, block_fn=ParallelScalingBlock), "same input"),
     ):
         with pytest.raises(UnsupportedModelError, match=match):
             rs.apply(model, None)
