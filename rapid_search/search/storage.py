@@ -11,9 +11,9 @@
 * SQLite URLs are refused for searches: SQLite is not safe for concurrent workers (use a
   journal file on one machine). ``export`` may read an existing SQLite study.
 
-Dead workers' trials are found by rapid_search's own heartbeat (``rapid_search.search.workers``),
-the same for every storage, so the RDB storage is opened without Optuna's (experimental)
-heartbeat options. Passwords never appear in messages: URLs are shown with the password masked.
+Both kinds are opened as Optuna storages with the ``BaseHeartbeat`` seam
+(``rapid_search.search.workers.HeartbeatMixin``), off until a search switches it on, so dead
+workers' trials are found the same way for every storage. Passwords never appear in messages: URLs are shown with the password masked.
 """
 
 from __future__ import annotations
@@ -225,7 +225,9 @@ def open_storage(
     """
     path = _journal_path(spec, study_name, studies_dir)
     if path is not None:
-        from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalStorage
+        from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
+
+        from .workers import HeartbeatJournalStorage
 
         if not create:
             if not path.is_file():
@@ -238,7 +240,7 @@ def open_storage(
             if create:
                 path.parent.mkdir(parents=True, exist_ok=True)
             lock = JournalFileSymlinkLock(str(path), grace_period=JOURNAL_LOCK_GRACE)
-            return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+            return HeartbeatJournalStorage(JournalFileBackend(str(path), lock_obj=lock))
         except OSError as e:
             raise StorageError(f"cannot open journal file {path}: {e.strerror or e} — pass a writable path with --storage journal:PATH") from None
     assert spec is not None
@@ -255,7 +257,7 @@ def open_storage(
         )
     if sqlite and not create:
         _check_sqlite_file(spec)
-    from optuna.storages import RDBStorage
+    from .workers import HeartbeatRDBStorage
 
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     try:
@@ -273,7 +275,7 @@ def open_storage(
                     f"{mask_url(spec)} holds no Optuna studies (no Optuna tables) — pass --storage where the study lives"
                 )
             # read-only: never create tables (RDBStorage would add Optuna's schema to any database)
-            return RDBStorage(spec, engine_kwargs=engine_kwargs, skip_table_creation=not create)
+            return HeartbeatRDBStorage(spec, engine_kwargs=engine_kwargs, skip_table_creation=not create)
         except StorageError:
             raise
         except ImportError as e:
