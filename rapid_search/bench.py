@@ -47,6 +47,7 @@ from .flops import ModelInfo, schedule_macs
 from .presets import UnreachableBudget, as_schedule, rapid_schedule, tome_for_ratio, variant_schedule
 from .schedule import Schedule, atomic_write_text
 from .stats import compare_paired
+from .errors import RapidSearchError
 
 __all__ = [
     "DEFAULT_RATIOS",
@@ -101,7 +102,7 @@ SEARCHED_TOLERANCE = 0.01
 Log = Callable[[str], None]
 
 
-class BenchError(ValueError):
+class BenchError(RapidSearchError, ValueError):
     """The benchmark cannot run as asked; the message says what to change."""
 
 
@@ -897,11 +898,7 @@ def _command(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-if __name__ == "__main__":  # pragma: no cover - until registered in rapid_search.cli
-    _p = argparse.ArgumentParser(prog="python -m rapid_search.bench", description="Pareto benchmark of RAPID against the baselines.")
-    add_arguments(_p)
-    try:
-        sys.exit(main(_p.parse_args()))
-    except (ValueError, ImportError, FileNotFoundError) as _e:
-        print(f"error: {str(_e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+if __name__ == "__main__":  # pragma: no cover - ``python -m rapid_search.bench`` is ``rapid-search bench``
+    from .cli import main as _cli_main
+
+    raise SystemExit(_cli_main(["bench", *sys.argv[1:]]))

@@ -16,6 +16,7 @@ Bad input gets a one-line ``rapid-search: error: ...`` on stderr and exit code 2
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .argtypes import int_in
+from .errors import RapidSearchError
 
 __all__ = ["main", "build_parser"]
 
@@ -112,10 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.set_defaults(_module=module)
         try:
-            mod = __import__(f"rapid_search.{module}", fromlist=["add_arguments"])
-            mod.add_arguments(p)
-        except (ImportError, AttributeError):
-            p.set_defaults(_unavailable=True)
+            importlib.import_module(f"rapid_search.{module}").add_arguments(p)
+        except ImportError as e:  # an optional dependency missing: say which when the command is used
+            p.set_defaults(_unavailable=f"'{name}' cannot run ({e}) — pip install 'rapid-search[search]'")
     return parser
 
 
@@ -292,28 +293,6 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from .loading import ModelLoadError
-    from .patch import UnsupportedModelError
-    from .presets import UnreachableBudget
-    from .schedule import ScheduleError
-
-    errs: list[type[BaseException]] = [ScheduleError, UnsupportedModelError, ModelLoadError, UnreachableBudget]
-    for mod, names in (
-        ("rapid_search.data", ("DataError",)),
-        ("rapid_search.search.budget", ("BudgetError",)),
-        ("rapid_search.search.space", ("SearchSpaceError",)),
-        ("rapid_search.search.storage", ("StorageError",)),
-        ("rapid_search.search.study", ("SearchError",)),
-    ):
-        try:
-            m = __import__(mod, fromlist=list(names))
-            errs.extend(getattr(m, n) for n in names)
-        except ImportError:
-            pass
-    return tuple(errs)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``rapid-search``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -332,12 +311,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     try:
         if args.command in ("bench", "visualize"):
-            if getattr(args, "_unavailable", False):
-                raise ImportError(f"'{args.command}' needs the search extras — pip install 'rapid-search[search]'")
-            mod = __import__(f"rapid_search.{args._module}", fromlist=["main"])
-            return int(mod.main(args) or 0)
+            if getattr(args, "_unavailable", None):
+                raise ImportError(args._unavailable)
+            return int(importlib.import_module(f"rapid_search.{args._module}").main(args) or 0)
         return commands[args.command](args)
-    except _known_errors() as e:
+    except RapidSearchError as e:
         sys.stderr.write(f"rapid-search: error: {e}\n")
         return EXIT_USAGE
     except (ValueError, ImportError, OSError) as e:

@@ -37,6 +37,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 from torch import nn
+from .errors import RapidSearchError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -60,7 +61,7 @@ _TRANSFORM_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "cr
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError)
 
 
-class DataError(ValueError):
+class DataError(RapidSearchError, ValueError):
     """The image folder cannot be used; the one-line message says what to do."""
 
 

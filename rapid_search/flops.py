@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .ops import protected_count
-from .schedule import LayerSpec, ModelFingerprint, Schedule
+from .schedule import LayerSpec, ModelFingerprint, Schedule, effective_r
+from .support import check_model
 
 __all__ = [
     "ModelInfo",
@@ -76,9 +77,7 @@ class ModelInfo:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "ModelInfo":
-        """Read the facts from a timm ``VisionTransformer`` (see ``rapid_search.patch.check_model``)."""
-        from .patch import check_model
-
+        """Read the facts from a timm ``VisionTransformer`` (see :func:`rapid_search.support.check_model`)."""
         check_model(model)
         blk = model.blocks[0]
         attn = blk.attn
@@ -115,30 +114,6 @@ class ModelInfo:
     @property
     def base_gflops(self) -> float:
         return self.base_macs / 1e9
-
-
-def effective_r(layer: LayerSpec, n: int, num_prefix: int) -> int:
-    """Tokens a fixed-count layer removes from ``n`` input tokens (the op's cap applied).
-
-    Caps: ``prune`` removes at most the A half ``ceil(T/2)`` of the ``T`` patch tokens; ``merge``
-    at most half of the unprotected tokens (rounded up); ``tome`` at most ``T // 2`` as in ToMe;
-    ``evit`` keeps at least one patch token. For threshold layers this is the maximum.
-    """
-    if not layer.reduces:
-        return 0
-    T = n - num_prefix
-    if T < 2:  # one patch token has no partner to be pruned against or merged into
-        return 0
-    if layer.op == "prune":
-        return min(layer.r, (T + 1) // 2)
-    if layer.op == "merge":
-        tu = T - protected_count(T, float(layer.protect))  # type: ignore[arg-type]
-        return min(layer.r, (tu + 1) // 2)
-    if layer.op == "tome":
-        return min(layer.r, T // 2)
-    if layer.op == "evit":
-        return min(layer.r, T - 1)
-    raise ValueError(f"unknown op {layer.op!r}")
 
 
 def _as_layers(schedule: Union[Schedule, Sequence[LayerSpec]]) -> Sequence[LayerSpec]:

@@ -19,6 +19,7 @@ from torch import nn
 
 from .flops import ModelInfo, effective_r, schedule_macs
 from .schedule import Budget, LayerSpec, Schedule, ScheduleError
+from .errors import RapidSearchError
 
 __all__ = [
     "UnreachableBudget",
@@ -43,7 +44,7 @@ DEFAULT_SWITCH_FRACTION = 0.25
 ModelLike = Union[nn.Module, ModelInfo]
 
 
-class UnreachableBudget(ValueError):
+class UnreachableBudget(RapidSearchError, ValueError):
     """No schedule of the requested family meets the cost target."""
 
 

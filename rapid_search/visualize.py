@@ -359,11 +359,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover - until registered in rapid_search.cli
-    _p = argparse.ArgumentParser(prog="python -m rapid_search.visualize", description=__doc__.splitlines()[0])
-    add_arguments(_p)
-    try:
-        sys.exit(main(_p.parse_args()))
-    except (ValueError, FileNotFoundError) as _e:
-        print(f"error: {_e}", file=sys.stderr)
-        sys.exit(2)
+if __name__ == "__main__":  # pragma: no cover - ``python -m rapid_search.visualize`` is ``rapid-search visualize``
+    from .cli import main as _cli_main
+
+    raise SystemExit(_cli_main(["visualize", *sys.argv[1:]]))

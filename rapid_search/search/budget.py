@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 from ..schedule import Budget
+from ..errors import RapidSearchError
 
 __all__ = ["BudgetError", "BudgetSpec", "Target", "ACCEPTED_FORMS", "parse_budget", "resolve", "to_schedule_budget"]
 
@@ -38,7 +39,7 @@ _RELATIVE = re.compile(rf"^({_NUMBER})%\s*(gflops|latency)$", re.IGNORECASE)
 _ABSOLUTE = re.compile(rf"^({_NUMBER})\s*(gflops|ms)$", re.IGNORECASE)
 
 
-class BudgetError(ValueError):
+class BudgetError(RapidSearchError, ValueError):
     """A budget that cannot be parsed or reached; the message lists the accepted forms or the fix."""
 
 

@@ -28,6 +28,7 @@ import yaml
 from ..flops import ModelInfo, schedule_macs
 from ..presets import rapid_layers
 from ..schedule import LayerSpec
+from ..errors import RapidSearchError
 
 __all__ = ["SearchSpaceError", "FloatRange", "ThresholdRange", "SearchSpace", "DEFAULT_SPACE", "layers_for"]
 
@@ -35,7 +36,7 @@ DEFAULT_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "default
 _FORMAT = "rapid-search-space/v1"
 
 
-class SearchSpaceError(ValueError):
+class SearchSpaceError(RapidSearchError, ValueError):
     """An invalid search-space file; the message names the field and the fix."""
 
 

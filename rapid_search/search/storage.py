@@ -23,6 +23,7 @@ import re
 import time
 from pathlib import Path
 from typing import Any, Optional
+from ..errors import RapidSearchError
 
 __all__ = [
     "StorageError",
@@ -51,7 +52,7 @@ JOURNAL_LOCK_GRACE = 30
 CONNECT_TIMEOUT = 10
 
 
-class StorageError(ValueError):
+class StorageError(RapidSearchError, ValueError):
     """The storage could not be opened; the message (password masked) says what to do."""
 
 

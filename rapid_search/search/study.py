@@ -31,6 +31,7 @@ from ..flops import ModelInfo, schedule_macs
 from ..presets import make_schedule, tome_schedule
 from ..schedule import Budget, LayerSpec, Schedule
 from .space import SearchSpace, layers_for, project
+from ..errors import RapidSearchError
 
 __all__ = ["SearchError", "Objective", "Calibration", "make_objective", "cheapest_ratio", "LATENCY_MARGIN", "export_best", "trial_schedule"]
 
@@ -38,7 +39,7 @@ __all__ = ["SearchError", "Objective", "Calibration", "make_objective", "cheapes
 STUDY_KEYS = ("model", "budget", "space", "metric", "calib", "device_kind")
 
 
-class SearchError(ValueError):
+class SearchError(RapidSearchError, ValueError):
     """A search could not start or finish; the message says what to do."""
 
 

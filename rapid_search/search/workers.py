@@ -75,6 +75,8 @@ from optuna.storages.journal import JournalStorage
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from ..errors import RapidSearchError
+
 __all__ = [
     "HEARTBEAT_KEY",
     "WORKER_KEY",
@@ -505,7 +507,7 @@ class deferred_interrupts:
         self._raise()
 
 
-class Surplus(Exception):
+class Surplus(RapidSearchError):
     """Raised by the objective when trials numbered below its trial claim every slot: Optuna
     records the trial FAIL (it is in ``catch``), unrun."""
 
