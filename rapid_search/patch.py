@@ -1,13 +1,16 @@
 """Model surgery: apply a schedule to a timm ``VisionTransformer`` in place, and remove it.
 
-No timm forward code is copied. Blocks whose schedule entry is ``none`` (while no sizes or
-padding are in flight) call timm's own ``Block.forward`` unchanged, so an empty schedule runs at
-the unpatched model's speed with fused attention. Reducing blocks are composed from the block's
-own modules (``norm1``, ``attn.qkv``, ``attn.q_norm``/``k_norm``, ``attn.norm``, ``attn.proj``,
-``ls1``/``ls2``, ``drop_path1``/``drop_path2``, ``norm2``, ``mlp``), keep SDPA when
-``attn.fused_attn`` is set, and compute the class-token attention row separately at O(N) cost
-only where a merge needs it. Facts such as ``num_prefix_tokens`` and ``global_pool`` are read
-from the model.
+Blocks whose schedule entry is ``none`` (while no sizes or padding are in flight) call timm's
+own ``Block.forward`` unchanged, so an empty schedule runs at the unpatched model's speed with
+fused attention. Reducing blocks run code adapted from timm 1.0.31: :func:`_attention` re-states
+``timm.layers.Attention.forward`` (gate, qkv, q/k norm, SDPA or softmax attention, norm, proj)
+and adds ToMe's proportional attention (``log(size)`` bias), the head-averaged keys and the
+class-token importance row (computed separately at O(N) cost, only where a merge or EViT needs
+it); :func:`_block_forward` re-states ``timm.models.vision_transformer.Block.forward`` (pre-norm,
+LayerScale, drop-path) with the reduction between attention and MLP. Both use the block's own
+modules, and ``tests/test_parity.py`` checks them against timm's forward on every supported
+family (a reducing schedule that removes nothing must give timm's output), so a change in timm
+fails a test. Facts such as ``num_prefix_tokens`` and ``global_pool`` are read from the model.
 
 Example:
     >>> import timm, torch, rapid_search
@@ -101,7 +104,7 @@ def _attention(
     need_importance: bool,
     num_prefix: int,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """timm ``Attention`` with proportional attention, also returning the metric and importance.
+    """timm 1.0.31 ``Attention.forward`` with proportional attention, also returning the metric and importance.
 
     Args:
         attn: The block's timm ``Attention`` module (its own layers are used).
@@ -196,7 +199,8 @@ def _reduce(x: torch.Tensor, metric: torch.Tensor, importance: Optional[torch.Te
 
 
 def _block_forward(self: nn.Module, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-    """Patched ``Block.forward`` (bound to the block, so ``copy.deepcopy`` rebinds it)."""
+    """timm 1.0.31 ``Block.forward`` with the reduction between attention and MLP (bound to the
+    block, so ``copy.deepcopy`` rebinds it)."""
     rt: _Runtime = self._rapid_rt
     index: int = self._rapid_index
     layer: LayerSpec = self._rapid_layer
