@@ -46,6 +46,7 @@ __all__ = [
     "imagenet_class_index",
     "imagenet_label_names",
     "list_images",
+    "load_image",
     "load_images",
 ]
 
@@ -394,3 +395,20 @@ def load_images(
         skipped=skipped,
         data_config=cfg,
     )
+
+
+def load_image(path: Union[str, os.PathLike], *, model: Optional[nn.Module] = None, data_config: Optional[dict[str, Any]] = None) -> torch.Tensor:
+    """One image through the same eval preprocessing as :func:`load_images`: ``(3, H, W)``.
+
+    Raises:
+        DataError: The file is missing or cannot be decoded.
+    """
+    from timm.data import create_transform
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image {path} does not exist — pass a JPEG/PNG file")
+    x, why = _decode(path, create_transform(**_resolve_config(model, data_config), is_training=False), 1)
+    if x is None:
+        raise DataError(f"image {path} is {why} — pass a JPEG/PNG file")
+    return x

@@ -205,11 +205,3 @@ def macs_from_counts(info: ModelInfo, schedule: Union[Schedule, Sequence[LayerSp
             elif layer.op == "evit":
                 total += info.importance_rows * n * A
     return total
-
-
-def ratio_to_macs(info: ModelInfo, ratio: float) -> float:
-    """Target MACs for a fraction of the unreduced cost."""
-    if not 0 < ratio <= 1:
-        raise ValueError(f"ratio {ratio} must be in (0, 1]")
-    return ratio * info.base_macs
-

@@ -33,6 +33,7 @@ from ..flops import ModelInfo
 from ..loading import load_model
 from ..measure import parse_device, set_cpu_threads
 from ..presets import DEFAULT_PROTECT, DEFAULT_SWITCH_FRACTION
+from ..provenance import versions
 from ..schedule import LayerSpec, Schedule
 from .budget import BudgetSpec, Target, parse_budget, resolve
 from .progress import Progress, summarize_search
@@ -48,7 +49,7 @@ from .storage import (
     safe_reason,
     writable_ancestor,
 )
-from .study import LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest_ratio, environment, export_best
+from .study import LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest_ratio, export_best
 from .workers import run_trials
 
 __all__ = [
@@ -610,6 +611,6 @@ def _export(study: optuna.Study, *, plan: _Plan, loaded: _Loaded) -> tuple[Sched
         "seed": opts.seed,
         "device": str(plan.device),
         "batch_size": opts.batch_size,
-        **environment(),
+        **versions("optuna"),
     }
     return export_best(study, plan.out, budget=target.budget(), extra_scores=extra, provenance=prov, accept=accept)
