@@ -1,52 +1,34 @@
 """Many workers on one study, on Optuna's own loop: an exact trial count, heartbeats, dead workers' trials redone.
 
-Several ``rapid-search search`` processes (on one machine with a journal file, or on several
-machines with PostgreSQL) given the same ``--storage`` and ``--study-name`` share one Optuna
-study. Each runs :func:`run_trials`: ``study.optimize`` with Optuna's seams filled in.
+Workers (processes with one journal file, or machines with PostgreSQL) given the same storage and
+study name share one study. Each runs :func:`run_trials`: ``study.optimize`` with these seams.
 
-Exact trial count
-    ``--trials N`` is the number of *finished* trials (COMPLETE or PRUNED) in the study, all
-    workers together. A trial *claims a slot* when it is finished or running. Before the first
-    trial and after each one (a callback), a worker counts the claimed slots: N claimed but fewer
-    finished means the last slots are being worked on elsewhere, so it waits (recovering dead
-    workers' trials meanwhile) rather than start a trial that could overshoot; N finished ends it
-    (``MaxTrialsCallback``). Two workers can still ask at the same moment; the storage numbers
-    trials atomically (PostgreSQL locks the study row, the journal orders its log), so right after
-    ``ask`` the objective counts the claimed trials with *smaller* numbers and, if they already
-    fill N slots, gives its trial up unrun (it raises :class:`Surplus`, which Optuna records as
-    FAIL; system attribute ``rapid_search:surplus``; a queued trial it took is queued again). The
-    lowest-numbered claimants win, so the study ends with exactly N finished trials. FAIL trials
-    (surplus, interrupted, dead workers') never count toward N.
+Exact count: ``--trials N`` counts *finished* (COMPLETE, PRUNED) trials, all workers together. A
+trial claims a slot when finished or running. Before the first trial and after each one (a
+callback) a worker waits while N slots are claimed but fewer finished, and ``MaxTrialsCallback``
+stops it at N finished. Two workers asking at once are told apart by trial number (the storage
+numbers trials atomically): right after ``ask``, a trial whose lower-numbered claimants already
+fill N slots is given up unrun (:class:`Surplus`, recorded FAIL with ``rapid_search:surplus``;
+queued parameters it took are queued again). FAIL trials never count.
 
-Heartbeats (every storage, the same way)
-    :func:`~rapid_search.search.storage.open_storage` returns storages that implement Optuna's
-    ``BaseHeartbeat`` (:class:`HeartbeatMixin`); :func:`run_trials` switches it on by attaching a
-    :class:`Liveness`. Inside ``optimize``, Optuna's heartbeat thread stores the wall-clock time in
-    the running trial's system attribute ``rapid_search:heartbeat`` every ``interval`` seconds, and
-    before every trial Optuna's ``fail_stale_trials`` fails the RUNNING trials whose heartbeat is
-    older than ``grace`` seconds (or, without any heartbeat, that were seen running for ``grace``
-    seconds): their worker died. The storage lets exactly one worker fail a trial; that worker's
-    :class:`RetryStaleTrial` (Optuna's ``RetryHeartbeatStaleTrialCallback``, keeping only what
-    says *what* to run) queues the same parameters again as a WAITING trial, at most ``max_retry``
-    times. Before the FAIL the trial is marked (``rapid_search:failed_because``, and
-    ``rapid_search:retry_pending`` when it will be retried), so it keeps its slot until the retry
-    is queued and no other worker takes the slot meant for the redo; a trial failed for good (its
-    objective raised, or it was retried ``max_retry`` times) says so (``rapid_search:no_retry``)
-    and keeps no slot. Finished trials are never touched. The clocks of the machines must agree
-    to well within ``grace`` (NTP); a worker whose trial was given up (it was stalled past
-    ``grace``) has its late result refused, says so, and carries on.
+Heartbeats: :func:`~rapid_search.search.storage.open_storage` returns storages with Optuna's
+``BaseHeartbeat`` (:class:`HeartbeatMixin`), switched on by attaching a :class:`Liveness`. In
+``optimize``, Optuna's heartbeat thread stores the time in the trial's ``rapid_search:heartbeat``
+every ``interval`` s, and before each trial ``fail_stale_trials`` fails RUNNING trials silent for
+``grace`` s (without any heartbeat: seen running that long). The storage lets one worker fail a
+trial; its :class:`RetryStaleTrial` (Optuna's ``RetryHeartbeatStaleTrialCallback``) queues the
+parameters again, at most ``max_retry`` times. Before the FAIL the trial is marked
+(``rapid_search:failed_because``; ``retry_pending``, which keeps its slot until the retry is
+queued, or ``no_retry`` when it is failed for good). Finished trials are never touched; clocks
+must agree to well within ``grace`` (NTP).
 
-Interrupts
-    Within :func:`run_trials`, SIGINT (Ctrl-C) and SIGTERM raise KeyboardInterrupt in the main
-    thread only inside the objective and while waiting for a slot, and never inside storage code
-    (a journal append cut short leaves its lock file behind or turns the interrupt into an
-    OSError). One that arrives in Optuna's loop (asking, telling, failing stale trials, the
-    callbacks) waits for the next safe point: the start of the next objective (the trial just
-    asked is then failed and queued again) or the end of the trial's callbacks. During a trial
-    the trial is marked FAIL and queued again (so a resumed search redoes it) and the interrupt
-    propagates, also when that clean-up fails (a storage error is logged). A second Ctrl-C during
-    the clean-up (say, hanging on an unreachable database) ends it at once: the trial's heartbeat
-    goes stale and the next worker recovers it.
+Interrupts: SIGINT and SIGTERM raise KeyboardInterrupt only inside the objective and while
+waiting, never inside storage code (a journal append cut short leaves its lock behind). One that
+arrives in Optuna's loop (ask, tell, stale trials, callbacks) waits for the next objective (the
+trial just asked is then failed and queued again) or the end of the callbacks. The trial in
+flight is failed and queued again and the interrupt propagates, also when that clean-up fails (a
+storage error is logged); a second Ctrl-C ends a hanging clean-up at once (the heartbeat stops,
+so the next worker recovers the trial).
 """
 
 from __future__ import annotations
@@ -120,7 +102,6 @@ class TrialCounts:
     running: list[FrozenTrial] = field(default_factory=list)
     pending: list[FrozenTrial] = field(default_factory=list)
     waiting: int = 0
-    failed: int = 0
 
     @property
     def claimed(self) -> int:
@@ -156,8 +137,6 @@ def count_trials(study: optuna.Study, *, pending_window: float = 60.0) -> TrialC
             c.running.append(t)
         elif t.state == TrialState.WAITING:
             c.waiting += 1
-        elif t.state == TrialState.FAIL:
-            c.failed += 1
     return c
 
 
