@@ -31,7 +31,6 @@ import datetime as _dt
 import hashlib
 import json
 import math
-import platform
 import shlex
 import sys
 import time
@@ -44,9 +43,11 @@ from torch import nn
 
 from .argtypes import DTYPES, int_in
 from .flops import ModelInfo, schedule_macs
+from .provenance import versions
 from .presets import UnreachableBudget, as_schedule, rapid_schedule, tome_for_ratio, variant_schedule
 from .schedule import Schedule, atomic_write_text
 from .stats import compare_paired
+from .errors import RapidSearchError
 
 __all__ = [
     "DEFAULT_RATIOS",
@@ -101,7 +102,7 @@ SEARCHED_TOLERANCE = 0.01
 Log = Callable[[str], None]
 
 
-class BenchError(ValueError):
+class BenchError(RapidSearchError, ValueError):
     """The benchmark cannot run as asked; the message says what to change."""
 
 
@@ -494,7 +495,7 @@ def run_bench(
             "ratios": [float(r) for r in ratios],
             "methods": list(methods),
             "stats": {"metric": metric, "n_boot": n_boot, "seed": seed, "confidence": 0.95, "reference": "best ToMe at each ratio"},
-            "versions": _versions(),
+            "versions": {**versions("numpy"), "git": _git_revision()},
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.perf_counter() - t_start, 1),
             "load_average_end": _loadavg(),
@@ -559,21 +560,6 @@ def _loadavg() -> Optional[list[float]]:
         return [round(v, 2) for v in os.getloadavg()]
     except (AttributeError, OSError):
         return None
-
-
-def _versions() -> dict[str, str]:
-    import timm
-
-    from . import __version__
-
-    return {
-        "rapid_search": __version__,
-        "git": _git_revision(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def _git_revision() -> str:
@@ -911,13 +897,3 @@ def _command(args: argparse.Namespace) -> str:
     if args.out_dir is not None:
         parts += ["--out-dir", str(args.out_dir)]
     return shlex.join(parts)
-
-
-if __name__ == "__main__":  # pragma: no cover - until registered in rapid_search.cli
-    _p = argparse.ArgumentParser(prog="python -m rapid_search.bench", description="Pareto benchmark of RAPID against the baselines.")
-    add_arguments(_p)
-    try:
-        sys.exit(main(_p.parse_args()))
-    except (ValueError, ImportError, FileNotFoundError) as _e:
-        print(f"error: {str(_e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)

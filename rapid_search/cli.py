@@ -16,6 +16,7 @@ Bad input gets a one-line ``rapid-search: error: ...`` on stderr and exit code 2
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .argtypes import DTYPES, int_in
+from .errors import RapidSearchError
 
 __all__ = ["main", "build_parser", "MissingExtraError", "require_extras"]
 
@@ -128,7 +130,7 @@ EXTRAS = {"optuna": "search", "rich": "search", "matplotlib": "search", "sqlalch
 NEEDS = {"search": ("optuna", "rich"), "export": ("optuna",), "bench": ("matplotlib",), "visualize": ("matplotlib",)}
 
 
-class MissingExtraError(ImportError):
+class MissingExtraError(RapidSearchError, ImportError):
     """An optional dependency of a sub-command is not installed; the message names the pip extra."""
 
     def __init__(self, command: str, module: str) -> None:
@@ -145,8 +147,6 @@ def _missing_extra(exc: BaseException) -> Optional[str]:
 
 def require_extras(command: str) -> None:
     """Import the optional modules ``command`` needs; raise :class:`MissingExtraError` naming the extra."""
-    import importlib
-
     for module in NEEDS.get(command, ()):
         try:
             importlib.import_module(module)
@@ -351,28 +351,6 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from .loading import ModelLoadError
-    from .patch import UnsupportedModelError
-    from .presets import UnreachableBudget
-    from .schedule import ScheduleError
-
-    errs: list[type[BaseException]] = [ScheduleError, UnsupportedModelError, ModelLoadError, UnreachableBudget]
-    for mod, names in (
-        ("rapid_search.data", ("DataError",)),
-        ("rapid_search.search.budget", ("BudgetError",)),
-        ("rapid_search.search.space", ("SearchSpaceError",)),
-        ("rapid_search.search.storage", ("StorageError",)),
-        ("rapid_search.search.study", ("SearchError",)),
-    ):
-        try:
-            m = __import__(mod, fromlist=list(names))
-            errs.extend(getattr(m, n) for n in names)
-        except ImportError:
-            pass
-    return tuple(errs)
-
-
 def _say(line: str, args: Optional[argparse.Namespace] = None) -> None:
     """Write one line to stderr: any part of the storage's password removed (whatever raised
     the message, and however the URL was shaped) and control characters made visible."""
@@ -439,7 +417,7 @@ def _run(args: argparse.Namespace) -> int:
         return commands[args.command](args)
     except BrokenPipeError:
         raise
-    except _known_errors() as e:
+    except RapidSearchError as e:
         _say(f"rapid-search: error: {_first_line(e)}", args)
         return EXIT_USAGE
     except (ValueError, ImportError, OSError) as e:

@@ -38,6 +38,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 from torch import nn
+from .errors import RapidSearchError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -46,6 +47,7 @@ __all__ = [
     "imagenet_class_index",
     "imagenet_label_names",
     "list_images",
+    "load_image",
     "load_images",
 ]
 
@@ -61,7 +63,7 @@ _TRANSFORM_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "cr
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError)
 
 
-class DataError(ValueError):
+class DataError(RapidSearchError, ValueError):
     """The image folder cannot be used; the one-line message says what to do."""
 
 
@@ -452,3 +454,23 @@ def load_images(
         skipped=skipped,
         data_config=cfg,
     )
+
+
+def load_image(path: Union[str, os.PathLike], *, model: Optional[nn.Module] = None, data_config: Optional[dict[str, Any]] = None) -> torch.Tensor:
+    """One image through the same eval preprocessing as :func:`load_images`: ``(3, H, W)``.
+
+    Raises:
+        DataError: The file is missing or cannot be decoded.
+    """
+    from timm.data import create_transform
+
+    from .outputs import input_problem
+
+    path = Path(path)
+    problem = input_problem(path)  # missing, a directory, a device or fifo
+    if problem is not None:
+        raise DataError(f"image {path} {problem} — pass a JPEG/PNG file")
+    x, why = _decode(path, create_transform(**_resolve_config(model, data_config), is_training=False), 1)
+    if x is None:
+        raise DataError(f"image {path} is {why} — pass a JPEG/PNG file")
+    return x

@@ -1,7 +1,7 @@
 """Model families: which timm ViTs the runtime patches, the facts it reads from them, and their blocks.
 
 Every model goes through :func:`adapter_for`, which returns the :class:`Adapter` of its family or
-raises :class:`~rapid_search.patch.UnsupportedModelError` with a one-line reason. Supported:
+raises :class:`UnsupportedModelError` with a one-line reason. Supported:
 
 ========================  =====================================================================
 family                    models (timm classes / blocks)
@@ -43,15 +43,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .patch import UnsupportedModelError, _pool, _reduce, _Runtime
+from .engine import _pool, _reduce, _Runtime
+from .errors import RapidSearchError
 
-__all__ = ["Adapter", "adapter_for", "family_name", "FAMILY_CLASSES"]
+__all__ = ["UnsupportedModelError", "check_model", "Adapter", "adapter_for", "family_name", "FAMILY_CLASSES"]
+
+
+class UnsupportedModelError(RapidSearchError, ValueError):
+    """The model is not a timm ViT that rapid-search can patch (the message says why, in one line)."""
 
 #: timm class names of the ViT family (for coverage reports).
 FAMILY_CLASSES = ("VisionTransformer", "VisionTransformerDistilled", "Eva", "Beit", "VisionTransformerRelPos", "NaFlexVit")
 
 
 # ---- attention, composed from the module's own layers ------------------------------------------------------------
+
+
+def linear_macs(module: Optional[nn.Module]) -> int:
+    """MACs per token of all ``nn.Linear`` layers inside ``module`` (0 for None)."""
+    if module is None:
+        return 0
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
 def head_dim(attn: nn.Module) -> int:
@@ -500,14 +512,12 @@ class _RelPos(_Beit):
 
     def const_macs(self, model):
         """``RelPosMlp`` computes its bias table with an MLP once per forward (per block, or shared once)."""
-        from .flops import _linear_macs
-
         mods = [model.shared_rel_pos] if model.shared_rel_pos is not None else [b.attn.rel_pos for b in model.blocks]
         total = 0
         for m in mods:
             coords = getattr(m, "rel_coords_log", None)
             if m is not None and coords is not None and getattr(m, "mlp", None) is not None:
-                total += coords.numel() // coords.shape[-1] * _linear_macs(m.mlp)
+                total += coords.numel() // coords.shape[-1] * linear_macs(m.mlp)
         return total
 
 
@@ -687,3 +697,21 @@ def bind(adapter: Adapter, model: nn.Module) -> tuple[str, ...]:
     for attr in adapter.head_patches:
         setattr(model, attr, types.MethodType(_PATCHES[attr], model))
     return adapter.head_patches
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` (one line, saying why) unless ``model`` can be patched.
+
+    Public API for "is my model supported?": it never raises anything else, for any timm model.
+    Supported families: timm ``VisionTransformer`` (ViT, DeiT, DeiT-III, distilled DeiT,
+    registers, avg/max pooling, ``global_pool='map'`` attention pooling as in SigLIP,
+    ``ResPostBlock`` and ``ParallelThingsBlock`` blocks), ``Eva`` (EVA-02, DINOv3, PE,
+    ``vit_*_rope_*``: RoPE, SwiGLU, LayerScale), ``Beit`` and ``VisionTransformerRelPos``
+    (relative position bias). Refused: ``NaFlexVit``, ``ParallelScalingBlock``, ``DiffAttention``,
+    hybrid (convolutional-stem) patch embeddings and any other model.
+
+    Example:
+        >>> import timm, rapid_search
+        >>> rapid_search.check_model(timm.create_model("test_vit"))  # returns None: supported
+    """
+    adapter_for(model)

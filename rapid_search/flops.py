@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .ops import protected_count
-from .schedule import LayerSpec, ModelFingerprint, Schedule
+from .schedule import LayerSpec, ModelFingerprint, Schedule, effective_r
+from .families import adapter_for, attn_dim, head_dim, linear_macs, patch_macs
 
 __all__ = [
     "ModelInfo",
@@ -33,13 +34,6 @@ __all__ = [
     "macs_from_counts",
     "block_macs",
 ]
-
-
-def _linear_macs(module: Optional[nn.Module]) -> int:
-    """MACs per token of all ``nn.Linear`` layers inside ``module``."""
-    if module is None:
-        return 0
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
 @dataclass(frozen=True)
@@ -85,21 +79,19 @@ class ModelInfo:
     @classmethod
     def from_model(cls, model: nn.Module) -> "ModelInfo":
         """Read the facts from a supported timm ViT (see ``rapid_search.check_model``)."""
-        from .families import adapter_for, attn_dim, head_dim, patch_macs
-
         ad = adapter_for(model)
         blk = model.blocks[0]
         attns, mlps = ad.attns(blk), ad.mlps(blk)
         attn = attns[0]
         num_patches = int(model.patch_embed.num_patches)
         P = int(model.num_prefix_tokens)
-        head_macs = _linear_macs(getattr(model, "head", None)) + _linear_macs(getattr(model, "head_dist", None))
+        head_macs = linear_macs(getattr(model, "head", None)) + linear_macs(getattr(model, "head_dist", None))
         pool_token_macs, pool_skip = 0, 0
         attn_pool = getattr(model, "attn_pool", None)
         if attn_pool is not None:  # AttentionPoolLatent: latent queries attend to the final tokens
             L, E = int(attn_pool.latent_len), int(attn_pool.num_heads * attn_pool.head_dim)
-            head_macs += L * (_linear_macs(attn_pool.q) + _linear_macs(attn_pool.proj) + _linear_macs(attn_pool.mlp))
-            pool_token_macs = _linear_macs(attn_pool.kv) + 2 * L * E
+            head_macs += L * (linear_macs(attn_pool.q) + linear_macs(attn_pool.proj) + linear_macs(attn_pool.mlp))
+            pool_token_macs = linear_macs(attn_pool.kv) + 2 * L * E
             pool_skip = 0 if getattr(model, "pool_include_prefix", True) else P
         name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
         return cls(
@@ -111,8 +103,8 @@ class ModelInfo:
             num_heads=int(attn.num_heads),
             head_dim=head_dim(attn),
             attn_dim=sum(attn_dim(a) for a in attns),
-            attn_linear_macs=sum(_linear_macs(a) - _linear_macs(getattr(a, "rel_pos", None)) for a in attns),  # bias MLPs: const_macs
-            mlp_macs=sum(_linear_macs(m) for m in mlps),
+            attn_linear_macs=sum(linear_macs(a) - linear_macs(getattr(a, "rel_pos", None)) for a in attns),  # bias MLPs: const_macs
+            mlp_macs=sum(linear_macs(m) for m in mlps),
             patch_macs=patch_macs(model),
             head_macs=int(head_macs),
             importance_rows=2 if getattr(model, "dist_token", None) is not None else 1,
@@ -132,30 +124,6 @@ class ModelInfo:
     @property
     def base_gflops(self) -> float:
         return self.base_macs / 1e9
-
-
-def effective_r(layer: LayerSpec, n: int, num_prefix: int) -> int:
-    """Tokens a fixed-count layer removes from ``n`` input tokens (the op's cap applied).
-
-    Caps: ``prune`` removes at most the A half ``ceil(T/2)`` of the ``T`` patch tokens; ``merge``
-    at most half of the unprotected tokens (rounded up); ``tome`` at most ``T // 2`` as in ToMe;
-    ``evit`` keeps at least one patch token. For threshold layers this is the maximum.
-    """
-    if not layer.reduces:
-        return 0
-    T = n - num_prefix
-    if T < 2:  # one patch token has no partner to be pruned against or merged into
-        return 0
-    if layer.op == "prune":
-        return min(layer.r, (T + 1) // 2)
-    if layer.op == "merge":
-        tu = T - protected_count(T, float(layer.protect))  # type: ignore[arg-type]
-        return min(layer.r, (tu + 1) // 2)
-    if layer.op == "tome":
-        return min(layer.r, T // 2)
-    if layer.op == "evit":
-        return min(layer.r, T - 1)
-    raise ValueError(f"unknown op {layer.op!r}")
 
 
 def _as_layers(schedule: Union[Schedule, Sequence[LayerSpec]]) -> Sequence[LayerSpec]:
@@ -249,11 +217,3 @@ def macs_from_counts(info: ModelInfo, schedule: Union[Schedule, Sequence[LayerSp
             elif layer.op == "evit":
                 total += info.importance_rows * n * A
     return total
-
-
-def ratio_to_macs(info: ModelInfo, ratio: float) -> float:
-    """Target MACs for a fraction of the unreduced cost."""
-    if not 0 < ratio <= 1:
-        raise ValueError(f"ratio {ratio} must be in (0, 1]")
-    return ratio * info.base_macs
-

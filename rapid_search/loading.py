@@ -14,12 +14,13 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .patch import check_model
+from .families import check_model
+from .errors import RapidSearchError
 
 __all__ = ["ModelLoadError", "load_model"]
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(RapidSearchError, ValueError):
     """The model could not be created or its weights loaded; the message says what to do."""
 
 

@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+from .errors import RapidSearchError
+
 __all__ = ["OutputError", "check_output", "input_problem", "writable_ancestor", "atomic_write_text"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -32,7 +34,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 _IMAGE_ENDINGS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
-class OutputError(ValueError):
+class OutputError(RapidSearchError, ValueError):
     """An output path that must not be written; the message names the option and the fix."""
 
 

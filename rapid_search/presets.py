@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
 from .flops import ModelInfo, effective_r, schedule_macs
 from .schedule import Budget, LayerSpec, Schedule, ScheduleError
+from .errors import RapidSearchError
 
 __all__ = [
     "UnreachableBudget",
@@ -26,6 +27,7 @@ __all__ = [
     "rapid_schedule",
     "rapid_layers",
     "tome_schedule",
+    "tome_fitting",
     "tome_for_ratio",
     "variant_schedule",
     "empty_schedule",
@@ -43,7 +45,7 @@ DEFAULT_SWITCH_FRACTION = 0.25
 ModelLike = Union[nn.Module, ModelInfo]
 
 
-class UnreachableBudget(ValueError):
+class UnreachableBudget(RapidSearchError, ValueError):
     """No schedule of the requested family meets the cost target."""
 
 
@@ -211,17 +213,33 @@ def tome_schedule(model: ModelLike, r: Union[int, Sequence[int]], *, inflect: fl
     return make_schedule(info, layers, method="tome", r=r if isinstance(r, int) else list(r), inflect=inflect)
 
 
+def tome_fitting(model: ModelLike, fits: Callable[[Sequence[LayerSpec]], bool], *, decreasing: bool = False, **provenance: Any) -> Optional[Schedule]:
+    """The ToMe schedule with the smallest ``r`` whose layers ``fits`` accepts (None when none does).
+
+    Args:
+        model: The model (or its :class:`ModelInfo`).
+        fits: Whether a layer list meets the budget (analytic MACs, predicted latency, ...).
+        decreasing: ToMe's decreasing schedule (``inflect = -0.5``) instead of a constant ``r``.
+        provenance: Extra provenance of the schedule.
+    """
+    info = model_info(model)
+    inflect = -0.5 if decreasing else 0.0
+    for r in range(1, info.num_tokens):
+        s = tome_schedule(info, r, inflect=inflect)
+        if fits(s.layers):
+            return make_schedule(info, s.layers, method="tome-decreasing" if decreasing else "tome", r=r, inflect=inflect, **provenance)
+    return None
+
+
 def tome_for_ratio(model: ModelLike, ratio: float, *, decreasing: bool = False) -> Schedule:
     """The ToMe schedule with the smallest ``r`` that meets ``ratio`` of the unreduced GFLOPs."""
     info = model_info(model)
     target = _check_ratio(ratio) * info.base_macs
-    inflect = -0.5 if decreasing else 0.0
-    for r in range(1, info.num_tokens):
-        s = tome_schedule(info, r, inflect=inflect)
-        if schedule_macs(info, s) <= target:
-            return make_schedule(info, s.layers, method="tome-decreasing" if decreasing else "tome", ratio=ratio, r=r, inflect=inflect)
-    cheapest = schedule_macs(info, tome_schedule(info, info.num_tokens, inflect=inflect)) / info.base_macs
-    raise UnreachableBudget(f"{ratio:.0%} GFLOPs is below the cheapest ToMe schedule for {info.name} ({cheapest:.0%}) — raise the budget")
+    s = tome_fitting(info, lambda layers: schedule_macs(info, layers) <= target, decreasing=decreasing, ratio=ratio)
+    if s is None:
+        cheapest = schedule_macs(info, tome_schedule(info, info.num_tokens, inflect=-0.5 if decreasing else 0.0)) / info.base_macs
+        raise UnreachableBudget(f"{ratio:.0%} GFLOPs is below the cheapest ToMe schedule for {info.name} ({cheapest:.0%}) — raise the budget")
+    return s
 
 
 def variant_schedule(base: Schedule, model: ModelLike, *, kind: str) -> Schedule:

@@ -32,6 +32,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
+from .errors import RapidSearchError
+from .ops import protected_count
 from .outputs import atomic_write_text
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "load_schedule",
     "save_schedule",
     "atomic_write_text",
+    "effective_r",
 ]
 
 FORMAT = "rapid-schedule/v1"
@@ -52,7 +55,7 @@ OPS = ("none", "prune", "merge", "tome", "evit")
 _THRESHOLD_OPS = ("prune", "merge")
 
 
-class ScheduleError(ValueError):
+class ScheduleError(RapidSearchError, ValueError):
     """An invalid schedule; the message names the field and how to fix it."""
 
 
@@ -257,8 +260,6 @@ class Schedule:
                 )
             if layer.threshold is not None and seen_threshold is None:
                 seen_threshold = i
-            from .flops import effective_r  # local import: flops imports this module
-
             n -= effective_r(layer, n, P)
         return self
 
@@ -379,3 +380,27 @@ def load_schedule(path: Union[str, os.PathLike]) -> Schedule:
 def save_schedule(schedule: Schedule, path: Union[str, os.PathLike]) -> Path:
     """Write a schedule atomically (alias of :meth:`Schedule.save`)."""
     return schedule.save(path)
+
+
+def effective_r(layer: LayerSpec, n: int, num_prefix: int) -> int:
+    """Tokens a fixed-count layer removes from ``n`` input tokens (the op's cap applied).
+
+    Caps: ``prune`` removes at most the A half ``ceil(T/2)`` of the ``T`` patch tokens; ``merge``
+    at most half of the unprotected tokens (rounded up); ``tome`` at most ``T // 2`` as in ToMe;
+    ``evit`` keeps at least one patch token. For threshold layers this is the maximum.
+    """
+    if not layer.reduces:
+        return 0
+    T = n - num_prefix
+    if T < 2:  # one patch token has no partner to be pruned against or merged into
+        return 0
+    if layer.op == "prune":
+        return min(layer.r, (T + 1) // 2)
+    if layer.op == "merge":
+        tu = T - protected_count(T, float(layer.protect))  # type: ignore[arg-type]
+        return min(layer.r, (tu + 1) // 2)
+    if layer.op == "tome":
+        return min(layer.r, T // 2)
+    if layer.op == "evit":
+        return min(layer.r, T - 1)
+    raise ValueError(f"unknown op {layer.op!r}")

@@ -33,6 +33,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from .data import load_image
 from .patch import applied, last_source
 from .presets import as_schedule
 from .schedule import Schedule
@@ -231,32 +232,12 @@ def colour_labels(image: FloatArray, labels: IntArray, *, alpha: float = 0.55) -
 
 
 def _load_image(model: nn.Module, image_path: Union[str, Path]) -> tuple[torch.Tensor, FloatArray]:
-    """The model's eval transform of one image: ``(1, 3, H, W)`` input and ``(H, W, 3)`` display RGB."""
-    from PIL import Image
-    from timm.data import create_transform, resolve_data_config
+    """The model's eval preprocessing of one image (:func:`rapid_search.data.load_image`):
+    ``(1, 3, H, W)`` input and ``(H, W, 3)`` display RGB."""
+    from timm.data import resolve_model_data_config
 
-    from .outputs import input_problem
-
-    path = Path(image_path)
-    problem = input_problem(path)
-    if problem is not None:
-        raise FileNotFoundError(f"image {path} {problem} — pass a JPEG/PNG file")
-    import warnings
-
-    try:
-        with warnings.catch_warnings():  # PIL warns above MAX_IMAGE_PIXELS and refuses above twice that
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                rgb = im.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ValueError(
-            f"image {path} has more than {Image.MAX_IMAGE_PIXELS} pixels (PIL's limit against decompression bombs) — "
-            "pass a smaller JPEG/PNG file"
-        ) from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ValueError(f"cannot decode image {path}: {e.__class__.__name__} — pass a JPEG/PNG file") from None
-    cfg = resolve_data_config(model=model)
-    x = create_transform(**cfg, is_training=False)(rgb)[None]  # (1, 3, H, W) normalised
+    x = load_image(image_path, model=model)[None]  # (1, 3, H, W) normalised
+    cfg = resolve_model_data_config(model)
     mean = torch.tensor(cfg["mean"]).view(3, 1, 1)
     std = torch.tensor(cfg["std"]).view(3, 1, 1)
     show = (x[0] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy().astype(np.float64)  # (H, W, 3)
@@ -375,13 +356,3 @@ def main(args: argparse.Namespace) -> int:
     path = render(model, args.image, sched, layers=args.layers, out=args.out)
     print(f"wrote {path}")
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover - until registered in rapid_search.cli
-    _p = argparse.ArgumentParser(prog="python -m rapid_search.visualize", description=__doc__.splitlines()[0])
-    add_arguments(_p)
-    try:
-        sys.exit(main(_p.parse_args()))
-    except (ValueError, FileNotFoundError) as _e:
-        print(f"error: {_e}", file=sys.stderr)
-        sys.exit(2)

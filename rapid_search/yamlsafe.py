@@ -25,6 +25,8 @@ from typing import Any, Union
 import yaml
 from yaml.nodes import MappingNode, Node, SequenceNode
 
+from .errors import RapidSearchError
+
 __all__ = ["YAMLInputError", "MAX_BYTES", "MAX_DEPTH", "MAX_NODES", "read_yaml", "load_yaml"]
 
 #: Largest YAML file read (a schedule of a 200-block model is about 20 KB).
@@ -37,7 +39,7 @@ MAX_NODES = 100_000
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-class YAMLInputError(ValueError):
+class YAMLInputError(RapidSearchError, ValueError):
     """A YAML text that is malformed, too large, too deep, an alias bomb, or has a duplicate key.
 
     Attributes:

@@ -123,20 +123,21 @@ def test_ctrl_c_between_surplus_fail_and_requeue_keeps_the_queued_trial(tmp_path
     a.enqueue_trial({"x": 0.25}, user_attrs={"warm_start": "a"})
     a.enqueue_trial({"x": 0.75}, user_attrs={"warm_start": "b"})
     b = optuna.load_study(study_name="sur", storage=open_storage(spec, study_name="sur"))
-    real_ask, real_tell = b.ask, b.tell
+    real_ask, real_set_state = b.ask, b._storage.set_trial_state_values
 
     def racing_ask(*args, **kwargs):  # worker A takes the last slot just before B asks
         a.ask()
         b.ask = real_ask
         return real_ask(*args, **kwargs)
 
-    def interrupted_tell(*args, **kwargs):  # Ctrl-C the moment B's surplus trial is failed
-        frozen = real_tell(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.2)
-        return frozen
+    def interrupted_fail(trial_id, state, values=None):  # Ctrl-C the moment B's surplus trial is failed
+        done = real_set_state(trial_id, state, values)
+        if state == TrialState.FAIL:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+        return done
 
-    b.ask, b.tell = racing_ask, interrupted_tell
+    b.ask, b._storage.set_trial_state_values = racing_ask, interrupted_fail
     try:
         run_trials(b, _objective, 1, heartbeat_storage=open_storage(spec, study_name="sur"), interval=1, grace=600)
         raise AssertionError("the interrupt was lost")

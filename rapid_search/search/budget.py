@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 from ..schedule import Budget
+from ..errors import RapidSearchError
 
-__all__ = ["BudgetError", "BudgetSpec", "ACCEPTED_FORMS", "parse_budget", "resolve", "to_schedule_budget"]
+__all__ = ["BudgetError", "BudgetSpec", "Target", "ACCEPTED_FORMS", "parse_budget", "resolve", "to_schedule_budget"]
 
 #: The accepted forms, as listed in every grammar error.
 ACCEPTED_FORMS = "50%GFLOPs (of the unreduced model), 0.6GFLOPs, 60%latency (of the unreduced model) or 12ms (per batch)"
@@ -38,7 +39,7 @@ _RELATIVE = re.compile(rf"^({_NUMBER})%\s*(gflops|latency)$", re.IGNORECASE)
 _ABSOLUTE = re.compile(rf"^({_NUMBER})\s*(gflops|ms)$", re.IGNORECASE)
 
 
-class BudgetError(ValueError):
+class BudgetError(RapidSearchError, ValueError):
     """A budget that cannot be parsed or reached; the message lists the accepted forms or the fix."""
 
 
@@ -193,3 +194,25 @@ def to_schedule_budget(
         target = resolve(spec, base_gflops=base_gflops, base_latency_ms=base_latency_ms)
     ach = {k: (round(v, digits) if isinstance(v, float) else v) for k, v in (achieved or {}).items()}
     return Budget(spec=spec.text, kind=spec.kind, target=round(float(target), digits), achieved=ach)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A resolved budget, the one object the search passes along (no unit changed by hand).
+
+    Attributes:
+        spec: The parsed budget.
+        value: The target in the budget's unit (``spec.unit``): GFLOPs per image or ms per batch.
+    """
+
+    spec: BudgetSpec
+    value: float
+
+    @property
+    def cost(self) -> float:
+        """The target in the units of the search's cost model: MACs (GFLOPs budgets) or ms."""
+        return self.value * 1e9 if self.spec.kind == "gflops" else self.value
+
+    def budget(self, achieved: Optional[Mapping[str, Any]] = None) -> Budget:
+        """The :class:`rapid_search.schedule.Budget` recorded in an exported schedule."""
+        return to_schedule_budget(self.spec, target=self.value, achieved=achieved)

@@ -60,6 +60,7 @@ from ..measure import Timing, measure_model, parse_device, time_callable
 from ..patch import applied, is_patched
 from ..presets import DEFAULT_PROTECT, as_schedule, make_schedule
 from ..schedule import OPS, LayerSpec, Schedule, atomic_write_text
+from ..errors import RapidSearchError
 
 __all__ = ["LATENCY_FORMAT", "LatencyModel", "LatencyModelError", "measure_schedule_ms", "model_input_size"]
 
@@ -73,7 +74,7 @@ DeviceLike = Union[str, torch.device]
 ScheduleLike = Union[Schedule, Sequence[LayerSpec], None]
 
 
-class LatencyModelError(ValueError):
+class LatencyModelError(RapidSearchError, ValueError):
     """A latency model that cannot be measured, loaded or used; the message names the fix."""
 
 

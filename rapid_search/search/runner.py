@@ -27,10 +27,16 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from ..data import DataError, list_images, load_images
 from ..evaluate import fidelity, predict
 from ..flops import ModelInfo
+from ..loading import load_model
+from ..measure import parse_device, parse_dtype, set_cpu_threads
 from ..presets import DEFAULT_PROTECT, DEFAULT_SWITCH_FRACTION
-from ..schedule import Budget, LayerSpec, Schedule
+from ..provenance import versions
+from ..schedule import LayerSpec, Schedule
+from .budget import BudgetSpec, Target, parse_budget, resolve
+from .progress import Progress, summarize_search
 from .space import SearchSpace
 from .storage import (
     GRACE_PERIOD,
@@ -44,8 +50,8 @@ from .storage import (
     open_storage,
     safe_reason,
 )
-from .study import LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest_ratio, environment, export_best
-from .workers import count_trials, run_trials
+from .study import LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest_ratio, export_best
+from .workers import run_trials
 
 __all__ = [
     "SearchOptions",
@@ -158,8 +164,6 @@ def _runtime_setup(opts: SearchOptions) -> dict[str, Any]:
 def _calib_fingerprint(data: Path, calib_images: int, seed: int) -> str:
     """The calibration set by content (relative file names and sizes, count, seed), not by path,
     so that workers on machines that keep the images in different folders can share a study."""
-    from ..data import list_images
-
     files, _ = list_images(data)
     h = hashlib.sha256()
     for f in files:
@@ -358,7 +362,7 @@ def _open_study(study_name: str, storage: Any, seed: int, pruner: Any) -> tuple[
         return optuna.load_study(study_name=study_name, storage=storage, sampler=sampler(s), pruner=pruner), False, s
 
 
-def _warm_start(study: optuna.Study, info: ModelInfo, space: SearchSpace) -> None:
+def _warm_start(study: optuna.Study, info: ModelInfo) -> None:
     """Enqueue the hand-set RAPID schedule and ToMe (constant and decreasing) first."""
     if study.get_trials(deepcopy=False):
         return
@@ -370,18 +374,9 @@ def _warm_start(study: optuna.Study, info: ModelInfo, space: SearchSpace) -> Non
         "prune_threshold_mode": "off",
         "merge_threshold_mode": "off",
     }
-    with optuna.logging_disabled() if hasattr(optuna, "logging_disabled") else _nullcontext():
-        study.enqueue_trial(hand, user_attrs={"warm_start": "rapid-hand-set"})
-        study.enqueue_trial({}, user_attrs={"warm_start": "tome"})
-        study.enqueue_trial({}, user_attrs={"warm_start": "tome-decreasing"})
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
+    study.enqueue_trial(hand, user_attrs={"warm_start": "rapid-hand-set"})
+    study.enqueue_trial({}, user_attrs={"warm_start": "tome"})
+    study.enqueue_trial({}, user_attrs={"warm_start": "tome-decreasing"})
 
 
 def _finished(study: optuna.Study) -> int:
@@ -405,34 +400,40 @@ def search_stats(study: optuna.Study, n_images: int) -> dict[str, Any]:
     }
 
 
-def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
-    """Run (or resume) a search and write the best schedule.
+@dataclass
+class _Plan:
+    """Everything checked before any work (no weights loaded, no image decoded, nothing written)."""
 
-    Args:
-        opts: Options (see :class:`SearchOptions`).
-        progress: A ``rapid_search.search.progress.Progress`` (created from ``opts.progress`` if None).
+    opts: SearchOptions
+    spec: BudgetSpec
+    space: SearchSpace
+    device: torch.device
+    data: Path
+    metric: str
+    interval: int
+    grace: int
+    grace_note: Optional[str]
+    info: ModelInfo
+    target: Optional[Target]  # None for a latency budget until the unreduced model is timed
+    study_name: str
+    out: Path
+    setup: dict[str, Any]
+    storage: Any  # None: a journal file still to be made
 
-    Returns:
-        The exported schedule, its path and search statistics.
-    """
-    import timm  # noqa: F401  (imported early so that errors below are ours)
 
-    from ..data import DataError, load_images
-    from ..loading import load_model
-    from ..measure import parse_device, parse_dtype, set_cpu_threads
-    from .budget import parse_budget
-    from .progress import Progress
+@dataclass
+class _Loaded:
+    """What the trials share: weights, calibration set, the unreduced outputs, the cost target."""
 
-    # ---- validate everything before any work --------------------------------------------------
-    spec = parse_budget(opts.budget)
-    # set-up values in their canonical spelling from here on (study name, recorded set-up,
-    # comparisons): ' 50% gflops ' and 'CPU ' are the same study as 50%GFLOPs and cpu
-    opts = replace(opts, budget=spec.canonical, device=str(opts.device).strip().lower())
-    space = SearchSpace.load(opts.space)
-    if spec.kind == "latency":
-        space = space.without_thresholds()
-    device = parse_device(opts.device)
-    parse_dtype(opts.dtype)
+    model: torch.nn.Module
+    calib: Calibration
+    target: Target
+    latency_model: Any = None
+    margin: float = 0.0
+
+
+def _check_options(opts: SearchOptions) -> Path:
+    """The numeric options and the data folder; returns the data folder."""
     if opts.trials < 1:
         raise SearchError(f"--trials {opts.trials} must be at least 1")
     if opts.calib_images < 8:
@@ -445,6 +446,22 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
     if not data.is_dir():
         what = "is not a directory" if data.exists() else "does not exist"
         raise DataError(f"data folder {data} {what} — pass --data with an ImageFolder tree or a flat folder of images")
+    return data
+
+
+def _plan(opts: SearchOptions) -> _Plan:
+    """Validate every input (budget, space, device, data folder, model name, budget feasibility,
+    output path, an existing study's set-up) before any work."""
+    spec = parse_budget(opts.budget)
+    # set-up values in their canonical spelling from here on (study name, recorded set-up,
+    # comparisons): ' 50% gflops ' and 'CPU ' are the same study as 50%GFLOPs and cpu
+    opts = replace(opts, budget=spec.canonical, device=str(opts.device).strip().lower())
+    space = SearchSpace.load(opts.space)
+    if spec.kind == "latency":
+        space = space.without_thresholds()
+    device = parse_device(opts.device)
+    parse_dtype(opts.dtype)
+    data = _check_options(opts)
     metric = DEFAULT_METRIC if opts.metric == "auto" else opts.metric
     interval, grace, grace_note = heartbeat_timing(opts)
     set_cpu_threads(opts.threads)
@@ -452,14 +469,13 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
         arch = load_model(opts.model, pretrained=False, device="meta")
     info = ModelInfo.from_model(arch)
     del arch
+    target = None
     if spec.kind == "gflops":
-        from .budget import resolve
-
-        target = resolve(spec, base_gflops=info.base_gflops) * 1e9  # MACs
+        target = Target(spec, resolve(spec, base_gflops=info.base_gflops))
         floor = cheapest_ratio(info, space)
-        if target < floor * info.base_macs:
+        if target.cost < floor * info.base_macs:
             raise SearchError(
-                f"budget {opts.budget} ({target / 1e9:.3f} GFLOPs) is below the cheapest schedule the search space allows "
+                f"budget {opts.budget} ({target.value:.3f} GFLOPs) is below the cheapest schedule the search space allows "
                 f"({floor * info.base_gflops:.3f} GFLOPs, {floor:.0%}) — raise the budget"
             )
     study_name = check_study_name(default_study_name(opts) if opts.study_name is None else opts.study_name)
@@ -469,100 +485,116 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
     storage, existing = _existing_study(opts.storage, study_name)  # connects to a server now: bad URLs fail fast
     if existing is not None:
         _check_setup(existing, setup)
-    del existing
+    return _Plan(opts, spec, space, device, data, metric, interval, grace, grace_note, info, target, study_name, out, setup, storage)
 
-    prog = progress or Progress.create(opts.progress)
+
+def _load(plan: _Plan, log: Callable[[str], None]) -> _Loaded:
+    """Load the weights, decode the calibration images and compute the unreduced outputs once;
+    for a latency budget, time the model and resolve the target."""
+    opts, device, data = plan.opts, plan.device, plan.data
+    log(f"loading {opts.model} on {device} ...")
+    model = load_model(opts.model, checkpoint=opts.checkpoint, device=device, dtype=opts.dtype)
+    imgs = load_images(data, model=model, limit=opts.calib_images, seed=opts.seed)
+    if imgs.skipped:
+        log(f"skipped {len(imgs.skipped)} unreadable image(s) in {data} (first: {imgs.skipped[0][0]}: {imgs.skipped[0][1]})")
+    if plan.metric == "top1" and imgs.labels is None:
+        raise SearchError(f"--metric top1 needs labelled images (WordNet-id folders) but {data} is unlabelled — use --metric kl")
+    base = predict(model, imgs.images, None, batch_size=opts.batch_size, device=device, info=plan.info)
+    if not bool(torch.isfinite(base.logits).all()):  # every trial would score NaN: the weights, not the budget, are at fault
+        bad = int((~torch.isfinite(base.logits).all(dim=-1)).sum())
+        raise SearchError(
+            f"the unreduced {opts.model} gives non-finite outputs (NaN or inf) for {bad} of {len(imgs)} calibration images — "
+            "check its weights (--checkpoint) and the images; nothing can be scored with them"
+        )
+    base_scores = fidelity(base.logits, base.logits, imgs.labels)
+    calib = Calibration(imgs.images, imgs.labels, base.logits, base_scores, base.seconds)
+    log(f"{len(imgs)} calibration images from {data}" + (f"; unreduced top-1 {base_scores['top1']:.2%}" if "top1" in base_scores else " (unlabelled)"))
+    if plan.target is not None:
+        return _Loaded(model, calib, plan.target)
+    return _time_latency(plan, model, calib, log)
+
+
+def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: Callable[[str], None]) -> _Loaded:
+    """A latency budget: the per-block latency model, the unreduced timing, the target and the
+    timing-noise margin (see ``LATENCY_MARGIN``)."""
+    from .latency import LatencyModel, measure_schedule_ms
+
+    opts, device, info = plan.opts, plan.device, plan.info
+    log(f"measuring per-block latency on {device} at batch {opts.batch_size} ...")
+    latency_model = LatencyModel.measure(model, device=device, batch_size=opts.batch_size)
+    base_t = measure_schedule_ms(model, None, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats)
+    base_ms = base_t.median_ms
+    lo, hi = LATENCY_MARGIN
+    margin = min(hi, max(lo, base_t.iqr_ms / base_ms if base_ms > 0 else hi))
+    target = Target(plan.spec, resolve(plan.spec, base_gflops=info.base_gflops, base_latency_ms=base_ms))
+    floor = cheapest_ratio(info, plan.space, cost=lambda layers: float(latency_model.predict_ms(layers)))
+    if target.cost < floor * latency_model.predict_ms([LayerSpec()] * info.depth):
+        raise SearchError(
+            f"budget {opts.budget} ({target.value:.2f} ms) is below the fastest schedule the search space allows "
+            f"(about {floor:.0%} of the unreduced {base_ms:.2f} ms) — raise the budget"
+        )
+    log(
+        f"unreduced latency {base_ms:.2f} ms per batch of {opts.batch_size}; target {target.value:.2f} ms; "
+        f"schedules drawn up to {target.value * (1 - margin):.2f} ms predicted ({margin:.1%} timing-noise margin)"
+    )
+    return _Loaded(model, calib, target, latency_model, margin)
+
+
+def _join_study(plan: _Plan, loaded: _Loaded, log: Callable[[str], None]) -> tuple[optuna.Study, Any]:
+    """Create or join the study (only now: nothing is written when loading fails); returns it and
+    the storage for the heartbeat thread's writes."""
+    opts = plan.opts
+    storage = plan.storage or open_storage(opts.storage, study_name=plan.study_name, studies_dir=STUDIES_DIR)
+    # a journal storage's writes hold its lock: the heartbeat thread gets its own instance
+    rdb = isinstance(storage, optuna.storages.RDBStorage)
+    heartbeat_storage = None if rdb else open_storage(opts.storage, study_name=plan.study_name, studies_dir=STUDIES_DIR)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+    study, created, sampler_seed = _open_study(plan.study_name, storage, opts.seed, pruner)
+    # only the creator records the set-up and target; the others check theirs against it
+    share_setup(study, created, {"setup": plan.setup, "base_gflops": plan.info.base_gflops, "target": loaded.target.value}, log=log)
+    if created:
+        _warm_start(study, plan.info)
+    else:
+        log(f"joined study {plan.study_name!r} ({len(study.get_trials(deepcopy=False))} trials so far); sampler seed {sampler_seed}")
+    return study, heartbeat_storage
+
+
+def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> SearchResult:
+    """Run (or resume) a search and write the best schedule.
+
+    Args:
+        opts: Options (see :class:`SearchOptions`).
+        progress: The display (one from ``opts.progress`` if None).
+
+    Returns:
+        The exported schedule, its path and search statistics.
+
+    Raises:
+        SearchInterrupted: Ctrl-C or SIGTERM during the trials (the best so far is written).
+    """
+    plan = _plan(opts)
+    prog = progress or Progress(opts.progress, metric=plan.metric)
     with prog:
-        if grace_note:
-            prog.log(grace_note)
-        # ---- load once: weights, images, unreduced outputs ----------------------------------------
-        prog.log(f"loading {opts.model} on {device} ...")
-        model = load_model(opts.model, checkpoint=opts.checkpoint, device=device, dtype=opts.dtype)
-        imgs = load_images(data, model=model, limit=opts.calib_images, seed=opts.seed)
-        if imgs.skipped:
-            prog.log(f"skipped {len(imgs.skipped)} unreadable image(s) in {data} (first: {imgs.skipped[0][0]}: {imgs.skipped[0][1]})")
-        if metric == "top1" and imgs.labels is None:
-            raise SearchError(f"--metric top1 needs labelled images (WordNet-id folders) but {data} is unlabelled — use --metric kl")
-        base = predict(model, imgs.images, None, batch_size=opts.batch_size, device=device, info=info)
-        if not bool(torch.isfinite(base.logits).all()):  # every trial would score NaN: the weights, not the budget, are at fault
-            bad = int((~torch.isfinite(base.logits).all(dim=-1)).sum())
-            raise SearchError(
-                f"the unreduced {opts.model} gives non-finite outputs (NaN or inf) for {bad} of {len(imgs)} calibration images — "
-                "check its weights (--checkpoint) and the images; nothing can be scored with them"
-            )
-        base_scores = fidelity(base.logits, base.logits, imgs.labels)
-        calib = Calibration(imgs.images, imgs.labels, base.logits, base_scores, base.seconds)
-        prog.log(
-            f"{len(imgs)} calibration images from {data}"
-            + (f"; unreduced top-1 {base_scores['top1']:.2%}" if "top1" in base_scores else " (unlabelled)")
-        )
-
-        latency_model, margin = None, 0.0
-        if spec.kind == "latency":
-            from .budget import resolve
-            from .latency import LatencyModel, measure_schedule_ms
-
-            prog.log(f"measuring per-block latency on {device} at batch {opts.batch_size} ...")
-            latency_model = LatencyModel.measure(model, device=device, batch_size=opts.batch_size)
-            base_t = measure_schedule_ms(model, None, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats)
-            base_ms = base_t.median_ms
-            lo, hi = LATENCY_MARGIN
-            margin = min(hi, max(lo, base_t.iqr_ms / base_ms if base_ms > 0 else hi))
-            target = resolve(spec, base_gflops=info.base_gflops, base_latency_ms=base_ms)
-            floor = cheapest_ratio(info, space, cost=lambda layers: float(latency_model.predict_ms(layers)))
-            if target < floor * latency_model.predict_ms([LayerSpec()] * info.depth):
-                raise SearchError(
-                    f"budget {opts.budget} ({target:.2f} ms) is below the fastest schedule the search space allows "
-                    f"(about {floor:.0%} of the unreduced {base_ms:.2f} ms) — raise the budget"
-                )
-            prog.log(
-                f"unreduced latency {base_ms:.2f} ms per batch of {opts.batch_size}; target {target:.2f} ms; "
-                f"schedules drawn up to {target * (1 - margin):.2f} ms predicted ({margin:.1%} timing-noise margin)"
-            )
-
-        # ---- the study (created only now: nothing is written when loading fails) ---------------
-        if storage is None:
-            storage = open_storage(opts.storage, study_name=study_name, studies_dir=STUDIES_DIR)
-        # the heartbeat thread's writes: an RDB storage is thread-safe (one session per thread);
-        # a journal storage's replay state is not, so that thread gets its own instance
-        rdb = isinstance(storage, optuna.storages.RDBStorage)
-        heartbeat_storage = storage if rdb else open_storage(opts.storage, study_name=study_name, studies_dir=STUDIES_DIR)
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
-        study, created, sampler_seed = _open_study(study_name, storage, opts.seed, pruner)
-        # only the creator records the set-up and target; the others check theirs against it
-        share_setup(
-            study,
-            created,
-            {"setup": setup, "base_gflops": info.base_gflops, "target": target / 1e9 if spec.kind == "gflops" else target},
-            log=prog.log,
-        )
-        if not created:
-            prog.log(f"joined study {study_name!r} ({len(study.get_trials(deepcopy=False))} trials so far); sampler seed {sampler_seed}")
-        if created:
-            _warm_start(study, info, space)
+        if plan.grace_note:
+            prog.log(plan.grace_note)
+        loaded = _load(plan, prog.log)
+        study, heartbeat_storage = _join_study(plan, loaded, prog.log)
         objective = Objective(
-            model=model,
-            info=info,
-            space=space,
-            calib=calib,
-            metric=metric,
-            target=target,
-            cost_kind=spec.kind,
-            device=device,
+            model=loaded.model,
+            info=plan.info,
+            space=plan.space,
+            calib=loaded.calib,
+            metric=plan.metric,
+            target=loaded.target.cost,
+            cost_kind=plan.spec.kind,
+            device=plan.device,
             batch_size=opts.batch_size,
             n_rungs=opts.rungs,
-            latency_model=latency_model,
-            margin=margin,
+            latency_model=loaded.latency_model,
+            margin=loaded.margin,
         )
         done = _finished(study)
-        prog.start(opts.trials, done=done, study=study_name, storage=describe_storage(opts.storage, study_name, STUDIES_DIR))
-
-        def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
-                # [k/N] counts the whole study's finished trials, other workers' included
-                prog.done = max(prog.done, count_trials(study).finished - 1)
-            prog.trial(study, trial, metric=metric)
-
+        prog.start(opts.trials, done=done, study=plan.study_name, storage=describe_storage(opts.storage, plan.study_name, STUDIES_DIR))
         if done < opts.trials:
             try:
                 run_trials(  # Ctrl-C and SIGTERM become KeyboardInterrupt, never inside a storage write
@@ -570,36 +602,40 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
                     objective,
                     opts.trials,
                     heartbeat_storage=heartbeat_storage,
-                    interval=interval,
-                    grace=grace,
-                    callbacks=[on_trial],
+                    interval=plan.interval,
+                    grace=plan.grace,
+                    callbacks=[prog],
                     log=prog.log,
                 )
             except KeyboardInterrupt:
-                prog.log("interrupted: the study is kept; the trial in flight is queued again; writing the best schedule so far")
-                written: Optional[Path] = None
-                failed: Optional[str] = None
-                try:
-                    _export(study, opts, out, spec, info, calib, metric, model, device, latency_model, target)
-                    written = out
-                except SearchError:
-                    pass  # no finished trial meets the budget yet: the message says so
-                except Exception as e:  # noqa: BLE001 - the interrupt decides the exit, not a failed export
-                    failed = safe_reason(e, opts.storage)
-                    prog.log(f"could not write the best schedule so far to {out}: {failed}")
-                try:
-                    finished: Optional[int] = _finished(study)
-                except Exception:  # noqa: BLE001 - the storage went away
-                    finished = None
-                raise SearchInterrupted(study_name, written, finished, opts.trials, export_error=failed) from None
+                raise _interrupted(study, plan, loaded, prog) from None
             except _storage_failures() as e:  # disk full under the journal, the database server gone
-                raise _storage_failed(e, study, opts, out, study_name, spec, info, calib, metric, model, device, latency_model, target) from None
+                raise _storage_failed(e, study, plan, loaded) from None
+        schedule, trial = _export(study, plan=plan, loaded=loaded)
+        stats = search_stats(study, len(loaded.calib.images))
+        stats["calib_seconds_unreduced"] = round(loaded.calib.base_seconds, 3)
+        prog.finish(summarize_search(study, schedule, plan.out, stats, metric=plan.metric))
+        return SearchResult(schedule=schedule, path=plan.out, study_name=plan.study_name, trial_number=trial.number, stats=stats)
 
-        schedule, trial = _export(study, opts, out, spec, info, calib, metric, model, device, latency_model, target)
-        stats = search_stats(study, len(calib.images))
-        stats["calib_seconds_unreduced"] = round(calib.base_seconds, 3)
-        prog.finish(study, schedule, out, stats, metric=metric)
-        return SearchResult(schedule=schedule, path=out, study_name=study_name, trial_number=trial.number, stats=stats)
+
+def _interrupted(study: optuna.Study, plan: _Plan, loaded: _Loaded, prog: Progress) -> SearchInterrupted:
+    """After Ctrl-C: write the best schedule so far (a failure is logged, never raised)."""
+    prog.log("interrupted: the study is kept; the trial in flight is queued again; writing the best schedule so far")
+    written: Optional[Path] = None
+    failed: Optional[str] = None
+    try:
+        _export(study, plan=plan, loaded=loaded)
+        written = plan.out
+    except SearchError:
+        pass  # no finished trial meets the budget yet: the message says so
+    except Exception as e:  # noqa: BLE001 - the interrupt decides the exit, not a failed export
+        failed = safe_reason(e, plan.opts.storage)
+        prog.log(f"could not write the best schedule so far to {plan.out}: {failed}")
+    try:
+        finished: Optional[int] = _finished(study)
+    except Exception:  # noqa: BLE001 - the storage went away
+        finished = None
+    return SearchInterrupted(plan.study_name, written, finished, plan.opts.trials, export_error=failed)
 
 
 def _storage_failures() -> tuple[type[BaseException], ...]:
@@ -615,20 +651,21 @@ def _storage_failures() -> tuple[type[BaseException], ...]:
     return tuple(kinds)
 
 
-def _storage_failed(e: BaseException, study: optuna.Study, opts: SearchOptions, out: Path, study_name: str, *export_args: Any) -> SearchError:
+def _storage_failed(e: BaseException, study: optuna.Study, plan: _Plan, loaded: _Loaded) -> SearchError:
     """The one-line error for a storage that failed mid-search, after writing the best schedule
     so far (when one meets the budget and the storage can still be read)."""
+    opts = plan.opts
     if isinstance(e, JournalWriteError):
         what = str(e)
     else:
         cause = e.__cause__ or getattr(e, "orig", None) or e
         what = (
-            f"storage {describe_storage(opts.storage, study_name, STUDIES_DIR)} failed during the search ({safe_reason(cause, opts.storage)}) — "
+            f"storage {describe_storage(opts.storage, plan.study_name, STUDIES_DIR)} failed during the search ({safe_reason(cause, opts.storage)}) — "
             "check that the server runs and re-run the same command to resume"
         )
     try:
-        _export(study, opts, out, *export_args)
-        wrote = f"best schedule so far written to {out}"
+        _export(study, plan=plan, loaded=loaded)
+        wrote = f"best schedule so far written to {plan.out}"
     except SearchError:
         wrote = "no finished trial meets the budget yet, no schedule written"
     except Exception as x:  # noqa: BLE001 - the storage failure is what the caller must see
@@ -637,41 +674,31 @@ def _storage_failed(e: BaseException, study: optuna.Study, opts: SearchOptions, 
         finished = str(_finished(study))
     except Exception:  # noqa: BLE001 - the storage went away
         finished = "?"
-    return SearchError(f"{what}; study {study_name!r} kept ({finished}/{opts.trials} trials finished); {wrote}")
+    return SearchError(f"{what}; study {plan.study_name!r} kept ({finished}/{opts.trials} trials finished); {wrote}")
 
 
-def _export(
-    study: optuna.Study,
-    opts: SearchOptions,
-    out: Path,
-    spec: Any,
-    info: ModelInfo,
-    calib: Calibration,
-    metric: str,
-    model: torch.nn.Module,
-    device: torch.device,
-    latency_model: Any,
-    target: float,
-) -> tuple[Schedule, optuna.trial.FrozenTrial]:
+def _export(study: optuna.Study, *, plan: _Plan, loaded: _Loaded) -> tuple[Schedule, optuna.trial.FrozenTrial]:
+    """Write the best feasible trial's schedule (for a latency budget: re-measured on the device)."""
+    opts, target = plan.opts, loaded.target
     accept = None
-    if spec.kind == "latency":
+    if plan.spec.kind == "latency":
         from .latency import measure_schedule_ms
 
         def accept(s: Schedule) -> Optional[dict[str, Any]]:
-            t = measure_schedule_ms(model, s, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats)
-            if t.median_ms > target:
+            t = measure_schedule_ms(loaded.model, s, device=plan.device, batch_size=opts.batch_size, repeats=opts.latency_repeats)
+            if t.median_ms > target.value:
                 return None
             return {"latency_ms": round(t.median_ms, 4), "latency_repeats": opts.latency_repeats, "batch_size": opts.batch_size}
 
-    budget = Budget(spec=opts.budget, kind=spec.kind, target=round(target / 1e9 if spec.kind == "gflops" else target, 6))
+    calib = loaded.calib
     extra = {f"unreduced_{k}": round(v, 6) for k, v in calib.base_scores.items() if k == "top1"}
-    extra["metric"] = metric
+    extra["metric"] = plan.metric
     prov = {
-        "data": str(Path(opts.data)),
+        "data": str(plan.data),
         "calib_images": len(calib.images),
         "seed": opts.seed,
-        "device": str(device),
+        "device": str(plan.device),
         "batch_size": opts.batch_size,
-        **environment(),
+        **versions("optuna"),
     }
-    return export_best(study, out, budget=budget, extra_scores=extra, provenance=prov, accept=accept)
+    return export_best(study, plan.out, budget=target.budget(), extra_scores=extra, provenance=prov, accept=accept)

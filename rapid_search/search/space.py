@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 from ..flops import ModelInfo, schedule_macs
 from ..presets import rapid_layers
 from ..schedule import LayerSpec
+from ..errors import RapidSearchError
 
 __all__ = ["SearchSpaceError", "FloatRange", "ThresholdRange", "SearchSpace", "DEFAULT_SPACE", "layers_for"]
 
@@ -36,7 +37,7 @@ DEFAULT_SPACE = Path(str(resources.files(__package__) / "spaces" / "default.yaml
 _FORMAT = "rapid-search-space/v1"
 
 
-class SearchSpaceError(ValueError):
+class SearchSpaceError(RapidSearchError, ValueError):
     """An invalid search-space file; the message names the field and the fix."""
 
 

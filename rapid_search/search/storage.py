@@ -11,9 +11,9 @@
 * SQLite URLs are refused for searches: SQLite is not safe for concurrent workers (use a
   journal file on one machine). ``export`` may read an existing SQLite study.
 
-Dead workers' trials are found by rapid_search's own heartbeat (``rapid_search.search.workers``),
-the same for every storage, so the RDB storage is opened without Optuna's (experimental)
-heartbeat options. Passwords never appear in messages: URLs are shown with the password masked.
+Both kinds are opened as Optuna storages with the ``BaseHeartbeat`` seam
+(``rapid_search.search.workers.HeartbeatMixin``), off until a search switches it on, so dead
+workers' trials are found the same way for every storage. Passwords never appear in messages: URLs are shown with the password masked.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..errors import RapidSearchError
 from ..outputs import writable_ancestor
 
 __all__ = [
@@ -59,7 +60,7 @@ JOURNAL_LOCK_GRACE = 30
 CONNECT_TIMEOUT = 10
 
 
-class StorageError(ValueError):
+class StorageError(RapidSearchError, ValueError):
     """The storage could not be opened; the message (password masked) says what to do."""
 
 
@@ -314,7 +315,9 @@ def open_storage(
     """
     path = _journal_path(spec, study_name, studies_dir)
     if path is not None:
-        from optuna.storages.journal import JournalFileSymlinkLock, JournalStorage
+        from optuna.storages.journal import JournalFileSymlinkLock
+
+        from .workers import HeartbeatJournalStorage
 
         if not create:
             if not path.is_file():
@@ -334,7 +337,7 @@ def open_storage(
                 fixed = check_journal(path, repair=create, lock=lock if create else None, log=log)
                 if fixed is not None and not create:
                     read_from = fixed
-            return JournalStorage(_JournalBackend(str(read_from), lock_obj=lock, shown=path))
+            return HeartbeatJournalStorage(_JournalBackend(str(read_from), lock_obj=lock, shown=path))
         except OSError as e:
             raise StorageError(f"cannot open journal file {path}: {e.strerror or e} — pass a writable path with --storage journal:PATH") from None
     assert spec is not None
@@ -351,7 +354,7 @@ def open_storage(
         )
     if sqlite and not create:
         _check_sqlite_file(spec)
-    from optuna.storages import RDBStorage
+    from .workers import HeartbeatRDBStorage
 
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     try:
@@ -369,7 +372,7 @@ def open_storage(
                     f"{mask_url(spec)} holds no Optuna studies (no Optuna tables) — pass --storage where the study lives"
                 )
             # read-only: never create tables (RDBStorage would add Optuna's schema to any database)
-            return RDBStorage(spec, engine_kwargs=engine_kwargs, skip_table_creation=not create)
+            return HeartbeatRDBStorage(spec, engine_kwargs=engine_kwargs, skip_table_creation=not create)
         except StorageError:
             raise
         except ImportError as e:

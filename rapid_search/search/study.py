@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,17 +27,15 @@ from optuna.trial import TrialState
 
 from ..evaluate import fidelity, metric_value, predict
 from ..flops import ModelInfo, schedule_macs
-from ..presets import make_schedule, tome_schedule
+from ..presets import make_schedule, tome_fitting
 from ..schedule import Budget, LayerSpec, Schedule
 from .space import SearchSpace, layers_for, project
+from ..errors import RapidSearchError
 
-__all__ = ["SearchError", "Objective", "Calibration", "make_objective", "cheapest_ratio", "LATENCY_MARGIN", "export_best", "trial_schedule"]
-
-#: Attribute names stored on studies so a resumed study can refuse a different set-up.
-STUDY_KEYS = ("model", "budget", "space", "metric", "calib", "device_kind")
+__all__ = ["SearchError", "Objective", "Calibration", "cheapest_ratio", "LATENCY_MARGIN", "export_best", "feasible_trials", "trial_schedule"]
 
 
-class SearchError(ValueError):
+class SearchError(RapidSearchError, ValueError):
     """A search could not start or finish; the message says what to do."""
 
 
@@ -139,12 +136,7 @@ class Objective:
         """Sample (or take the warm-start) schedule and project it onto the budget."""
         warm = trial.user_attrs.get("warm_start")
         if warm in ("tome", "tome-decreasing"):
-            inflect = -0.5 if warm == "tome-decreasing" else 0.0
-            for r in range(1, self.info.num_tokens):
-                layers = list(tome_schedule(self.info, r, inflect=inflect).layers)
-                if self.cost(layers) <= self.aim:
-                    return make_schedule(self.info, layers, method=warm, r=r, inflect=inflect), None
-            return None, None
+            return tome_fitting(self.info, lambda layers: self.cost(list(layers)) <= self.aim, decreasing=warm == "tome-decreasing"), None
         shape = self.space.suggest(trial, self.info.depth)
         return self._project(shape, self.aim, method=warm or "rapid-search"), shape
 
@@ -231,11 +223,6 @@ class Objective:
         return metric_value(scores, self.metric)
 
 
-def make_objective(**kwargs: Any) -> Objective:
-    """Build an :class:`Objective` (keyword-only; see its arguments)."""
-    return Objective(**kwargs)
-
-
 def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Completed trials that meet the budget, best first."""
     done = [
@@ -301,11 +288,3 @@ def export_best(
         final.save(out)
         return final, t
     raise SearchError("no candidate schedule met the budget when re-measured on the device — relax --budget or run more trials")
-
-
-def environment() -> dict[str, str]:
-    """Versions recorded in provenance."""
-    import timm
-
-    return {"torch": str(torch.__version__), "timm": str(timm.__version__), "optuna": str(optuna.__version__), "python": platform.python_version()}
-

@@ -1,86 +1,80 @@
-"""Many workers on one study: an exact trial count, heartbeats, and redoing dead workers' trials.
+"""Many workers on one study, on Optuna's own loop: an exact trial count, heartbeats, dead workers' trials redone.
 
-Several ``rapid-search search`` processes (on one machine with a journal file, or on several
-machines with PostgreSQL) given the same ``--storage`` and ``--study-name`` share one Optuna
-study. :func:`run_trials` is the loop each of them runs instead of ``study.optimize``:
+Workers (processes with one journal file, or machines with PostgreSQL) given the same storage and
+study name share one study. Each runs :func:`run_trials`: ``study.optimize`` with these seams.
 
-Exact trial count
-    ``--trials N`` is the number of *finished* trials (COMPLETE or PRUNED) in the study, all
-    workers together. A trial *claims a slot* when it is finished or running. Before asking for
-    a trial a worker counts the claimed slots: N finished ends the worker; N claimed but fewer
-    finished means the last slots are being worked on elsewhere, so it waits (watching their
-    heartbeats, see below) rather than start a trial that could overshoot. Two workers can still
-    ask at the same moment; the storage numbers trials atomically (PostgreSQL locks the study row,
-    the journal orders its log), so right after ``ask`` a worker counts the claimed trials with
-    *smaller* numbers and, if they already fill N slots, gives its trial up unrun (state FAIL,
-    system attribute ``rapid_search:surplus``; a queued trial it took is queued again). The
-    lowest-numbered claimants win, so the study ends with exactly N finished trials. FAIL trials
-    (surplus, interrupted, dead workers') never count toward N.
+Exact count: ``--trials N`` counts *finished* (COMPLETE, PRUNED) trials, all workers together. A
+trial claims a slot when finished or running. Before the first trial and after each one (a
+callback) a worker waits while N slots are claimed but fewer finished, and ``MaxTrialsCallback``
+stops it at N finished. Two workers asking at once are told apart by trial number (the storage
+numbers trials atomically): right after ``ask``, a trial whose lower-numbered claimants already
+fill N slots is given up unrun (:class:`Surplus`, recorded FAIL with ``rapid_search:surplus``;
+queued parameters it took are queued again). FAIL trials never count.
 
-Heartbeats (every storage, the same way)
-    While a trial runs, a background thread of its worker stores the wall-clock time in the
-    trial's system attribute ``rapid_search:heartbeat`` every ``interval`` seconds (through its
-    own storage connection; the first beat is written at once by the worker itself, with
-    ``rapid_search:worker`` = ``host:pid``). Before every trial, and while waiting, each worker
-    looks at the RUNNING trials: one whose heartbeat is older than ``grace`` seconds (or, without
-    any heartbeat, that has been seen running for ``grace`` seconds) belongs to a dead worker. It
-    is marked FAIL (the storage lets exactly one worker do that; ``rapid_search:failed_because``
-    says why) and the same parameters are queued again as a WAITING trial (``failed_trial`` /
-    ``retry_history`` system attributes, as Optuna's ``RetryHeartbeatStaleTrialCallback``), at
-    most ``max_retry`` times, so the work is redone by whichever worker asks next. Between the
-    FAIL and the queueing, the failed trial keeps its slot (``rapid_search:retry_pending``), so
-    no other worker takes the slot meant for the redo; a trial failed for good (its objective
-    raised, or it was retried ``max_retry`` times) says so (``rapid_search:no_retry``) and keeps no
-    slot, even when a worker that meant to retry it wrote ``retry_pending`` and lost the race to
-    fail it. Finished trials are never touched.
-    Optuna 5's own heartbeat exists only for RDB storages and only inside ``study.optimize``;
-    this one also covers the journal file. The clocks of the machines must agree to well within
-    ``grace`` (NTP); a worker whose trial was given up (it was stalled past ``grace``) has its late
-    result refused by the storage, says so, and carries on.
+Heartbeats: :func:`~rapid_search.search.storage.open_storage` returns storages with Optuna's
+``BaseHeartbeat`` (:class:`HeartbeatMixin`), switched on by attaching a :class:`Liveness`. In
+``optimize``, Optuna's heartbeat thread stores the time in the trial's ``rapid_search:heartbeat``
+every ``interval`` s, and before each trial ``fail_stale_trials`` fails RUNNING trials silent for
+``grace`` s (without any heartbeat: seen running that long). The storage lets one worker fail a
+trial; its :class:`RetryStaleTrial` (Optuna's ``RetryHeartbeatStaleTrialCallback``) queues the
+parameters again, at most ``max_retry`` times. Before the FAIL the trial is marked
+(``rapid_search:failed_because``; ``retry_pending``, which keeps its slot until the retry is
+queued, or ``no_retry`` when it is failed for good). Finished trials are never touched; clocks
+must agree to well within ``grace`` (NTP).
 
-Interrupts
-    Within :func:`run_trials`, SIGINT (Ctrl-C) and SIGTERM raise KeyboardInterrupt in the main
-    thread, but never inside storage code (a journal append cut short leaves its lock file behind
-    or turns the interrupt into an OSError) nor inside the steps that must happen together: from
-    ``ask`` to the trial's first heartbeat (cut short, a trial would stay RUNNING without worker or
-    heartbeat until the grace period ran out), from giving a surplus trial up to queueing its
-    parameters again, and from failing a trial to queueing its retry (cut short, queued work would
-    be lost). There the interrupt is delivered right after. During a trial the heartbeat stops,
-    the trial is marked FAIL and queued again (so a resumed search redoes it) and the interrupt
-    propagates, also when that clean-up fails (a storage error is logged). A second Ctrl-C during
-    the clean-up (say, hanging on an unreachable database) ends it at once: the trial's heartbeat
-    goes stale and the next worker recovers it.
+Interrupts: SIGINT and SIGTERM raise KeyboardInterrupt only inside the objective and while
+waiting, never inside storage code (a journal append cut short leaves its lock behind). One that
+arrives in Optuna's loop (ask, tell, stale trials, callbacks) waits for the next objective (the
+trial just asked is then failed and queued again) or the end of the callbacks. The trial in
+flight is failed and queued again and the interrupt propagates, also when that clean-up fails (a
+storage error is logged); a second Ctrl-C ends a hanging clean-up at once (the heartbeat stops,
+so the next worker recovers the trial).
 """
 
 from __future__ import annotations
 
 import _thread
 import contextlib
+import copy
+import logging
 import math
 import os
+import re
 import signal
 import socket
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional
 
 import optuna
-from optuna.exceptions import UpdateFinishedTrialError
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._cached_storage import _CachedStorage
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages.journal import JournalStorage
+from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
+
+from ..errors import RapidSearchError
 
 __all__ = [
     "HEARTBEAT_KEY",
     "WORKER_KEY",
     "RETRY_PENDING_KEY",
     "NO_RETRY_KEY",
-    "deferred_interrupts",
     "SURPLUS_KEY",
     "FAILED_BECAUSE_KEY",
-    "Heartbeat",
+    "HeartbeatMixin",
+    "HeartbeatJournalStorage",
+    "HeartbeatRDBStorage",
     "Liveness",
+    "RetryStaleTrial",
+    "Surplus",
     "TrialCounts",
     "count_trials",
+    "deferred_interrupts",
     "retry_trial",
     "run_trials",
 ]
@@ -108,7 +102,6 @@ class TrialCounts:
     running: list[FrozenTrial] = field(default_factory=list)
     pending: list[FrozenTrial] = field(default_factory=list)
     waiting: int = 0
-    failed: int = 0
 
     @property
     def claimed(self) -> int:
@@ -144,28 +137,34 @@ def count_trials(study: optuna.Study, *, pending_window: float = 60.0) -> TrialC
             c.running.append(t)
         elif t.state == TrialState.WAITING:
             c.waiting += 1
-        elif t.state == TrialState.FAIL:
-            c.failed += 1
     return c
 
 
-def _requeue(study: optuna.Study, trial: FrozenTrial, history: list[int]) -> None:
-    system_attrs: dict[str, Any] = {"retry_history": history}
-    if history:
-        system_attrs["failed_trial"] = history[0]
-    if "fixed_params" in trial.system_attrs:
-        system_attrs["fixed_params"] = trial.system_attrs["fixed_params"]
-    # only what says *what* to run; scores and schedule are recomputed by the retry
-    user_attrs = {k: trial.user_attrs[k] for k in ("warm_start",) if k in trial.user_attrs}
-    study.add_trial(
-        optuna.trial.create_trial(
-            state=TrialState.WAITING,
-            params=trial.params,
-            distributions=trial.distributions,
-            user_attrs=user_attrs,
-            system_attrs=system_attrs,
-        )
-    )
+#: What says *what* to run (scores and schedule are recomputed by a retry).
+_RUN_SYSTEM_ATTRS = ("fixed_params", "retry_history", "failed_trial")
+_RUN_USER_ATTRS = ("warm_start",)
+
+
+def _what_to_run(trial: FrozenTrial) -> FrozenTrial:
+    lean = copy.copy(trial)
+    lean.system_attrs = {k: copy.deepcopy(trial.system_attrs[k]) for k in _RUN_SYSTEM_ATTRS if k in trial.system_attrs}
+    lean.user_attrs = {k: trial.user_attrs[k] for k in _RUN_USER_ATTRS if k in trial.user_attrs}
+    return lean
+
+
+class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry callback, queueing only what says what to run (parameters, queued fixed
+    parameters, the warm-start tag; never a partial result) and never a trial marked
+    ``rapid_search:no_retry``."""
+
+    def __init__(self, max_retry: Optional[int] = 3) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            super().__init__(max_retry=max_retry)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if not trial.system_attrs.get(NO_RETRY_KEY):
+            super().__call__(study, _what_to_run(trial))
 
 
 def retry_trial(study: optuna.Study, trial: FrozenTrial, *, max_retry: Optional[int] = 3) -> bool:
@@ -174,11 +173,24 @@ def retry_trial(study: optuna.Study, trial: FrozenTrial, *, max_retry: Optional[
     Returns:
         False when the trial was already retried ``max_retry`` times (nothing queued).
     """
-    history = list(trial.system_attrs.get("retry_history", [])) + [trial.number]
-    if max_retry is not None and len(history) > max_retry:
+    if max_retry is not None and len(trial.system_attrs.get("retry_history", [])) >= max_retry:
         return False
-    _requeue(study, trial, history)
+    RetryStaleTrial(max_retry)(study, trial)
     return True
+
+
+def _requeue_unrun(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Put the queued parameters a surplus trial took back in the queue, unchanged."""
+    lean = _what_to_run(trial)
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            user_attrs=lean.user_attrs,
+            system_attrs=lean.system_attrs,
+        )
+    )
 
 
 def _was_queued(trial: FrozenTrial) -> bool:
@@ -186,80 +198,20 @@ def _was_queued(trial: FrozenTrial) -> bool:
     return bool(trial.system_attrs.get("fixed_params") or trial.system_attrs.get("retry_history") or "warm_start" in trial.user_attrs)
 
 
-class Heartbeat:
-    """Background thread storing ``time.time()`` in a running trial's ``rapid_search:heartbeat``.
-
-    Args:
-        storage: A storage for the thread's writes. For a journal file, pass a separate
-            ``JournalStorage`` instance (its replay state is per instance, and sharing one between
-            threads mixes up which thread's writes were refused).
-        trial_id: The trial's storage id.
-        interval: Seconds between beats.
-    """
-
-    def __init__(self, storage: Any, trial_id: int, interval: float, *, on_error: Optional[Callable[[str], None]] = None) -> None:
-        self.storage, self.trial_id, self.interval = storage, trial_id, float(interval)
-        self.lost = False  # another worker gave the trial up (its result will be refused)
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._on_error = on_error
-        self._warned = False
-
-    def beat(self) -> bool:
-        try:
-            self.storage.set_trial_system_attr(self.trial_id, HEARTBEAT_KEY, time.time())
-            return True
-        except UpdateFinishedTrialError:
-            self.lost = True
-            return False
-        except Exception as e:  # a storage hiccup: keep trying, say so once
-            if not self._warned and self._on_error is not None:
-                self._warned = True
-                self._on_error(f"heartbeat of trial id {self.trial_id} could not be stored ({e.__class__.__name__}); retrying")
-            return True
-
-    def _run(self, delay: float) -> None:
-        if delay > 0 and self._stop.wait(delay):
-            return
-        while True:
-            if not self.beat():
-                return
-            if self._stop.wait(self.interval):
-                return
-
-    def start(self, delay: float = 0.0) -> "Heartbeat":
-        """Beat every ``interval`` seconds from now (the first after ``delay``)."""
-        self._thread = threading.Thread(target=self._run, args=(delay,), name=f"rapid-heartbeat-{self.trial_id}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, wait: bool = True) -> None:
-        """Stop beating; ``wait``: until the thread has ended (a beat in progress is finished).
-
-        Without waiting (after an interrupt), a beat stuck on an unreachable database cannot hold
-        up the clean-up; the daemon thread ends after that beat.
-        """
-        self._stop.set()
-        if self._thread is not None:
-            if wait:
-                self._thread.join(timeout=self.interval + 30)
-            self._thread = None
-
-    def __enter__(self) -> "Heartbeat":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-
 class Liveness:
-    """Finds RUNNING trials of dead workers, fails them and queues their parameters again.
+    """The heartbeat policy: beats, which running trials are stale, and how a trial is given up.
+
+    A storage with :class:`HeartbeatMixin` follows the one attached to it (``storage.liveness``);
+    the instance is also the storage's stale-trial callback (it queues the retry).
 
     Args:
         study: The study.
         grace: Seconds without a heartbeat after which a running trial is considered dead.
+        interval: Seconds between heartbeats.
         max_retry: How often one trial's parameters are queued again at most.
-        log: Where to report recoveries.
+        log: Where to report recoveries and heartbeat trouble.
+        beats: Storage for the heartbeat thread's writes (None: the study's). For a journal file a
+            separate instance keeps a slow beat from holding the main thread's storage lock.
         critical: Context manager factory for the steps of :meth:`give_up` that must not be cut
             short by an interrupt (see :meth:`deferred_interrupts.critical`).
     """
@@ -269,14 +221,34 @@ class Liveness:
         study: optuna.Study,
         *,
         grace: float,
+        interval: int = 10,
         max_retry: Optional[int] = 3,
         log: Optional[Callable[[str], None]] = None,
+        beats: Any = None,
         critical: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
     ) -> None:
-        self.study, self.grace, self.max_retry = study, float(grace), max_retry
+        self.study, self.grace, self.interval, self.max_retry = study, float(grace), int(interval), max_retry
         self.log = log or (lambda msg: None)
+        self.beats = beats if beats is not None else study._storage  # noqa: SLF001 - as Optuna's own heartbeat does
+        self.retry = RetryStaleTrial(max_retry)
+        self.lost: set[int] = set()  # trial ids whose beats were refused: another worker gave them up
+        self.recovered = 0
         self._critical = critical
         self._first_seen: dict[int, float] = {}
+        self._warned = False
+
+    def beat(self, trial_id: int) -> None:
+        """Store the time in the trial's ``rapid_search:heartbeat`` (Optuna's heartbeat thread calls this)."""
+        if trial_id in self.lost:
+            return
+        try:
+            self.beats.set_trial_system_attr(trial_id, HEARTBEAT_KEY, time.time())
+        except UpdateFinishedTrialError:
+            self.lost.add(trial_id)
+        except Exception as e:  # noqa: BLE001 - a storage hiccup: keep trying, say so once
+            if not self._warned:
+                self._warned = True
+                self.log(f"heartbeat of trial id {trial_id} could not be stored ({e.__class__.__name__}); retrying")
 
     def age(self, trial: FrozenTrial, now: Optional[float] = None) -> float:
         """Seconds since the trial's last sign of life."""
@@ -296,6 +268,38 @@ class Liveness:
         now = time.time()
         return [t for t in running if self.age(t, now) > self.grace]
 
+    def mark(self, trial: FrozenTrial, because: str, *, retry: bool = True) -> bool:
+        """Say why a RUNNING trial is about to be failed, and whether it keeps its slot for a retry.
+
+        Returns:
+            False when the trial was finished meanwhile (nothing to fail).
+        """
+        storage = self.study._storage  # noqa: SLF001
+        retry = retry and (self.max_retry is None or len(trial.system_attrs.get("retry_history", [])) < self.max_retry)
+        try:
+            storage.set_trial_system_attr(trial._trial_id, FAILED_BECAUSE_KEY, because)
+            if retry:  # keeps the slot until the retry is queued (see TrialCounts)
+                storage.set_trial_system_attr(trial._trial_id, RETRY_PENDING_KEY, time.time())
+            else:  # a retry_pending written by a worker racing to give it up as stale must not keep its slot
+                storage.set_trial_system_attr(trial._trial_id, NO_RETRY_KEY, True)
+        except UpdateFinishedTrialError:
+            return False
+        return True
+
+    def stale_trial_ids(self, storage: Any, study_id: int) -> list[int]:
+        """The stale running trials, each marked as given up (``BaseHeartbeat._get_stale_trial_ids``)."""
+        running = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        return [t._trial_id for t in self.stale(running) if self.mark(t, f"had no heartbeat for {self.age(t):.0f} s (its worker died?)")]
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """After this worker failed ``trial``: queue it again unless it is failed for good."""
+        self.recovered += 1
+        retry = not trial.system_attrs.get(NO_RETRY_KEY)
+        if retry:
+            self.retry(study, trial)
+        because = trial.system_attrs.get(FAILED_BECAUSE_KEY, "was failed")
+        self.log(f"trial {trial.number} {because}: marked failed" + (" and queued again" if retry else ""))
+
     def give_up(self, trial: FrozenTrial, because: str, *, retry: bool = True) -> bool:
         """Mark a RUNNING trial FAIL (only one worker succeeds) and queue its parameters again.
 
@@ -306,33 +310,69 @@ class Liveness:
         Returns:
             Whether this call failed the trial (False: it was finished meanwhile).
         """
-        storage = self.study._storage  # noqa: SLF001 - Optuna's own callbacks use the storage the same way
-        history = list(trial.system_attrs.get("retry_history", [])) + [trial.number]
-        retry = retry and (self.max_retry is None or len(history) <= self.max_retry)
+        storage = self.study._storage  # noqa: SLF001 - Optuna's own fail_stale_trials uses the storage the same way
         with self._critical():
             try:
-                storage.set_trial_system_attr(trial._trial_id, FAILED_BECAUSE_KEY, because)
-                if retry:  # keeps the slot until the retry is queued (see TrialCounts)
-                    storage.set_trial_system_attr(trial._trial_id, RETRY_PENDING_KEY, time.time())
-                else:  # a retry_pending written by a worker racing to give it up as stale must not keep its slot
-                    storage.set_trial_system_attr(trial._trial_id, NO_RETRY_KEY, True)
-                if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                if not self.mark(trial, because, retry=retry) or not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
                     return False
             except UpdateFinishedTrialError:
                 return False
-            if retry:
-                _requeue(self.study, storage.get_trial(trial._trial_id), history)
-        self.log(f"trial {trial.number} {because}: marked failed" + (" and queued again" if retry else ""))
+            self(self.study, copy.deepcopy(storage.get_trial(trial._trial_id)))
         return True
 
-    def recover(self, running: Optional[Iterable[FrozenTrial]] = None) -> int:
-        """Fail and requeue every stale running trial; returns how many this worker recovered."""
-        if running is None:
-            running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        n = 0
-        for t in self.stale(running):
-            n += self.give_up(t, f"had no heartbeat for {self.age(t):.0f} s (its worker died?)")
-        return n
+    def recover(self) -> int:
+        """Fail and requeue every stale running trial (through Optuna's ``fail_stale_trials``);
+        returns how many this worker recovered."""
+        storage = _heartbeat_of(self.study)
+        before, attached, storage.liveness = self.recovered, storage.liveness, self
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                optuna.storages.fail_stale_trials(self.study)
+        finally:
+            storage.liveness = attached
+        return self.recovered - before
+
+
+class HeartbeatMixin(BaseHeartbeat):
+    """Optuna's ``BaseHeartbeat`` for any storage, off until a :class:`Liveness` is attached.
+
+    Beats are a trial system attribute, so a journal file (which Optuna gives no heartbeat) and a
+    database are watched the same way, by the same rules.
+    """
+
+    liveness: Optional[Liveness] = None
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        if self.liveness is not None:
+            self.liveness.beat(trial_id)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        return [] if self.liveness is None else self.liveness.stale_trial_ids(self, study_id)
+
+    def get_heartbeat_interval(self) -> Optional[int]:
+        return None if self.liveness is None else self.liveness.interval
+
+    def get_heartbeat_stale_trial_callback(self) -> Optional[Callable[[optuna.Study, FrozenTrial], None]]:
+        return self.liveness
+
+
+def _heartbeat_of(study: optuna.Study) -> HeartbeatMixin:
+    """The study's storage with the heartbeat seam (behind Optuna's cache for a database)."""
+    storage = study._storage  # noqa: SLF001 - Optuna's own fail_stale_trials reads it the same way
+    if isinstance(storage, _CachedStorage):  # how Optuna wraps an RDBStorage
+        storage = storage._backend  # noqa: SLF001
+    if not isinstance(storage, HeartbeatMixin):
+        raise TypeError("the study's storage has no heartbeat: open it with rapid_search.search.storage.open_storage")
+    return storage
+
+
+class HeartbeatJournalStorage(HeartbeatMixin, JournalStorage):
+    """Optuna's ``JournalStorage`` with the heartbeat seam (Optuna has none for journal files)."""
+
+
+class HeartbeatRDBStorage(HeartbeatMixin, RDBStorage):
+    """Optuna's ``RDBStorage`` whose heartbeat follows the same rules as the journal's."""
 
 
 #: Code that must not be cut short by an interrupt: a journal append holds a lock file (cut short,
@@ -347,11 +387,11 @@ class deferred_interrupts:
 
     An interrupt that arrives in storage code is delivered again every 10 ms until the main thread
     has left it (storage calls take milliseconds); one that arrives in a critical section is
-    raised when the section ends. Meanwhile ``pending`` says one is on its way
-    (:meth:`raise_pending` raises it at a safe point). Once raised, the re-deliveries still on
-    their way are dropped, but a *new* signal (a second Ctrl-C during the clean-up, say while it
-    hangs on an unreachable database) raises KeyboardInterrupt at once, wherever the main thread
-    is. A re-delivery still scheduled when the block ends is cancelled. Signals that were ignored
+    raised when the section ends, or on entering an :meth:`interruptible` part of it. Meanwhile
+    ``pending`` says one is on its way. Once raised, the re-deliveries still on their way are
+    dropped, but a *new* signal (a second Ctrl-C during the clean-up, say while it hangs on an
+    unreachable database) raises KeyboardInterrupt at once, wherever the main thread is. A
+    re-delivery still scheduled when the block ends is cancelled. Signals that were ignored
     (``nohup``) stay ignored.
     """
 
@@ -387,6 +427,17 @@ class deferred_interrupts:
         finally:
             self._depth -= 1
         self.raise_pending()
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A part of a critical section where interrupts are raised again (outside storage code):
+        the objective, a wait. One pending is raised on entry."""
+        depth, self._depth = self._depth, 0
+        try:
+            self.raise_pending()
+            yield
+        finally:
+            self._depth = depth
 
     def _cancel(self) -> None:
         for t in self._timers:
@@ -435,19 +486,152 @@ class deferred_interrupts:
         self._raise()
 
 
-def _surplus(study: optuna.Study, trial: optuna.trial.Trial, n_trials: int, pending_window: float) -> bool:
-    """Whether trials numbered below ``trial`` already claim all ``n_trials`` slots."""
-    claiming, _ = _claims(study.get_trials(deepcopy=False), pending_window)
-    return sum(1 for t in claiming if t.number < trial.number) >= n_trials
+class Surplus(RapidSearchError):
+    """Raised by the objective when trials numbered below its trial claim every slot: Optuna
+    records the trial FAIL (it is in ``catch``), unrun."""
 
 
-def _lost(study: optuna.Study, trial: optuna.trial.Trial, log: Callable[[str], None], grace: float) -> bool:
-    """Whether another worker gave ``trial`` up (it is FAIL with our reason key); logs it."""
-    frozen = study._storage.get_trial(trial._trial_id)  # noqa: SLF001
-    if frozen.state == TrialState.FAIL and FAILED_BECAUSE_KEY in frozen.system_attrs:
-        log(f"trial {trial.number} was given up by another worker (no heartbeat for {grace:.0f} s); its result is discarded")
-        return True
-    return False
+class _Abandoned(BaseException):
+    """The trial in flight was already settled by this worker (given up after an interrupt, or by
+    another worker): Optuna must not tell it. Not an ``Exception``, so ``optimize`` lets it through."""
+
+    def __init__(self, interrupted: bool) -> None:
+        super().__init__(interrupted)
+        self.interrupted = interrupted
+
+
+class _Worker:
+    """One worker's part in :func:`run_trials`: the objective wrapper and the after-trial callback."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        objective: Callable[[optuna.trial.Trial], float],
+        n_trials: int,
+        live: Liveness,
+        interrupts: deferred_interrupts,
+        callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]],
+        log: Callable[[str], None],
+        poll: float,
+    ) -> None:
+        self.study, self.objective, self.n_trials, self.live = study, objective, n_trials, live
+        self.interrupts, self.callbacks, self.log, self.poll = interrupts, list(callbacks), log, poll
+        self.done = 0
+        self.trial: Optional[optuna.trial.Trial] = None
+        self._waiting_for: Optional[tuple[int, ...]] = None
+
+    def run(self) -> int:
+        stop = MaxTrialsCallback(self.n_trials, states=FINISHED)
+        with self.interrupts.critical():  # Optuna's loop; the objective and the waits are interruptible
+            while self.wait_for_slot():
+                try:
+                    self.study.optimize(self, catch=(Surplus,), callbacks=[self.after_trial, stop])
+                    return self.done
+                except _Abandoned as e:
+                    if e.interrupted:
+                        raise KeyboardInterrupt from None
+                except Exception:
+                    if self.trial is None or not self.lost(self.trial):
+                        raise
+                self.trial = None
+        return self.done
+
+    def wait_for_slot(self) -> bool:
+        """Wait while every slot is claimed but not all finished; False when all are finished."""
+        while True:
+            self.live.recover()
+            counts = count_trials(self.study, pending_window=self.live.grace)
+            if counts.finished >= self.n_trials:
+                return False
+            if counts.claimed < self.n_trials:
+                self._waiting_for = None
+                return True
+            busy = tuple(sorted(t.number for t in counts.running + counts.pending))
+            if busy != self._waiting_for:
+                self._waiting_for = busy
+                self.log(
+                    f"{counts.finished}/{self.n_trials} trials finished; waiting for trial(s) {', '.join(map(str, busy))} "
+                    f"running elsewhere (given up after {self.live.grace:.0f} s without a heartbeat)"
+                )
+            with self.interrupts.interruptible():
+                time.sleep(self.poll)
+
+    def lost(self, trial: optuna.trial.Trial) -> bool:
+        """Whether another worker gave ``trial`` up (it is FAIL with a reason); logs it."""
+        frozen = self.study._storage.get_trial(trial._trial_id)  # noqa: SLF001
+        if frozen.state == TrialState.FAIL and FAILED_BECAUSE_KEY in frozen.system_attrs:
+            self.log(f"trial {trial.number} was given up by another worker (no heartbeat for {self.live.grace:.0f} s); its result is discarded")
+            return True
+        return False
+
+    def __call__(self, trial: optuna.trial.Trial) -> float:
+        """The objective ``optimize`` runs: the surplus check, then the search's objective."""
+        self.trial = trial
+        storage = self.study._storage  # noqa: SLF001
+        claiming, _ = _claims(self.study.get_trials(deepcopy=False), self.live.grace)
+        if sum(1 for t in claiming if t.number < trial.number) >= self.n_trials:  # another worker asked at the same moment and won
+            storage.set_trial_system_attr(trial._trial_id, SURPLUS_KEY, True)
+            raise Surplus(f"trials numbered below {trial.number} claim all {self.n_trials} slots")
+        storage.set_trial_system_attr(trial._trial_id, WORKER_KEY, f"{socket.gethostname()}:{os.getpid()}")
+        pruned: Optional[optuna.TrialPruned] = None
+        try:
+            with self.interrupts.interruptible():  # a Ctrl-C during ask is raised here: this trial is queued again
+                value = self.objective(trial)
+        except KeyboardInterrupt:
+            self.abandon(trial)
+            raise _Abandoned(interrupted=True) from None
+        except optuna.TrialPruned as e:
+            pruned = e
+        except Exception:
+            if self.lost(trial):  # a storage write was refused: another worker gave it up
+                raise _Abandoned(interrupted=False) from None
+            self.live.mark(storage.get_trial(trial._trial_id), "raised an error", retry=False)
+            raise
+        if trial._trial_id in self.live.lost and self.lost(trial):
+            raise _Abandoned(interrupted=False)
+        if pruned is not None:
+            raise pruned
+        return value
+
+    def abandon(self, trial: optuna.trial.Trial) -> None:
+        """After an interrupt: fail the trial in flight and queue it again, if it still runs.
+
+        Never replaces the KeyboardInterrupt being handled: a storage error is logged, and a second
+        interrupt (the clean-up hangs) ends the clean-up. Either way the trial's heartbeat stops,
+        so another worker (or the resumed search) takes it over after ``grace`` seconds.
+        """
+        later = f"its heartbeat has stopped, so another worker or the resumed search takes it over after {self.live.grace:.0f} s"
+        try:
+            frozen = self.study._storage.get_trial(trial._trial_id)  # noqa: SLF001
+            if frozen.state == TrialState.RUNNING:
+                self.live.give_up(frozen, "was interrupted")
+        except KeyboardInterrupt:
+            self.log(f"interrupted again: trial {trial.number} was not marked failed; {later}")
+        except Exception as e:  # noqa: BLE001 - the interrupt, not the clean-up's failure, is what the caller must see
+            self.log(f"could not mark trial {trial.number} failed after the interrupt ({e.__class__.__name__}); {later}")
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Callback: put a surplus trial's queued parameters back, count and report a finished
+        trial, then wait for a free slot (``MaxTrialsCallback`` ends the loop when none is left)."""
+        self.trial = None
+        if trial.system_attrs.get(SURPLUS_KEY):
+            if _was_queued(trial):
+                _requeue_unrun(study, trial)
+        else:
+            self.done += trial.state in FINISHED
+            for cb in self.callbacks:
+                cb(study, trial)
+        self.wait_for_slot()
+        with self.interrupts.interruptible():  # an interrupt from Optuna's tell or the callbacks: now
+            pass
+
+
+class _QuietFailures(logging.Filter):
+    """Drops Optuna's "Trial N failed ..." records (with a traceback): every FAIL it tells here is
+    a surplus trial (said in its system attributes) or an objective error that propagates anyway."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return re.match(r"Trial \d+ failed ", record.getMessage()) is None
 
 
 def run_trials(
@@ -455,26 +639,27 @@ def run_trials(
     objective: Callable[[optuna.trial.Trial], float],
     n_trials: int,
     *,
-    heartbeat_storage: Any,
-    interval: float,
+    interval: int,
     grace: float,
+    heartbeat_storage: Any = None,
     max_retry: Optional[int] = 3,
     callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]] = (),
     log: Optional[Callable[[str], None]] = None,
     poll: Optional[float] = None,
 ) -> int:
-    """Run trials of ``objective`` until the study has exactly ``n_trials`` finished trials.
+    """Run trials of ``objective`` with ``study.optimize`` until the study has exactly ``n_trials``
+    finished trials, all workers together.
 
     See the module docstring for the protocol. Exceptions from the objective other than
-    ``TrialPruned`` mark the trial FAIL and propagate; KeyboardInterrupt also queues it again.
+    ``TrialPruned`` mark the trial FAIL (for good) and propagate; KeyboardInterrupt also queues it again.
 
     Args:
-        study: The (shared) study.
+        study: The (shared) study; its storage from :func:`~rapid_search.search.storage.open_storage`.
         objective: ``trial -> value``; may raise ``optuna.TrialPruned``.
         n_trials: Finished trials wanted in the study, all workers together.
-        heartbeat_storage: Storage used by the heartbeat thread (see :class:`Heartbeat`).
         interval: Heartbeat interval in seconds.
         grace: Seconds without a heartbeat after which another worker's trial is given up.
+        heartbeat_storage: Storage for the heartbeat thread's writes (see :class:`Liveness`).
         max_retry: How often a dead worker's trial is queued again at most.
         callbacks: Called with ``(study, frozen_trial)`` after each trial this worker finished.
         log: Where to report waiting and recoveries.
@@ -484,119 +669,17 @@ def run_trials(
         The number of trials this worker finished.
     """
     log = log or (lambda msg: None)
-    # a journal storage replays the whole file on its first read: do that now, not in the first beat
-    heartbeat_storage.get_all_studies()
+    storage = _heartbeat_of(study)
+    if heartbeat_storage is not None:  # a journal storage replays the whole file on its first read: now, not in the first beat
+        heartbeat_storage.get_all_studies()
     poll = min(1.0, interval / 2) if poll is None else poll
+    quiet = _QuietFailures()
+    logging.getLogger("optuna.study._optimize").addFilter(quiet)
     with deferred_interrupts() as interrupts:
-        live = Liveness(study, grace=grace, max_retry=max_retry, log=log, critical=interrupts.critical)
-        return _loop(study, objective, n_trials, heartbeat_storage, interval, grace, live, callbacks, log, poll, interrupts)
-
-
-def _loop(
-    study: optuna.Study,
-    objective: Callable[[optuna.trial.Trial], float],
-    n_trials: int,
-    heartbeat_storage: Any,
-    interval: float,
-    grace: float,
-    live: Liveness,
-    callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]],
-    log: Callable[[str], None],
-    poll: float,
-    interrupts: deferred_interrupts,
-) -> int:
-    done_here = 0
-    waiting_for: Optional[tuple[int, ...]] = None
-    current: Optional[optuna.trial.Trial] = None
-    hb: Optional[Heartbeat] = None
-    try:
-        while True:
-            counts = count_trials(study, pending_window=grace)
-            if counts.running and live.recover(counts.running):
-                continue  # recount: the recovered trials are queued again
-            if counts.finished >= n_trials:
-                return done_here
-            if counts.claimed >= n_trials:
-                busy = tuple(sorted(t.number for t in counts.running + counts.pending))
-                if busy != waiting_for:
-                    waiting_for = busy
-                    log(
-                        f"{counts.finished}/{n_trials} trials finished; waiting for trial(s) {', '.join(map(str, busy))} "
-                        f"running elsewhere (given up after {grace:.0f} s without a heartbeat)"
-                    )
-                time.sleep(poll)
-                continue
-            waiting_for = None
-
-            interrupts.raise_pending()  # Ctrl-C during the last storage call: start nothing new
-            # An interrupt from ask to the first heartbeat waits (cut short, the trial would stay
-            # RUNNING with no worker and no heartbeat, found only after the grace period), and so
-            # does one between giving a surplus trial up and queueing its parameters again.
-            with interrupts.critical():
-                current = study.ask()
-                if _surplus(study, current, n_trials, grace):  # another worker asked at the same moment and won
-                    frozen = study._storage.get_trial(current._trial_id)  # noqa: SLF001
-                    study._storage.set_trial_system_attr(current._trial_id, SURPLUS_KEY, True)  # noqa: SLF001
-                    study.tell(current, state=TrialState.FAIL)
-                    if _was_queued(frozen):
-                        _requeue(study, frozen, list(frozen.system_attrs.get("retry_history", [])))
-                    current = None
-                    continue
-                study._storage.set_trial_system_attr(current._trial_id, WORKER_KEY, f"{socket.gethostname()}:{os.getpid()}")  # noqa: SLF001
-                study._storage.set_trial_system_attr(current._trial_id, HEARTBEAT_KEY, time.time())  # noqa: SLF001 - the first beat, at once
-                hb = Heartbeat(heartbeat_storage, current._trial_id, interval, on_error=log).start(delay=interval)
-
-            state, value = TrialState.COMPLETE, None
-            try:
-                value = objective(current)
-            except optuna.TrialPruned:
-                state = TrialState.PRUNED
-            except KeyboardInterrupt:
-                raise  # the heartbeat is stopped below, without waiting for a beat in progress
-            except BaseException:
-                hb.stop()
-                hb = None
-                if _lost(study, current, log, grace):  # a storage write was refused: another worker gave it up
-                    current = None
-                    continue
-                live.give_up(study._storage.get_trial(current._trial_id), "raised an error", retry=False)  # noqa: SLF001
-                current = None
-                raise
-            hb.stop()
-            hb = None
-            try:
-                frozen = study.tell(current, value) if state == TrialState.COMPLETE else study.tell(current, state=state)
-            except Exception:
-                if _lost(study, current, log, grace):
-                    current = None
-                    continue
-                raise
-            current = None
-            if frozen.state in FINISHED:
-                done_here += 1
-            for cb in callbacks:
-                cb(study, frozen)
-    except KeyboardInterrupt:
-        if hb is not None:
-            hb.stop(wait=False)  # a beat stuck on an unreachable database must not hold up the clean-up
-        if current is not None:
-            _abandon(study, current, live, log, grace)
-        raise
-
-
-def _abandon(study: optuna.Study, trial: optuna.trial.Trial, live: Liveness, log: Callable[[str], None], grace: float) -> None:
-    """After an interrupt: fail the trial in flight and queue it again, if it still runs.
-
-    Never replaces the KeyboardInterrupt being handled: a storage error is logged, and a second
-    interrupt (the clean-up hangs) ends the clean-up. Either way the trial's heartbeat has
-    stopped, so another worker (or the resumed search) takes it over after ``grace`` seconds.
-    """
-    later = f"its heartbeat has stopped, so another worker or the resumed search takes it over after {grace:.0f} s"
-    try:
-        frozen = study._storage.get_trial(trial._trial_id)  # noqa: SLF001
-        if frozen.state == TrialState.RUNNING:
-            live.give_up(frozen, "was interrupted")
-    except KeyboardInterrupt:
-        log(f"interrupted again: trial {trial.number} was not marked failed; {later}")
-    except Exception as e:  # noqa: BLE001 - the interrupt, not the clean-up's failure, is what the caller must see
-        log(f"could not mark trial {trial.number} failed after the interrupt ({e.__class__.__name__}); {later}")
+        live = Liveness(study, grace=grace, interval=interval, max_retry=max_retry, log=log, beats=heartbeat_storage, critical=interrupts.critical)
+        attached, storage.liveness = storage.liveness, live
+        try:
+            return _Worker(study, objective, n_trials, live, interrupts, callbacks, log, poll).run()
+        finally:
+            storage.liveness = attached
+            logging.getLogger("optuna.study._optimize").removeFilter(quiet)
