@@ -262,3 +262,10 @@ def _pool(self: nn.Module, x: torch.Tensor, pool_type: Optional[str] = None) -> 
         return avg
     mx = xs.masked_fill(w == 0, float("-inf")).amax(1)  # (B, C)
     return mx if pool_type == "max" else 0.5 * (avg + mx)
+
+
+def _wrong_tokens(got: int, want: int) -> ScheduleError:
+    return ScheduleError(
+        f"the input gives {got} tokens but the schedule was made for {want} — "
+        "feed images at the model's input size or make a schedule for this size"
+    )

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from .engine import _ATTR, _block_forward, _Runtime
+from .engine import _ATTR, _block_forward, _Runtime, _wrong_tokens
 from .families import UnsupportedModelError, adapter_for, bind, check_model
 from .presets import as_schedule
 from .schedule import ScheduleError
@@ -85,13 +85,6 @@ def apply(model: nn.Module, schedule: Any, *, trace_source: bool = False) -> nn.
         block.forward = types.MethodType(forward, block)
     rt.patched = bind(adapter, model)
     return model
-
-
-def _wrong_tokens(got: int, want: int) -> ScheduleError:
-    return ScheduleError(
-        f"the input gives {got} tokens but the schedule was made for {want} — "
-        "feed images at the model's input size or make a schedule for this size"
-    )
 
 
 def _identity_record(model: nn.Module, args: tuple[Any, ...]) -> None:

@@ -1,8 +1,8 @@
 """The patched forward against timm's own: a reducing schedule that removes nothing must give
 timm's output, on every supported family, with fused and unfused attention.
 
-``patch._attention`` and ``patch._block_forward`` re-state timm 1.0.31's ``Attention.forward``
-and ``Block.forward`` (see the ``rapid_search.patch`` docstring). Threshold layers that never fire
+``engine._attention`` and ``engine._block_forward`` re-state timm 1.0.31's ``Attention.forward``
+and ``Block.forward`` (see the ``rapid_search.engine`` docstring). Threshold layers that never fire
 (cosine similarity above 1.0 does not happen) send every block through that re-stated path while
 keeping every token, so a change in timm's forward that the re-statement misses fails here.
 """
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import FAMILIES, images
-from rapid_search import LayerSpec, apply, last_token_counts, remove
+from rapid_search import LayerSpec, applied as rs_applied, apply, last_token_counts, remove
 from rapid_search.presets import make_schedule, model_info
 
 #: Never fires: tokens are removed only where the cosine similarity exceeds the threshold.
@@ -47,12 +47,12 @@ def test_reducing_path_equals_timm_forward(family: str, op: str, fused: bool) ->
 
 def test_the_reducing_path_is_really_taken(monkeypatch) -> None:
     """The schedule above does not fall back to timm's forward: the re-stated attention runs."""
-    import rapid_search.patch as patch
+    import rapid_search.engine as patch
 
     calls = []
     real = patch._attention
     monkeypatch.setattr(patch, "_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = FAMILIES["test_vit"]()
-    with torch.no_grad(), patch.applied(model, _keep_all(model, "prune")):
+    with torch.no_grad(), rs_applied(model, _keep_all(model, "prune")):
         model(images(model, 2))
     assert len(calls) == len(model.blocks)
