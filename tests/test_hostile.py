@@ -624,3 +624,12 @@ def test_data_that_is_a_file_is_not_reported_missing(tiny_search, tmp_path, monk
     ):
         line = _one_line(main(argv), capsys.readouterr().err, "is not a directory")
         assert "does not exist" not in line
+
+
+@pytest.mark.parametrize("text", ["37.123456789%GFLOPs", "0.00001GFLOPs", "7%latency", "12.5 ms", "50.000%gflops"])
+def test_canonical_budget_reads_back_to_the_same_value(text) -> None:
+    from rapid_search.search.budget import parse_budget
+
+    spec = parse_budget(text)
+    again = parse_budget(spec.canonical)
+    assert again.canonical == spec.canonical and abs(again.value - spec.value) <= 1e-12 * max(1.0, spec.value)
