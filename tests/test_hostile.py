@@ -308,7 +308,11 @@ def _fixture_files(tmp_path: Path, tiny_search) -> dict[str, Path]:
     journal.write_bytes(b'{"op_code":0,"worker_id":"w","study_name":"h","directions":[2]}\n')
     link = tmp_path / "link.yaml"
     link.symlink_to(space)
-    return {"space": space, "schedule": schedule, "image": image, "fifo": fifo, "journal": journal, "link": link}
+    # the character device, reached through a link: were the guard ever broken, the atomic rename
+    # would replace this link, never /dev/null itself (which a test running as root would destroy)
+    null = tmp_path / "null"
+    null.symlink_to("/dev/null")
+    return {"space": space, "schedule": schedule, "image": image, "fifo": fifo, "journal": journal, "link": link, "null": null}
 
 
 OUTPUT_CASES = {
@@ -318,14 +322,14 @@ OUTPUT_CASES = {
     "search-out-is-the-space": (lambda f, t: _search(t, "--space", str(f["space"]), "--out", str(f["space"])), "is the --space file"),
     "search-out-links-to-the-space": (lambda f, t: _search(t, "--space", str(f["space"]), "--out", str(f["link"])), "is the --space file"),
     "search-out-is-the-checkpoint": (lambda f, t: _search(t, "--out", str(t.ckpt)), "is the --checkpoint file"),
-    "search-out-is-dev-null": (lambda f, t: _search(t, "--out", "/dev/null"), "is a character device"),
+    "search-out-is-dev-null": (lambda f, t: _search(t, "--out", str(f["null"])), "is a character device"),
     "search-out-is-a-fifo": (lambda f, t: _search(t, "--out", str(f["fifo"])), "is a named pipe"),
     "evaluate-json-is-the-schedule": (
         lambda f, t: ["evaluate", "--schedule", str(f["schedule"]), "--data", str(t.data), "--checkpoint", str(t.ckpt), "--json", str(f["schedule"])],
         "is the --schedule file",
     ),
     "evaluate-json-is-dev-null": (
-        lambda f, t: ["evaluate", "--schedule", str(f["schedule"]), "--data", str(t.data), "--checkpoint", str(t.ckpt), "--json", "/dev/null"],
+        lambda f, t: ["evaluate", "--schedule", str(f["schedule"]), "--data", str(t.data), "--checkpoint", str(t.ckpt), "--json", str(f["null"])],
         "is a character device",
     ),
     "visualize-out-is-the-image": (
@@ -333,7 +337,7 @@ OUTPUT_CASES = {
         "is the --image file",
     ),
     "visualize-out-is-dev-null": (
-        lambda f, t: ["visualize", "--model", "test_vit", "--no-pretrained", "--schedule", "rapid@50", "--image", str(f["image"]), "--out", "/dev/null"],
+        lambda f, t: ["visualize", "--model", "test_vit", "--no-pretrained", "--schedule", "rapid@50", "--image", str(f["image"]), "--out", str(f["null"])],
         "is a character device",
     ),
     "bench-output-is-a-searched-schedule": (
@@ -351,12 +355,12 @@ def test_outputs_never_replace_inputs_the_study_or_devices(case, tiny_search, tm
         files["schedule"].rename(tmp_path / "table.md")
     monkeypatch.chdir(tmp_path)
     build, expect = OUTPUT_CASES[case]
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink() and p.name != "fifo"}
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink() and p.name not in ("fifo", "null")}
     listing = _listing(tmp_path)
     _one_line(main(build(files, tiny_search)), capsys.readouterr().err, expect)
     assert _listing(tmp_path) == listing
     assert {p: p.read_bytes() for p in before} == before
-    assert Path("/dev/null").is_char_device()
+    assert files["null"].is_symlink() and files["null"].is_char_device()
 
 
 def test_export_out_is_never_the_journal(tiny_search, tmp_path, monkeypatch, capsys) -> None:
@@ -370,16 +374,18 @@ def test_export_out_is_never_the_journal(tiny_search, tmp_path, monkeypatch, cap
 def test_atomic_write_never_replaces_a_device(tmp_path) -> None:
     from rapid_search.outputs import OutputError, atomic_write_text
 
+    null = tmp_path / "null"
+    null.symlink_to("/dev/null")  # never /dev/null itself: a broken guard run as root would replace it
     with pytest.raises(OutputError, match="character device"):
-        atomic_write_text("/dev/null", "x")
-    assert Path("/dev/null").is_char_device()
+        atomic_write_text(null, "x")
+    assert null.is_symlink() and null.is_char_device()
     assert atomic_write_text(tmp_path / "a.txt", "x").read_text() == "x"
 
 
 # ---- 4. study names that are names --------------------------------------------------------------
 BAD_NAMES = {
     "parent-path": "../../../x",
-    "absolute": "/tmp/rapid-abs-study",
+    "absolute": "{tmp}/abs-study",  # inside the test's folder (the listing below sees it if written)
     "separator": "a/b",
     "dot-dot": "..",
     "backslash": "a\\b",
@@ -395,11 +401,11 @@ def test_study_names_are_names(kind, tiny_search, tmp_path, monkeypatch, capsys)
     work = tmp_path / "a" / "b" / "c"
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
-    for argv in (_search(tiny_search, study_name=BAD_NAMES[kind]), ["export", "--study-name", BAD_NAMES[kind]]):
+    name = BAD_NAMES[kind].replace("{tmp}", str(tmp_path))
+    for argv in (_search(tiny_search, study_name=name), ["export", "--study-name", name]):
         line = _one_line(main(argv), capsys.readouterr().err, "is not a plain name")
         assert "use letters, digits" in line and "\x1b" not in line
     assert _listing(tmp_path) == ["a", "a/b", "a/b/c"]
-    assert not Path("/tmp/rapid-abs-study.journal").exists()
 
 
 # ---- 5. YAML: size, depth, alias expansion, duplicate keys, strings that are not booleans ---------
@@ -625,3 +631,12 @@ def test_data_that_is_a_file_is_not_reported_missing(tiny_search, tmp_path, monk
     ):
         line = _one_line(main(argv), capsys.readouterr().err, "is not a directory")
         assert "does not exist" not in line
+
+
+@pytest.mark.parametrize("text", ["37.123456789%GFLOPs", "0.00001GFLOPs", "7%latency", "12.5 ms", "50.000%gflops"])
+def test_canonical_budget_reads_back_to_the_same_value(text) -> None:
+    from rapid_search.search.budget import parse_budget
+
+    spec = parse_budget(text)
+    again = parse_budget(spec.canonical)
+    assert again.canonical == spec.canonical and abs(again.value - spec.value) <= 1e-12 * max(1.0, spec.value)

@@ -64,13 +64,19 @@ class BudgetSpec:
     def canonical(self) -> str:
         """The budget in its canonical spelling, e.g. ``"50%GFLOPs"``, ``"0.6GFLOPs"``, ``"12ms"``."""
         if self.relative:
-            return f"{self.value * 100:g}%" + ("GFLOPs" if self.kind == "gflops" else "latency")
-        return f"{self.value:g}" + ("GFLOPs" if self.kind == "gflops" else "ms")
+            return _plain(self.value * 100) + "%" + ("GFLOPs" if self.kind == "gflops" else "latency")
+        return _plain(self.value) + ("GFLOPs" if self.kind == "gflops" else "ms")
 
     @property
     def unit(self) -> str:
         """Unit of the resolved target: ``"GFLOPs"`` or ``"ms"``."""
         return "GFLOPs" if self.kind == "gflops" else "ms"
+
+
+def _plain(x: float) -> str:
+    """``x`` as the grammar reads it back to the same value: no exponent, no trailing zeros
+    (``50``, ``37.123456789``, ``0.00001``; :g would give ``37.1235`` and ``1e-05``)."""
+    return f"{x:.10f}".rstrip("0").rstrip(".")
 
 
 def _grammar_error(text: Any) -> BudgetError:
