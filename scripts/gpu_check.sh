@@ -37,6 +37,13 @@
 #   RAPID_GPU_TOTAL_S   seconds for the whole check (default: 470)
 #   RAPID_GPU_TRIALS    search trials per batch size (default: 12)
 #   RAPID_GIT_REV       commit to record (default: git rev-parse where the checkout has .git)
+#   RAPID_GPU_SEARCH_BATCHES  batch sizes of the latency searches (default: "1 64")
+#   RAPID_GPU_CALIB     calibration images per search (default: 128)
+#   RAPID_GPU_BUDGET    the searches' budget (default: 60%latency)
+#   RAPID_GPU_SPEED_ARGS  more options for gpu_bench.py speed, e.g. "--models vit_base_patch16_224 --compile off"
+#   RAPID_GPU_REHEARSE=1  take the CUDA run's steps on the CPU (needs RAPID_GPU_OUT; the CUDA tests run with
+#                       RAPID_CUDA_TEST_DEVICE=cpu): rehearses the whole flow on a machine without a GPU; slow, and
+#                       its numbers mean nothing
 #
 # Preparing a run on the lent GPU machine (nvidia-h200: Python 3.12, torch 2.11, timm; no optuna, no
 # network). In the checkout that the device tool sends, once:
@@ -116,6 +123,11 @@ except ImportError:
 print('cuda' if torch.cuda.is_available() else 'cpu', has_optuna)" 2>/dev/null)" \
     || die "$PY cannot import torch and timm — set PYTHON to an interpreter that has them"
 if [ "${PROBE% *}" = cuda ]; then CUDA=1; else CUDA=0; fi
+DEVICE=cuda
+if [ "${RAPID_GPU_REHEARSE:-0}" = 1 ]; then
+    [ -n "${RAPID_GPU_OUT:-}" ] || die "RAPID_GPU_REHEARSE=1 needs RAPID_GPU_OUT (a rehearsal never writes benchmarks/gpu/)"
+    CUDA=1 DEVICE=cpu
+fi
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")" || die "cannot make a temporary folder — set TMPDIR to a writable folder"
 trap 'rm -rf "$WORK"' EXIT
@@ -173,18 +185,24 @@ if [ "$(tail -n 1 <<<"$CHECK")" != space-ok ]; then
     say "$SPACE_NOTE"
 fi
 
+# The test files with CUDA-marked tests (only these are collected: other test modules may need the checkout)
+mapfile -t CUDA_TEST_FILES < <(cd "$ROOT" && grep -l -E 'mark\.cuda' tests/test_*.py)
+[ "${#CUDA_TEST_FILES[@]}" -gt 0 ] || CUDA_TEST_FILES=(tests/test_cuda.py)
+
 # search MODEL DEVICE BATCH TRIALS CALIB LIMIT BUDGET: a search (latency budget on CUDA), then the re-measurement of its
 # schedule (REMEASURE_ROUNDS rounds); uses DATA, HF_ENV, CKPT_ARGS (both) and SEARCH_EXTRA (the search only)
 search() {
     local model=$1 device=$2 batch=$3 trials=$4 calib=$5 limit=$6 budget=$7
     STEP_NOTE="$model, --budget $budget --device $device, batch $batch, $trials trials, $calib calibration images. $DATA_NOTE $WEIGHTS_NOTE $SPACE_NOTE"
-    if run "search-b$batch" "$limit" "$LOGS/search-b$batch.log" \
+    run "search-b$batch" "$limit" "$LOGS/search-b$batch.log" \
         "${IN_DIR[@]}" "$WORK" env "${HF_ENV[@]}" "$PY" -P -m rapid_search.cli search \
             --model "$model" --data "$DATA" --budget "$budget" --device "$device" --batch-size "$batch" \
             --trials "$trials" --calib-images "$calib" --seed 0 --progress plain "${SPACE_ARGS[@]}" \
             --storage "journal:$WORK/lat-b$batch.journal" --study-name "gpu-lat-b$batch" --out "$OUT/lat-b$batch.yaml" \
-            "${CKPT_ARGS[@]}" "${SEARCH_EXTRA[@]}"; then
-        STEP_NOTE="$(grep -h 'schedule written' "$LOGS/search-b$batch.log" | tail -n 1)"
+            "${CKPT_ARGS[@]}" "${SEARCH_EXTRA[@]}"
+    local rc=$?
+    if [ -f "$OUT/lat-b$batch.yaml" ]; then  # also the best schedule so far of a search stopped at its time limit
+        STEP_NOTE="$( [ "$rc" -ne 0 ] && echo "the search stopped (exit $rc): its best schedule so far. ")$(grep -h -E 'schedule written|best schedule so far' "$LOGS/search-b$batch.log" | tail -n 1)"
         run "remeasure-b$batch" 90 "$LOGS/remeasure-b$batch.log" \
             env "${HF_ENV[@]}" "$PY" -P "$BENCH" remeasure --schedule "$OUT/lat-b$batch.yaml" \
                 --out "$OUT/search-b$batch.json" --device "$device" --batch-size "$batch" --rounds "$REMEASURE_ROUNDS" \
@@ -224,9 +242,9 @@ pick_inputs() {
 
 if [ "$CUDA" = 0 ]; then
     # ---- dry run: everything that can be checked without a GPU ----------------------------------------
-    STEP_NOTE="collect only: the CUDA tests skip without a device"
+    STEP_NOTE="collect only (${CUDA_TEST_FILES[*]}): the CUDA tests skip without a device"
     run cuda-tests-collect 120 "$LOGS/pytest-collect.log" \
-        "${IN_DIR[@]}" "$ROOT" env "$PY" -P -m pytest -q --collect-only --strict-markers -m cuda -p no:cacheprovider tests/test_cuda.py
+        "${IN_DIR[@]}" "$ROOT" env "$PY" -P -m pytest -q --collect-only --strict-markers -m cuda -p no:cacheprovider "${CUDA_TEST_FILES[@]}"
     STEP_NOTE="env, speed (test_vit, batch 2, float32, eager) and remeasure on the CPU; also writes the dry search's inputs"
     run smoke 120 "$LOGS/smoke.log" "$PY" -P "$BENCH" smoke --dir "$OUT" --inputs "$WORK/dry"
     # the search and re-measurement commands of the CUDA run, on test_vit on the CPU. A GFLOPs budget:
@@ -244,25 +262,27 @@ if [ "$CUDA" = 0 ]; then
     exit "$EXIT_NO_CUDA"
 fi
 
-# ---- CUDA run ---------------------------------------------------------------------------------------
-run env 60 "$LOGS/env.log" "$PY" -P "$BENCH" env --device cuda --out "$OUT/env.json"
+# ---- CUDA run (on $DEVICE: cuda, or cpu for a rehearsal) ---------------------------------------------
+[ "$DEVICE" = cuda ] || say "REHEARSAL on $DEVICE: the CUDA run's steps, numbers meaningless"
+run env 60 "$LOGS/env.log" "$PY" -P "$BENCH" env --device "$DEVICE" --out "$OUT/env.json"
 say "$(cd "$OUT" && "$PY" -c 'import json; e = json.load(open("env.json")); print(e.get("gpu"), "driver", e.get("driver"), "torch", e.get("torch"), "CUDA", e.get("cuda"))' 2>&1 | tail -n 1)"
 
-STEP_NOTE="pytest -m cuda with RAPID_REQUIRE_CUDA=1"
+STEP_NOTE="pytest -m cuda ${CUDA_TEST_FILES[*]} with RAPID_REQUIRE_CUDA=1"
 run cuda-tests 150 "$LOGS/pytest-cuda.log" \
-    "${IN_DIR[@]}" "$ROOT" env RAPID_REQUIRE_CUDA=1 "$PY" -P -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors tests
+    "${IN_DIR[@]}" "$ROOT" env RAPID_REQUIRE_CUDA=1 RAPID_CUDA_TEST_DEVICE="$DEVICE" "$PY" -P -m pytest -q -m cuda -p no:cacheprovider \
+        "${CUDA_TEST_FILES[@]}"
 say "[cuda-tests] $(last_line "$LOGS/pytest-cuda.log")"
 
 pick_inputs "$MODEL"
-for B in 1 64; do
-    search "$MODEL" cuda "$B" "$TRIALS" 128 "$(( $(left) > 330 ? 110 : $(left) / 3 ))" 60%latency
+for B in ${RAPID_GPU_SEARCH_BATCHES:-1 64}; do
+    search "$MODEL" "$DEVICE" "$B" "$TRIALS" "${RAPID_GPU_CALIB:-128}" "$(( $(left) > 330 ? 110 : $(left) / 3 ))" "${RAPID_GPU_BUDGET:-60%latency}"
 done
 
 SPEED_S=$(( $(left) - 40 ))
 STEP_NOTE="time budget ${SPEED_S}s"
 run speed $(( SPEED_S > 0 ? SPEED_S + 30 : 0 )) "$LOGS/speed.log" \
-    env "${HF_ENV[@]}" "$PY" -P "$BENCH" speed --device cuda --out "$OUT/speed.json" \
-        --time-budget "$(( SPEED_S > 10 ? SPEED_S : 10 ))"
+    env "${HF_ENV[@]}" "$PY" -P "$BENCH" speed --device "$DEVICE" --out "$OUT/speed.json" \
+        --time-budget "$(( SPEED_S > 10 ? SPEED_S : 10 ))" ${RAPID_GPU_SPEED_ARGS:-}
 
 run report 60 "$LOGS/report.log" "$PY" -P "$REPORT" report --dir "$OUT"
 say "done in $((SECONDS - START))s: $OUT/results.md"

@@ -138,4 +138,20 @@ def test_report_of_a_failed_search(tmp_path):
     rep = json.loads(j.read_text())
     assert rep["search"]["search-b1"]["log_tail"][-1].startswith("rapid-search: error: budget 60%latency")
     assert rep["steps"] == [{"step": "search-b1", "rc": 2, "seconds": "12", "note": "batch 1"}]
-    assert "| search-b1 | 1 | — | — | — | — | — | *search failed: budget unreachable* |" in m.read_text()
+    assert "| search-b1 | 1 | — | — | — | — | — | — | *search failed: budget unreachable* |" in m.read_text()
+
+
+def test_compile_past_the_time_left_is_a_skip_not_a_failure(model):
+    import time
+
+    import rapid_search as rs
+
+    gb = _gpu_bench()
+
+    def slow_compile(m):
+        time.sleep(5)
+        return m
+
+    res = gb.time_compiled(model, torch.randn(1, 3, 160, 160), None, device=torch.device("cpu"), warmup=0, rounds=1, timeout_s=0.5,
+                           compile_fn=slow_compile)
+    assert res["status"].startswith("skipped: time budget") and not rs.is_patched(model)

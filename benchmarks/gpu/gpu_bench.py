@@ -24,11 +24,13 @@ bfloat16 where the device has it), eager and compiled (``torch.compile``, defaul
   the CPU), so a time covers the kernels, launch gaps included.
 * Speed-up = unreduced median / schedule median (same dtype, batch and mode); ideal = unreduced
   GFLOPs / schedule GFLOPs (analytic MACs); "of ideal" = speed-up / ideal.
-* A time budget (``--time-budget``, seconds for the whole table) is split over the models by
-  their size (unused time passes on to the next model); within a model the eager cells come
-  first and the number of timed rounds adapts to the time left (``--min-rounds`` ..
-  ``--max-rounds``). Whatever does not fit is recorded as ``skipped: time budget``. The JSON file
-  is rewritten after every cell, so a run stopped from outside keeps what it measured.
+* A time budget (``--time-budget``, seconds for the whole table) is spent in two phases: first
+  every eager cell (``--eager-fraction`` of the budget, split over the models by their size;
+  unused time passes on), the number of timed rounds adapting to the time left
+  (``--min-rounds`` .. ``--max-rounds``); then the compiled rows with whatever is left, model
+  after model, each started only if the slowest compile so far (``--compile-estimate`` before the
+  first) still fits. What does not fit is recorded as ``skipped: time budget``. The JSON file is
+  rewritten after every cell, so a run stopped from outside keeps what it measured.
 
 Speed does not depend on the weights: models are created with random weights, except those
 named in ``--pretrained`` (their real weights when the Hugging Face cache has them).
@@ -348,6 +350,8 @@ def time_compiled(
     except torch.cuda.OutOfMemoryError:
         return {"status": "out of memory"}
     except (Exception, _CompileTimeout) as e:  # noqa: BLE001 - any compiler failure is a row's result
+        if isinstance(e, _CompileTimeout) or "_CompileTimeout" in str(e):  # the compiler may wrap it (InductorError)
+            return {"status": f"skipped: time budget (compiling and timing ran past the {timeout_s:.0f} s left)"}
         return {"status": f"compile failed: {_one_line(e)}"}
     finally:
         rs.remove(model)
@@ -448,14 +452,15 @@ def run_speed(
     device: torch.device,
     compile_mode: str = "auto",
     compile_batches: Sequence[int] = (64,),
-    compile_dtypes: Sequence[str] = ("bfloat16", "float16"),
+    compile_dtypes: Sequence[str] = ("bfloat16",),
     compile_ratios: Sequence[float] = (0.5,),
     pretrained: Sequence[str] = (),
     time_budget_s: float = 240.0,
     warmup: int = 3,
     min_rounds: int = 5,
     max_rounds: int = 30,
-    compile_estimate_s: float = 60.0,
+    compile_estimate_s: float = 45.0,
+    eager_fraction: float = 0.4,
     out: Optional[Path] = None,
     log: Optional[Log] = None,
     compile_fn: Optional[Callable[[torch.nn.Module], Callable[..., Any]]] = None,
@@ -485,6 +490,8 @@ def run_speed(
             "compile_dtypes": list(compile_dtypes),
             "compile_ratios": [float(r) for r in compile_ratios],
             "time_budget_s": time_budget_s,
+            "eager_fraction": eager_fraction,
+            "compile_estimate_s": compile_estimate_s,
             "warmup": warmup,
             "min_rounds": min_rounds,
             "max_rounds": max_rounds,
@@ -505,10 +512,13 @@ def run_speed(
             atomic_write_text(out, json.dumps(result, indent=1) + "\n")
 
     weights = {name: _model_weight(name) for name in models}
+    # phase 1, eager: every model gets a share of this phase's time by its size (unused time passes on)
+    eager_deadline = t_start + time_budget_s * (1.0 if compile_why else eager_fraction)
+    prepared: dict[str, tuple[rs.ModelInfo, list[dict[str, Any]], str]] = {}
     for mi, name in enumerate(models):
         now = time.perf_counter()
         left_weight = sum(weights[n] for n in models[mi:])
-        model_deadline = now + max(0.0, deadline - now) * weights[name] / left_weight
+        model_deadline = now + max(0.0, eager_deadline - now) * weights[name] / left_weight
         try:
             model32, source = _make_model(name, device=device, pretrained=name in pretrained, log=log)
         except Exception as e:  # noqa: BLE001 - one model's failure is its rows' result
@@ -517,8 +527,8 @@ def run_speed(
             save()
             continue
         info = rs.ModelInfo.from_model(model32)
-        H = W = int(model32.patch_embed.img_size[0])
         entries = speed_schedules(info, ratios=ratios)
+        prepared[name] = (info, entries, source)
         result["models"][name] = {
             "weights": source,
             "base_gflops": round(info.base_gflops, 4),
@@ -526,118 +536,152 @@ def run_speed(
             "num_tokens": info.num_tokens,
             "schedules": {e["label"]: (e["schedule"].to_dict() if e.get("schedule") is not None else None) for e in entries},
         }
-        runnable = {e["label"]: e for e in entries if e["method"] == "unreduced" or e.get("schedule") is not None}
-        cells = [(d, b) for b in batches for d in dtypes]
-        eager_deadline = now + (model_deadline - now) * (0.5 if not compile_why else 1.0)
-        gen = torch.Generator().manual_seed(0)
-        models_by_dtype: dict[str, torch.nn.Module] = {}
-
-        def model_in(dtype_name: str) -> torch.nn.Module:
-            if dtype_name not in models_by_dtype:
-                models_by_dtype.clear()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                models_by_dtype[dtype_name] = model32 if dtype_name == "float32" else copy.deepcopy(model32).to(DTYPES[dtype_name])
-            return models_by_dtype[dtype_name]
-
-        # ---- eager cells
-        for ci, (dname, batch) in enumerate(cells):
-            base = {"model": name, "dtype": dname, "batch": batch, "mode": "eager"}
-            rows = [_row(base, e, info) for e in entries]
-            for row, e in zip(rows, entries):
-                if e["label"] not in runnable:
-                    row.update(status="unreachable", reason=e.get("reason"))
-            live = [r for r in rows if r["schedule"] in runnable]
-            why = _dtype_supported(DTYPES[dname], device)
-            left = eager_deadline - time.perf_counter()
-            if why is None and left <= 0:
-                why = "skipped: time budget"
-            if why is not None:
-                for r in live:
-                    r["status"] = why
-                result["rows"].extend(rows)
-                save()
-                continue
-            try:
-                m = model_in(dname)
-                x = torch.randn(batch, 3, H, W, generator=gen).to(device, DTYPES[dname])  # (B, 3, H, W)
-                timings, n = time_round_robin(
-                    m, x, {r["schedule"]: runnable[r["schedule"]]["schedule"] for r in live}, device=device, warmup=warmup,
-                    min_rounds=min_rounds, max_rounds=max_rounds, budget_s=max(0.0, left / (len(cells) - ci)),
-                )
-                for r in live:
-                    _fill_timing(r, timings[r["schedule"]], timings["unreduced"])
-                log(f"{name} {dname} batch {batch} eager: {n} rounds; unreduced {timings['unreduced'].median_ms:.3f} ms")
-            except torch.cuda.OutOfMemoryError:
-                for r in live:
-                    r["status"] = "out of memory"
-                log(f"{name} {dname} batch {batch} eager: out of memory")
-            except Exception as e:  # noqa: BLE001 - a failing cell is that cell's result; the table goes on
-                for r in live:
-                    r["status"] = f"failed: {_one_line(e)}"
-                log(f"{name} {dname} batch {batch} eager: {_one_line(e)}")
-            finally:
-                x = None
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            result["rows"].extend(rows)
-            save()
-
-        # ---- compiled cells
-        if not compile_why:
-            labels = {"unreduced"} | {e["label"] for e in entries if e["method"] != "unreduced" and any(abs(e["ratio"] - r) < 1e-9 for r in compile_ratios)}
-            observed: list[float] = []  # seconds each compile (and its timing) took for this model
-            for dname in [d for d in compile_dtypes if d in dtypes]:
-                for batch in [b for b in compile_batches if b in batches]:
-                    base = {"model": name, "dtype": dname, "batch": batch, "mode": "compiled"}
-                    ref: Optional[Timing] = None
-                    eager_ref = next(
-                        (r for r in result["rows"] if r["model"] == name and r["dtype"] == dname and r["batch"] == batch
-                         and r["mode"] == "eager" and r["method"] == "unreduced" and r.get("status") == "ok"),
-                        None,
-                    )
-                    for e in [e for e in entries if e["label"] in labels]:
-                        row = _row(base, e, info)
-                        left = model_deadline - time.perf_counter()
-                        est = max(observed) if observed else compile_estimate_s
-                        why = _dtype_supported(DTYPES[dname], device)
-                        if e["label"] not in runnable:
-                            row.update(status="unreachable", reason=e.get("reason"))
-                        elif why is not None:
-                            row["status"] = why
-                        elif left < est:
-                            row["status"] = f"skipped: time budget (a compile took up to {est:.0f} s here; {max(left, 0):.0f} s left)"
-                        else:
-                            t0 = time.perf_counter()
-                            try:
-                                m = model_in(dname)
-                                x = torch.randn(batch, 3, H, W, generator=gen).to(device, DTYPES[dname])  # (B, 3, H, W)
-                                res = time_compiled(
-                                    m, x, runnable[e["label"]]["schedule"], device=device, warmup=warmup, rounds=min_rounds * 2,
-                                    timeout_s=left, compile_fn=compile_fn,
-                                )
-                            finally:
-                                x = None
-                            observed.append(time.perf_counter() - t0)
-                            if res["status"] == "ok":
-                                _fill_timing(row, res["timing"], ref if e["method"] != "unreduced" else res["timing"])
-                                row.update({k: v for k, v in res.items() if k in ("compile_s", "graphs", "graph_breaks")})
-                                if e["method"] == "unreduced":
-                                    ref = res["timing"]
-                                if eager_ref is not None:
-                                    row["speedup_vs_eager_unreduced"] = round(eager_ref["median_ms"] / res["timing"].median_ms, 4)
-                            else:
-                                row["status"] = res["status"]
-                            log(f"{name} {dname} batch {batch} compiled {e['label']}: {row['status']}"
-                                + (f", {row['median_ms']:.3f} ms, compile {row['compile_s']:.0f} s" if row["status"] == "ok" else ""))
-                        result["rows"].append(row)
-                        save()
-        models_by_dtype.clear()
+        _eager_cells(
+            result, model32, info, entries, name=name, batches=batches, dtypes=dtypes, device=device, deadline=model_deadline,
+            warmup=warmup, min_rounds=min_rounds, max_rounds=max_rounds, save=save, log=log,
+        )
         del model32
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _free(device)
+
+    # phase 2, compiled: what time is left, model after model (unreduced first: it is the reference)
+    if not compile_why:
+        observed: list[float] = []  # seconds each compile (with its timing) took
+        for name, (info, entries, source) in prepared.items():
+            labels = {"unreduced"} | {e["label"] for e in entries if e["method"] != "unreduced" and any(abs(e["ratio"] - r) < 1e-9 for r in compile_ratios)}
+            todo = [(d, b, e) for d in compile_dtypes if d in dtypes for b in compile_batches if b in batches for e in entries if e["label"] in labels]
+            if not todo:
+                continue
+            model32: Optional[torch.nn.Module] = None
+            cache: dict[str, torch.nn.Module] = {}
+            refs: dict[tuple[str, int], Timing] = {}
+            for dname, batch, e in todo:
+                row = _row({"model": name, "dtype": dname, "batch": batch, "mode": "compiled"}, e, info)
+                left = deadline - time.perf_counter()
+                est = max(observed) if observed else compile_estimate_s
+                why = _dtype_supported(DTYPES[dname], device)
+                if e["method"] != "unreduced" and e.get("schedule") is None:
+                    row.update(status="unreachable", reason=e.get("reason"))
+                elif why is not None:
+                    row["status"] = why
+                elif left < est:
+                    row["status"] = f"skipped: time budget (a compile took up to {est:.0f} s here; {max(left, 0):.0f} s left)"
+                else:
+                    t0 = time.perf_counter()
+                    try:
+                        if model32 is None:
+                            model32, _ = _make_model(name, device=device, pretrained=source == "pretrained", log=log)
+                        if dname not in cache:
+                            cache.clear()
+                            _free(device)
+                            cache[dname] = model32 if dname == "float32" else copy.deepcopy(model32).to(DTYPES[dname])
+                        H = W = int(model32.patch_embed.img_size[0])
+                        x = torch.randn(batch, 3, H, W, generator=torch.Generator().manual_seed(0)).to(device, DTYPES[dname])  # (B, 3, H, W)
+                        res = time_compiled(
+                            cache[dname], x, e.get("schedule"), device=device, warmup=warmup, rounds=2 * min_rounds,
+                            timeout_s=left, compile_fn=compile_fn,
+                        )
+                        del x
+                    except torch.cuda.OutOfMemoryError:
+                        res = {"status": "out of memory"}
+                    except Exception as exc:  # noqa: BLE001 - e.g. the model cannot be made again: this row's result
+                        res = {"status": f"failed: {_one_line(exc)}"}
+                    observed.append(time.perf_counter() - t0)
+                    if res["status"] == "ok":
+                        t = res["timing"]
+                        if e["method"] == "unreduced":
+                            refs[(dname, batch)] = t
+                        _fill_timing(row, t, refs.get((dname, batch)))
+                        row.update({k: v for k, v in res.items() if k in ("compile_s", "graphs", "graph_breaks")})
+                        eager = next(
+                            (r for r in result["rows"] if r["model"] == name and r["dtype"] == dname and r["batch"] == batch
+                             and r["mode"] == "eager" and r["method"] == "unreduced" and r.get("status") == "ok"),
+                            None,
+                        )
+                        if eager is not None:
+                            row["speedup_vs_eager_unreduced"] = round(eager["median_ms"] / t.median_ms, 4)
+                    else:
+                        row["status"] = res["status"]
+                    log(f"{name} {dname} batch {batch} compiled {e['label']}: {row['status']}"
+                        + (f", {row['median_ms']:.3f} ms, compile {row['compile_s']:.0f} s" if row["status"] == "ok" else ""))
+                result["rows"].append(row)
+                save()
+            cache.clear()
+            model32 = None
+            _free(device)
     save()
     return result
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _eager_cells(
+    result: dict[str, Any],
+    model32: torch.nn.Module,
+    info: rs.ModelInfo,
+    entries: Sequence[dict[str, Any]],
+    *,
+    name: str,
+    batches: Sequence[int],
+    dtypes: Sequence[str],
+    device: torch.device,
+    deadline: float,
+    warmup: int,
+    min_rounds: int,
+    max_rounds: int,
+    save: Callable[[], None],
+    log: Log,
+) -> None:
+    """The eager rows of one model: every (batch, dtype) cell, schedules round-robin, until ``deadline``."""
+    H = W = int(model32.patch_embed.img_size[0])
+    runnable = {e["label"]: e for e in entries if e["method"] == "unreduced" or e.get("schedule") is not None}
+    cells = [(d, b) for b in batches for d in dtypes]
+    gen = torch.Generator().manual_seed(0)
+    cache: dict[str, torch.nn.Module] = {}
+    for ci, (dname, batch) in enumerate(cells):
+        rows = [_row({"model": name, "dtype": dname, "batch": batch, "mode": "eager"}, e, info) for e in entries]
+        for row, e in zip(rows, entries):
+            if e["label"] not in runnable:
+                row.update(status="unreachable", reason=e.get("reason"))
+        live = [r for r in rows if r["schedule"] in runnable]
+        why = _dtype_supported(DTYPES[dname], device)
+        left = deadline - time.perf_counter()
+        if why is None and left <= 0:
+            why = "skipped: time budget"
+        if why is not None:
+            for r in live:
+                r["status"] = why
+            result["rows"].extend(rows)
+            save()
+            continue
+        try:
+            if dname not in cache:
+                cache.clear()
+                _free(device)
+                cache[dname] = model32 if dname == "float32" else copy.deepcopy(model32).to(DTYPES[dname])
+            x = torch.randn(batch, 3, H, W, generator=gen).to(device, DTYPES[dname])  # (B, 3, H, W)
+            timings, n = time_round_robin(
+                cache[dname], x, {r["schedule"]: runnable[r["schedule"]]["schedule"] for r in live}, device=device,
+                warmup=warmup, min_rounds=min_rounds, max_rounds=max_rounds, budget_s=max(0.0, left / (len(cells) - ci)),
+            )
+            del x
+            for r in live:
+                _fill_timing(r, timings[r["schedule"]], timings["unreduced"])
+            log(f"{name} {dname} batch {batch} eager: {n} rounds; unreduced {timings['unreduced'].median_ms:.3f} ms")
+        except torch.cuda.OutOfMemoryError:
+            for r in live:
+                r["status"] = "out of memory"
+            log(f"{name} {dname} batch {batch} eager: out of memory")
+        except Exception as e:  # noqa: BLE001 - a failing cell is that cell's result; the table goes on
+            for r in live:
+                r["status"] = f"failed: {_one_line(e)}"
+            log(f"{name} {dname} batch {batch} eager: {_one_line(e)}")
+        result["rows"].extend(rows)
+        save()
+    cache.clear()
+    _free(device)
 
 
 # ---- re-measuring an exported schedule -------------------------------------------------------------
@@ -781,9 +825,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtypes", type=_csv(_dtype_name), default=DEFAULT_DTYPES)
     s.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="compiled rows (auto: where torch.compile can target the device)")
     s.add_argument("--compile-batches", type=_csv(_positive), default=(64,))
-    s.add_argument("--compile-dtypes", type=_csv(_dtype_name), default=("bfloat16", "float16"))
+    s.add_argument("--compile-dtypes", type=_csv(_dtype_name), default=("bfloat16",))
     s.add_argument("--compile-ratios", type=_csv(_ratio), default=(0.5,))
     s.add_argument("--time-budget", type=float, default=240.0, help="seconds for the whole table (default: 240)")
+    s.add_argument("--eager-fraction", type=float, default=0.4, help="share of the budget for the eager rows when compiling (default: 0.4)")
+    s.add_argument("--compile-estimate", type=float, default=45.0, help="seconds a first compile is assumed to take (default: 45)")
     s.add_argument("--warmup", type=int, default=3)
     s.add_argument("--min-rounds", type=_positive, default=5)
     s.add_argument("--max-rounds", type=_positive, default=30)
@@ -878,6 +924,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 compile_mode=args.compile, compile_batches=args.compile_batches, compile_dtypes=args.compile_dtypes,
                 compile_ratios=args.compile_ratios, pretrained=args.pretrained, time_budget_s=args.time_budget,
                 warmup=args.warmup, min_rounds=args.min_rounds, max_rounds=args.max_rounds, out=args.out, log=log,
+                eager_fraction=args.eager_fraction, compile_estimate_s=args.compile_estimate,
             )
             print(f"wrote {args.out}")
             return 0

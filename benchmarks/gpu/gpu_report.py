@@ -97,7 +97,8 @@ def _speed_cell(row: Optional[dict[str, Any]]) -> str:
     if row is None:
         return "—"
     if row.get("status") != "ok":
-        return f"*{row.get('status')}*"
+        status = str(row.get("status"))
+        return f"*{status if len(status) <= 90 else status[:87] + '...'}*"  # the JSON has all of it
     if row["method"] == "unreduced":
         iqr = 100 * row["iqr_ms"] / row["median_ms"] if row["median_ms"] else 0
         return f"{row['median_ms']:.3f} ms (IQR {iqr:.0f}%)"
@@ -134,18 +135,20 @@ def report_markdown(report: dict[str, Any]) -> str:
             "",
             "## Latency-budget search, re-measured",
             "",
-            "`rapid-search --budget 60%latency --device cuda` on DeiT-Tiny; the exported schedule is then timed again against the "
-            "unreduced model, round-robin (median and IQR).",
+            "`rapid-search --budget ... --device ...` (scripts/gpu_check.sh: `60%latency` on DeiT-Tiny on CUDA); the exported "
+            "schedule is then timed again against the unreduced model, round-robin (median and IQR, ms per batch); 'met' = the "
+            "re-measured median is within the latency target.",
             "",
-            "| run | batch | target ms | unreduced ms (IQR) | schedule ms (IQR) | of unreduced | GFLOPs (ratio) | met |",
-            "|---|---|---|---|---|---|---|---|",
+            "| run | batch | budget | target ms | unreduced ms (IQR) | schedule ms (IQR) | of unreduced | GFLOPs (ratio) | met |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, s in searches.items():
             if s.get("kind") != "remeasure":
-                lines.append(f"| {name} | {s.get('batch_size', '—')} | — | — | — | — | — | *{s.get('status', 'no result')}* |")
+                lines.append(f"| {name} | {s.get('batch_size', '—')} | — | — | — | — | — | — | *{s.get('status', 'no result')}* |")
                 continue
+            spec = (s.get("budget") or {}).get("spec", "—")
             lines.append(
-                f"| {name} | {s['batch_size']} | {_f(s.get('target_ms'), '.3f')} | {s['unreduced_ms']:.3f} ({s['unreduced_iqr_ms']:.3f}) | "
+                f"| {name} | {s['batch_size']} | {spec} | {_f(s.get('target_ms'), '.3f')} | {s['unreduced_ms']:.3f} ({s['unreduced_iqr_ms']:.3f}) | "
                 f"{s['schedule_ms']:.3f} ({s['schedule_iqr_ms']:.3f}) | {_f(s.get('ratio_to_unreduced'), '.1%')} | "
                 f"{s['gflops']:.3f} ({s['ratio_gflops']:.0%}) | {'yes' if s.get('met') else ('no' if s.get('met') is False else '—')} |"
             )
