@@ -268,13 +268,6 @@ class Adapter:
         """Input-independent MACs of one forward (relative-position MLPs)."""
         return 0
 
-    def importance_rows(self, model: nn.Module) -> int:
-        if getattr(model, "dist_token", None) is not None:
-            return 2
-        if getattr(model, "has_class_token", True) and getattr(model, "cls_token", None) is not None:
-            return 1
-        return 0
-
     # -- forward pieces (generic block forward) --------------------------------------------------------------
     def context(self, blk: nn.Module, args: tuple, kwargs: dict) -> Any:
         """Per-call extras passed by the model loop (rope, shared bias)."""
@@ -443,9 +436,6 @@ class _Beit(Adapter):
 
     def mlp_branch(self, blk, x):
         return blk.drop_path2(_scale(blk.gamma_2, blk.mlp(blk.norm2(x))))
-
-    def const_macs(self, model):
-        return 0  # bias tables are looked up, not computed
 
     def pool(self, model, x, pool_type=None):
         return _pool_avg_or_token(model, x)

@@ -38,6 +38,7 @@ CASES = {
     "parallel_18x2": (_timm("vit_small_patch16_18x2_224"), "vit-blocks", 0.5),  # ParallelThingsBlock
     "respost": (_timm("vit_base_patch16_rpn_224"), "vit-blocks", 0.5),  # ResPostBlock
     "hybrid_r_s16": (_timm("vit_tiny_r_s16_p8_224", patch_size=1), "vit", 0.995),  # HybridEmbed (ResNet stem)
+    "vitamin": (lambda: timm.create_model("vitamin_small_224", img_size=64, depth=4, num_classes=10), "vit", 0.97),  # HybridEmbed, no proj
     "eva02": (_timm("eva02_tiny_patch14_224"), "eva", 0.5),  # RoPE (cat), SwiGLU
     "rope_axial": (_timm("vit_small_patch16_rope_224"), "eva", 0.5),
     "rope_mixed": (_timm("vit_small_patch16_rope_mixed_224"), "eva", 0.5),  # per-depth, per-head RoPE
