@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .patch import UnsupportedModelError, _pool, _reduce, _Runtime
+from .schedule import ScheduleError
 
 __all__ = ["Adapter", "adapter_for", "family_name", "FAMILY_CLASSES"]
 
@@ -307,8 +308,6 @@ def _block_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
     layer = self._rapid_layer
     st = rt.state
     if index == 0:
-        from .schedule import ScheduleError
-
         st.reset()
         rt.batch = x.shape[0]
         if x.shape[1] != rt.num_tokens:
@@ -649,8 +648,8 @@ def adapter_for(model: nn.Module) -> Adapter:
             "use its fixed-size counterpart (a vit_* model)"
         )
     raise UnsupportedModelError(
-        f"{name} is not a supported timm ViT — rapid-search supports VisionTransformer (vit_*, deit*), Eva (eva02_*, "
-        "*_rope_*, dinov3), Beit and VisionTransformerRelPos models (e.g. deit_small_patch16_224)"
+        f"{name} is not a timm VisionTransformer, Eva, Beit or VisionTransformerRelPos — rapid-search supports vit_*, deit*, "
+        "eva02_*, vit_*_rope_*, *dinov3*, beit*, vit_relpos_* models (e.g. deit_small_patch16_224)"
     )
 
 

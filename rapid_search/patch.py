@@ -58,7 +58,7 @@ _ATTR = "_rapid_runtime"
 
 
 class UnsupportedModelError(ValueError):
-    """The model is not a timm VisionTransformer that rapid-search can patch."""
+    """The model is not one of the timm ViT families rapid-search can patch (see ``check_model``)."""
 
 
 def check_model(model: nn.Module) -> None:

@@ -127,7 +127,7 @@ def test_refusals_name_the_reason():
     from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 
     cases = (
-        (torch.nn.Linear(2, 2), "not a supported timm ViT"),
+        (torch.nn.Linear(2, 2), "not a timm VisionTransformer"),
         (VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, block_fn=ParallelScalingBlock), "same input"),
     )
     with torch.device("meta"):
