@@ -45,6 +45,7 @@ from torch import nn
 
 from .engine import _pool, _reduce, _Runtime
 from .errors import RapidSearchError
+from .schedule import ScheduleError
 
 __all__ = ["UnsupportedModelError", "check_model", "Adapter", "adapter_for", "family_name", "FAMILY_CLASSES"]
 
@@ -280,13 +281,6 @@ class Adapter:
         """Input-independent MACs of one forward (relative-position MLPs)."""
         return 0
 
-    def importance_rows(self, model: nn.Module) -> int:
-        if getattr(model, "dist_token", None) is not None:
-            return 2
-        if getattr(model, "has_class_token", True) and getattr(model, "cls_token", None) is not None:
-            return 1
-        return 0
-
     # -- forward pieces (generic block forward) --------------------------------------------------------------
     def context(self, blk: nn.Module, args: tuple, kwargs: dict) -> Any:
         """Per-call extras passed by the model loop (rope, shared bias)."""
@@ -326,8 +320,6 @@ def _block_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
     layer = self._rapid_layer
     st = rt.state
     if index == 0:
-        from .schedule import ScheduleError
-
         st.reset()
         rt.batch = x.shape[0]
         if x.shape[1] != rt.num_tokens:
@@ -455,9 +447,6 @@ class _Beit(Adapter):
 
     def mlp_branch(self, blk, x):
         return blk.drop_path2(_scale(blk.gamma_2, blk.mlp(blk.norm2(x))))
-
-    def const_macs(self, model):
-        return 0  # bias tables are looked up, not computed
 
     def pool(self, model, x, pool_type=None):
         return _pool_avg_or_token(model, x)
@@ -661,7 +650,7 @@ def adapter_for(model: nn.Module) -> Adapter:
             return _check_relpos(model)
     except UnsupportedModelError:
         raise
-    except (AttributeError, TypeError, ValueError) as e:  # a fact the checks read is missing: refuse, never crash
+    except Exception as e:  # noqa: BLE001 - a fact the checks read is missing or odd: refuse, never crash
         raise UnsupportedModelError(f"{name} lacks what the runtime reads ({type(e).__name__}: {e}) — {_HINT}") from None
     if name == "NaFlexVit":
         raise UnsupportedModelError(
@@ -669,8 +658,8 @@ def adapter_for(model: nn.Module) -> Adapter:
             "use its fixed-size counterpart (a vit_* model)"
         )
     raise UnsupportedModelError(
-        f"{name} is not a supported timm ViT — rapid-search supports VisionTransformer (vit_*, deit*), Eva (eva02_*, "
-        "*_rope_*, dinov3), Beit and VisionTransformerRelPos models (e.g. deit_small_patch16_224)"
+        f"{name} is not a timm VisionTransformer, Eva, Beit or VisionTransformerRelPos — rapid-search supports vit_*, deit*, "
+        "eva02_*, vit_*_rope_*, *dinov3*, beit*, vit_relpos_* models (e.g. deit_small_patch16_224)"
     )
 
 

@@ -131,7 +131,7 @@ ROWS = {
     "data-unreadable": (lambda b, t: _search(t, data=str(b / "unreadable")), "check its permissions"),
     "data-all-corrupt": (lambda b, t: _search(t, data=str(b / "corrupt")), "could be read"),
     "data-all-below-16px": (lambda b, t: _search(t, data=str(b / "tiny_images")), "too small"),
-    "model-not-a-vit": (lambda b, t: _search(t, model="resnet18", checkpoint=None), "ResNet is not a supported timm ViT — rapid-search supports VisionTransformer"),
+    "model-not-a-vit": (lambda b, t: _search(t, model="resnet18", checkpoint=None), "ResNet is not a timm VisionTransformer, Eva, Beit or VisionTransformerRelPos — rapid-search supports vit_*, deit*"),
     "model-unknown": (lambda b, t: _search(t, model="vit_nonexistent_xyz", checkpoint=None), "timm.list_models"),
     "checkpoint-missing": (lambda b, t: _search(t, checkpoint=str(b / "nope.pth")), "check the path"),
     "checkpoint-other-architecture": (lambda b, t: _search(t, checkpoint=str(b / "other_arch.pth")), "pass weights for this architecture"),

@@ -38,6 +38,7 @@ CASES = {
     "parallel_18x2": (_timm("vit_small_patch16_18x2_224"), "vit-blocks", 0.5),  # ParallelThingsBlock
     "respost": (_timm("vit_base_patch16_rpn_224"), "vit-blocks", 0.5),  # ResPostBlock
     "hybrid_r_s16": (_timm("vit_tiny_r_s16_p8_224", patch_size=1), "vit", 0.995),  # HybridEmbed (ResNet stem)
+    "vitamin": (lambda: timm.create_model("vitamin_small_224", img_size=64, depth=4, num_classes=10), "vit", 0.97),  # HybridEmbed, no proj
     "eva02": (_timm("eva02_tiny_patch14_224"), "eva", 0.5),  # RoPE (cat), SwiGLU
     "rope_axial": (_timm("vit_small_patch16_rope_224"), "eva", 0.5),
     "rope_mixed": (_timm("vit_small_patch16_rope_mixed_224"), "eva", 0.5),  # per-depth, per-head RoPE
@@ -146,13 +147,13 @@ def test_composed_blocks_equal_timm(models, label):
 
 
 @pytest.mark.parametrize("label", sorted(CASES))
-@pytest.mark.parametrize("kind", ["prune", "merge", "tome", "evit", "mixed", "all_ops"])
+@pytest.mark.parametrize("kind", ["prune", "merge", "tome", "all_ops"])  # evit: in all_ops; RAPID: below
 def test_fixed_schedules(models, label, kind):
     """Counts = cost model, prefix tokens survive, sizes add up, batched == per-image (float64)."""
     model = models[label][1]
     info = rs.ModelInfo.from_model(model)
     P, N0 = info.num_prefix_tokens, info.num_tokens
-    s = fixed_schedule(model, kind) if kind != "mixed" else rs.rapid_schedule(model, CASES[label][2])
+    s = fixed_schedule(model, kind)
     x = images(model, 3, dtype=torch.float64)
     counts, sizes, source = _batch_vs_single(model, x, s)
     assert counts.tolist() == [rs.token_counts(info, s)] * 3
@@ -363,3 +364,26 @@ def test_rapid_and_tome_finite(models, label):
         assert s.budget.achieved["ratio"] <= ratio
         y, counts, _, _ = _forward(model, x, s)
         assert torch.isfinite(y).all() and counts[0, -1] < counts[0, 0]
+
+
+@pytest.mark.parametrize("label", ["siglip_map", "vit_map_cls", "pe_map", "relpos_avg", "beit", "eva02"])
+def test_pooling_sees_token_sizes(models, label):
+    """Pooling merged tokens == timm's unpatched pooling of the same tokens each repeated ``size`` times.
+
+    Attention pooling (``map``: the latent queries' ``+log size``) and average pooling (``Eva.pool``,
+    and the mean BEiT / RelPos inline in ``forward_head``).
+    """
+    model = models[label][1]
+    head = "pool" if hasattr(type(model), "pool") else "forward_head"
+    assert model.global_pool in ("map", "avg")
+    x = images(model, 2, dtype=torch.float64)
+    with rs.applied(model, rs.tome_for_ratio(model, 0.5)), torch.no_grad():
+        feats = model.forward_features(x)  # (B, L, C) merged tokens
+        sizes = rs.last_sizes(model)  # (B, L, 1)
+        pooled = getattr(model, head)(feats)  # the patched, size-aware pooling
+        unpatched = getattr(type(model), head)
+        assert sizes.max() > 1
+        for b in range(2):
+            expanded = feats[b].repeat_interleave(sizes[b, :, 0].long(), dim=0)[None]  # (1, N0, C)
+            torch.testing.assert_close(pooled[b : b + 1], unpatched(model, expanded), rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(pooled, unpatched(model, feats))  # ignoring sizes would differ

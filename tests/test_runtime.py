@@ -278,7 +278,7 @@ def test_unsupported_models_rejected():
     from timm.models.vision_transformer import ParallelScalingBlock
 
     for model, match in (
-        (timm.create_model("test_resnet"), "not a supported timm ViT"),
+        (timm.create_model("test_resnet"), "not a timm VisionTransformer"),
         (VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, block_fn=ParallelScalingBlock), "same input"),
     ):
         with pytest.raises(UnsupportedModelError, match=match):
