@@ -341,15 +341,20 @@ def _decode(path: Path, transform: Callable[[Any], torch.Tensor], min_size: int)
     """Decode and preprocess one file: ``((3, H, W) tensor, '')`` or ``(None, reason)``."""
     from PIL import Image
 
+    bomb = f"more than {Image.MAX_IMAGE_PIXELS} pixels (PIL's limit against decompression bombs)"
     try:
-        with Image.open(path) as im:
-            im.load()
+        with Image.open(path) as im:  # reads the header only
             w, h = im.size
+            if w * h > Image.MAX_IMAGE_PIXELS:  # refused before decoding (PIL itself only warns up to twice that)
+                return None, f"{w}x{h} px, {bomb}"
+            im.load()
             if min(w, h) < min_size:
                 return None, f"too small: {w}x{h} px, short side below min_size={min_size}"
             rgb = im.convert("RGB")
         return transform(rgb), ""
-    except (*_DECODE_ERRORS, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:
+        return None, bomb
+    except _DECODE_ERRORS as e:
         msg = str(e).splitlines()[0] if str(e) else ""
         return None, f"unreadable: {e.__class__.__name__}" + (f": {msg}" if msg else "")
 

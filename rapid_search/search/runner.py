@@ -452,10 +452,10 @@ def _check_options(opts: SearchOptions) -> Path:
 def _plan(opts: SearchOptions) -> _Plan:
     """Validate every input (budget, space, device, data folder, model name, budget feasibility,
     output path, an existing study's set-up) before any work."""
-    spec = parse_budget(opts.budget)
-    # set-up values in their canonical spelling from here on (study name, recorded set-up,
-    # comparisons): ' 50% gflops ' and 'CPU ' are the same study as 50%GFLOPs and cpu
-    opts = replace(opts, budget=spec.canonical, device=str(opts.device).strip().lower())
+    # set-up values in their canonical spelling from here on (study name, recorded set-up, the
+    # schedule file, comparisons): ' 50% gflops ' and 'CPU ' are the same study as 50%GFLOPs and cpu
+    spec = parse_budget(parse_budget(opts.budget).canonical)
+    opts = replace(opts, budget=spec.text, device=str(opts.device).strip().lower())
     space = SearchSpace.load(opts.space)
     if spec.kind == "latency":
         space = space.without_thresholds()
@@ -609,8 +609,11 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
                 )
             except KeyboardInterrupt:
                 raise _interrupted(study, plan, loaded, prog) from None
-            except _storage_failures() as e:  # disk full under the journal, the database server gone
-                raise _storage_failed(e, study, plan, loaded) from None
+            except Exception as e:  # disk full under the journal, the database server gone
+                failure = _storage_failure_in(e)
+                if failure is None:
+                    raise
+                raise _storage_failed(failure, study, plan, loaded) from None
         schedule, trial = _export(study, plan=plan, loaded=loaded)
         stats = search_stats(study, len(loaded.calib.images))
         stats["calib_seconds_unreduced"] = round(loaded.calib.base_seconds, 3)
@@ -649,6 +652,19 @@ def _storage_failures() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover - optuna needs sqlalchemy for RDB storages only
         pass
     return tuple(kinds)
+
+
+def _storage_failure_in(e: BaseException) -> Optional[BaseException]:
+    """The storage failure behind ``e``, if any: ``e`` itself, or one it was raised from or while
+    handling (Optuna's trial loop meets a failed ``tell`` with an ``AssertionError`` of its own)."""
+    kinds = _storage_failures()
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kinds):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return None
 
 
 def _storage_failed(e: BaseException, study: optuna.Study, plan: _Plan, loaded: _Loaded) -> SearchError:
