@@ -87,6 +87,8 @@ class SearchOptions:
     latency_repeats: int = 10
     #: Precision the model is scored and timed in (``float32``, ``bfloat16``, ``float16``).
     dtype: str = "float32"
+    #: Latency budgets: time the model compiled with ``torch.compile(dynamic=False)``, as deployed.
+    compile: bool = False
     heartbeat_interval: int = HEARTBEAT_INTERVAL
     #: None: ``GRACE_PERIOD``, raised where a journal file needs more (see :func:`heartbeat_timing`).
     grace_period: Optional[int] = None
@@ -145,12 +147,16 @@ def default_study_name(opts: SearchOptions) -> str:
 
 def _runtime_suffix(opts: SearchOptions) -> str:
     """Study-name suffix for a non-default precision (nothing for float32: old names stay valid)."""
-    return "" if opts.dtype == "float32" else f"-{opts.dtype}"
+    return ("" if opts.dtype == "float32" else f"-{opts.dtype}") + ("-compiled" if opts.compile else "")
 
 
 def _runtime_setup(opts: SearchOptions) -> dict[str, Any]:
-    """Set-up entries for a non-default precision (none for float32, so older studies still match)."""
-    return {} if opts.dtype == "float32" else {"dtype": opts.dtype}
+    """Set-up entries for a non-default precision or compiled timing (none for the defaults, so older
+    studies still match)."""
+    out: dict[str, Any] = {} if opts.dtype == "float32" else {"dtype": opts.dtype}
+    if opts.compile:
+        out["compile"] = True
+    return out
 
 
 def _calib_fingerprint(data: Path, calib_images: int, seed: int) -> str:
@@ -470,8 +476,10 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
             from .latency import LatencyModel, measure_schedule_ms
 
             prog.log(f"measuring per-block latency on {device} at batch {opts.batch_size} ...")
-            latency_model = LatencyModel.measure(model, device=device, batch_size=opts.batch_size)
-            base_t = measure_schedule_ms(model, None, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats)
+            latency_model = LatencyModel.measure(model, device=device, batch_size=opts.batch_size, compile=opts.compile)
+            base_t = measure_schedule_ms(
+                model, None, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=opts.compile
+            )
             base_ms = base_t.median_ms
             lo, hi = LATENCY_MARGIN
             margin = min(hi, max(lo, base_t.iqr_ms / base_ms if base_ms > 0 else hi))
@@ -585,7 +593,7 @@ def _export(
         from .latency import measure_schedule_ms
 
         def accept(s: Schedule) -> Optional[dict[str, Any]]:
-            t = measure_schedule_ms(model, s, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats)
+            t = measure_schedule_ms(model, s, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=opts.compile)
             if t.median_ms > target:
                 return None
             return {"latency_ms": round(t.median_ms, 4), "latency_repeats": opts.latency_repeats, "batch_size": opts.batch_size}
