@@ -18,10 +18,11 @@ import hashlib
 import re
 import secrets
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import optuna
 import torch
@@ -555,7 +556,7 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
                 written: Optional[Path] = None
                 failed: Optional[str] = None
                 try:
-                    _export(study, opts, out, spec, info, calib, metric, model, device, latency_model, target)
+                    _export(study, opts, out, spec, info, calib, metric, model, device, latency_model, target, log=prog.log)
                     written = out
                 except SearchError:
                     pass  # no finished trial meets the budget yet: the message says so
@@ -568,7 +569,7 @@ def run_search(opts: SearchOptions, *, progress: Any = None) -> SearchResult:
                     finished = None
                 raise SearchInterrupted(study_name, written, finished, opts.trials, export_error=failed) from None
 
-        schedule, trial = _export(study, opts, out, spec, info, calib, metric, model, device, latency_model, target)
+        schedule, trial = _export(study, opts, out, spec, info, calib, metric, model, device, latency_model, target, log=prog.log)
         stats = search_stats(study, len(calib.images))
         stats["calib_seconds_unreduced"] = round(calib.base_seconds, 3)
         prog.finish(study, schedule, out, stats, metric=metric)
@@ -587,13 +588,16 @@ def _export(
     device: torch.device,
     latency_model: Any,
     target: float,
+    log: Optional[Callable[[str], None]] = None,
 ) -> tuple[Schedule, optuna.trial.FrozenTrial]:
     accept = None
+    checked: list[dict[str, Any]] = []  # every candidate re-measured, in rank order
     if spec.kind == "latency":
         from .latency import measure_schedule_ms
 
         def accept(s: Schedule) -> Optional[dict[str, Any]]:
             t = measure_schedule_ms(model, s, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=opts.compile)
+            checked.append({"method": s.provenance.get("method", "?"), "predicted_ms": float(latency_model.predict_ms(s)), "measured_ms": t.median_ms})
             if t.median_ms > target:
                 return None
             return {"latency_ms": round(t.median_ms, 4), "latency_repeats": opts.latency_repeats, "batch_size": opts.batch_size}
@@ -609,4 +613,52 @@ def _export(
         "batch_size": opts.batch_size,
         **environment(),
     }
-    return export_best(study, out, budget=budget, extra_scores=extra, provenance=prov, accept=accept)
+    try:
+        final, trial = export_best(study, out, budget=budget, extra_scores=extra, provenance=prov, accept=accept)
+    except SearchError:
+        for line in export_report(checked, target, chosen=None):
+            (log or _stderr)(line)
+        raise
+    for line in export_report(checked, target, chosen=len(checked) - 1 if checked else None):
+        (log or _stderr)(line)
+    warning = fidelity_warning(final.scores, calib.base_scores)
+    if warning:
+        (log or _stderr)(warning)
+    return final, trial
+
+
+def _stderr(line: str) -> None:
+    sys.stderr.write(line + "\n")
+
+
+def export_report(checked: Sequence[dict[str, Any]], target_ms: float, *, chosen: Optional[int]) -> list[str]:
+    """Lines saying which candidates a latency export re-measured, against the target, and why it
+    wrote the one it did (``chosen``: index into ``checked``; None when none met the target)."""
+    if not checked:
+        return []
+    lines = [f"export: re-measured {len(checked)} candidate(s), best-ranked first, against the target {target_ms:.2f} ms:"]
+    for i, c in enumerate(checked):
+        miss = c["measured_ms"] / target_ms - 1
+        verdict = f"misses by {miss:+.1%}" if miss > 0 else f"meets ({miss:+.1%})"
+        lines.append(f"  #{i + 1} {c['method']}: measured {c['measured_ms']:.2f} ms (predicted {c['predicted_ms']:.2f}) — {verdict}")
+    if chosen is None:
+        lines.append("export: no re-measured candidate meets the target")
+    else:
+        lines.append(f"export: wrote #{chosen + 1}, the best-ranked candidate whose measured latency meets the target")
+    return lines
+
+
+#: Calibration agreement with the unreduced model below which an export warns (the budget is too tight).
+MIN_AGREEMENT = 0.5
+
+
+def fidelity_warning(scores: dict[str, Any], base_scores: dict[str, float]) -> Optional[str]:
+    """One warning line when a written schedule's calibration fidelity is far below the unreduced
+    model's (agreement under :data:`MIN_AGREEMENT`, or top-1 under half the unreduced top-1)."""
+    agree, top1, base_top1 = scores.get("calib_agreement"), scores.get("calib_top1"), base_scores.get("top1")
+    low_agree = agree is not None and agree < MIN_AGREEMENT
+    low_top1 = top1 is not None and base_top1 is not None and top1 < 0.5 * base_top1
+    if not (low_agree or low_top1):
+        return None
+    what = f"top-1 {top1:.1%} vs {base_top1:.1%} unreduced" if top1 is not None and base_top1 is not None else f"agreement {agree:.1%}"
+    return f"warning: the written schedule keeps calibration {what} — the budget is too tight for this model on this device; raise it"
