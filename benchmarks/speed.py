@@ -79,6 +79,24 @@ def _table(
                 return times
 
 
+class _Oracle(torch.nn.Module):
+    """The unpatched blocks fed the token counts of a schedule by slicing (no reduction work at all):
+    the speed a reduction with zero cost would reach."""
+
+    def __init__(self, model: torch.nn.Module, counts: list[int]) -> None:
+        super().__init__()
+        self.m, self.counts = model, counts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.m
+        t = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))  # (B, N, C)
+        for i, blk in enumerate(m.blocks):
+            t = t + blk.ls1(blk.attn(blk.norm1(t)))
+            t = t[:, : self.counts[i + 1]]  # (B, N_{l+1}, C)
+            t = t + blk.ls2(blk.mlp(blk.norm2(t)))
+        return m.forward_head(m.norm(t))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="deit_tiny_patch16_224")
@@ -97,6 +115,7 @@ def main() -> None:
     )
     ap.add_argument("--tome", type=Path, default=None, help="checkout of facebookresearch/ToMe (work tree or git dir)")
     ap.add_argument("--schedule", type=Path, action="append", default=[], help="extra schedule YAMLs to time")
+    ap.add_argument("--oracle", action="store_true", help="add the unpatched blocks fed RAPID's token counts by slicing (a zero-cost reduction)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -134,6 +153,9 @@ def main() -> None:
                     if sched is not None:
                         rs.apply(m, sched)
                     configs[name] = (m, gflops[name])
+                if args.oracle:
+                    rapid = schedules[f"RAPID hand-set {args.ratio:.0%}"]
+                    configs["zero-cost reduction (oracle)"] = (_Oracle(copy.deepcopy(base_model).to(dtype), rs.token_counts(info, rapid)), gflops[f"RAPID hand-set {args.ratio:.0%}"])
                 if tome is not None:
                     m = copy.deepcopy(base_model).to(dtype)
                     tome.patch.timm(m)

@@ -99,6 +99,12 @@ PAIRS: tuple[tuple[str, str], ...] = (("rapid", "tofu"), ("rapid", "evit"), ("se
 #: Tolerance when matching a searched schedule's achieved ratio to a benchmark ratio.
 SEARCHED_TOLERANCE = 0.01
 
+#: Relative half-width of a median's bootstrap 95 % interval at which timing rounds stop.
+STABLE_CI = 0.02
+
+#: IQR above this fraction of the median: the timing is too noisy to compare.
+WIDE_SPREAD = 0.15
+
 Log = Callable[[str], None]
 
 
@@ -315,6 +321,9 @@ def run_bench(
     methods: Sequence[str] = METHODS,
     setup: Optional[dict[str, Any]] = None,
     log: Optional[Log] = None,
+    compile: bool = False,
+    time_limit: float = 0.0,
+    stable: float = STABLE_CI,
 ) -> dict[str, Any]:
     """Evaluate every method at every ratio on the same images; return all numbers.
 
@@ -329,12 +338,18 @@ def run_bench(
         device: Where to run and time.
         batch_size: Batch size for evaluation and timing.
         warmup: Untimed batches before timing.
-        repeats: Timed batches (median reported); 0 skips timing.
+        repeats: Timing rounds at least (median reported); 0 skips timing. More rounds follow
+            until every median is stable (bootstrap 95 % interval within ``stable`` of it) or
+            ``time_limit`` seconds of timing have passed.
         n_boot: Bootstrap resamples for the CI.
         seed: Bootstrap seed.
         methods: Methods per ratio (subset of :data:`METHODS`, in table order).
         setup: Extra facts to record (paths, command line).
         log: Progress callback (one line per evaluated schedule).
+        compile: Time every schedule compiled with ``torch.compile(dynamic=False)`` (each on its
+            own copy of the model, compiled once before the rounds); evaluation stays eager.
+        time_limit: Seconds of timing rounds after which no more are added (0: exactly ``repeats``).
+        stable: Relative half-width of the median's 95 % interval that ends the rounds early.
 
     Returns:
         A JSON-serialisable dict: ``setup``, ``base`` (unreduced row), ``rows`` (one per
@@ -359,26 +374,44 @@ def run_bench(
     load_start = _loadavg()
 
     def time_all(schedules: dict[tuple[Any, ...], Optional[Schedule]]) -> dict[tuple[Any, ...], Any]:
-        """Interleaved timing: each round times one batch of every schedule, ``repeats`` rounds.
+        """Interleaved timing: each round times one batch of every schedule.
 
         Load from other processes drifts over minutes; interleaving spreads it evenly over the
         methods, so speedups stay comparable. The first round is preceded by ``warmup`` untimed
-        batches per schedule.
+        batches per schedule; rounds go on past ``repeats`` until every median is stable or
+        ``time_limit`` is reached.
         """
-        from .measure import Timing
-        from .patch import applied
+        import copy
 
+        from .measure import Timing, time_callable
+        from .patch import apply
+
+        x = torch.randn((batch_size, *input_size), generator=torch.Generator().manual_seed(0))
+        x = x.to(device=device, dtype=next(model.parameters()).dtype)  # (B, C, H, W)
+        runs: dict[tuple[Any, ...], Callable[[], Any]] = {}
+        for k, sched in schedules.items():
+            if compile:
+                m = copy.deepcopy(model)
+                if sched is not None and sched.reduces:
+                    apply(m, sched)
+                runs[k] = (lambda c=torch.compile(m, dynamic=False): c(x))
+            else:
+                runs[k] = _eager_run(model, sched, x)
         times: dict[tuple[Any, ...], list[float]] = {k: [] for k in schedules}
-        for rnd in range(repeats):
-            for k, sched in schedules.items():
-                w = warmup if rnd == 0 else 0
-                if sched is None or not sched.reduces:
-                    t = measure_model(model, device=device, batch_size=batch_size, input_size=input_size, warmup=w, repeats=1)
-                else:
-                    with applied(model, sched):
-                        t = measure_model(model, device=device, batch_size=batch_size, input_size=input_size, warmup=w, repeats=1)
-                times[k].append(float(t.median_ms))
-            log(f"timing round {rnd + 1}/{repeats} done")
+        t_end = None
+        rnd = 0
+        while True:
+            for k, fn in runs.items():
+                w = (max(1, warmup) if compile else warmup) if rnd == 0 else 0
+                times[k].append(float(time_callable(fn, device=device, warmup=w, repeats=1, batch_size=batch_size).median_ms))
+            rnd += 1
+            if rnd == 1:
+                t_end = time.perf_counter() + time_limit
+            log(f"timing round {rnd} done")
+            if rnd >= repeats and (time.perf_counter() >= t_end or all(median_ci(v) <= stable for v in times.values())):
+                break
+        if compile:
+            torch._dynamo.reset()
         return {k: Timing.from_times(v, batch_size=batch_size) for k, v in times.items()}
 
     # unreduced reference: predictions once, reused for agreement
@@ -470,6 +503,10 @@ def run_bench(
         row["images_per_s"] = _round(t.images_per_s, 2)
         row["speedup"] = _round(t_base.median_ms / t.median_ms, 4)
         row["speedup_of_ideal"] = _round(row["speedup"] * row["achieved_ratio"], 4)
+        row["rounds"] = t.repeats
+        flag = timing_flag(t, t_base, 1.0 / row["achieved_ratio"]) if row is not base_row else timing_flag(t, t_base, None)
+        if flag:
+            row["timing_flag"] = flag
     comparisons = _compare(rows, labels, base_top, n_boot=n_boot, seed=seed)
     metric = "top1" if labels is not None else "agreement"
     return {
@@ -489,6 +526,8 @@ def run_bench(
             "batch_size": batch_size,
             "warmup": warmup,
             "repeats": repeats,
+            "compiled": compile,
+            "time_limit": time_limit,
             "torch_threads": torch.get_num_threads(),
             "load_average_start": load_start,
             "cpu_count": _cpu_count(),
@@ -506,6 +545,49 @@ def run_bench(
         "comparisons": comparisons,
         "labels": None if labels is None else [int(v) for v in labels.tolist()],
     }
+
+
+def median_ci(times: Sequence[float], *, n_boot: int = 300, seed: int = 0) -> float:
+    """Half-width of the bootstrap 95 % interval of the median of ``times``, relative to the median
+    (inf with fewer than 3 times)."""
+    t = np.asarray(times, dtype=np.float64)
+    if t.size < 3:
+        return math.inf
+    med = float(np.median(t))
+    boots = np.median(np.random.default_rng(seed).choice(t, size=(n_boot, t.size)), axis=1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(hi - lo) / 2 / med if med > 0 else math.inf
+
+
+def timing_flag(t: Any, base: Any, ideal: Optional[float]) -> Optional[str]:
+    """Why a timed row cannot be taken at face value, or None.
+
+    ``"above ideal"``: its speed-up over ``base`` exceeds ``ideal`` by more than the two medians'
+    uncertainty (timing noise, not the schedule); ``"spread too wide"``: the IQR of either
+    timing is above :data:`WIDE_SPREAD` of its median.
+    """
+    if t.iqr_ms > WIDE_SPREAD * t.median_ms or base.iqr_ms > WIDE_SPREAD * base.median_ms:
+        return "spread too wide"
+    if ideal is not None:
+        speed = base.median_ms / t.median_ms
+        noise = speed * (median_ci(t.times_ms) + median_ci(base.times_ms))
+        if speed - noise > ideal:
+            return "above ideal"
+    return None
+
+
+def _eager_run(model: nn.Module, sched: Optional[Schedule], x: torch.Tensor) -> Callable[[], Any]:
+    """One eager forward of ``model`` under ``sched`` (applied for the call, then removed)."""
+    from .patch import applied
+
+    if sched is None or not sched.reduces:
+        return lambda: model(x)
+
+    def run() -> Any:
+        with applied(model, sched):
+            return model(x)
+
+    return run
 
 
 def _best_tome(rows: Sequence[dict[str, Any]], ratio: float, metric: str) -> Optional[dict[str, Any]]:
@@ -624,7 +706,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         "",
         f"{s['images']} evaluation images ({s.get('data', 'given tensors')}), calibration folder "
         f"{s.get('calib') or '—'}; device {s['device']}, {s.get('dtype', 'float32')}, batch {s['batch_size']}, "
-        f"torch threads: {s['torch_threads']}. Timing: {s['repeats']} interleaved rounds (one batch of every schedule per round, "
+        f"torch threads: {s['torch_threads']}. Timing{' (torch.compile)' if s.get('compiled') else ''}: at least {s['repeats']} interleaved rounds "
+        f"(one batch of every schedule per round; more until every median's 95% interval is within {100 * STABLE_CI:g}% or "
+        f"{s.get('time_limit', 60):g} s passed; ⚠ marks a speed-up above the ideal beyond noise or an IQR above {100 * WIDE_SPREAD:g}%), "
         f"after {s['warmup']} warm-up batches each), median per schedule, IQR of the batch times in % of the median"
         + (
             f"; CPU load average (1 min) {s['load_average_start'][0]:.1f} at the start, {s['load_average_end'][0]:.1f} at the end "
@@ -656,8 +740,8 @@ def markdown_table(result: dict[str, Any]) -> str:
             name = f"**{name}**"
         lines.append(
             f"| {target} | {name} | {row['gflops']:.3f} ({_pct(row['achieved_ratio'])}){flag} | {_pct(row['top1'])} | "
-            f"{_pct(row['agreement'])} | {_ips(row)} | {_num(row.get('speedup'), '.2f')}x | "  # no timing: --repeats 0
-            f"{_pct(row.get('speedup_of_ideal'), 0)} | {diff} | {p} |"
+            f"{_pct(row['agreement'])} | {_ips(row)} | {_num(row.get('speedup'), '.2f')}x | "
+            f"{_pct(row.get('speedup_of_ideal'), 0)}{' ⚠ ' + row['timing_flag'] if row.get('timing_flag') else ''} | {diff} | {p} |"
         )
     pairs = [c for c in result["comparisons"] if c.get("kind") == "pair"]
     if pairs:
@@ -789,11 +873,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=_positive_int, default=None, help="evaluate on at most N images (a seeded subset)")
     parser.add_argument("--out-dir", type=Path, default=None, help="output folder (default: benchmarks/<model>)")
     parser.add_argument("--warmup", type=_nonneg_int, default=2, help="untimed warm-up batches per schedule (default: 2)")
-    parser.add_argument("--repeats", type=_nonneg_int, default=5, help="timing rounds, each timing one batch of every schedule (interleaved); median reported; 0 skips timing (default: 5)")
+    parser.add_argument("--repeats", type=_nonneg_int, default=5, help="timing rounds at least, each timing one batch of every schedule (interleaved; more until stable, see --time-limit); median reported; 0 skips timing (default: 5)")
     parser.add_argument("--n-boot", type=_positive_int, default=10_000, help="bootstrap resamples (default: 10000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image subset and the bootstrap (default: 0)")
     parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="precision the models run and are timed in (default: float32)")
+    parser.add_argument("--time-limit", type=_nonneg_int, default=60, metavar="S", help="seconds of timing rounds after --repeats, while medians are not yet stable (default: 60)")
+    parser.add_argument("--compile", action="store_true", help="time every schedule compiled with torch.compile (dynamic=False); evaluation stays eager")
     parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="load timm's pretrained weights (default: on)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="local weights file instead of timm's pretrained weights")
     parser.add_argument("--quiet", action="store_true", help="print only the output paths")
@@ -850,6 +936,8 @@ def main(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         warmup=args.warmup,
         repeats=args.repeats,
+        compile=args.compile,
+        time_limit=args.time_limit,
         n_boot=args.n_boot,
         seed=args.seed,
         setup=setup,
@@ -890,6 +978,10 @@ def _command(args: argparse.Namespace) -> str:
         parts += ["--threads", str(args.threads)]
     if getattr(args, "dtype", "float32") != "float32":
         parts += ["--dtype", args.dtype]
+    if getattr(args, "compile", False):
+        parts.append("--compile")
+    if getattr(args, "time_limit", 60) != 60:
+        parts += ["--time-limit", str(args.time_limit)]
     if not args.pretrained:
         parts.append("--no-pretrained")
     if args.checkpoint is not None:

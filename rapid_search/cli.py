@@ -64,6 +64,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, default=None, help="local weights (state dict or .safetensors) instead of timm's pretrained weights")
     p.add_argument("--threads", type=_threads_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="precision the model runs (and is timed) in (default: float32)")
+    p.add_argument("--compile", action="store_true", help="time the model compiled with torch.compile (as deployed); latency budgets and timings only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +181,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         rungs=args.rungs,
         threads=args.threads,
         dtype=args.dtype,
+        compile=args.compile,
     )
     if args.heartbeat_interval is not None:
         opts.heartbeat_interval = args.heartbeat_interval
@@ -300,9 +302,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     scores = fidelity(red.logits, base.logits, imgs.labels)
     base_scores = fidelity(base.logits, base.logits, imgs.labels)
     size = tuple(imgs.images.shape[1:])
-    t_base = measure_model(model, device=device, batch_size=args.batch_size, input_size=size, repeats=args.repeats)
+    timing = dict(device=device, batch_size=args.batch_size, input_size=size, repeats=args.repeats, compile=args.compile)
+    t_base = measure_model(model, **timing)
     with applied(model, schedule):
-        t_red = measure_model(model, device=device, batch_size=args.batch_size, input_size=size, repeats=args.repeats)
+        t_red = measure_model(model, **timing)
     g_base, g_red = info.base_gflops, float(red.macs.mean()) / 1e9
     result = {
         "schedule": str(args.schedule),
@@ -311,6 +314,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         "skipped": len(imgs.skipped),
         "device": str(device),
         "dtype": args.dtype,
+        "compiled": args.compile,
         "batch_size": args.batch_size,
         "unreduced": {**base_scores, "gflops": g_base, "images_per_s": t_base.images_per_s},
         "schedule_scores": {**scores, "gflops": g_red, "images_per_s": t_red.images_per_s},

@@ -195,8 +195,15 @@ def measure_model(
     warmup: int = 3,
     repeats: int = 10,
     inputs: Optional[torch.Tensor] = None,
+    compile: bool = False,
 ) -> Timing:
     """Time ``model(x)`` on one fixed batch; the model must already be on ``device`` (and in eval mode).
+
+    With ``compile``, the model as it is now (a schedule applied or not) is compiled with
+    ``torch.compile(model, dynamic=False)`` (inductor) and the compiled module is timed; the
+    compilation happens in the first warm-up run (at least one is made) and is not timed. Dynamo's
+    caches are reset before and after, so that measuring many schedules of one model never hits
+    its recompile limit (which would silently time eager code).
 
     Args:
         model: The model (its mode and device are left as they are).
@@ -222,4 +229,13 @@ def measure_model(
     else:
         x = inputs
     x = x.to(device=dev, dtype=dtype)
-    return time_callable(lambda: model(x), device=dev, warmup=warmup, repeats=repeats, batch_size=int(x.shape[0]))
+    if not compile:
+        return time_callable(lambda: model(x), device=dev, warmup=warmup, repeats=repeats, batch_size=int(x.shape[0]))
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    try:
+        compiled = torch.compile(model, dynamic=False)
+        return time_callable(lambda: compiled(x), device=dev, warmup=max(1, warmup), repeats=repeats, batch_size=int(x.shape[0]))
+    finally:
+        dynamo.reset()

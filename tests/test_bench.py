@@ -176,7 +176,7 @@ def test_cli_main(folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.Cap
     p = argparse.ArgumentParser()
     add_arguments(p)
     common = ["--model", "test_vit", "--no-pretrained", "--data", str(data), "--ratios", "50", "--batch-size", "8"]
-    common += ["--repeats", "1", "--warmup", "0", "--n-boot", "100", "--quiet"]
+    common += ["--repeats", "1", "--time-limit", "0", "--warmup", "0", "--n-boot", "100", "--quiet"]
     args = p.parse_args(common + ["--calib", str(calib), "--out-dir", str(tmp_path / "b")])
     assert main(args) == 0
     for name in ("table.md", "results.json", "pareto.png"):
@@ -207,3 +207,15 @@ def test_cli_repeats_0_skips_timing_and_dtype(folders: tuple[Path, Path], tmp_pa
     assert all("speedup" not in r for r in res["rows"]) and "median_ms" not in res["base"]
     assert any(r["status"] == "ok" and r["top1"] is not None for r in res["rows"])
     assert "| — | — |" in (tmp_path / "b" / "table.md").read_text()
+
+
+def test_timing_flags() -> None:
+    from rapid_search.bench import median_ci, timing_flag
+    from rapid_search.measure import Timing
+
+    base = Timing.from_times([10.0, 10.1, 9.9, 10.0, 10.05, 9.95])
+    assert median_ci([1.0, 2.0]) == float("inf") and median_ci([5.0] * 6) == 0.0
+    assert timing_flag(Timing.from_times([5.0, 5.05, 4.95, 5.0, 5.02, 4.98]), base, 2.0) is None  # at the ideal
+    assert timing_flag(Timing.from_times([4.0, 4.05, 3.95, 4.0, 4.02, 3.98]), base, 2.0) == "above ideal"
+    assert timing_flag(Timing.from_times([5.0, 9.0, 3.0, 5.0, 7.0, 4.0]), base, 2.0) == "spread too wide"
+    assert timing_flag(base, Timing.from_times([10.0, 20.0, 5.0, 12.0, 8.0, 15.0]), None) == "spread too wide"

@@ -249,3 +249,31 @@ def timm_test_vit():
     import timm
 
     return timm.create_model("test_vit")
+
+
+def test_measure_schedule_compiled(monkeypatch):
+    """--compile timings: the schedule's compiled forward is timed (compilation in the warm-up).
+    The plumbing is tested with the quick aot_eager backend (inductor: test above)."""
+    import functools
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    calls = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(kw) or functools.partial(real, backend="aot_eager")(m, **kw))
+
+    from rapid_search.search.latency import measure_schedule_ms
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
+    s = rs.as_schedule([L("prune", 3), L("merge", 3, None, 0.25)], model)
+    t = measure_schedule_ms(model, s, device="cpu", batch_size=2, repeats=3, warmup=0, compile=True)
+    assert t.repeats == 3 and t.median_ms > 0
+    assert not rs.is_patched(model)
+    from rapid_search.search.latency import LatencyModel
+
+    lat = LatencyModel.measure(model, device="cpu", batch_size=2, repeats=2, calibrate_repeats=2, compile=True)
+    assert lat.compiled and lat.base_ms > 0
+    assert lat.matches(model, device="cpu", batch_size=2, compile=True) and not lat.matches(model, device="cpu", batch_size=2)
+    assert LatencyModel.from_dict(lat.to_dict()).compiled
+    assert calls == [{"dynamic": False}] * 2

@@ -212,6 +212,7 @@ class LatencyModel:
         block_factor: Whole block / sum of its separately timed halves, at ``ref_tokens``.
         scale: Calibration factor (measured unreduced forward / uncalibrated prediction); 1 if not calibrated.
         base_ms: Measured unreduced forward (None if not calibrated).
+        compiled: The calibration timed the model compiled with ``torch.compile``.
         env: torch version, CPU threads or GPU name (a cache is only reused when they match).
         meta: Measurement settings and date.
     """
@@ -232,6 +233,7 @@ class LatencyModel:
     block_factor: float = 1.0
     scale: float = 1.0
     base_ms: Optional[float] = None
+    compiled: bool = False
     env: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -248,6 +250,7 @@ class LatencyModel:
         grid_points: int = 8,
         calibrate: bool = True,
         calibrate_repeats: int = 3,
+        compile: bool = False,
     ) -> "LatencyModel":
         """Time the model's parts on ``device`` and fit the predictor.
 
@@ -266,6 +269,9 @@ class LatencyModel:
             grid_points: Token counts to time the block halves at.
             calibrate: Also time the unreduced forward and scale predictions to match it.
             calibrate_repeats: Timed full forward passes for the calibration.
+            compile: Calibrate against the unreduced forward compiled with
+                ``torch.compile(dynamic=False)`` (the parts stay eager, so the reduction
+                overheads they measure are an upper bound of the compiled ones).
 
         Returns:
             The fitted :class:`LatencyModel`.
@@ -321,8 +327,21 @@ class LatencyModel:
         probes.append(_Probe("sized", lambda: model.blocks[1](model.blocks[0](x_full)), schedule=scheds["tome"]))
         if calibrate:
             # last in each round: every part is warm by then, so the full forward needs no warm-up of its own
-            probes.append(_Probe("full", lambda: model(img), rounds=calibrate_repeats, warmup=0))
-        med = _run_rounds(model, probes, device=dev, warmup=warmup, repeats=repeats, batch_size=B)
+            if compile:
+                import torch._dynamo as dynamo
+
+                dynamo.reset()
+                full = torch.compile(model, dynamic=False)
+                probes.append(_Probe("full", lambda: full(img), rounds=calibrate_repeats, warmup=1))  # compiles in its warm-up
+            else:
+                probes.append(_Probe("full", lambda: model(img), rounds=calibrate_repeats, warmup=0))
+        try:
+            med = _run_rounds(model, probes, device=dev, warmup=warmup, repeats=repeats, batch_size=B)
+        finally:
+            if compile:
+                import torch._dynamo as dynamo
+
+                dynamo.reset()
 
         attn_ms = [med[f"attn{n}"] for n in grid]
         mlp_ms = [med[f"mlp{n}"] for n in grid]
@@ -358,6 +377,7 @@ class LatencyModel:
             sized_overhead_ms=sized,
             ref_tokens=N,
             block_factor=glue,
+            compiled=bool(compile and calibrate),
             env=_env_key(dev),
             meta={
                 "repeats": repeats,
@@ -456,9 +476,9 @@ class LatencyModel:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise LatencyModelError(f"cannot read latency model {p} ({e.__class__.__name__}) — delete it; it is re-measured on the next run") from None
 
-    def matches(self, model: nn.Module, *, device: DeviceLike, batch_size: int) -> bool:
+    def matches(self, model: nn.Module, *, device: DeviceLike, batch_size: int, compile: bool = False) -> bool:
         """Whether this latency model was measured for ``model`` on ``device`` at ``batch_size``
-        (same architecture facts, dtype, torch version and CPU threads or GPU)."""
+        (same architecture facts, dtype, compile mode, torch version and CPU threads or GPU)."""
         dev = _as_device(device)
         p = next(model.parameters())
         return (
@@ -466,6 +486,7 @@ class LatencyModel:
             and self.device == str(dev)
             and self.batch_size == batch_size
             and self.dtype == str(p.dtype).replace("torch.", "")
+            and self.compiled == bool(compile)
             and self.env == _env_key(dev)
         )
 
@@ -492,7 +513,7 @@ class LatencyModel:
         if p.exists():
             try:
                 lat = cls.load(p)
-                if lat.matches(model, device=device, batch_size=batch_size):
+                if lat.matches(model, device=device, batch_size=batch_size, compile=bool(measure_options.get("compile", False))):
                     return lat
             except LatencyModelError:
                 pass
@@ -509,6 +530,7 @@ def measure_schedule_ms(
     batch_size: int,
     repeats: int = 10,
     warmup: int = 2,
+    compile: bool = False,
 ) -> Timing:
     """Time the real forward of ``model`` under ``schedule`` (median of ``repeats`` runs).
 
@@ -520,6 +542,8 @@ def measure_schedule_ms(
         batch_size: Images per batch.
         repeats: Timed runs.
         warmup: Untimed runs first.
+        compile: Time the model compiled with ``torch.compile(dynamic=False)`` (see
+            :func:`rapid_search.measure.measure_model`); the compilation is not timed.
 
     Returns:
         The :class:`rapid_search.measure.Timing` per batch (``median_ms``, ``min_ms``, ...).
@@ -531,8 +555,9 @@ def measure_schedule_ms(
     _check_unpatched(model)
     _model_device_dtype(model, dev)
     size = model_input_size(model)
+    opts = dict(device=dev, batch_size=batch_size, input_size=size, warmup=warmup, repeats=repeats, compile=compile)
     if schedule is None:
-        return measure_model(model, device=dev, batch_size=batch_size, input_size=size, warmup=warmup, repeats=repeats)
+        return measure_model(model, **opts)
     sched = as_schedule(schedule, model)
     with applied(model, sched):
-        return measure_model(model, device=dev, batch_size=batch_size, input_size=size, warmup=warmup, repeats=repeats)
+        return measure_model(model, **opts)

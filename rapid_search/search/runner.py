@@ -18,10 +18,11 @@ import hashlib
 import re
 import secrets
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import optuna
 import torch
@@ -95,6 +96,8 @@ class SearchOptions:
     latency_repeats: int = 10
     #: Precision the model is scored and timed in (``float32``, ``bfloat16``, ``float16``).
     dtype: str = "float32"
+    #: Latency budgets: time the model compiled with ``torch.compile(dynamic=False)``, as deployed.
+    compile: bool = False
     heartbeat_interval: int = HEARTBEAT_INTERVAL
     #: None: ``GRACE_PERIOD``, raised where a journal file needs more (see :func:`heartbeat_timing`).
     grace_period: Optional[int] = None
@@ -153,12 +156,16 @@ def default_study_name(opts: SearchOptions) -> str:
 
 def _runtime_suffix(opts: SearchOptions) -> str:
     """Study-name suffix for a non-default precision (nothing for float32: old names stay valid)."""
-    return "" if opts.dtype == "float32" else f"-{opts.dtype}"
+    return ("" if opts.dtype == "float32" else f"-{opts.dtype}") + ("-compiled" if opts.compile else "")
 
 
 def _runtime_setup(opts: SearchOptions) -> dict[str, Any]:
-    """Set-up entries for a non-default precision (none for float32, so older studies still match)."""
-    return {} if opts.dtype == "float32" else {"dtype": opts.dtype}
+    """Set-up entries for a non-default precision or compiled timing (none for the defaults, so older
+    studies still match)."""
+    out: dict[str, Any] = {} if opts.dtype == "float32" else {"dtype": opts.dtype}
+    if opts.compile:
+        out["compile"] = True
+    return out
 
 
 def _calib_fingerprint(data: Path, calib_images: int, seed: int) -> str:
@@ -521,8 +528,8 @@ def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: 
 
     opts, device, info = plan.opts, plan.device, plan.info
     log(f"measuring per-block latency on {device} at batch {opts.batch_size} ...")
-    latency_model = LatencyModel.measure(model, device=device, batch_size=opts.batch_size)
-    base_t = measure_schedule_ms(model, None, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats)
+    latency_model = LatencyModel.measure(model, device=device, batch_size=opts.batch_size, compile=opts.compile)
+    base_t = measure_schedule_ms(model, None, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=opts.compile)
     base_ms = base_t.median_ms
     lo, hi = LATENCY_MARGIN
     margin = min(hi, max(lo, base_t.iqr_ms / base_ms if base_ms > 0 else hi))
@@ -614,7 +621,7 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
                 if failure is None:
                     raise
                 raise _storage_failed(failure, study, plan, loaded) from None
-        schedule, trial = _export(study, plan=plan, loaded=loaded)
+        schedule, trial = _export(study, plan=plan, loaded=loaded, log=prog.log)
         stats = search_stats(study, len(loaded.calib.images))
         stats["calib_seconds_unreduced"] = round(loaded.calib.base_seconds, 3)
         prog.finish(summarize_search(study, schedule, plan.out, stats, metric=plan.metric))
@@ -627,7 +634,7 @@ def _interrupted(study: optuna.Study, plan: _Plan, loaded: _Loaded, prog: Progre
     written: Optional[Path] = None
     failed: Optional[str] = None
     try:
-        _export(study, plan=plan, loaded=loaded)
+        _export(study, plan=plan, loaded=loaded, log=prog.log)
         written = plan.out
     except SearchError:
         pass  # no finished trial meets the budget yet: the message says so
@@ -693,15 +700,24 @@ def _storage_failed(e: BaseException, study: optuna.Study, plan: _Plan, loaded: 
     return SearchError(f"{what}; study {plan.study_name!r} kept ({finished}/{opts.trials} trials finished); {wrote}")
 
 
-def _export(study: optuna.Study, *, plan: _Plan, loaded: _Loaded) -> tuple[Schedule, optuna.trial.FrozenTrial]:
-    """Write the best feasible trial's schedule (for a latency budget: re-measured on the device)."""
+def _export(
+    study: optuna.Study, *, plan: _Plan, loaded: _Loaded, log: Optional[Callable[[str], None]] = None
+) -> tuple[Schedule, optuna.trial.FrozenTrial]:
+    """Write the best feasible trial's schedule (for a latency budget: re-measured on the device,
+    with a report of the candidates re-measured and why the written one was chosen)."""
     opts, target = plan.opts, loaded.target
+    say = log or _stderr
     accept = None
+    checked: list[dict[str, Any]] = []  # every candidate re-measured, in rank order
     if plan.spec.kind == "latency":
         from .latency import measure_schedule_ms
 
         def accept(s: Schedule) -> Optional[dict[str, Any]]:
-            t = measure_schedule_ms(loaded.model, s, device=plan.device, batch_size=opts.batch_size, repeats=opts.latency_repeats)
+            t = measure_schedule_ms(
+                loaded.model, s, device=plan.device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=opts.compile
+            )
+            predicted = float(loaded.latency_model.predict_ms(s))
+            checked.append({"method": s.provenance.get("method", "?"), "predicted_ms": predicted, "measured_ms": t.median_ms})
             if t.median_ms > target.value:
                 return None
             return {"latency_ms": round(t.median_ms, 4), "latency_repeats": opts.latency_repeats, "batch_size": opts.batch_size}
@@ -717,4 +733,52 @@ def _export(study: optuna.Study, *, plan: _Plan, loaded: _Loaded) -> tuple[Sched
         "batch_size": opts.batch_size,
         **versions("optuna"),
     }
-    return export_best(study, plan.out, budget=target.budget(), extra_scores=extra, provenance=prov, accept=accept)
+    try:
+        final, trial = export_best(study, plan.out, budget=target.budget(), extra_scores=extra, provenance=prov, accept=accept)
+    except SearchError:
+        for line in export_report(checked, target.value, chosen=None):
+            say(line)
+        raise
+    for line in export_report(checked, target.value, chosen=len(checked) - 1 if checked else None):
+        say(line)
+    warning = fidelity_warning(final.scores, loaded.calib.base_scores)
+    if warning:
+        say(warning)
+    return final, trial
+
+
+def _stderr(line: str) -> None:
+    sys.stderr.write(line + "\n")
+
+
+def export_report(checked: Sequence[dict[str, Any]], target_ms: float, *, chosen: Optional[int]) -> list[str]:
+    """Lines saying which candidates a latency export re-measured, against the target, and why it
+    wrote the one it did (``chosen``: index into ``checked``; None when none met the target)."""
+    if not checked:
+        return []
+    lines = [f"export: re-measured {len(checked)} candidate(s), best-ranked first, against the target {target_ms:.2f} ms:"]
+    for i, c in enumerate(checked):
+        miss = c["measured_ms"] / target_ms - 1
+        verdict = f"misses by {miss:+.1%}" if miss > 0 else f"meets ({miss:+.1%})"
+        lines.append(f"  #{i + 1} {c['method']}: measured {c['measured_ms']:.2f} ms (predicted {c['predicted_ms']:.2f}) — {verdict}")
+    if chosen is None:
+        lines.append("export: no re-measured candidate meets the target")
+    else:
+        lines.append(f"export: wrote #{chosen + 1}, the best-ranked candidate whose measured latency meets the target")
+    return lines
+
+
+#: Calibration agreement with the unreduced model below which an export warns (the budget is too tight).
+MIN_AGREEMENT = 0.5
+
+
+def fidelity_warning(scores: dict[str, Any], base_scores: dict[str, float]) -> Optional[str]:
+    """One warning line when a written schedule's calibration fidelity is far below the unreduced
+    model's (agreement under :data:`MIN_AGREEMENT`, or top-1 under half the unreduced top-1)."""
+    agree, top1, base_top1 = scores.get("calib_agreement"), scores.get("calib_top1"), base_scores.get("top1")
+    low_agree = agree is not None and agree < MIN_AGREEMENT
+    low_top1 = top1 is not None and base_top1 is not None and top1 < 0.5 * base_top1
+    if not (low_agree or low_top1):
+        return None
+    what = f"top-1 {top1:.1%} vs {base_top1:.1%} unreduced" if top1 is not None and base_top1 is not None else f"agreement {agree:.1%}"
+    return f"warning: the written schedule keeps calibration {what} — the budget is too tight for this model on this device; raise it"
