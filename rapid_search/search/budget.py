@@ -67,11 +67,6 @@ class BudgetSpec:
             return f"{self.value * 100:g}%" + ("GFLOPs" if self.kind == "gflops" else "latency")
         return f"{self.value:g}" + ("GFLOPs" if self.kind == "gflops" else "ms")
 
-    @property
-    def unit(self) -> str:
-        """Unit of the resolved target: ``"GFLOPs"`` or ``"ms"``."""
-        return "GFLOPs" if self.kind == "gflops" else "ms"
-
 
 def _grammar_error(text: Any) -> BudgetError:
     return BudgetError(f"budget {text!r} is not understood — use one of: {ACCEPTED_FORMS}")
@@ -202,7 +197,7 @@ class Target:
 
     Attributes:
         spec: The parsed budget.
-        value: The target in the budget's unit (``spec.unit``): GFLOPs per image or ms per batch.
+        value: The target in the budget's unit: GFLOPs per image or ms per batch.
     """
 
     spec: BudgetSpec

@@ -35,7 +35,7 @@ from ..measure import parse_device, parse_dtype, set_cpu_threads
 from ..presets import DEFAULT_PROTECT, DEFAULT_SWITCH_FRACTION
 from ..provenance import versions
 from ..schedule import LayerSpec, Schedule
-from .budget import BudgetSpec, Target, parse_budget, resolve
+from .budget import BudgetError, BudgetSpec, Target, parse_budget, resolve
 from .progress import Progress, summarize_search
 from .space import SearchSpace
 from .storage import (
@@ -120,16 +120,10 @@ class SearchInterrupted(KeyboardInterrupt):
         self.export_error = export_error
 
     def __str__(self) -> str:
-        if self.out:
-            wrote = f"best schedule so far written to {self.out}"
-        elif self.export_error:
-            wrote = f"the best schedule so far could not be written ({self.export_error})"
-        else:
-            wrote = "no finished trial meets the budget yet, no schedule written"
         finished = "?" if self.finished is None else self.finished
         return (
-            f"interrupted — study {self.study_name!r} is kept ({finished}/{self.trials} trials finished); {wrote}; "
-            "re-run the same command to resume"
+            f"interrupted — study {self.study_name!r} is kept ({finished}/{self.trials} trials finished); "
+            f"{_best_so_far(self.out, self.export_error)}; re-run the same command to resume"
         )
 
 
@@ -148,17 +142,8 @@ def default_study_name(opts: SearchOptions) -> str:
     """A study name that identifies the set-up, so re-running the same command resumes it."""
     budget = re.sub(r"[^A-Za-z0-9.]+", "", opts.budget.replace("%", "pct"))
     device = opts.device.replace(":", "")
-    return f"{opts.model}-{budget}-{device}-n{opts.calib_images}-s{opts.seed}" + _runtime_suffix(opts)
-
-
-def _runtime_suffix(opts: SearchOptions) -> str:
-    """Study-name suffix for a non-default precision (nothing for float32: old names stay valid)."""
-    return "" if opts.dtype == "float32" else f"-{opts.dtype}"
-
-
-def _runtime_setup(opts: SearchOptions) -> dict[str, Any]:
-    """Set-up entries for a non-default precision (none for float32, so older studies still match)."""
-    return {} if opts.dtype == "float32" else {"dtype": opts.dtype}
+    dtype = "" if opts.dtype == "float32" else f"-{opts.dtype}"  # float32 adds nothing: older names stay valid
+    return f"{opts.model}-{budget}-{device}-n{opts.calib_images}-s{opts.seed}{dtype}"
 
 
 def _calib_fingerprint(data: Path, calib_images: int, seed: int) -> str:
@@ -183,7 +168,7 @@ def _setup_attrs(opts: SearchOptions, info: ModelInfo, space: SearchSpace, metri
         "metric": metric,
         "calib": _calib_fingerprint(Path(opts.data), opts.calib_images, opts.seed) if opts.data else None,
         "device_kind": device.type,
-        **_runtime_setup(opts),
+        **({} if opts.dtype == "float32" else {"dtype": opts.dtype}),  # none for float32: older studies still match
     }
 
 
@@ -205,8 +190,6 @@ def canonical_setup_value(key: str, value: Any) -> Any:
     """A recorded set-up value in its canonical spelling (a budget as ``50%GFLOPs``, whatever
     case and spaces it was given with, as older studies may have recorded it), for comparisons."""
     if key == "budget" and isinstance(value, str):
-        from .budget import BudgetError, parse_budget
-
         try:
             return parse_budget(value).canonical
         except BudgetError:
@@ -621,34 +604,18 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
 def _interrupted(study: optuna.Study, plan: _Plan, loaded: _Loaded, prog: Progress) -> SearchInterrupted:
     """After Ctrl-C: write the best schedule so far (a failure is logged, never raised)."""
     prog.log("interrupted: the study is kept; the trial in flight is queued again; writing the best schedule so far")
-    written: Optional[Path] = None
-    failed: Optional[str] = None
-    try:
-        _export(study, plan=plan, loaded=loaded)
-        written = plan.out
-    except SearchError:
-        pass  # no finished trial meets the budget yet: the message says so
-    except Exception as e:  # noqa: BLE001 - the interrupt decides the exit, not a failed export
-        failed = safe_reason(e, plan.opts.storage)
+    written, failed = _save_best(study, plan, loaded)
+    if failed:
         prog.log(f"could not write the best schedule so far to {plan.out}: {failed}")
-    try:
-        finished: Optional[int] = _finished(study)
-    except Exception:  # noqa: BLE001 - the storage went away
-        finished = None
-    return SearchInterrupted(plan.study_name, written, finished, plan.opts.trials, export_error=failed)
+    return SearchInterrupted(plan.study_name, written, _finished_or_none(study), plan.opts.trials, export_error=failed)
 
 
 def _storage_failures() -> tuple[type[BaseException], ...]:
     """What a storage raises when it fails during a search: a journal append that failed (disk
     full, I/O error) and any database error (Optuna wraps SQLAlchemy's in StorageInternalError)."""
-    kinds: list[type[BaseException]] = [JournalWriteError, optuna.exceptions.StorageInternalError]
-    try:
-        import sqlalchemy.exc
+    import sqlalchemy.exc  # an Optuna dependency; imported here, when a search runs
 
-        kinds.append(sqlalchemy.exc.SQLAlchemyError)
-    except ImportError:  # pragma: no cover - optuna needs sqlalchemy for RDB storages only
-        pass
-    return tuple(kinds)
+    return (JournalWriteError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError)
 
 
 def _storage_failed(e: BaseException, study: optuna.Study, plan: _Plan, loaded: _Loaded) -> SearchError:
@@ -663,18 +630,37 @@ def _storage_failed(e: BaseException, study: optuna.Study, plan: _Plan, loaded: 
             f"storage {describe_storage(opts.storage, plan.study_name, STUDIES_DIR)} failed during the search ({safe_reason(cause, opts.storage)}) — "
             "check that the server runs and re-run the same command to resume"
         )
+    wrote = _best_so_far(*_save_best(study, plan, loaded))
+    finished = _finished_or_none(study)
+    return SearchError(f"{what}; study {plan.study_name!r} kept ({'?' if finished is None else finished}/{opts.trials} trials finished); {wrote}")
+
+
+def _save_best(study: optuna.Study, plan: _Plan, loaded: _Loaded) -> tuple[Optional[Path], Optional[str]]:
+    """Write the best schedule so far after the search was cut short: ``(written, error)``, both
+    None when no finished trial meets the budget yet. Never raises: what cut the search short
+    decides the exit, not a failed export."""
     try:
         _export(study, plan=plan, loaded=loaded)
-        wrote = f"best schedule so far written to {plan.out}"
+        return plan.out, None
     except SearchError:
-        wrote = "no finished trial meets the budget yet, no schedule written"
-    except Exception as x:  # noqa: BLE001 - the storage failure is what the caller must see
-        wrote = f"the best schedule so far could not be written ({safe_reason(x, opts.storage)})"
+        return None, None
+    except Exception as e:  # noqa: BLE001
+        return None, safe_reason(e, plan.opts.storage)
+
+
+def _best_so_far(out: Optional[Path], error: Optional[str]) -> str:
+    if out:
+        return f"best schedule so far written to {out}"
+    if error:
+        return f"the best schedule so far could not be written ({error})"
+    return "no finished trial meets the budget yet, no schedule written"
+
+
+def _finished_or_none(study: optuna.Study) -> Optional[int]:
     try:
-        finished = str(_finished(study))
+        return _finished(study)
     except Exception:  # noqa: BLE001 - the storage went away
-        finished = "?"
-    return SearchError(f"{what}; study {plan.study_name!r} kept ({finished}/{opts.trials} trials finished); {wrote}")
+        return None
 
 
 def _export(study: optuna.Study, *, plan: _Plan, loaded: _Loaded) -> tuple[Schedule, optuna.trial.FrozenTrial]:
