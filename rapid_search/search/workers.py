@@ -127,17 +127,13 @@ def _claims(trials: list[FrozenTrial], pending_window: float) -> tuple[list[Froz
 
 def count_trials(study: optuna.Study, *, pending_window: float = 60.0) -> TrialCounts:
     """Count the study's trials by state (one read of the storage)."""
-    c = TrialCounts()
     trials = study.get_trials(deepcopy=False)
-    _, c.pending = _claims(trials, pending_window)
-    for t in trials:
-        if t.state in FINISHED:
-            c.finished += 1
-        elif t.state == TrialState.RUNNING:
-            c.running.append(t)
-        elif t.state == TrialState.WAITING:
-            c.waiting += 1
-    return c
+    return TrialCounts(
+        finished=sum(t.state in FINISHED for t in trials),
+        running=[t for t in trials if t.state == TrialState.RUNNING],
+        pending=_claims(trials, pending_window)[1],
+        waiting=sum(t.state == TrialState.WAITING for t in trials),
+    )
 
 
 #: What says *what* to run (scores and schedule are recomputed by a retry).
@@ -500,25 +496,21 @@ class _Abandoned(BaseException):
         self.interrupted = interrupted
 
 
+@dataclass(eq=False)
 class _Worker:
     """One worker's part in :func:`run_trials`: the objective wrapper and the after-trial callback."""
 
-    def __init__(
-        self,
-        study: optuna.Study,
-        objective: Callable[[optuna.trial.Trial], float],
-        n_trials: int,
-        live: Liveness,
-        interrupts: deferred_interrupts,
-        callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]],
-        log: Callable[[str], None],
-        poll: float,
-    ) -> None:
-        self.study, self.objective, self.n_trials, self.live = study, objective, n_trials, live
-        self.interrupts, self.callbacks, self.log, self.poll = interrupts, list(callbacks), log, poll
-        self.done = 0
-        self.trial: Optional[optuna.trial.Trial] = None
-        self._waiting_for: Optional[tuple[int, ...]] = None
+    study: optuna.Study
+    objective: Callable[[optuna.trial.Trial], float]
+    n_trials: int
+    live: Liveness
+    interrupts: deferred_interrupts
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]]
+    log: Callable[[str], None]
+    poll: float  # seconds between looks at the study while waiting
+    done: int = 0  # trials this worker finished
+    trial: Optional[optuna.trial.Trial] = None  # the trial in flight
+    _waiting_for: Optional[tuple[int, ...]] = None
 
     def run(self) -> int:
         stop = MaxTrialsCallback(self.n_trials, states=FINISHED)
@@ -642,10 +634,8 @@ def run_trials(
     interval: int,
     grace: float,
     heartbeat_storage: Any = None,
-    max_retry: Optional[int] = 3,
     callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]] = (),
     log: Optional[Callable[[str], None]] = None,
-    poll: Optional[float] = None,
 ) -> int:
     """Run trials of ``objective`` with ``study.optimize`` until the study has exactly ``n_trials``
     finished trials, all workers together.
@@ -657,13 +647,12 @@ def run_trials(
         study: The (shared) study; its storage from :func:`~rapid_search.search.storage.open_storage`.
         objective: ``trial -> value``; may raise ``optuna.TrialPruned``.
         n_trials: Finished trials wanted in the study, all workers together.
-        interval: Heartbeat interval in seconds.
+        interval: Heartbeat interval in seconds (the study is looked at every ``min(1, interval / 2)``
+            s while waiting).
         grace: Seconds without a heartbeat after which another worker's trial is given up.
         heartbeat_storage: Storage for the heartbeat thread's writes (see :class:`Liveness`).
-        max_retry: How often a dead worker's trial is queued again at most.
         callbacks: Called with ``(study, frozen_trial)`` after each trial this worker finished.
         log: Where to report waiting and recoveries.
-        poll: Seconds between looks at the study while waiting (default ``min(1, interval / 2)``).
 
     Returns:
         The number of trials this worker finished.
@@ -672,14 +661,14 @@ def run_trials(
     storage = _heartbeat_of(study)
     if heartbeat_storage is not None:  # a journal storage replays the whole file on its first read: now, not in the first beat
         heartbeat_storage.get_all_studies()
-    poll = min(1.0, interval / 2) if poll is None else poll
     quiet = _QuietFailures()
     logging.getLogger("optuna.study._optimize").addFilter(quiet)
     with deferred_interrupts() as interrupts:
-        live = Liveness(study, grace=grace, interval=interval, max_retry=max_retry, log=log, beats=heartbeat_storage, critical=interrupts.critical)
+        live = Liveness(study, grace=grace, interval=interval, log=log, beats=heartbeat_storage, critical=interrupts.critical)
         attached, storage.liveness = storage.liveness, live
         try:
-            return _Worker(study, objective, n_trials, live, interrupts, callbacks, log, poll).run()
+            worker = _Worker(study, objective, n_trials, live, interrupts, list(callbacks), log, poll=min(1.0, interval / 2))
+            return worker.run()
         finally:
             storage.liveness = attached
             logging.getLogger("optuna.study._optimize").removeFilter(quiet)
