@@ -4,12 +4,10 @@ Order of work: every input is validated (budget, search space, device, data fold
 budget feasibility) before weights are loaded or images decoded; then the calibration images are
 decoded once, the unreduced outputs computed once, and the study is created or resumed.
 
-Several workers (processes or machines) given the same ``storage`` and ``study_name`` share the
-study; ``trials`` counts finished trials of the study, all workers together (see
-:mod:`rapid_search.search.workers` for the protocol, heartbeats and crash recovery). An
-existing study with another set-up (model, budget, search space, metric, calibration images,
-device kind) is refused before any weights are loaded, and nothing is written (no journal file,
-no schedule) when the search cannot start.
+Workers given the same ``storage`` and ``study_name`` share the study (see
+:mod:`rapid_search.search.workers`). An existing study with another set-up (model, budget,
+search space, metric, calibration images, device kind) is refused before any weights are loaded,
+and nothing is written (no journal file, no schedule) when the search cannot start.
 """
 
 from __future__ import annotations

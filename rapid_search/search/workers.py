@@ -22,13 +22,9 @@ parameters again, at most ``max_retry`` times. Before the FAIL the trial is mark
 queued, or ``no_retry`` when it is failed for good). Finished trials are never touched; clocks
 must agree to well within ``grace`` (NTP).
 
-Interrupts: SIGINT and SIGTERM raise KeyboardInterrupt only inside the objective and while
-waiting, never inside storage code (a journal append cut short leaves its lock behind). One that
-arrives in Optuna's loop (ask, tell, stale trials, callbacks) waits for the next objective (the
-trial just asked is then failed and queued again) or the end of the callbacks. The trial in
-flight is failed and queued again and the interrupt propagates, also when that clean-up fails (a
-storage error is logged); a second Ctrl-C ends a hanging clean-up at once (the heartbeat stops,
-so the next worker recovers the trial).
+Interrupts (:class:`deferred_interrupts`): SIGINT and SIGTERM raise KeyboardInterrupt only inside
+the objective and while waiting, never inside storage code (a journal append cut short leaves its
+lock behind); the trial in flight is failed and queued again (:meth:`_Worker.abandon`).
 """
 
 from __future__ import annotations
@@ -379,7 +375,11 @@ _CRITICAL = tuple(os.sep + p + os.sep for p in (os.path.join("optuna", "storages
 
 class deferred_interrupts:
     """Within the block (main thread only), SIGINT (Ctrl-C) and SIGTERM raise KeyboardInterrupt,
-    but never inside storage code nor inside a :meth:`critical` section.
+    but never inside storage code nor inside a :meth:`critical` section. :func:`run_trials` runs
+    Optuna's loop (ask, tell, stale trials, callbacks) as a critical section whose interruptible
+    parts are the objective and the waits: an interrupt during ``ask`` is raised as the objective
+    starts (the trial just asked is then failed and queued again), one during the callbacks when
+    they end.
 
     An interrupt that arrives in storage code is delivered again every 10 ms until the main thread
     has left it (storage calls take milliseconds); one that arrives in a critical section is
@@ -522,9 +522,9 @@ class _Worker:
                 except _Abandoned as e:
                     if e.interrupted:
                         raise KeyboardInterrupt from None
-                except Exception:
+                except Exception as e:
                     if self.trial is None or not self.lost(self.trial):
-                        raise
+                        raise _unmasked(e)
                 self.trial = None
         return self.done
 
@@ -616,6 +616,15 @@ class _Worker:
         self.wait_for_slot()
         with self.interrupts.interruptible():  # an interrupt from Optuna's tell or the callbacks: now
             pass
+
+
+def _unmasked(e: Exception) -> BaseException:
+    """The storage error that Optuna 5.0's ``_run_trial`` hides when telling a trial fails: its
+    ``finally`` then finds the trial still RUNNING and raises ``AssertionError("Should not
+    reach.")`` instead (the storage error is its ``__context__``)."""
+    if isinstance(e, AssertionError) and "Should not reach" in str(e) and isinstance(e.__context__, Exception):
+        return e.__context__
+    return e
 
 
 class _QuietFailures(logging.Filter):
