@@ -176,7 +176,7 @@ def to_schedule_budget(
         digits: Decimal digits kept for the target and achieved floats.
 
     Returns:
-        ``Budget(spec=text, kind=..., target=..., achieved={...})``.
+        ``Budget(spec=canonical spelling, kind=..., target=..., achieved={...})``.
 
     Raises:
         BudgetError: Neither ``target`` nor ``base_gflops`` is given, or :func:`resolve` fails.
@@ -188,7 +188,7 @@ def to_schedule_budget(
             raise BudgetError("to_schedule_budget needs target= or base_gflops= (and base_latency_ms= for latency budgets)")
         target = resolve(spec, base_gflops=base_gflops, base_latency_ms=base_latency_ms)
     ach = {k: (round(v, digits) if isinstance(v, float) else v) for k, v in (achieved or {}).items()}
-    return Budget(spec=spec.text, kind=spec.kind, target=round(float(target), digits), achieved=ach)
+    return Budget(spec=spec.canonical, kind=spec.kind, target=round(float(target), digits), achieved=ach)
 
 
 @dataclass(frozen=True)
