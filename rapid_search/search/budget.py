@@ -67,11 +67,6 @@ class BudgetSpec:
             return _plain(self.value * 100) + "%" + ("GFLOPs" if self.kind == "gflops" else "latency")
         return _plain(self.value) + ("GFLOPs" if self.kind == "gflops" else "ms")
 
-    @property
-    def unit(self) -> str:
-        """Unit of the resolved target: ``"GFLOPs"`` or ``"ms"``."""
-        return "GFLOPs" if self.kind == "gflops" else "ms"
-
 
 def _plain(x: float) -> str:
     """``x`` as the grammar reads it back to the same value: no exponent, no trailing zeros
@@ -187,7 +182,7 @@ def to_schedule_budget(
         digits: Decimal digits kept for the target and achieved floats.
 
     Returns:
-        ``Budget(spec=text, kind=..., target=..., achieved={...})``.
+        ``Budget(spec=canonical spelling, kind=..., target=..., achieved={...})``.
 
     Raises:
         BudgetError: Neither ``target`` nor ``base_gflops`` is given, or :func:`resolve` fails.
@@ -199,7 +194,7 @@ def to_schedule_budget(
             raise BudgetError("to_schedule_budget needs target= or base_gflops= (and base_latency_ms= for latency budgets)")
         target = resolve(spec, base_gflops=base_gflops, base_latency_ms=base_latency_ms)
     ach = {k: (round(v, digits) if isinstance(v, float) else v) for k, v in (achieved or {}).items()}
-    return Budget(spec=spec.text, kind=spec.kind, target=round(float(target), digits), achieved=ach)
+    return Budget(spec=spec.canonical, kind=spec.kind, target=round(float(target), digits), achieved=ach)
 
 
 @dataclass(frozen=True)
@@ -208,7 +203,7 @@ class Target:
 
     Attributes:
         spec: The parsed budget.
-        value: The target in the budget's unit (``spec.unit``): GFLOPs per image or ms per batch.
+        value: The target in the budget's unit: GFLOPs per image or ms per batch.
     """
 
     spec: BudgetSpec

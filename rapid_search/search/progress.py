@@ -177,9 +177,8 @@ class Progress:
         in_study = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
         self.done = max(self.done + finished, in_study)
         feasible = all(v <= 0 for v in (trial.constraints or {}).values())
-        if trial.state == TrialState.COMPLETE and feasible and trial.value is not None:
-            sign = 1 if study.direction.name == "MAXIMIZE" else -1
-            if self.best is None or sign * trial.value > sign * self.best.value:
+        if trial.state == TrialState.COMPLETE and feasible and trial.value is not None:  # the search maximises
+            if self.best is None or trial.value > self.best.value:
                 self.best = trial
         line = f"trial {trial.number:>4d} [{self.done}/{self.total}] {trial.state.name:<8s} {self.value_name} {_value(trial.value)}"
         cost = _cost(trial)

@@ -4,12 +4,10 @@ Order of work: every input is validated (budget, search space, device, data fold
 budget feasibility) before weights are loaded or images decoded; then the calibration images are
 decoded once, the unreduced outputs computed once, and the study is created or resumed.
 
-Several workers (processes or machines) given the same ``storage`` and ``study_name`` share the
-study; ``trials`` counts finished trials of the study, all workers together (see
-:mod:`rapid_search.search.workers` for the protocol, heartbeats and crash recovery). An
-existing study with another set-up (model, budget, search space, metric, calibration images,
-device kind) is refused before any weights are loaded, and nothing is written (no journal file,
-no schedule) when the search cannot start.
+Workers given the same ``storage`` and ``study_name`` share the study (see
+:mod:`rapid_search.search.workers`). An existing study with another set-up (model, budget,
+search space, metric, calibration images, device kind) is refused before any weights are loaded,
+and nothing is written (no journal file, no schedule) when the search cannot start.
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ from ..measure import parse_device, parse_dtype, set_cpu_threads
 from ..presets import DEFAULT_PROTECT, DEFAULT_SWITCH_FRACTION
 from ..provenance import versions
 from ..schedule import LayerSpec, Schedule
-from .budget import BudgetSpec, Target, parse_budget, resolve
+from .budget import BudgetError, BudgetSpec, Target, parse_budget, resolve
 from .progress import Progress, summarize_search
 from .space import SearchSpace
 from .storage import (
@@ -123,16 +121,10 @@ class SearchInterrupted(KeyboardInterrupt):
         self.export_error = export_error
 
     def __str__(self) -> str:
-        if self.out:
-            wrote = f"best schedule so far written to {self.out}"
-        elif self.export_error:
-            wrote = f"the best schedule so far could not be written ({self.export_error})"
-        else:
-            wrote = "no finished trial meets the budget yet, no schedule written"
         finished = "?" if self.finished is None else self.finished
         return (
-            f"interrupted — study {self.study_name!r} is kept ({finished}/{self.trials} trials finished); {wrote}; "
-            "re-run the same command to resume"
+            f"interrupted — study {self.study_name!r} is kept ({finished}/{self.trials} trials finished); "
+            f"{_best_so_far(self.out, self.export_error)}; re-run the same command to resume"
         )
 
 
@@ -212,8 +204,6 @@ def canonical_setup_value(key: str, value: Any) -> Any:
     """A recorded set-up value in its canonical spelling (a budget as ``50%GFLOPs``, whatever
     case and spaces it was given with, as older studies may have recorded it), for comparisons."""
     if key == "budget" and isinstance(value, str):
-        from .budget import BudgetError, parse_budget
-
         try:
             return parse_budget(value).canonical
         except BudgetError:
@@ -616,11 +606,8 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
                 )
             except KeyboardInterrupt:
                 raise _interrupted(study, plan, loaded, prog) from None
-            except Exception as e:  # disk full under the journal, the database server gone
-                failure = _storage_failure_in(e)
-                if failure is None:
-                    raise
-                raise _storage_failed(failure, study, plan, loaded) from None
+            except _storage_failures() as e:  # disk full under the journal, the database server gone
+                raise _storage_failed(e, study, plan, loaded) from None
         schedule, trial = _export(study, plan=plan, loaded=loaded, log=prog.log)
         stats = search_stats(study, len(loaded.calib.images))
         stats["calib_seconds_unreduced"] = round(loaded.calib.base_seconds, 3)
@@ -631,47 +618,18 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
 def _interrupted(study: optuna.Study, plan: _Plan, loaded: _Loaded, prog: Progress) -> SearchInterrupted:
     """After Ctrl-C: write the best schedule so far (a failure is logged, never raised)."""
     prog.log("interrupted: the study is kept; the trial in flight is queued again; writing the best schedule so far")
-    written: Optional[Path] = None
-    failed: Optional[str] = None
-    try:
-        _export(study, plan=plan, loaded=loaded, log=prog.log)
-        written = plan.out
-    except SearchError:
-        pass  # no finished trial meets the budget yet: the message says so
-    except Exception as e:  # noqa: BLE001 - the interrupt decides the exit, not a failed export
-        failed = safe_reason(e, plan.opts.storage)
+    written, failed = _save_best(study, plan, loaded)
+    if failed:
         prog.log(f"could not write the best schedule so far to {plan.out}: {failed}")
-    try:
-        finished: Optional[int] = _finished(study)
-    except Exception:  # noqa: BLE001 - the storage went away
-        finished = None
-    return SearchInterrupted(plan.study_name, written, finished, plan.opts.trials, export_error=failed)
+    return SearchInterrupted(plan.study_name, written, _finished_or_none(study), plan.opts.trials, export_error=failed)
 
 
 def _storage_failures() -> tuple[type[BaseException], ...]:
     """What a storage raises when it fails during a search: a journal append that failed (disk
     full, I/O error) and any database error (Optuna wraps SQLAlchemy's in StorageInternalError)."""
-    kinds: list[type[BaseException]] = [JournalWriteError, optuna.exceptions.StorageInternalError]
-    try:
-        import sqlalchemy.exc
+    import sqlalchemy.exc  # an Optuna dependency; imported here, when a search runs
 
-        kinds.append(sqlalchemy.exc.SQLAlchemyError)
-    except ImportError:  # pragma: no cover - optuna needs sqlalchemy for RDB storages only
-        pass
-    return tuple(kinds)
-
-
-def _storage_failure_in(e: BaseException) -> Optional[BaseException]:
-    """The storage failure behind ``e``, if any: ``e`` itself, or one it was raised from or while
-    handling (Optuna's trial loop meets a failed ``tell`` with an ``AssertionError`` of its own)."""
-    kinds = _storage_failures()
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, kinds):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]
-    return None
+    return (JournalWriteError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError)
 
 
 def _storage_failed(e: BaseException, study: optuna.Study, plan: _Plan, loaded: _Loaded) -> SearchError:
@@ -686,18 +644,37 @@ def _storage_failed(e: BaseException, study: optuna.Study, plan: _Plan, loaded: 
             f"storage {describe_storage(opts.storage, plan.study_name, STUDIES_DIR)} failed during the search ({safe_reason(cause, opts.storage)}) — "
             "check that the server runs and re-run the same command to resume"
         )
+    wrote = _best_so_far(*_save_best(study, plan, loaded))
+    finished = _finished_or_none(study)
+    return SearchError(f"{what}; study {plan.study_name!r} kept ({'?' if finished is None else finished}/{opts.trials} trials finished); {wrote}")
+
+
+def _save_best(study: optuna.Study, plan: _Plan, loaded: _Loaded) -> tuple[Optional[Path], Optional[str]]:
+    """Write the best schedule so far after the search was cut short: ``(written, error)``, both
+    None when no finished trial meets the budget yet. Never raises: what cut the search short
+    decides the exit, not a failed export."""
     try:
         _export(study, plan=plan, loaded=loaded)
-        wrote = f"best schedule so far written to {plan.out}"
+        return plan.out, None
     except SearchError:
-        wrote = "no finished trial meets the budget yet, no schedule written"
-    except Exception as x:  # noqa: BLE001 - the storage failure is what the caller must see
-        wrote = f"the best schedule so far could not be written ({safe_reason(x, opts.storage)})"
+        return None, None
+    except Exception as e:  # noqa: BLE001
+        return None, safe_reason(e, plan.opts.storage)
+
+
+def _best_so_far(out: Optional[Path], error: Optional[str]) -> str:
+    if out:
+        return f"best schedule so far written to {out}"
+    if error:
+        return f"the best schedule so far could not be written ({error})"
+    return "no finished trial meets the budget yet, no schedule written"
+
+
+def _finished_or_none(study: optuna.Study) -> Optional[int]:
     try:
-        finished = str(_finished(study))
+        return _finished(study)
     except Exception:  # noqa: BLE001 - the storage went away
-        finished = "?"
-    return SearchError(f"{what}; study {plan.study_name!r} kept ({finished}/{opts.trials} trials finished); {wrote}")
+        return None
 
 
 def _export(

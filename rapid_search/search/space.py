@@ -253,7 +253,6 @@ def project(
         ``(layers, cost)``, or None when even the largest counts miss the target.
     """
     cost = cost or (lambda layers: float(schedule_macs(info, layers)))
-    hi = float(info.num_tokens)
     wmax = max(_weights(info.depth, shape) or [0.0])
     if wmax <= 0:
         return None

@@ -253,10 +253,6 @@ def describe_spec(spec: str) -> str:
 
 def journal_path(spec: Optional[str], study_name: str, studies_dir: Path = Path("studies")) -> Optional[Path]:
     """The journal file ``spec`` names (None for an RDB URL)."""
-    return _journal_path(spec, study_name, studies_dir)
-
-
-def _journal_path(spec: Optional[str], study_name: str, studies_dir: Path) -> Optional[Path]:
     if spec is None:
         return studies_dir / f"{study_name}.journal"
     if spec.startswith("journal:"):
@@ -268,7 +264,7 @@ def _journal_path(spec: Optional[str], study_name: str, studies_dir: Path) -> Op
 
 def describe_storage(spec: Optional[str], study_name: str, studies_dir: Path) -> str:
     """Human-readable storage location (password masked)."""
-    path = _journal_path(spec, study_name, studies_dir)
+    path = journal_path(spec, study_name, studies_dir)
     return f"journal file {path}" if path is not None else describe_spec(str(spec))
 
 
@@ -313,7 +309,7 @@ def open_storage(
             unwritable or missing path, nothing to read, a journal damaged before its last
             record. The message never contains the password.
     """
-    path = _journal_path(spec, study_name, studies_dir)
+    path = journal_path(spec, study_name, studies_dir)
     if path is not None:
         from optuna.storages.journal import JournalFileSymlinkLock
 

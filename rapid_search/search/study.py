@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -274,16 +274,12 @@ def export_best(
             if more is None:
                 continue
             achieved.update(more)
-        scores = {k: round(float(t.user_attrs[k]), 6) for k in ("top1", "agreement", "kl") if k in t.user_attrs}
-        scores = {f"calib_{k}": v for k, v in scores.items()}
-        scores.update(extra_scores or {})
-        prov = dict(sched.provenance)
-        prov.update(provenance or {})
-        prov.update({"study": study.study_name, "trial": t.number, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+        scores = {f"calib_{k}": round(float(t.user_attrs[k]), 6) for k in ("top1", "agreement", "kl") if k in t.user_attrs}
+        created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         final = sched.with_meta(
-            budget=Budget(spec=budget.spec, kind=budget.kind, target=budget.target, achieved=achieved),
-            scores=scores,
-            provenance=prov,
+            budget=replace(budget, achieved=achieved),
+            scores={**scores, **(extra_scores or {})},
+            provenance={**sched.provenance, **(provenance or {}), "study": study.study_name, "trial": t.number, "created": created},
         )
         final.save(out)
         return final, t

@@ -22,13 +22,9 @@ parameters again, at most ``max_retry`` times. Before the FAIL the trial is mark
 queued, or ``no_retry`` when it is failed for good). Finished trials are never touched; clocks
 must agree to well within ``grace`` (NTP).
 
-Interrupts: SIGINT and SIGTERM raise KeyboardInterrupt only inside the objective and while
-waiting, never inside storage code (a journal append cut short leaves its lock behind). One that
-arrives in Optuna's loop (ask, tell, stale trials, callbacks) waits for the next objective (the
-trial just asked is then failed and queued again) or the end of the callbacks. The trial in
-flight is failed and queued again and the interrupt propagates, also when that clean-up fails (a
-storage error is logged); a second Ctrl-C ends a hanging clean-up at once (the heartbeat stops,
-so the next worker recovers the trial).
+Interrupts (:class:`deferred_interrupts`): SIGINT and SIGTERM raise KeyboardInterrupt only inside
+the objective and while waiting, never inside storage code (a journal append cut short leaves its
+lock behind); the trial in flight is failed and queued again (:meth:`_Worker.abandon`).
 """
 
 from __future__ import annotations
@@ -127,17 +123,13 @@ def _claims(trials: list[FrozenTrial], pending_window: float) -> tuple[list[Froz
 
 def count_trials(study: optuna.Study, *, pending_window: float = 60.0) -> TrialCounts:
     """Count the study's trials by state (one read of the storage)."""
-    c = TrialCounts()
     trials = study.get_trials(deepcopy=False)
-    _, c.pending = _claims(trials, pending_window)
-    for t in trials:
-        if t.state in FINISHED:
-            c.finished += 1
-        elif t.state == TrialState.RUNNING:
-            c.running.append(t)
-        elif t.state == TrialState.WAITING:
-            c.waiting += 1
-    return c
+    return TrialCounts(
+        finished=sum(t.state in FINISHED for t in trials),
+        running=[t for t in trials if t.state == TrialState.RUNNING],
+        pending=_claims(trials, pending_window)[1],
+        waiting=sum(t.state == TrialState.WAITING for t in trials),
+    )
 
 
 #: What says *what* to run (scores and schedule are recomputed by a retry).
@@ -383,7 +375,11 @@ _CRITICAL = tuple(os.sep + p + os.sep for p in (os.path.join("optuna", "storages
 
 class deferred_interrupts:
     """Within the block (main thread only), SIGINT (Ctrl-C) and SIGTERM raise KeyboardInterrupt,
-    but never inside storage code nor inside a :meth:`critical` section.
+    but never inside storage code nor inside a :meth:`critical` section. :func:`run_trials` runs
+    Optuna's loop (ask, tell, stale trials, callbacks) as a critical section whose interruptible
+    parts are the objective and the waits: an interrupt during ``ask`` is raised as the objective
+    starts (the trial just asked is then failed and queued again), one during the callbacks when
+    they end.
 
     An interrupt that arrives in storage code is delivered again every 10 ms until the main thread
     has left it (storage calls take milliseconds); one that arrives in a critical section is
@@ -500,25 +496,21 @@ class _Abandoned(BaseException):
         self.interrupted = interrupted
 
 
+@dataclass(eq=False)
 class _Worker:
     """One worker's part in :func:`run_trials`: the objective wrapper and the after-trial callback."""
 
-    def __init__(
-        self,
-        study: optuna.Study,
-        objective: Callable[[optuna.trial.Trial], float],
-        n_trials: int,
-        live: Liveness,
-        interrupts: deferred_interrupts,
-        callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]],
-        log: Callable[[str], None],
-        poll: float,
-    ) -> None:
-        self.study, self.objective, self.n_trials, self.live = study, objective, n_trials, live
-        self.interrupts, self.callbacks, self.log, self.poll = interrupts, list(callbacks), log, poll
-        self.done = 0
-        self.trial: Optional[optuna.trial.Trial] = None
-        self._waiting_for: Optional[tuple[int, ...]] = None
+    study: optuna.Study
+    objective: Callable[[optuna.trial.Trial], float]
+    n_trials: int
+    live: Liveness
+    interrupts: deferred_interrupts
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]]
+    log: Callable[[str], None]
+    poll: float  # seconds between looks at the study while waiting
+    done: int = 0  # trials this worker finished
+    trial: Optional[optuna.trial.Trial] = None  # the trial in flight
+    _waiting_for: Optional[tuple[int, ...]] = None
 
     def run(self) -> int:
         stop = MaxTrialsCallback(self.n_trials, states=FINISHED)
@@ -530,9 +522,9 @@ class _Worker:
                 except _Abandoned as e:
                     if e.interrupted:
                         raise KeyboardInterrupt from None
-                except Exception:
+                except Exception as e:
                     if self.trial is None or not self.lost(self.trial):
-                        raise
+                        raise _unmasked(e)
                 self.trial = None
         return self.done
 
@@ -626,6 +618,15 @@ class _Worker:
             pass
 
 
+def _unmasked(e: Exception) -> BaseException:
+    """The storage error that Optuna 5.0's ``_run_trial`` hides when telling a trial fails: its
+    ``finally`` then finds the trial still RUNNING and raises ``AssertionError("Should not
+    reach.")`` instead (the storage error is its ``__context__``)."""
+    if isinstance(e, AssertionError) and "Should not reach" in str(e) and isinstance(e.__context__, Exception):
+        return e.__context__
+    return e
+
+
 class _QuietFailures(logging.Filter):
     """Drops Optuna's "Trial N failed ..." records (with a traceback): every FAIL it tells here is
     a surplus trial (said in its system attributes) or an objective error that propagates anyway."""
@@ -642,10 +643,8 @@ def run_trials(
     interval: int,
     grace: float,
     heartbeat_storage: Any = None,
-    max_retry: Optional[int] = 3,
     callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]] = (),
     log: Optional[Callable[[str], None]] = None,
-    poll: Optional[float] = None,
 ) -> int:
     """Run trials of ``objective`` with ``study.optimize`` until the study has exactly ``n_trials``
     finished trials, all workers together.
@@ -657,13 +656,12 @@ def run_trials(
         study: The (shared) study; its storage from :func:`~rapid_search.search.storage.open_storage`.
         objective: ``trial -> value``; may raise ``optuna.TrialPruned``.
         n_trials: Finished trials wanted in the study, all workers together.
-        interval: Heartbeat interval in seconds.
+        interval: Heartbeat interval in seconds (the study is looked at every ``min(1, interval / 2)``
+            s while waiting).
         grace: Seconds without a heartbeat after which another worker's trial is given up.
         heartbeat_storage: Storage for the heartbeat thread's writes (see :class:`Liveness`).
-        max_retry: How often a dead worker's trial is queued again at most.
         callbacks: Called with ``(study, frozen_trial)`` after each trial this worker finished.
         log: Where to report waiting and recoveries.
-        poll: Seconds between looks at the study while waiting (default ``min(1, interval / 2)``).
 
     Returns:
         The number of trials this worker finished.
@@ -672,14 +670,14 @@ def run_trials(
     storage = _heartbeat_of(study)
     if heartbeat_storage is not None:  # a journal storage replays the whole file on its first read: now, not in the first beat
         heartbeat_storage.get_all_studies()
-    poll = min(1.0, interval / 2) if poll is None else poll
     quiet = _QuietFailures()
     logging.getLogger("optuna.study._optimize").addFilter(quiet)
     with deferred_interrupts() as interrupts:
-        live = Liveness(study, grace=grace, interval=interval, max_retry=max_retry, log=log, beats=heartbeat_storage, critical=interrupts.critical)
+        live = Liveness(study, grace=grace, interval=interval, log=log, beats=heartbeat_storage, critical=interrupts.critical)
         attached, storage.liveness = storage.liveness, live
         try:
-            return _Worker(study, objective, n_trials, live, interrupts, callbacks, log, poll).run()
+            worker = _Worker(study, objective, n_trials, live, interrupts, list(callbacks), log, poll=min(1.0, interval / 2))
+            return worker.run()
         finally:
             storage.liveness = attached
             logging.getLogger("optuna.study._optimize").removeFilter(quiet)
