@@ -14,8 +14,8 @@ Example:
 
 __version__ = "0.1.0"
 
-from .flops import ModelInfo, effective_r, macs_from_counts, schedule_gflops, schedule_macs, token_counts
-from .patch import (
+from .runtime.flops import ModelInfo, effective_r, macs_from_counts, schedule_gflops, schedule_macs, token_counts
+from .runtime.patch import (
     UnsupportedModelError,
     applied,
     apply,
@@ -26,7 +26,7 @@ from .patch import (
     last_token_counts,
     remove,
 )
-from .presets import (
+from .runtime.presets import (
     DEFAULT_PROTECT,
     UnreachableBudget,
     as_schedule,
@@ -37,7 +37,7 @@ from .presets import (
     tome_schedule,
     variant_schedule,
 )
-from .schedule import FORMAT, OPS, Budget, LayerSpec, ModelFingerprint, Schedule, ScheduleError, load_schedule, save_schedule
+from .runtime.schedule import FORMAT, OPS, Budget, LayerSpec, ModelFingerprint, Schedule, ScheduleError, load_schedule, save_schedule
 
 __all__ = [
     "__version__",

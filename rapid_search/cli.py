@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("show", help="print a schedule")
     sh.add_argument("schedule", type=Path, help="schedule YAML")
 
-    from . import bench, visualize  # both import with the runtime alone (matplotlib is checked per command)
+    from .tools import bench, visualize  # both import with the runtime alone (matplotlib is checked per command)
 
     for name, mod, help_ in (("bench", bench, "Pareto benchmark against the baselines"), ("visualize", visualize, "draw kept/pruned/merged patches")):
         p = sub.add_parser(name, help=help_)
@@ -223,7 +223,7 @@ def _export_study(args: argparse.Namespace) -> int:
     import optuna
 
     from .outputs import check_output
-    from .schedule import Budget
+    from .runtime.schedule import Budget
     from .search.budget import parse_budget, resolve
     from .search.runner import STUDIES_DIR, canonical_setup_value
     from .search.storage import check_study_name, open_storage
@@ -270,19 +270,19 @@ def _storage_files(spec: Optional[str], study_name: str, studies_dir: Path) -> l
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data import load_images
-    from .evaluate import fidelity, predict
-    from .flops import ModelInfo
-    from .loading import load_model
-    from .measure import measure_model, parse_device, set_cpu_threads
-    from .patch import applied
-    from .schedule import Schedule
+    from .tools.data import load_images
+    from .tools.evaluate import fidelity, predict
+    from .runtime.flops import ModelInfo
+    from .tools.loading import load_model
+    from .tools.measure import measure_model, parse_device, set_cpu_threads
+    from .runtime.patch import applied
+    from .runtime.schedule import Schedule
 
     schedule = Schedule.load(args.schedule)
     device = parse_device(args.device)
     set_cpu_threads(args.threads)
     if not args.data.is_dir():
-        from .data import DataError
+        from .tools.data import DataError
 
         what = "is not a directory" if args.data.exists() else "does not exist"
         raise DataError(f"data folder {args.data} {what} — pass --data with an ImageFolder tree or a flat folder of images")
@@ -329,14 +329,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{'schedule':12s}{top(scores):>8s}{scores['agreement']:8.1%}{scores['kl']:8.4f}{g_red:8.3f}{t_red.images_per_s:9.1f}")
     print(f"speedup {result['speedup']:.2f}x (ideal {result['ideal_speedup']:.2f}x, {result['speedup_of_ideal']:.0%} of ideal)")
     if args.json:
-        from .schedule import atomic_write_text
+        from .runtime.schedule import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from .schedule import Schedule
+    from .runtime.schedule import Schedule
 
     from .termsafe import printable
 

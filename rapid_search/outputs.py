@@ -30,7 +30,7 @@ __all__ = ["OutputError", "check_output", "input_problem", "writable_ancestor", 
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-#: Image endings that a data folder's listing picks up (kept in step with rapid_search.data).
+#: Image endings that a data folder's listing picks up (kept in step with rapid_search.tools.data).
 _IMAGE_ENDINGS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 

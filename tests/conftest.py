@@ -200,7 +200,7 @@ def _worker_ctx():
     import multiprocessing as mp
 
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "timm", "optuna", "PIL.Image", "rapid_search.cli", "rapid_search.search.runner", "rapid_search.data"])
+    ctx.set_forkserver_preload(["torch", "timm", "optuna", "PIL.Image", "rapid_search.cli", "rapid_search.search.runner", "rapid_search.tools.data"])
     return ctx
 
 

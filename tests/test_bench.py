@@ -1,4 +1,4 @@
-"""Benchmark bookkeeping (rapid_search.bench) on the tiny test_vit and synthetic image folders."""
+"""Benchmark bookkeeping (rapid_search.tools.bench) on the tiny test_vit and synthetic image folders."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import rapid_search as rs
-from rapid_search.bench import (
+from rapid_search.tools.bench import (
     METHODS,
     BenchError,
     add_arguments,
@@ -54,7 +54,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def result(model: torch.nn.Module, folders: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from rapid_search.data import load_images
+    from rapid_search.tools.data import load_images
 
     tmp = tmp_path_factory.mktemp("searched")
     searched_file = rs.rapid_schedule(model, 0.5).with_meta(provenance={"method": "rapid-search", "data": str(folders[0])}).save(tmp / "s50.yaml")
@@ -210,8 +210,8 @@ def test_cli_repeats_0_skips_timing_and_dtype(folders: tuple[Path, Path], tmp_pa
 
 
 def test_timing_flags() -> None:
-    from rapid_search.bench import median_ci, timing_flag
-    from rapid_search.measure import Timing
+    from rapid_search.tools.bench import median_ci, timing_flag
+    from rapid_search.tools.measure import Timing
 
     base = Timing.from_times([10.0, 10.1, 9.9, 10.0, 10.05, 9.95])
     assert median_ci([1.0, 2.0]) == float("inf") and median_ci([5.0] * 6) == 0.0

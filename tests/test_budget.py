@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rapid_search.schedule import Budget
+from rapid_search.runtime.schedule import Budget
 from rapid_search.search.budget import BudgetError, BudgetSpec, parse_budget, resolve, to_schedule_budget
 
 

@@ -242,7 +242,7 @@ def test_loading_never_runs_code(bad) -> None:
     """yaml.safe_load and torch.load(weights_only=True) only: hostile files are refused unexecuted."""
     with pytest.raises(rs.ScheduleError):
         rs.Schedule.load(bad / "code.yaml")
-    from rapid_search.loading import ModelLoadError, load_model
+    from rapid_search.tools.loading import ModelLoadError, load_model
 
     with pytest.raises(ModelLoadError):
         load_model("test_vit", checkpoint=bad / "pickle.pth")

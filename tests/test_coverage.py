@@ -20,7 +20,7 @@ import timm
 import torch
 
 import rapid_search as rs
-from rapid_search.families import family_name
+from rapid_search.runtime.families import family_name
 
 #: timm modules whose models are (or subclass) VisionTransformer, Eva, Beit, VisionTransformerRelPos, NaFlexVit.
 VIT_MODULES = (

@@ -30,7 +30,7 @@ from helpers import FAMILIES, images, module_state
 
 import rapid_search as rs
 from rapid_search import LayerSpec as L
-from rapid_search.ops import bipartite_soft_matching, importance_merge, importance_prune, merge_wavg, redundancy_prune
+from rapid_search.runtime.ops import bipartite_soft_matching, importance_merge, importance_prune, merge_wavg, redundancy_prune
 
 pytestmark = pytest.mark.cuda
 
@@ -340,7 +340,7 @@ def test_bipartite_soft_matching_matches_cpu(prefix):
 
 
 def test_latency_model_and_measurement_on_device(pairs):
-    from rapid_search.measure import parse_device
+    from rapid_search.tools.measure import parse_device
     from rapid_search.search.latency import LatencyModel, measure_schedule_ms
 
     _, dev = pairs("test_vit", torch.float32)
@@ -354,7 +354,7 @@ def test_latency_model_and_measurement_on_device(pairs):
 
 
 def test_predict_on_device_matches_cpu(pairs):
-    from rapid_search.evaluate import predict
+    from rapid_search.tools.evaluate import predict
 
     cpu, dev = pairs("test_vit", torch.float64)
     x = images(cpu, 5, dtype=torch.float64)

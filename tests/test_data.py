@@ -1,4 +1,4 @@
-"""Image folders -> preprocessed tensors and ImageNet-1k labels (rapid_search.data)."""
+"""Image folders -> preprocessed tensors and ImageNet-1k labels (rapid_search.tools.data)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-import rapid_search.data as data_mod
-from rapid_search.data import DataError, ImageSet, imagenet_class_index, imagenet_label_names, list_images, load_images
+import rapid_search.tools.data as data_mod
+from rapid_search.tools.data import DataError, ImageSet, imagenet_class_index, imagenet_label_names, list_images, load_images
 
 #: Small eval transform so that the synthetic tests stay fast.
 CFG: dict[str, Any] = {

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from optuna.trial import TrialState
 
 from rapid_search.cli import main
-from rapid_search.schedule import Schedule
+from rapid_search.runtime.schedule import Schedule
 from rapid_search.search.storage import open_storage
 from rapid_search.search.workers import (
     FAILED_BECAUSE_KEY,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rapid_search.evaluate import fidelity, metric_value, per_image_scores
+from rapid_search.tools.evaluate import fidelity, metric_value, per_image_scores
 
 
 def test_per_image_scores_by_hand():

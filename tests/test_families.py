@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import rapid_search as rs
 from rapid_search import LayerSpec as L
-from rapid_search.families import family_name
+from rapid_search.runtime.families import family_name
 
 _T = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 
@@ -333,7 +333,7 @@ def test_relative_bias_follows_pruned_tokens(models, label):
 
 def test_merged_token_keeps_its_destination_position():
     """follow_positions: every output token sits at the one input among its members that was not merged away."""
-    from rapid_search.ops import TomeReduction, bipartite_soft_matching, follow_positions, importance_merge
+    from rapid_search.runtime.ops import TomeReduction, bipartite_soft_matching, follow_positions, importance_merge
 
     g = torch.Generator().manual_seed(0)
     metric = torch.randn(2, 17, 8, generator=g)

@@ -1,4 +1,4 @@
-"""The analytic cost model (rapid_search.flops) against torch's FlopCounterMode on the patched forward.
+"""The analytic cost model (rapid_search.runtime.flops) against torch's FlopCounterMode on the patched forward.
 
 FlopCounterMode counts 2 FLOPs per multiply-accumulate for exactly the ops the cost model counts
 (convolution, addmm/mm/bmm and the attention matmuls) and nothing else (norms, softmax, GELU,

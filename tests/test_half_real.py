@@ -8,8 +8,8 @@ import torch
 from test_real import EVAL, _load_model, pytestmark  # noqa: F401  (the real marker and the skip)
 
 import rapid_search as rs
-from rapid_search.data import load_images
-from rapid_search.evaluate import fidelity, predict
+from rapid_search.tools.data import load_images
+from rapid_search.tools.evaluate import fidelity, predict
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -546,7 +546,7 @@ def _hostile_folder(root: Path, n: int = 10) -> Path:
 
 
 def test_data_walk_counts_each_real_image_once(tmp_path) -> None:
-    from rapid_search.data import list_images
+    from rapid_search.tools.data import list_images
 
     root = _hostile_folder(tmp_path / "data")
     paths, labels = list_images(root)

@@ -21,7 +21,7 @@ import pytest
 from optuna.trial import TrialState
 
 from rapid_search.cli import main
-from rapid_search.schedule import Schedule
+from rapid_search.runtime.schedule import Schedule
 from rapid_search.search.storage import open_storage
 from test_distributed import freeze
 
@@ -197,7 +197,7 @@ def test_failed_export_after_ctrl_c_still_exits_130(failure, tiny_search, tmp_pa
     import sqlalchemy as sa
 
     import rapid_search.search.runner as runner
-    from rapid_search.schedule import ScheduleError
+    from rapid_search.runtime.schedule import ScheduleError
 
     error = {
         "unwritable-out": PermissionError(13, "Permission denied", str(tmp_path / "best.yaml")),

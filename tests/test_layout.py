@@ -98,3 +98,21 @@ def test_every_error_of_the_project_has_one_root() -> None:
     valueish = [c for c in classes if c is not RapidSearchError and (c.__name__.endswith("Error") or c.__name__ == "UnreachableBudget")]
     # existing ``except ValueError`` clauses still catch them; a missing optional module stays an ImportError
     assert [c.__qualname__ for c in valueish if not issubclass(c, ImportError if c.__name__ == "MissingExtraError" else ValueError)] == []
+
+
+def test_layers_import_downwards_only() -> None:
+    """The runtime (what ships to inference machines) imports nothing of the tools, the search or
+    the command line; the tools import nothing of the search or the command line."""
+    mods = _modules()
+    known = set(mods)
+    above = {
+        "rapid_search.runtime": ("rapid_search.tools", "rapid_search.search", "rapid_search.cli"),
+        "rapid_search.tools": ("rapid_search.search", "rapid_search.cli"),
+    }
+    bad = []
+    for name, path in mods.items():
+        for layer, forbidden in above.items():
+            if name == layer or name.startswith(layer + "."):
+                bad += [f"{name} -> {m}" for m in sorted(_imports(name, path, known)) if m.startswith(forbidden)]
+    assert bad == []
+    assert {"rapid_search.runtime.patch", "rapid_search.tools.bench", "rapid_search.search.runner"} <= known

@@ -1,4 +1,4 @@
-"""The lean fixed-count path (rapid_search.ops.fixed_*): same tokens and outputs as the general
+"""The lean fixed-count path (rapid_search.runtime.ops.fixed_*): same tokens and outputs as the general
 path, no host synchronisation, torch.compile(fullgraph=True) without recompiles, reduced precision."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import rapid_search as rs
 from rapid_search import LayerSpec as L
-from rapid_search.ops import (
+from rapid_search.runtime.ops import (
     fixed_evit,
     fixed_merge,
     fixed_prune,
@@ -21,7 +21,7 @@ from rapid_search.ops import (
     merge_wavg,
     redundancy_prune,
 )
-from rapid_search.patch import _runtime
+from rapid_search.runtime.patch import _runtime
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,7 @@ def test_fixed_schedule_compiles_with_inductor():
 @pytest.mark.parametrize("family", ["test_vit", "distilled", "avg_nocls"])
 def test_reduced_precision_keeps_counts_and_stays_close(family, dtype):
     """Same tokens per block as float32; similarity, importance and sizes are float32 inside."""
-    from rapid_search.evaluate import predict
+    from rapid_search.tools.evaluate import predict
 
     m32, m16 = FAMILIES[family](), FAMILIES[family]().to(dtype)
     x = images(m32, 4)

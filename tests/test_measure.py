@@ -1,4 +1,4 @@
-"""Timing and device parsing (rapid_search.measure)."""
+"""Timing and device parsing (rapid_search.tools.measure)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from rapid_search.measure import Timing, measure_model, parse_device, set_cpu_threads, time_callable
+from rapid_search.tools.measure import Timing, measure_model, parse_device, set_cpu_threads, time_callable
 
 CPU = torch.device("cpu")
 

@@ -59,9 +59,9 @@ def test_runtime_without_extras(tmp_path):
         import json, sys
         import timm, torch
         import rapid_search as rs
-        import rapid_search.schedule, rapid_search.ops, rapid_search.flops, rapid_search.patch, rapid_search.presets
-        import rapid_search.data, rapid_search.evaluate, rapid_search.loading, rapid_search.measure, rapid_search.stats
-        import rapid_search.bench, rapid_search.visualize, rapid_search.cli
+        import rapid_search.runtime.schedule, rapid_search.runtime.ops, rapid_search.runtime.flops, rapid_search.runtime.patch, rapid_search.runtime.presets
+        import rapid_search.tools.data, rapid_search.tools.evaluate, rapid_search.tools.loading, rapid_search.tools.measure, rapid_search.tools.stats
+        import rapid_search.tools.bench, rapid_search.tools.visualize, rapid_search.cli
         torch.manual_seed(0)
         model = timm.create_model("test_vit").eval()
         x = torch.randn(2, 3, 160, 160)

@@ -1,4 +1,4 @@
-"""Pure tensor ops (rapid_search.ops) against reference implementations and their invariants."""
+"""Pure tensor ops (rapid_search.runtime.ops) against reference implementations and their invariants."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rapid_search.ops import (
+from rapid_search.runtime.ops import (
     bipartite_soft_matching,
     importance_merge,
     importance_prune,

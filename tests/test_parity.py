@@ -2,7 +2,7 @@
 timm's output, on every supported family, with fused and unfused attention.
 
 ``engine._attention`` and ``engine._block_forward`` re-state timm 1.0.31's ``Attention.forward``
-and ``Block.forward`` (see the ``rapid_search.engine`` docstring). Threshold layers that never fire
+and ``Block.forward`` (see the ``rapid_search.runtime.engine`` docstring). Threshold layers that never fire
 (cosine similarity above 1.0 does not happen) send every block through that re-stated path while
 keeping every token, so a change in timm's forward that the re-statement misses fails here.
 """
@@ -14,7 +14,7 @@ import torch
 
 from helpers import FAMILIES, images
 from rapid_search import LayerSpec, applied as rs_applied, apply, last_token_counts, remove
-from rapid_search.presets import make_schedule, model_info
+from rapid_search.runtime.presets import make_schedule, model_info
 
 #: Never fires: tokens are removed only where the cosine similarity exceeds the threshold.
 NEVER = 1.0
@@ -47,7 +47,7 @@ def test_reducing_path_equals_timm_forward(family: str, op: str, fused: bool) ->
 
 def test_the_reducing_path_is_really_taken(monkeypatch) -> None:
     """The schedule above does not fall back to timm's forward: the re-stated attention runs."""
-    import rapid_search.engine as patch
+    import rapid_search.runtime.engine as patch
 
     calls = []
     real = patch._attention

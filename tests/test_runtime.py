@@ -1,4 +1,4 @@
-"""The runtime (rapid_search.patch) on every supported timm ViT family and every op."""
+"""The runtime (rapid_search.runtime.patch) on every supported timm ViT family and every op."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import yaml
 
 import rapid_search as rs
 from rapid_search import LayerSpec, Schedule, ScheduleError
-from rapid_search.schedule import FORMAT
+from rapid_search.runtime.schedule import FORMAT
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_failed_save_keeps_old_file(sched, model, tmp_path, monkeypatch, fail):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(f"rapid_search.schedule.os.{fail}", boom)
+    monkeypatch.setattr(f"rapid_search.runtime.schedule.os.{fail}", boom)
     with pytest.raises(OSError, match="disk full"):
         sched.save(p)
     monkeypatch.undo()

@@ -1,4 +1,4 @@
-"""Paired statistics on known inputs (rapid_search.stats)."""
+"""Paired statistics on known inputs (rapid_search.tools.stats)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from rapid_search.stats import compare_paired, mcnemar_exact, mcnemar_exact_from_counts, paired_bootstrap_ci
+from rapid_search.tools.stats import compare_paired, mcnemar_exact, mcnemar_exact_from_counts, paired_bootstrap_ci
 
 
 def _pairs(b: int, c: int, both: int = 0, neither: int = 0) -> tuple[np.ndarray, np.ndarray]:

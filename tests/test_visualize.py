@@ -1,4 +1,4 @@
-"""Token visualisation (rapid_search.visualize) on the tiny test_vit."""
+"""Token visualisation (rapid_search.tools.visualize) on the tiny test_vit."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 import rapid_search as rs
-from rapid_search.bench import method_schedule
-from rapid_search.visualize import add_arguments, default_layers, labels_from_source, main, render, token_labels
+from rapid_search.tools.bench import method_schedule
+from rapid_search.tools.visualize import add_arguments, default_layers, labels_from_source, main, render, token_labels
 
 
 # one torch thread and the seeded test_vit ``model``: fixtures in conftest.py

@@ -58,7 +58,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 import rapid_search as rs
-from rapid_search.measure import Timing, parse_device
+from rapid_search.tools.measure import Timing, parse_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_report.py beside this file (also under python -P)
 from gpu_report import FORMAT, atomic_write_text, write_report  # noqa: E402
@@ -389,7 +389,7 @@ def _make_model(name: str, *, device: torch.device, pretrained: bool, log: Log) 
 
     if pretrained:
         try:
-            from rapid_search.loading import load_model
+            from rapid_search.tools.loading import load_model
 
             return load_model(name, pretrained=True, device=device), "pretrained"
         except Exception as e:  # noqa: BLE001 - fall back, and say so
@@ -702,7 +702,7 @@ def remeasure(
     per batch for a latency budget); ``ratio_to_unreduced`` is the re-measured latency over the
     unreduced model's, measured in the same rounds.
     """
-    from rapid_search.loading import load_model
+    from rapid_search.tools.loading import load_model
 
     sched = rs.Schedule.load(schedule_path)
     model = load_model(sched.model.name, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint, device=device)
@@ -795,7 +795,7 @@ def _dtype_name(text: str) -> str:
 
 
 def _ratio(text: str) -> float:
-    from rapid_search.bench import parse_ratios
+    from rapid_search.tools.bench import parse_ratios
 
     (r,) = parse_ratios(text)
     return r

@@ -27,12 +27,12 @@ import numpy as np
 import optuna
 import torch
 
-from rapid_search.data import load_images
-from rapid_search.evaluate import per_image_scores, predict
-from rapid_search.flops import ModelInfo
-from rapid_search.loading import load_model
-from rapid_search.measure import set_cpu_threads
-from rapid_search.presets import make_schedule, rapid_schedule, tome_for_ratio
+from rapid_search.tools.data import load_images
+from rapid_search.tools.evaluate import per_image_scores, predict
+from rapid_search.runtime.flops import ModelInfo
+from rapid_search.tools.loading import load_model
+from rapid_search.tools.measure import set_cpu_threads
+from rapid_search.runtime.presets import make_schedule, rapid_schedule, tome_for_ratio
 from rapid_search.search.space import SearchSpace, project
 from rapid_search.search.storage import open_storage
 from rapid_search.search.study import trial_schedule

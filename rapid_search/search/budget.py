@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
-from ..schedule import Budget
+from ..runtime.schedule import Budget
 from ..errors import RapidSearchError
 
 __all__ = ["BudgetError", "BudgetSpec", "Target", "ACCEPTED_FORMS", "parse_budget", "resolve", "to_schedule_budget"]
@@ -170,7 +170,7 @@ def to_schedule_budget(
     achieved: Optional[Mapping[str, Any]] = None,
     digits: int = 6,
 ) -> Budget:
-    """The :class:`rapid_search.schedule.Budget` recorded in an exported schedule.
+    """The :class:`rapid_search.runtime.schedule.Budget` recorded in an exported schedule.
 
     Args:
         spec: A parsed budget (or its text).
@@ -215,5 +215,5 @@ class Target:
         return self.value * 1e9 if self.spec.kind == "gflops" else self.value
 
     def budget(self, achieved: Optional[Mapping[str, Any]] = None) -> Budget:
-        """The :class:`rapid_search.schedule.Budget` recorded in an exported schedule."""
+        """The :class:`rapid_search.runtime.schedule.Budget` recorded in an exported schedule."""
         return to_schedule_budget(self.spec, target=self.value, achieved=achieved)

@@ -55,11 +55,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..flops import ModelInfo, effective_r, token_counts
-from ..measure import Timing, measure_model, parse_device, time_callable
-from ..patch import applied, is_patched
-from ..presets import DEFAULT_PROTECT, as_schedule, make_schedule
-from ..schedule import OPS, LayerSpec, Schedule, atomic_write_text
+from ..runtime.flops import ModelInfo, effective_r, token_counts
+from ..tools.measure import Timing, measure_model, parse_device, time_callable
+from ..runtime.patch import applied, is_patched
+from ..runtime.presets import DEFAULT_PROTECT, as_schedule, make_schedule
+from ..runtime.schedule import OPS, LayerSpec, Schedule, atomic_write_text
 from ..errors import RapidSearchError
 
 __all__ = ["LATENCY_FORMAT", "LatencyModel", "LatencyModelError", "measure_schedule_ms", "model_input_size"]
@@ -543,10 +543,10 @@ def measure_schedule_ms(
         repeats: Timed runs.
         warmup: Untimed runs first.
         compile: Time the model compiled with ``torch.compile(dynamic=False)`` (see
-            :func:`rapid_search.measure.measure_model`); the compilation is not timed.
+            :func:`rapid_search.tools.measure.measure_model`); the compilation is not timed.
 
     Returns:
-        The :class:`rapid_search.measure.Timing` per batch (``median_ms``, ``min_ms``, ...).
+        The :class:`rapid_search.tools.measure.Timing` per batch (``median_ms``, ``min_ms``, ...).
 
     Raises:
         LatencyModelError: The model is patched or on another device.

@@ -26,14 +26,14 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from ..data import DataError, list_images, load_images
-from ..evaluate import fidelity, predict
-from ..flops import ModelInfo
-from ..loading import load_model
-from ..measure import parse_device, parse_dtype, set_cpu_threads
-from ..presets import DEFAULT_PROTECT, DEFAULT_SWITCH_FRACTION
-from ..provenance import versions
-from ..schedule import LayerSpec, Schedule
+from ..tools.data import DataError, list_images, load_images
+from ..tools.evaluate import fidelity, predict
+from ..runtime.flops import ModelInfo
+from ..tools.loading import load_model
+from ..tools.measure import parse_device, parse_dtype, set_cpu_threads
+from ..runtime.presets import DEFAULT_PROTECT, DEFAULT_SWITCH_FRACTION
+from ..tools.provenance import versions
+from ..runtime.schedule import LayerSpec, Schedule
 from .budget import BudgetError, BudgetSpec, Target, parse_budget, resolve
 from .progress import Progress, summarize_search
 from .space import SearchSpace

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
-from ..flops import ModelInfo, schedule_macs
-from ..presets import rapid_layers
-from ..schedule import LayerSpec
+from ..runtime.flops import ModelInfo, schedule_macs
+from ..runtime.presets import rapid_layers
+from ..runtime.schedule import LayerSpec
 from ..errors import RapidSearchError
 
 __all__ = ["SearchSpaceError", "FloatRange", "ThresholdRange", "SearchSpace", "DEFAULT_SPACE", "layers_for"]

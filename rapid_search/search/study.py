@@ -25,10 +25,10 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from ..evaluate import fidelity, metric_value, predict
-from ..flops import ModelInfo, schedule_macs
-from ..presets import make_schedule, tome_fitting
-from ..schedule import Budget, LayerSpec, Schedule
+from ..tools.evaluate import fidelity, metric_value, predict
+from ..runtime.flops import ModelInfo, schedule_macs
+from ..runtime.presets import make_schedule, tome_fitting
+from ..runtime.schedule import Budget, LayerSpec, Schedule
 from .space import SearchSpace, layers_for, project
 from ..errors import RapidSearchError
 

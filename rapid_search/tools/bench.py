@@ -15,7 +15,7 @@ the table states the achieved GFLOPs; a method that cannot reach a ratio is mark
 Top-1, agreement with the unreduced model, measured images/s at the batch size, speedup and
 speedup as a fraction of the ideal (``1 / GFLOPs ratio``) are reported, and RAPID is compared
 with the best ToMe at each ratio by paired statistics over the same images (exact McNemar p and
-a paired bootstrap 95 % CI of the top-1 difference, :mod:`rapid_search.stats`).
+a paired bootstrap 95 % CI of the top-1 difference, :mod:`rapid_search.tools.stats`).
 
 Outputs (:func:`write_outputs`): ``table.md``, ``results.json`` (every number, per-image
 predictions and each schedule) and ``pareto.png`` (top-1 against GFLOPs).
@@ -41,13 +41,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .argtypes import DTYPES, int_in
-from .flops import ModelInfo, schedule_macs
+from ..argtypes import DTYPES, int_in
+from ..runtime.flops import ModelInfo, schedule_macs
 from .provenance import versions
-from .presets import UnreachableBudget, as_schedule, rapid_schedule, tome_for_ratio, variant_schedule
-from .schedule import Schedule, atomic_write_text
+from ..runtime.presets import UnreachableBudget, as_schedule, rapid_schedule, tome_for_ratio, variant_schedule
+from ..runtime.schedule import Schedule, atomic_write_text
 from .stats import compare_paired
-from .errors import RapidSearchError
+from ..errors import RapidSearchError
 
 __all__ = [
     "DEFAULT_RATIOS",
@@ -175,8 +175,8 @@ def _fit_counts(info: ModelInfo, schedule: Schedule, ratio: float) -> Schedule:
     Raises:
         UnreachableBudget: No such refit meets the ratio.
     """
-    from .presets import make_schedule
-    from .schedule import LayerSpec
+    from ..runtime.presets import make_schedule
+    from ..runtime.schedule import LayerSpec
 
     target = ratio * info.base_macs
     idx = [i for i, layer in enumerate(schedule.layers) if layer.reduces]
@@ -384,7 +384,7 @@ def run_bench(
         import copy
 
         from .measure import Timing, time_callable
-        from .patch import apply
+        from ..runtime.patch import apply
 
         x = torch.randn((batch_size, *input_size), generator=torch.Generator().manual_seed(0))
         x = x.to(device=device, dtype=next(model.parameters()).dtype)  # (B, C, H, W)
@@ -517,7 +517,7 @@ def run_bench(
             "num_tokens": info.num_tokens,
             "num_prefix_tokens": info.num_prefix_tokens,
             "base_gflops": _round(base_macs / 1e9),
-            "cost_model": "analytic MACs (rapid_search.flops), reported as GFLOPs = MACs x 1e-9",
+            "cost_model": "analytic MACs (rapid_search.runtime.flops), reported as GFLOPs = MACs x 1e-9",
         },
         "setup": {
             "images": int(len(images)),
@@ -578,7 +578,7 @@ def timing_flag(t: Any, base: Any, ideal: Optional[float]) -> Optional[str]:
 
 def _eager_run(model: nn.Module, sched: Optional[Schedule], x: torch.Tensor) -> Callable[[], Any]:
     """One eager forward of ``model`` under ``sched`` (applied for the call, then removed)."""
-    from .patch import applied
+    from ..runtime.patch import applied
 
     if sched is None or not sched.reduces:
         return lambda: model(x)
@@ -955,7 +955,7 @@ def main(args: argparse.Namespace) -> int:
 def _check_outputs(out_dir: Path, args: argparse.Namespace) -> None:
     """Refuse, before the benchmark, output files (:func:`write_outputs`) that are inputs of
     this command or not regular files."""
-    from .outputs import check_output
+    from ..outputs import check_output
 
     reads = [("the --checkpoint file", args.checkpoint)] + [("a --searched schedule", p) for p in args.searched]
     for name in ("table.md", "results.json", "pareto.png"):

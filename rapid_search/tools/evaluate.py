@@ -12,10 +12,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .flops import ModelInfo, macs_from_counts, schedule_macs
-from .patch import applied, last_token_counts
-from .presets import as_schedule
-from .schedule import Schedule
+from ..runtime.flops import ModelInfo, macs_from_counts, schedule_macs
+from ..runtime.patch import applied, last_token_counts
+from ..runtime.presets import as_schedule
+from ..runtime.schedule import Schedule
 
 __all__ = ["Predictions", "predict", "per_image_scores", "fidelity", "METRICS", "metric_value"]
 

@@ -11,7 +11,7 @@ __all__ = ["versions"]
 def versions(*more: str) -> dict[str, str]:
     """``rapid_search``, ``torch``, ``timm`` and ``python`` versions, plus those of the packages ``more``
     (e.g. ``"optuna"``, ``"numpy"``)."""
-    from . import __version__
+    from .. import __version__
 
     out = {"rapid_search": __version__, "python": platform.python_version()}
     for name in ("torch", "timm", *more):

@@ -23,13 +23,13 @@ convolutional patch stems (their cost is not counted), and everything that is no
 
 Position-dependent families (RoPE, relative position bias) follow tokens through every reduction:
 the runtime carries ``pos`` (``(B, N)`` index of each token in the input sequence,
-:func:`rapid_search.ops.follow_positions`). A pruned-away token takes its position with it; a
+:func:`rapid_search.runtime.ops.follow_positions`). A pruned-away token takes its position with it; a
 merged token keeps its **destination's** position (its RoPE angles and its bias-table row and
 column). The alternative, a size-weighted position, is not a rotation of any grid position for
 RoPE and has no row in a bias table, and no pretrained weights of these families are available
 here to measure it against; the destination keeps what the pretrained model saw for that token.
 
-Reducing blocks are composed from the block's own modules, as in :mod:`rapid_search.patch`; blocks
+Reducing blocks are composed from the block's own modules, as in :mod:`rapid_search.runtime.patch`; blocks
 with nothing to do while no sizes or positions are in flight call timm's own ``forward``.
 """
 
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .engine import _pool, _reduce, _Runtime
-from .errors import RapidSearchError
+from ..errors import RapidSearchError
 from .schedule import ScheduleError
 
 __all__ = ["UnsupportedModelError", "check_model", "Adapter", "adapter_for", "family_name", "FAMILY_CLASSES"]
@@ -265,7 +265,7 @@ class Adapter:
     name = "vit"
     tracks_positions = False
     head_patches: tuple[str, ...] = ("pool",)
-    #: None: the patched block forward of :mod:`rapid_search.patch` (timm ``Block``).
+    #: None: the patched block forward of :mod:`rapid_search.runtime.patch` (timm ``Block``).
     block_forward: Optional[Callable[..., torch.Tensor]] = None
 
     # -- facts -----------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ kernels, not just their launch; on CPU ``time.perf_counter`` around the call is 
 
 Example:
     >>> import torch
-    >>> from rapid_search.measure import parse_device, time_callable
+    >>> from rapid_search.tools.measure import parse_device, time_callable
     >>> t = time_callable(lambda: torch.ones(8).sum(), device=parse_device("cpu"), warmup=1, repeats=5)
     >>> t.repeats, t.median_ms >= 0
     (5, True)
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .argtypes import DTYPES
+from ..argtypes import DTYPES
 
 __all__ = ["DTYPES", "Timing", "measure_model", "parse_device", "parse_dtype", "set_cpu_threads", "time_callable"]
 

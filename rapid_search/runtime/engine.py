@@ -9,8 +9,8 @@ it); :func:`_block_forward` re-states ``timm.models.vision_transformer.Block.for
 LayerScale, drop-path) with the reduction between attention and MLP. Both use the block's own
 modules, and ``tests/test_parity.py`` checks them against timm's forward on every supported
 family (a reducing schedule that removes nothing must give timm's output), so a change in timm
-fails a test. The model families (:mod:`rapid_search.families`) build on these pieces;
-:mod:`rapid_search.patch` binds them to a model.
+fails a test. The model families (:mod:`rapid_search.runtime.families`) build on these pieces;
+:mod:`rapid_search.runtime.patch` binds them to a model.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class _Runtime:
         self.batch = 0
         self.hook: Optional[torch.utils.hooks.RemovableHandle] = None  # the empty schedule's pre-hook
         self.lean = True  # fixed-count layers take the lean path (tests switch it off to compare)
-        self.adapter: Any = None  # the model family's adapter (rapid_search.families), set by apply
+        self.adapter: Any = None  # the model family's adapter (rapid_search.runtime.families), set by apply
         self.patched: tuple[str, ...] = ()  # model methods replaced by apply
         if getattr(model, "dist_token", None) is not None:
             self.importance_rows = 2
@@ -142,7 +142,7 @@ def _attention(
 
 def _reduce_fixed(x: torch.Tensor, metric: torch.Tensor, importance: Optional[torch.Tensor], layer: LayerSpec, rt: _Runtime) -> torch.Tensor:
     """The lean path: a fixed-count layer on a batch without padding (every shape from the schedule,
-    no host synchronisation; see :class:`rapid_search.ops.FixedReduction`)."""
+    no host synchronisation; see :class:`rapid_search.runtime.ops.FixedReduction`)."""
     st, P = rt.state, rt.num_prefix
     red: Optional[FixedReduction]
     if layer.op == "prune":

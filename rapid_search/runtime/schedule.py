@@ -32,9 +32,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
-from .errors import RapidSearchError
+from ..errors import RapidSearchError
 from .ops import protected_count
-from .outputs import atomic_write_text
+from ..outputs import atomic_write_text
 
 __all__ = [
     "FORMAT",
@@ -308,7 +308,7 @@ class Schedule:
 
     @classmethod
     def from_yaml(cls, text: str, *, source: str = "<string>") -> "Schedule":
-        from .yamlsafe import YAMLInputError, load_yaml
+        from ..yamlsafe import YAMLInputError, load_yaml
 
         try:
             data = load_yaml(text)  # safe, bounded (size, depth, aliases), duplicate keys refused
@@ -329,8 +329,8 @@ class Schedule:
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "Schedule":
         """Read and validate a YAML schedule."""
-        from .outputs import input_problem
-        from .yamlsafe import YAMLInputError, read_yaml
+        from ..outputs import input_problem
+        from ..yamlsafe import YAMLInputError, read_yaml
 
         p = Path(path)
         problem = input_problem(p)

@@ -12,7 +12,7 @@ tokens each surviving token covers) it computes a per-patch label array ``(H_p, 
 
 Example:
     >>> import timm, rapid_search
-    >>> from rapid_search.visualize import token_labels
+    >>> from rapid_search.tools.visualize import token_labels
     >>> model = timm.create_model("test_vit").eval()
     >>> import torch
     >>> labels = token_labels(model, torch.randn(1, 3, 160, 160), rapid_search.rapid_schedule(model, 0.5), layers=(5,))
@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from .data import load_image
-from .patch import applied, last_source
-from .presets import as_schedule
-from .schedule import Schedule
+from ..runtime.patch import applied, last_source
+from ..runtime.presets import as_schedule
+from ..runtime.schedule import Schedule
 
 __all__ = [
     "LayerLabels",
@@ -232,7 +232,7 @@ def colour_labels(image: FloatArray, labels: IntArray, *, alpha: float = 0.55) -
 
 
 def _load_image(model: nn.Module, image_path: Union[str, Path]) -> tuple[torch.Tensor, FloatArray]:
-    """The model's eval preprocessing of one image (:func:`rapid_search.data.load_image`):
+    """The model's eval preprocessing of one image (:func:`rapid_search.tools.data.load_image`):
     ``(1, 3, H, W)`` input and ``(H, W, 3)`` display RGB."""
     from timm.data import resolve_model_data_config
 
@@ -345,7 +345,7 @@ def main(args: argparse.Namespace) -> int:
     from .bench import schedule_for_spec
     from .loading import load_model
 
-    from .outputs import check_output
+    from ..outputs import check_output
 
     check_output(  # before the model is loaded: never an input of this command, never a device
         args.out, option="--out", example="patches.png",

@@ -16,7 +16,7 @@ This module needs only torch, timm, numpy, PIL and the standard library.
 
 Example:
     >>> import timm
-    >>> from rapid_search.data import load_images
+    >>> from rapid_search.tools.data import load_images
     >>> model = timm.create_model("deit_tiny_patch16_224")  # doctest: +SKIP
     >>> imgs = load_images("../shared/data/imagenet-calib", model=model, limit=100)  # doctest: +SKIP
     >>> imgs.images.shape, imgs.labels.shape  # doctest: +SKIP
@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 from torch import nn
-from .errors import RapidSearchError
+from ..errors import RapidSearchError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -469,7 +469,7 @@ def load_image(path: Union[str, os.PathLike], *, model: Optional[nn.Module] = No
     """
     from timm.data import create_transform
 
-    from .outputs import input_problem
+    from ..outputs import input_problem
 
     path = Path(path)
     problem = input_problem(path)  # missing, a directory, a device or fifo

@@ -14,8 +14,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .families import check_model
-from .errors import RapidSearchError
+from ..runtime.families import check_model
+from ..errors import RapidSearchError
 
 __all__ = ["ModelLoadError", "load_model"]
 
@@ -91,7 +91,7 @@ def load_model(
     check_model(model)
     if checkpoint is not None:
         path = Path(checkpoint)
-        from .outputs import input_problem
+        from ..outputs import input_problem
 
         problem = input_problem(path)
         if problem is not None:

@@ -3,8 +3,8 @@
 Blocks whose schedule entry is ``none`` (while no sizes or padding are in flight) call timm's
 own block forward unchanged, and an empty schedule leaves timm's forward untouched (a pre-hook
 only notes the batch), so it runs at the unpatched model's speed with fused attention. Reducing
-blocks run the shared forward of :mod:`rapid_search.engine` (adapted from timm 1.0.31, see
-there) through the model family's adapter (:mod:`rapid_search.families`). Facts such as
+blocks run the shared forward of :mod:`rapid_search.runtime.engine` (adapted from timm 1.0.31, see
+there) through the model family's adapter (:mod:`rapid_search.runtime.families`). Facts such as
 ``num_prefix_tokens`` and ``global_pool`` are read from the model.
 
 Example:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .flops import ModelInfo, effective_r, schedule_macs
 from .schedule import Budget, LayerSpec, Schedule, ScheduleError
-from .errors import RapidSearchError
+from ..errors import RapidSearchError
 
 __all__ = [
     "UnreachableBudget",
@@ -69,7 +69,7 @@ def _clamped(info: ModelInfo, layers: Sequence[LayerSpec]) -> list[LayerSpec]:
 
 def make_schedule(info: ModelInfo, layers: Sequence[LayerSpec], *, method: str, ratio: Optional[float] = None, **provenance: Any) -> Schedule:
     """Wrap layers into a validated :class:`Schedule` with budget and provenance filled in."""
-    from . import __version__
+    from .. import __version__
 
     for i, layer in enumerate(layers):
         if not isinstance(layer, LayerSpec):
