@@ -123,21 +123,37 @@ def _attention(
         out = out * gate
     out = attn.proj_drop(attn.proj(out))  # (B, N, C)
     metric = k.mean(dim=1)  # (B, N, hd) head-averaged keys, as ToMe
-    importance = None
-    if need_importance:
-        if importance_rows > 0:
-            qr = q[:, :, :importance_rows]  # (B, H, R, hd) class (and distillation) token queries
-        else:
-            # No class token: the size-weighted mean query over real patch tokens stands in for it
-            # ("global query"), still O(N).
-            w = torch.ones_like(x[:, :, :1]) if size is None else size  # (B, N, 1)
-            w = w[:, None, num_prefix:].to(q.dtype)  # (B, 1, T, 1)
-            qr = (q[:, :, num_prefix:] * w).sum(2, keepdim=True) / w.sum(2, keepdim=True)  # (B, H, 1, hd)
-        logits = (qr * attn.scale) @ k.transpose(-2, -1)  # (B, H, R, N)
-        if bias is not None:
-            logits = logits + bias
-        importance = _as(logits, _wide(logits.dtype)).softmax(dim=-1).mean(dim=(1, 2))[:, num_prefix:]  # (B, T) float32 or wider
+    importance = _importance(q, k, attn.scale, size, rows=importance_rows, num_prefix=num_prefix, bias=bias) if need_importance else None
     return out, metric, importance
+
+
+def _importance(
+    q: torch.Tensor, k: torch.Tensor, scale: float, size: Optional[torch.Tensor], *, rows: int, num_prefix: int, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Importance of the patch tokens: the class-like rows' attention, head- and row-averaged, O(N).
+
+    Args:
+        q, k: ``(B, H, N, hd)`` queries and keys (after any norm or rotation the attention applies).
+        scale: The attention's logit scale.
+        size: ``(B, N, 1)`` token sizes or None (all 1).
+        rows: Class-like prefix rows to average; 0 = no class token: the size-weighted mean query
+            over the patch tokens stands in for it ("global query").
+        num_prefix: Prefix tokens.
+        bias: Added to the ``(B, H, R, N)`` logits (proportional attention, position bias) or None.
+
+    Returns:
+        ``(B, T)`` importance, in float32 (or wider): the softmax is never taken in half precision.
+    """
+    if rows > 0:
+        qr = q[:, :, :rows]  # (B, H, R, hd) class (and distillation) token queries
+    else:
+        w = torch.ones_like(q[:, 0, :, :1]) if size is None else size  # (B, N, 1)
+        w = w[:, None, num_prefix:].to(q.dtype)  # (B, 1, T, 1)
+        qr = (q[:, :, num_prefix:] * w).sum(2, keepdim=True) / w.sum(2, keepdim=True)  # (B, H, 1, hd)
+    logits = (qr * scale) @ k.transpose(-2, -1)  # (B, H, R, N)
+    if bias is not None:
+        logits = logits + bias
+    return _as(logits, _wide(logits.dtype)).softmax(dim=-1).mean(dim=(1, 2))[:, num_prefix:]  # (B, T)
 
 
 def _reduce_fixed(x: torch.Tensor, metric: torch.Tensor, importance: Optional[torch.Tensor], layer: LayerSpec, rt: _Runtime) -> torch.Tensor:

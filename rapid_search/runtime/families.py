@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import _pool, _reduce, _Runtime
+from .engine import _importance, _pool, _reduce, _Runtime
 from ..errors import RapidSearchError
 from .schedule import ScheduleError
 
@@ -208,17 +208,10 @@ def attention(
     importance = None
     if need_importance:
         if importance_rows > 0:
-            qr = q[:, :, :importance_rows]  # (B, H, R, hd) class (and distillation) token queries
+            bias = None if mask is None else mask[:, :, :importance_rows]  # the class rows' own size and position bias
         else:
-            w = torch.ones_like(x[:, :, :1]) if size is None else size  # (B, N, 1)
-            w = w[:, None, num_prefix:].to(q.dtype)  # (B, 1, T, 1)
-            qr = (q[:, :, num_prefix:] * w).sum(2, keepdim=True) / w.sum(2, keepdim=True)  # (B, H, 1, hd) global query
-        logits = (qr * attn.scale) @ k.transpose(-2, -1)  # (B, H, R, N)
-        if importance_rows > 0 and mask is not None:
-            logits = logits + mask[:, :, :importance_rows]  # the class rows' own size and position bias
-        elif importance_rows == 0 and size is not None:
-            logits = logits + size.log().to(q.dtype)[:, None, None, :, 0]  # the global query has no bias row
-        importance = logits.softmax(dim=-1).mean(dim=(1, 2))[:, num_prefix:]  # (B, T)
+            bias = None if size is None else size.log().to(q.dtype)[:, None, None, :, 0]  # the global query has no bias row
+        importance = _importance(q, k, attn.scale, size, rows=importance_rows, num_prefix=num_prefix, bias=bias)  # (B, T)
     return out, metric, importance
 
 
