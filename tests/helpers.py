@@ -70,3 +70,19 @@ def module_state(model: torch.nn.Module) -> dict[str, tuple]:
     for name, mod in model.named_modules():
         state[name] = tuple(sorted(mod.__dict__.keys()))
     return state
+
+
+def search_argv(ts, default_name: str, *extra: str, **change: str) -> list[str]:
+    """``rapid-search search`` arguments of a valid tiny search (``ts``: the ``tiny_search``
+    fixture; default storage and output under ./studies/), options replaced (``None``: removed)
+    or added."""
+    args = ["--model", "test_vit", "--checkpoint", str(ts.ckpt), "--data", str(ts.data), "--budget", "50%GFLOPs",
+            "--trials", "2", "--calib-images", "16", "--batch-size", "8", "--threads", "1", "--progress", "quiet",
+            "--study-name", default_name]
+    for k, v in change.items():
+        i = args.index("--" + k.replace("_", "-"))
+        if v is None:
+            del args[i : i + 2]
+        else:
+            args[i + 1] = v
+    return ["search", *args, *extra]

@@ -24,6 +24,7 @@ import yaml
 from PIL import Image
 
 import rapid_search as rs
+from helpers import search_argv
 from rapid_search.cli import main
 from rapid_search.search.space import DEFAULT_SPACE
 
@@ -74,16 +75,7 @@ def bad(tmp_path_factory, tiny_search):
 
 def _search(ts, *extra: str, **change: str) -> list[str]:
     """A valid tiny search (default storage and output: ./studies/), with options replaced/added."""
-    args = ["--model", "test_vit", "--checkpoint", str(ts.ckpt), "--data", str(ts.data), "--budget", "50%GFLOPs",
-            "--trials", "2", "--calib-images", "16", "--batch-size", "8", "--threads", "1", "--progress", "quiet",
-            "--study-name", "bad"]
-    for k, v in change.items():
-        i = args.index("--" + k.replace("_", "-"))
-        if v is None:
-            del args[i : i + 2]
-        else:
-            args[i + 1] = v
-    return ["search", *args, *extra]
+    return search_argv(ts, "bad", *extra, **change)
 
 
 # id -> (argv builder (bad folder, tiny search) -> argv, text the one-line message must contain)

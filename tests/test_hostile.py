@@ -26,6 +26,7 @@ import yaml
 from PIL import Image
 
 import rapid_search as rs
+from helpers import search_argv
 from rapid_search.cli import main
 from rapid_search.search.space import DEFAULT_SPACE
 
@@ -34,16 +35,7 @@ SECRET = "s3cr3t-Zq"
 
 def _search(ts, *extra: str, **change: str) -> list[str]:
     """A valid tiny search (storage and output under ./studies/), options replaced or added."""
-    args = ["--model", "test_vit", "--checkpoint", str(ts.ckpt), "--data", str(ts.data), "--budget", "50%GFLOPs",
-            "--trials", "2", "--calib-images", "16", "--batch-size", "8", "--threads", "1", "--progress", "quiet",
-            "--study-name", "h"]
-    for k, v in change.items():
-        i = args.index("--" + k.replace("_", "-"))
-        if v is None:
-            del args[i : i + 2]
-        else:
-            args[i + 1] = v
-    return ["search", *args, *extra]
+    return search_argv(ts, "h", *extra, **change)
 
 
 def _listing(root: Path) -> list[str]:
