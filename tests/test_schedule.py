@@ -15,6 +15,7 @@ import yaml
 import rapid_search as rs
 from rapid_search import LayerSpec, Schedule, ScheduleError
 from rapid_search.runtime.schedule import FORMAT
+from rapid_search.runtime.presets import make_schedule
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def sched(model):
         LayerSpec("evit", 4),
         LayerSpec(),
     ]
-    s = rs.presets.make_schedule(rs.ModelInfo.from_model(model), layers, method="hand", ratio=0.5, note="x")
+    s = make_schedule(rs.ModelInfo.from_model(model), layers, method="hand", ratio=0.5, note="x")
     return s.with_meta(scores={"calib_top1": 0.7913, "kl": 1e-3, "n": 64})
 
 
