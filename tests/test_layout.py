@@ -116,3 +116,20 @@ def test_layers_import_downwards_only() -> None:
                 bad += [f"{name} -> {m}" for m in sorted(_imports(name, path, known)) if m.startswith(forbidden)]
     assert bad == []
     assert {"rapid_search.runtime.patch", "rapid_search.tools.bench", "rapid_search.search.runner"} <= known
+
+
+def test_public_names_resolve_lazily() -> None:
+    """``rapid_search``'s public names come from the runtime on first use: every name in
+    ``__all__`` resolves to the object its module defines, and ``import rapid_search.cli`` starts
+    without torch (so a Ctrl-C during start-up meets the CLI's own one-line handler)."""
+    import subprocess
+    import sys
+
+    names = set(rapid_search.__all__) - {"__version__"}
+    assert names == set(rapid_search._EXPORTS)
+    for name in sorted(names):
+        mod = importlib.import_module(rapid_search._EXPORTS[name])
+        assert getattr(rapid_search, name) is getattr(mod, name), name
+    code = "import sys, rapid_search.cli; print(sorted(m for m in ('torch', 'timm', 'optuna', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
