@@ -322,7 +322,10 @@ def _freeze_mid_trial(p, study_of, deadline: float, lock=None) -> int:
         assert p.exitcode is None, f"worker ended early:\n{_log(p)}"
         study = study_of()
         if study is not None and count_trials(study).finished >= 2:
-            freeze(p.pid)
+            try:
+                freeze(p.pid)
+            except ProcessLookupError:  # it ended between the check above and the signal
+                raise AssertionError(f"worker ended before it was caught mid-trial:\n{_log(p)}") from None
             if lock is not None and lock.exists():  # frozen inside a journal append: try again
                 os.kill(p.pid, signal.SIGCONT)
                 continue
@@ -344,7 +347,7 @@ def test_killed_worker_trial_is_redone(kind, request, tiny_search, cli_workers, 
     and redone with its parameters, every trial finished before the kill is intact, the study
     ends with exactly N finished trials and exports."""
     spec = request.getfixturevalue("pg_fresh_url") if kind == "postgres" else f"journal:{tmp_path / 'k.journal'}"
-    name, n = "kill", 6
+    name, n = "kill", 10  # enough trials left after the first two to catch the worker in one
 
     def study_of():
         try:
