@@ -110,14 +110,7 @@ def _attention(
     q, k, v = qkv.unbind(0)  # (B, H, N, hd) each
     q, k = attn.q_norm(q), attn.k_norm(k)
     bias = None if size is None else _as(size.log(), q.dtype).view(B, 1, 1, N)  # (B, 1, 1, N) proportional attention
-    if attn.fused_attn:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    else:
-        a = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-        if bias is not None:
-            a = a + bias
-        out = attn.attn_drop(a.softmax(dim=-1)) @ v  # (B, H, N, hd)
-    out = out.transpose(1, 2).reshape(B, N, H * hd)  # (B, N, A)
+    out = _sdpa(attn, q, k, v, bias).transpose(1, 2).reshape(B, N, H * hd)  # (B, N, A)
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
@@ -125,6 +118,18 @@ def _attention(
     metric = k.mean(dim=1)  # (B, N, hd) head-averaged keys, as ToMe
     importance = _importance(q, k, attn.scale, size, rows=importance_rows, num_prefix=num_prefix, bias=bias) if need_importance else None
     return out, metric, importance
+
+
+def _sdpa(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention of ``(B, H, N, hd)`` queries, keys and values with an additive ``mask`` (or None),
+    fused (``F.scaled_dot_product_attention``) when ``attn.fused_attn`` is set, else as timm 1.0.31
+    computes it unfused (scale, softmax, the module's dropout): ``(B, H, N, hd)``."""
+    if attn.fused_attn:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    a = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+    if mask is not None:
+        a = a + mask
+    return attn.attn_drop(a.softmax(dim=-1)) @ v  # (B, H, N, hd)
 
 
 def _importance(

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import _importance, _pool, _reduce, _Runtime
+from .engine import _importance, _pool, _reduce, _Runtime, _sdpa
 from ..errors import RapidSearchError
 from .schedule import ScheduleError
 
@@ -191,14 +191,7 @@ def attention(
     mask = None if size is None else size.log().to(q.dtype)[:, None, None, :, 0]  # (B, 1, 1, N) proportional attention
     if bias is not None:
         mask = bias.to(q.dtype) if mask is None else mask + bias.to(q.dtype)  # (B, H, N, N)
-    if attn.fused_attn:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    else:
-        a = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-        if mask is not None:
-            a = a + mask
-        out = attn.attn_drop(a.softmax(dim=-1)) @ v  # (B, H, N, hd)
-    out = out.transpose(1, 2).reshape(B, N, -1)  # (B, N, A)
+    out = _sdpa(attn, q, k, v, mask).transpose(1, 2).reshape(B, N, -1)  # (B, N, A)
     norm = getattr(attn, "norm", None)
     if norm is not None:
         out = norm(out)
