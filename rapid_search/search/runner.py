@@ -1,14 +1,7 @@
-"""``run_search``: everything between the command line and the Optuna study.
-
-Order of work: every input is validated (budget, search space, device, data folder, model name,
-budget feasibility) before weights are loaded or images decoded; then the calibration images are
-decoded once, the unreduced outputs computed once, and the study is created or resumed.
-
-Workers given the same ``storage`` and ``study_name`` share the study (see
-:mod:`rapid_search.search.workers`). An existing study with another set-up (model, budget,
-search space, metric, calibration images, device kind) is refused before any weights are loaded,
-and nothing is written (no journal file, no schedule) when the search cannot start.
-"""
+"""``run_search``: every input checked (:func:`_plan`), weights and calibration set loaded once
+(:func:`_load`), the study created or joined (:func:`_join_study`), the trials run
+(:func:`~rapid_search.search.workers.run_trials`) and the best schedule written (:func:`_export`).
+Nothing is written when the search cannot start; a study with another set-up is refused."""
 
 from __future__ import annotations
 
@@ -102,18 +95,9 @@ class SearchOptions:
 
 
 class SearchInterrupted(KeyboardInterrupt):
-    """Ctrl-C (or SIGTERM) during the trials: the study is kept, the trial in flight was failed and
-    queued again, and the best schedule so far was written when there was one.
-
-    Attributes:
-        study_name: The study (re-run the same command to resume it).
-        out: The schedule written, or None when none was (no finished trial met the budget yet,
-            or writing it failed: ``export_error``).
-        finished: Finished trials in the study (None: the storage could not be read).
-        trials: The trials asked for.
-        export_error: Why the best schedule so far could not be written (None: it was, or no
-            finished trial meets the budget yet).
-    """
+    """Ctrl-C (or SIGTERM) during the trials: the study is kept, the trial in flight queued again
+    and the best schedule so far written to ``out`` (None: none meets the budget yet, or writing
+    failed: ``export_error``); ``finished`` is None when the storage could not be read."""
 
     def __init__(self, study_name: str, out: Optional[Path], finished: Optional[int], trials: int, export_error: Optional[str] = None) -> None:
         super().__init__(study_name)
@@ -147,22 +131,19 @@ def default_study_name(opts: SearchOptions) -> str:
 
 
 def _runtime_suffix(opts: SearchOptions) -> str:
-    """Study-name suffix for a non-default precision (nothing for float32: old names stay valid)."""
-    return ("" if opts.dtype == "float32" else f"-{opts.dtype}") + ("-compiled" if opts.compile else "")
+    """Study-name suffix for a non-default precision or compiled timing (none for the defaults)."""
+    return "".join(f"-{v}" if k == "dtype" else "-compiled" for k, v in _runtime_setup(opts).items())
 
 
 def _runtime_setup(opts: SearchOptions) -> dict[str, Any]:
     """Set-up entries for a non-default precision or compiled timing (none for the defaults, so older
     studies still match)."""
-    out: dict[str, Any] = {} if opts.dtype == "float32" else {"dtype": opts.dtype}
-    if opts.compile:
-        out["compile"] = True
-    return out
+    return {k: v for k, v in (("dtype", opts.dtype), ("compile", opts.compile)) if v not in ("float32", False)}
 
 
 def _calib_fingerprint(data: Path, calib_images: int, seed: int) -> str:
-    """The calibration set by content (relative file names and sizes, count, seed), not by path,
-    so that workers on machines that keep the images in different folders can share a study."""
+    """The calibration set by content (relative names, sizes, count, seed), not path: workers keeping
+    the images in different folders share a study."""
     files, _ = list_images(data)
     h = hashlib.sha256()
     for f in files:
@@ -225,25 +206,14 @@ def share_setup(
     wait: float = 10.0,
     poll: float = 0.2,
 ) -> dict[str, Any]:
-    """Record the study's set-up (its creator), or check this worker's against it (the others).
+    """Record the study's set-up (the creator: ``created``), or check this worker's ``attrs``
+    (``setup``, ``base_gflops``, ``target``) against it; returns the study's (the creator's) values.
 
-    Only the worker that created the study writes ``setup``, ``base_gflops`` and ``target``: two
-    workers starting a new study at the same moment cannot both find no set-up and write theirs,
-    and a joining worker never overwrites the creator's ``target`` (for a latency budget, each
-    machine measures its own; the study keeps the creator's). A joiner that finds a new study
-    (no trials) without a set-up waits up to ``wait`` seconds for its creator to write it. Only
-    when there is still none (the creator died first, or an older study) does it write its own,
-    and re-reads after ``poll`` seconds, so of two joiners racing to do that the one overwritten
-    is refused if the set-ups differ.
-
-    Args:
-        study: The study.
-        created: Whether this worker created it.
-        attrs: This worker's ``setup``, ``base_gflops`` and ``target``.
-        log: Where to say that this worker's target differs from the study's.
-
-    Returns:
-        The study's values of ``attrs`` (the creator's).
+    Only the creator writes them, so racing creators cannot both write and a joiner never
+    overwrites the creator's latency ``target`` (it is told, via ``log``, when its own differs).
+    A joiner finding a new study without a set-up waits ``wait`` s for it; if there is still none
+    (the creator died) it writes its own and re-reads after ``poll`` s, so of two racing joiners
+    the overwritten one is refused when the set-ups differ.
 
     Raises:
         SearchError: The study was started with another set-up.
@@ -272,14 +242,10 @@ def share_setup(
 
 
 def heartbeat_timing(opts: SearchOptions) -> tuple[int, int, Optional[str]]:
-    """``(interval, grace, note)``: the heartbeat interval and grace period to use, and a note to
-    log when the default grace period was raised.
-
-    A journal file's lock, left behind by a worker killed while appending, blocks every write
-    (heartbeats too) for ``JOURNAL_LOCK_GRACE`` seconds; a grace period shorter than that plus
-    two heartbeat intervals would give live trials up. So with a journal file the grace period
-    must exceed ``2 * interval + JOURNAL_LOCK_GRACE``: the default one is raised to that, one
-    set by ``--grace-period`` is refused.
+    """``(interval, grace, note)``: heartbeat interval, grace period and a note when the default
+    grace was raised. A killed worker's journal lock blocks heartbeats for ``JOURNAL_LOCK_GRACE``
+    s, so with a journal file grace must exceed ``2 * interval + JOURNAL_LOCK_GRACE`` (the default
+    is raised to that, a shorter ``--grace-period`` refused).
 
     Raises:
         SearchError: ``--heartbeat-interval`` not below the grace period, or ``--grace-period``
@@ -340,13 +306,8 @@ def _check_out(out: Path, opts: SearchOptions, study_name: str) -> None:
 
 
 def _open_study(study_name: str, storage: Any, seed: int, pruner: Any) -> tuple[optuna.Study, bool, int]:
-    """Create the study, or join it when it exists. Returns ``(study, created, sampler_seed)``.
-
-    Exactly one worker creates a study (the storage refuses a second creation); it samples with
-    ``seed``, so a single uninterrupted search is reproducible. Workers that join (other workers,
-    resumed searches) draw their own sampler seed: with the same seed they would sample the same
-    schedules as each other (or as the first run) and duplicate work.
-    """
+    """``(study, created, sampler_seed)``: the creator (the storage allows one) samples with ``seed``
+    (reproducible); joiners draw their own seed, or they would sample the creator's schedules again."""
 
     def sampler(s: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(seed=s, multivariate=True, n_startup_trials=10)
@@ -486,8 +447,7 @@ def _plan(opts: SearchOptions) -> _Plan:
 
 
 def _load(plan: _Plan, log: Callable[[str], None]) -> _Loaded:
-    """Load the weights, decode the calibration images and compute the unreduced outputs once;
-    for a latency budget, time the model and resolve the target."""
+    """Weights, calibration images and unreduced outputs, once; a latency budget's timing and target."""
     opts, device, data = plan.opts, plan.device, plan.data
     log(f"loading {opts.model} on {device} ...")
     model = load_model(opts.model, checkpoint=opts.checkpoint, device=device, dtype=opts.dtype)
@@ -512,8 +472,7 @@ def _load(plan: _Plan, log: Callable[[str], None]) -> _Loaded:
 
 
 def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: Callable[[str], None]) -> _Loaded:
-    """A latency budget: the per-block latency model, the unreduced timing, the target and the
-    timing-noise margin (see ``LATENCY_MARGIN``)."""
+    """A latency budget: latency model, unreduced timing, target and noise margin (``LATENCY_MARGIN``)."""
     from .latency import LatencyModel, measure_schedule_ms
 
     opts, device, info = plan.opts, plan.device, plan.info
@@ -538,8 +497,7 @@ def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: 
 
 
 def _join_study(plan: _Plan, loaded: _Loaded, log: Callable[[str], None]) -> tuple[optuna.Study, Any]:
-    """Create or join the study (only now: nothing is written when loading fails); returns it and
-    the storage for the heartbeat thread's writes."""
+    """Create or join the study (only now: loading failed writes nothing), and the heartbeat's storage."""
     opts = plan.opts
     storage = plan.storage or open_storage(opts.storage, study_name=plan.study_name, studies_dir=STUDIES_DIR)
     # a journal storage's writes hold its lock: the heartbeat thread gets its own instance
@@ -557,14 +515,8 @@ def _join_study(plan: _Plan, loaded: _Loaded, log: Callable[[str], None]) -> tup
 
 
 def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> SearchResult:
-    """Run (or resume) a search and write the best schedule.
-
-    Args:
-        opts: Options (see :class:`SearchOptions`).
-        progress: The display (one from ``opts.progress`` if None).
-
-    Returns:
-        The exported schedule, its path and search statistics.
+    """Run (or resume) a search and write the best schedule (``progress``: the display, default
+    from ``opts.progress``).
 
     Raises:
         SearchInterrupted: Ctrl-C or SIGTERM during the trials (the best so far is written).
@@ -625,16 +577,14 @@ def _interrupted(study: optuna.Study, plan: _Plan, loaded: _Loaded, prog: Progre
 
 
 def _storage_failures() -> tuple[type[BaseException], ...]:
-    """What a storage raises when it fails during a search: a journal append that failed (disk
-    full, I/O error) and any database error (Optuna wraps SQLAlchemy's in StorageInternalError)."""
+    """A failed journal append (disk full, I/O) and any database error (Optuna wraps SQLAlchemy's)."""
     import sqlalchemy.exc  # an Optuna dependency; imported here, when a search runs
 
     return (JournalWriteError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError)
 
 
 def _storage_failed(e: BaseException, study: optuna.Study, plan: _Plan, loaded: _Loaded) -> SearchError:
-    """The one-line error for a storage that failed mid-search, after writing the best schedule
-    so far (when one meets the budget and the storage can still be read)."""
+    """The one-line error for a storage failing mid-search, after writing the best schedule so far."""
     opts = plan.opts
     if isinstance(e, JournalWriteError):
         what = str(e)
@@ -650,9 +600,8 @@ def _storage_failed(e: BaseException, study: optuna.Study, plan: _Plan, loaded: 
 
 
 def _save_best(study: optuna.Study, plan: _Plan, loaded: _Loaded) -> tuple[Optional[Path], Optional[str]]:
-    """Write the best schedule so far after the search was cut short: ``(written, error)``, both
-    None when no finished trial meets the budget yet. Never raises: what cut the search short
-    decides the exit, not a failed export."""
+    """``(written, error)`` after writing the best schedule so far (both None: none meets the budget
+    yet); never raises, as what cut the search short decides the exit."""
     try:
         _export(study, plan=plan, loaded=loaded)
         return plan.out, None
