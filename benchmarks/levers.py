@@ -1,0 +1,141 @@
+"""Which changes to RAPID would let the search find better schedules at 50% GFLOPs? Measured on
+calibration images only (issue 12): every variant is scored on ``imagenet-calib`` (never on the
+evaluation images) by the search's own score, the KL divergence from the unreduced model's
+predictions (lower is better), with calibration top-1 and agreement alongside.
+
+Variants (fixed counts; the searched schedule's prune threshold dropped where it would make the
+counts data-dependent):
+
+* ``fold``: a prune block merges each dropped token into its near-duplicate (size-weighted, sizes
+  tracked, proportional attention) instead of discarding it. An experiment in this script only.
+* the hand-set schedule over a grid of switch depth and protected fraction;
+* other ops in the deep blocks: ToMe's bipartite merge, EViT-style importance pruning, or
+  pruning everywhere;
+* the importance signal: class attention with the head *maximum* instead of the mean;
+* the similarity metric: the residual stream instead of the head-averaged keys.
+
+    python benchmarks/levers.py --model vit_tiny_patch16_224   # ~15 min on one core
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from rapid_search import apply, remove
+from rapid_search.runtime import engine, ops
+from rapid_search.runtime.flops import schedule_macs
+from rapid_search.runtime.presets import _fit_two_level, make_schedule, model_info, rapid_schedule, tome_for_ratio
+from rapid_search.runtime.schedule import LayerSpec, Schedule
+from rapid_search.tools.data import load_images
+from rapid_search.tools.loading import load_model
+
+
+def _fold(metric: torch.Tensor, r: int, *, num_prefix: int) -> Optional[ops.Reduction]:
+    """Redundancy pruning whose dropped A tokens are merged into their most similar B token."""
+    B, N, _ = metric.shape
+    T = N - num_prefix
+    m = F.normalize(metric[:, num_prefix:].float(), dim=-1)  # (B, T, C)
+    score, best = (m[:, ::2] @ m[:, 1::2].transpose(1, 2)).max(-1)  # (B, Ta) similarity and B match
+    drop = ops._select_top(score, r, torch.ones_like(score, dtype=torch.bool))  # (B, Ta)
+    remove_p = torch.zeros(B, T, dtype=torch.bool)
+    remove_p[:, ::2] = drop
+    own = torch.arange(T).expand(B, T).clone()  # (B, T) destination of every patch token
+    own[:, ::2] = torch.where(drop, best * 2 + 1, own[:, ::2])
+    dst = torch.cat([torch.arange(num_prefix).expand(B, num_prefix), own + num_prefix], 1)  # (B, N)
+    return ops._compact(ops._full_mask(remove_p, num_prefix), None, dst=dst)
+
+
+_REDUCE = engine._reduce
+_IMPORTANCE = engine._importance
+
+
+def _fold_reduce(x, metric, importance, layer, rt):
+    if layer.op != "prune":
+        return _REDUCE(x, metric, importance, layer, rt)
+    red = _fold(metric, layer.r, num_prefix=rt.num_prefix)
+    x, rt.state.size = ops.merge_wavg(red, x, rt.state.size)
+    rt.state.merged = True
+    return x
+
+
+def _residual_metric(x, metric, importance, layer, rt):
+    return _REDUCE(x, x, importance, layer, rt)
+
+
+def _head_max(q, k, scale, size, *, rows, num_prefix, bias):
+    logits = (q[:, :, :rows] * scale) @ k.transpose(-2, -1)  # (B, H, R, N)
+    if bias is not None:
+        logits = logits + bias
+    return logits.float().softmax(-1).amax(dim=1).mean(1)[:, num_prefix:]  # (B, T)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="vit_tiny_patch16_224")
+    ap.add_argument("--data", default=os.path.join(os.environ.get("RAPID_SHARED", "../shared"), "data/imagenet-calib"))
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--searched", default=None, help="searched schedule to compare (default studies/MODEL-50pct.yaml)")
+    ap.add_argument("--images", type=int, default=750)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    info = model_info(model)
+    X = load_images(args.data, model=model, limit=args.images, seed=0)
+    Y = torch.as_tensor(X.labels)
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([model(X.images[i : i + 50]) for i in range(0, len(X.images), 50)])  # (N, 1000)
+
+    base = forward()
+    lp = F.log_softmax(base, -1)
+    print(f"{args.model}, {len(Y)} calibration images, {args.ratio:.0%} GFLOPs; unreduced calibration top-1 {(base.argmax(-1) == Y).float().mean():.1%}")
+    print("| variant | GFLOPs ratio | KL | calib top-1 | agreement |\n|---|---|---|---|---|")
+
+    def row(label: str, s: Schedule, reduce: Callable = _REDUCE, importance: Callable = _IMPORTANCE) -> None:
+        apply(model, s)
+        engine._reduce, engine._importance = reduce, importance
+        try:
+            out = forward()
+        finally:
+            engine._reduce, engine._importance = _REDUCE, _IMPORTANCE
+            remove(model)
+        kl = (lp.exp() * (lp - F.log_softmax(out, -1))).sum(-1).mean()
+        top1, agree = (out.argmax(-1) == Y).float().mean(), (out.argmax(-1) == base.argmax(-1)).float().mean()
+        print(f"| {label} | {schedule_macs(info, s.layers) / info.base_macs:.4f} | {kl:.4f} | {top1:.1%} | {agree:.1%} |", flush=True)
+
+    def fit(build: Callable) -> Schedule:
+        return make_schedule(info, build(_fit_two_level(info, build, args.ratio * info.base_macs, info.num_tokens)), method="variant")
+
+    def deep(op: str, sw: int = 3) -> Callable:
+        return lambda r: [LayerSpec("prune", int(x)) if i < sw else LayerSpec(op, int(x)) for i, x in enumerate(r)]
+
+    pct = round(args.ratio * 100)
+    searched = Schedule.load(args.searched or f"studies/{args.model}-{pct}pct.yaml")
+    fixed = make_schedule(info, [dataclasses.replace(l, threshold=None) for l in searched.layers], method="searched-fixed")
+    hand = rapid_schedule(model, args.ratio)
+    row("searched (shipped)", searched)
+    row("searched, fixed counts", fixed)
+    row("searched, fixed counts, fold", fixed, reduce=_fold_reduce)
+    row("hand-set", hand)
+    row("hand-set, fold", hand, reduce=_fold_reduce)
+    for sw, p in [(0, 0.25), (0, 0.5), (2, 0.0), (2, 0.25), (2, 0.5), (2, 0.6), (3, 0.6), (4, 0.5), (6, 0.5)]:
+        row(f"hand-set switch {sw}, protect {p}", rapid_schedule(model, args.ratio, switch=sw, protect=p))
+    row("prune 3 blocks, then ToMe merge", fit(deep("tome")))
+    row("prune 3 blocks, then EViT pruning", fit(deep("evit")))
+    row("prune every block", rapid_schedule(model, args.ratio, switch=info.depth, protect=0.0))
+    row("ToMe, constant r", tome_for_ratio(model, args.ratio))
+    best = rapid_schedule(model, args.ratio, switch=3, protect=0.6)
+    row("switch 3, protect 0.6, importance: head max", best, importance=_head_max)
+    row("switch 3, protect 0.6, metric: residual stream", best, reduce=_residual_metric)
+
+
+if __name__ == "__main__":
+    main()
