@@ -14,6 +14,7 @@ Messages never show a password (:func:`mask_url`, :func:`scrub`).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import functools
 import json
@@ -405,10 +406,10 @@ def check_journal(
     from optuna.storages.journal._storage import JournalOperation
 
     ops = {int(op) for op in JournalOperation}
+    from optuna.storages.journal._file import get_lock_file
+
     say = log or (lambda msg: sys.stderr.write(f"rapid-search: {msg}\n"))
-    if lock is not None:
-        lock.acquire()
-    try:
+    with get_lock_file(lock) if lock is not None else contextlib.nullcontext():
         data = path.read_bytes()
         lines = data.split(b"\n")
         tail = lines.pop()  # after the last newline: b"" when the file ends with a complete record
@@ -457,9 +458,6 @@ def check_journal(
             os.fsync(f.fileno())
         say(f"journal file {path} ended with {what}: cut {cut} bytes back to its last complete record; the original is kept as {backup}")
         return None
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _write_all(fd: int, data: bytes) -> None:
