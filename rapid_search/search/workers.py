@@ -19,6 +19,7 @@ import signal
 import socket
 import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional
@@ -379,30 +380,24 @@ class deferred_interrupts:
         _thread.interrupt_main(signum)
 
     def _handler(self, signum: int, frame: Any) -> None:
-        try:
+        redelivery = bool(self._redelivered)  # only this (main) thread takes entries out
+        if redelivery:
             self._redelivered.pop()
-            redelivery = True
-        except IndexError:
-            redelivery = False
         if self.raised:
             if redelivery:
                 return  # a re-delivery of the interrupt already raised
             raise KeyboardInterrupt  # a new signal during the clean-up: stop it now
         if self._depth:
             self.pending = signum  # raised when the critical section ends
-            return
-        f = frame
-        while f is not None:
-            if any(c in f.f_code.co_filename for c in _CRITICAL):
-                self.pending = signum
-                self._timers = [t for t in self._timers if t.is_alive()]
-                timer = threading.Timer(0.01, self._redeliver, args=(signum,))
-                timer.daemon = True
-                timer.start()
-                self._timers.append(timer)
-                return
-            f = f.f_back
-        self._raise()
+        elif any(c in f.f_code.co_filename for f, _ in traceback.walk_stack(frame) for c in _CRITICAL):
+            self.pending = signum  # delivered again once the main thread has left storage code
+            self._timers = [t for t in self._timers if t.is_alive()]
+            timer = threading.Timer(0.01, self._redeliver, args=(signum,))
+            timer.daemon = True
+            timer.start()
+            self._timers.append(timer)
+        else:
+            self._raise()
 
 
 class Surplus(RapidSearchError):
