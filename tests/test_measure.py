@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -119,5 +120,15 @@ def test_time_rounds_interleaves_and_honours_per_piece_counts() -> None:
     assert slow["x"].repeats > 2 and len(rounds) == slow["x"].repeats  # unstable (stable=0): rounds until the time limit
     steady = time_rounds({"x": lambda: None}, device=CPU, repeats=3, time_limit=60, stable=float("inf"))
     assert steady["x"].repeats == 3  # stable at once: no extra rounds
+    entered: list[str] = []
+
+    @contextlib.contextmanager
+    def slow_setup():  # e.g. a schedule applied: around each run, never timed
+        entered.append("setup")
+        time.sleep(0.05)
+        yield
+
+    t = time_rounds({"x": lambda: entered.append("run")}, device=CPU, repeats=3, warmup=1, around={"x": slow_setup})
+    assert entered == ["setup", "run", "run", "setup", "run", "setup", "run"] and t["x"].max_ms < 40
     with pytest.raises(ValueError, match="repeats >= 1"):
         time_rounds(runs, device=CPU, repeats=0)

@@ -15,10 +15,11 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -177,15 +178,16 @@ class LatencyModel:
         grid = sorted({int(round(v)) for v in np.linspace(lo, N, grid_points)}) if N > lo else [N]
         r_ref = max(1, round(0.08 * (N - info.num_prefix_tokens)))
         specs = {op: LayerSpec(op, r_ref, None, DEFAULT_PROTECT if op == "merge" else None) for op in _REDUCING_OPS}
-        runs = _probes(model, info, grid, specs, batch_size=batch_size, device=dev, dtype=dtype, calibrate=calibrate, compile=compile)
+        runs, around = _probes(model, info, grid, specs, B=batch_size, device=dev, dtype=dtype, calibrate=calibrate, compile=compile)
         reps = {k: calibrate_repeats if k == "full" else repeats for k in runs}
         # every part is warm when the full forward runs (last in a round); compiled, it compiles in its warm-up
         warm = {k: (1 if compile else 0) if k == "full" else warmup for k in runs}
         try:
-            med = {k: t.median_ms for k, t in time_rounds(runs, device=dev, repeats=reps, warmup=warm, batch_size=batch_size).items()}
+            timings = time_rounds(runs, device=dev, repeats=reps, warmup=warm, batch_size=batch_size, around=around)
         finally:
             if compile and calibrate:
                 torch._dynamo.reset()
+        med = {k: t.median_ms for k, t in timings.items()}
         attn_fit = _fit_nonneg_quadratic(grid, [med[f"attn{n}"] for n in grid])
         mlp_fit = _fit_nonneg_quadratic(grid, [med[f"mlp{n}"] for n in grid])
         halves = _poly(attn_fit, N) + _poly(mlp_fit, N)
@@ -259,22 +261,23 @@ def _probes(
     grid: Sequence[int],
     specs: dict[str, LayerSpec],
     *,
-    batch_size: int,
+    B: int,
     device: torch.device,
     dtype: torch.dtype,
     calibrate: bool,
     compile: bool,
-) -> dict[str, Callable[[], Any]]:
-    """The parts :meth:`LatencyModel.measure` times, by name, each a call on seeded random inputs.
+) -> tuple[dict[str, Callable[[], Any]], dict[str, Callable[[], ContextManager[Any]]]]:
+    """The parts :meth:`LatencyModel.measure` times, by name, each a call on seeded random inputs,
+    and the schedules applied (untimed) around some of them.
 
     ``attn{n}``/``mlp{n}``: block 0's attention half ``x + ls1(attn(norm1(x)))`` and MLP half at
     each grid count; ``block``: the whole plain block at the full count (the halves miss its glue);
-    ``entry``/``exit``: patch embedding and final norm + head; ``op_{op}``: block 0 patched with
-    each op (``specs``); ``sized``: a tome block, then a plain one running with token sizes in
-    flight; ``full`` (with ``calibrate``): the unreduced forward, compiled with ``compile``.
+    ``entry``/``exit``: patch embedding and final norm + head; ``op_{op}``: block 0 to be run with
+    each op (``specs``) applied; ``sized``: a tome block, then a plain one running with token sizes
+    in flight; ``full`` (with ``calibrate``): the unreduced forward, compiled with ``compile``.
     """
     gen = torch.Generator().manual_seed(0)
-    B, N, C, blk = batch_size, info.num_tokens, info.embed_dim, model.blocks[0]
+    N, C, blk = info.num_tokens, info.embed_dim, model.blocks[0]
 
     def tokens(n: int) -> torch.Tensor:
         return torch.randn(B, n, C, generator=gen).to(device, dtype)  # (B, n, C)
@@ -290,24 +293,18 @@ def _probes(
     runs["entry"] = lambda: model.patch_embed(img)
     runs["exit"] = lambda: model.forward_head(model.norm(x_full))
 
-    def patched(spec: LayerSpec, fn: Callable[[], Any]) -> Callable[[], Any]:
-        sched = make_schedule(info, [spec] + [LayerSpec()] * (info.depth - 1), method="latency-probe")
-
-        def run() -> Any:
-            with applied(model, sched):
-                return fn()
-
-        return run
-
-    for op, spec in specs.items():
-        runs[f"op_{op}"] = patched(spec, lambda: model.blocks[0](x_full))
-    runs["sized"] = patched(specs["tome"], lambda: model.blocks[1](model.blocks[0](x_full)))
+    scheds = {op: make_schedule(info, [spec] + [LayerSpec()] * (info.depth - 1), method="latency-probe") for op, spec in specs.items()}
+    around = {f"op_{op}": functools.partial(applied, model, sched) for op, sched in scheds.items()}
+    around["sized"] = functools.partial(applied, model, scheds["tome"])
+    for op in specs:
+        runs[f"op_{op}"] = lambda: model.blocks[0](x_full)
+    runs["sized"] = lambda: model.blocks[1](model.blocks[0](x_full))
     if calibrate:
         if compile:
             torch._dynamo.reset()
         full = torch.compile(model, dynamic=False) if compile else model
         runs["full"] = lambda: full(img)
-    return runs
+    return runs, around
 
 
 def measure_schedule_ms(

@@ -13,11 +13,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Mapping, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, ContextManager, Hashable, Mapping, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
@@ -266,6 +267,7 @@ def time_rounds(
     batch_size: int = 1,
     time_limit: float = 0.0,
     stable: float = 0.0,
+    around: Optional[Mapping[K, Callable[[], ContextManager[Any]]]] = None,
     log: Optional[Callable[[str], None]] = None,
 ) -> dict[K, Timing]:
     """Time several pieces of work round-robin: each round times one run of every piece.
@@ -284,6 +286,8 @@ def time_rounds(
         batch_size: Images per run (for :attr:`Timing.images_per_s`).
         time_limit: Seconds of extra rounds at most.
         stable: Relative half-width of the medians' 95 % interval that ends the extra rounds.
+        around: ``key -> context``, entered (untimed) around each of that piece's runs, e.g. a
+            schedule applied to the model.
         log: Told after each round.
 
     Returns:
@@ -298,7 +302,8 @@ def time_rounds(
     while True:
         for k, fn in runs.items():
             if rnd < reps[k] or rnd >= least:
-                t = time_callable(fn, device=device, warmup=warm[k] if not times[k] else 0, repeats=1, batch_size=batch_size)
+                with (around or {}).get(k, contextlib.nullcontext)():
+                    t = time_callable(fn, device=device, warmup=warm[k] if not times[k] else 0, repeats=1, batch_size=batch_size)
                 times[k].append(t.median_ms)
         rnd += 1
         t_end = time.perf_counter() + time_limit if rnd == 1 else t_end
