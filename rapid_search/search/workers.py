@@ -496,7 +496,7 @@ class _Worker:
                 raise _Abandoned(interrupted=False) from None
             self.live.mark(storage.get_trial(trial._trial_id), "raised an error", retry=False)
             raise
-        if trial._trial_id in self.live.lost and self.lost(trial):
+        if trial._trial_id in self.live.lost and self.lost(trial):  # its beats were refused: given up meanwhile
             raise _Abandoned(interrupted=False)
         if pruned is not None:
             raise pruned
@@ -590,7 +590,7 @@ def run_trials(
     storage = _heartbeat_of(study)
     if heartbeat_storage is not None:  # a journal storage replays the whole file on its first read: now, not in the first beat
         heartbeat_storage.get_all_studies()
-    quiet = _QuietFailures()
+    quiet = _QuietFailures()  # one per call: a nested run_trials removes only its own
     logging.getLogger("optuna.study._optimize").addFilter(quiet)
     with deferred_interrupts() as interrupts:
         live = Liveness(study, grace=grace, interval=interval, log=log, beats=heartbeat_storage, critical=interrupts.critical)
