@@ -276,32 +276,37 @@ def open_storage(
     """
     path = journal_path(spec, study_name, studies_dir)
     if path is not None:
-        from optuna.storages.journal import JournalFileSymlinkLock
-
-        from .workers import HeartbeatJournalStorage
-
-        if not create:
-            if not path.is_file():
-                raise StorageError(f"journal file {path} does not exist — pass --storage where the study lives")
-            if not os.access(path, os.R_OK):
-                raise StorageError(f"journal file {path} is not readable — check its permissions or pass --storage where the study lives")
-        else:
-            check_journal_path(path)
-        try:
-            if create:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            lock = JournalFileSymlinkLock(str(path), grace_period=JOURNAL_LOCK_GRACE)
-            read_from = path
-            if path.is_file():
-                # before Optuna reads or appends: a torn or garbage tail is cut off (after a
-                # backup; read-only uses read a repaired copy instead), damage inside refused
-                fixed = check_journal(path, repair=create, lock=lock if create else None, log=log)
-                if fixed is not None and not create:
-                    read_from = fixed
-            return HeartbeatJournalStorage(_backend_class()(str(read_from), lock, shown=path))
-        except OSError as e:
-            raise StorageError(f"cannot open journal file {path}: {e.strerror or e} — pass a writable path with --storage journal:PATH") from None
+        return _open_journal(path, create=create, log=log)
     assert spec is not None
+    return _open_rdb(spec, create=create, allow_sqlite=allow_sqlite)
+
+
+def _open_journal(path: Path, *, create: bool, log: Optional[Callable[[str], None]]) -> Any:
+    """A journal file's storage (see :func:`check_journal` for a damaged tail)."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    from .workers import HeartbeatJournalStorage
+
+    if not create:
+        if not path.is_file():
+            raise StorageError(f"journal file {path} does not exist — pass --storage where the study lives")
+        if not os.access(path, os.R_OK):
+            raise StorageError(f"journal file {path} is not readable — check its permissions or pass --storage where the study lives")
+    else:
+        check_journal_path(path)
+    try:
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        lock = JournalFileSymlinkLock(str(path), grace_period=JOURNAL_LOCK_GRACE)
+        # a damaged tail is cut off before Optuna reads or appends (read-only: a repaired copy is read)
+        fixed = check_journal(path, repair=create, lock=lock if create else None, log=log) if path.is_file() else None
+        return HeartbeatJournalStorage(_backend_class()(str(fixed or path), lock, shown=path))
+    except OSError as e:
+        raise StorageError(f"cannot open journal file {path}: {e.strerror or e} — pass a writable path with --storage journal:PATH") from None
+
+
+def _open_rdb(spec: str, *, create: bool, allow_sqlite: bool) -> Any:
+    """An RDB URL's storage (for reading: only a database that has Optuna's tables, none created)."""
     if not _SCHEME.match(spec):  # not shown: it may hold a password (user:pw@host/db without its scheme)
         raise StorageError(
             "--storage is neither a journal file (journal:PATH, PATH.journal) nor a URL with a scheme (value not shown) — "
