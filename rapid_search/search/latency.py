@@ -252,8 +252,6 @@ class LatencyModel:
             sized = sized or (layer.op in _MERGING_OPS and m < n)
         return total * (self.scale if calibrated else 1.0)
 
-    __call__ = predict_ms
-
 
 def _probes(
     model: nn.Module,

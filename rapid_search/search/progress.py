@@ -140,10 +140,6 @@ class Progress:
         for line in str(msg).splitlines() or [""]:
             self.logger.log(level, line)
 
-    def error(self, msg: str) -> None:
-        """Show an error (in every mode)."""
-        self.log(msg, level=logging.ERROR)
-
     def start(self, total_trials: int, *, done: int = 0, study: Optional[str] = None, storage: Optional[str] = None) -> None:
         """Begin counting: ``total_trials`` finished at the end, ``done`` already (a resumed study)."""
         self.total, self.done = int(total_trials), int(done)
