@@ -274,6 +274,4 @@ def test_measure_schedule_compiled(monkeypatch):
 
     lat = LatencyModel.measure(model, device="cpu", batch_size=2, repeats=2, calibrate_repeats=2, compile=True)
     assert lat.compiled and lat.base_ms > 0
-    assert lat.matches(model, device="cpu", batch_size=2, compile=True) and not lat.matches(model, device="cpu", batch_size=2)
-    assert LatencyModel.from_dict(lat.to_dict()).compiled
     assert calls == [{"dynamic": False}] * 2

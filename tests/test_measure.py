@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -102,3 +103,32 @@ def test_set_cpu_threads() -> None:
                 set_cpu_threads(bad)
     finally:
         torch.set_num_threads(before)
+
+
+def test_time_rounds_interleaves_and_honours_per_piece_counts() -> None:
+    """One run of every piece per round (round-robin), each after its own warm-up, for its own
+    number of rounds; with a time limit, rounds go on until the medians are stable."""
+    from rapid_search.tools.measure import time_rounds
+
+    calls: list[str] = []
+    runs = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    out = time_rounds(runs, device=CPU, repeats={"a": 3, "b": 1, "c": 2}, warmup={"a": 1, "b": 0, "c": 2}, batch_size=4)
+    assert calls == ["a", "a", "b", "c", "c", "c", "a", "c", "a"]
+    assert {k: t.repeats for k, t in out.items()} == {"a": 3, "b": 1, "c": 2} and out["a"].batch_size == 4
+    rounds: list[str] = []
+    slow = time_rounds({"x": lambda: time.sleep(0.001)}, device=CPU, repeats=2, time_limit=0.05, stable=0.0, log=rounds.append)
+    assert slow["x"].repeats > 2 and len(rounds) == slow["x"].repeats  # unstable (stable=0): rounds until the time limit
+    steady = time_rounds({"x": lambda: None}, device=CPU, repeats=3, time_limit=60, stable=float("inf"))
+    assert steady["x"].repeats == 3  # stable at once: no extra rounds
+    entered: list[str] = []
+
+    @contextlib.contextmanager
+    def slow_setup():  # e.g. a schedule applied: around each run, never timed
+        entered.append("setup")
+        time.sleep(0.05)
+        yield
+
+    t = time_rounds({"x": lambda: entered.append("run")}, device=CPU, repeats=3, warmup=1, around={"x": slow_setup})
+    assert entered == ["setup", "run", "run", "setup", "run", "setup", "run"] and t["x"].max_ms < 40
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        time_rounds(runs, device=CPU, repeats=0)

@@ -92,7 +92,7 @@ def test_quiet_writes_only_errors():
         optuna.logging.get_logger("optuna.study").warning("an optuna warning")
         prog.finish("summary")
         assert buf.getvalue() == ""
-        prog.error("boom")
+        prog.log("boom", level=logging.ERROR)
         optuna.logging.get_logger("optuna.study").error("optuna failed")
     text = buf.getvalue()
     assert "boom" in text and "optuna failed" in text

@@ -1,16 +1,9 @@
 """Progress of a search: a rich live bar, timestamped plain lines, or errors only.
 
 :class:`Progress` is a context manager and an Optuna callback (``callbacks=[progress]``). Its
-messages are ``logging`` records of the ``rapid_search.search`` logger; while it is open, its
-handler also writes Optuna's records (Optuna's default stderr handler is detached and re-attached
-on exit), so they neither tear the live bar nor interleave unformatted with the plain lines.
-Optuna's per-trial "Trial N finished ..." lines are dropped: the callback reports every trial.
-
-* ``rich``: a ``rich.progress`` bar (finished/total, elapsed, ETA, best so far), messages printed
-  above it; the default on a terminal. rich is imported only for it.
-* ``plain``: one timestamped, flushed line per finished trial and per message; the default
-  elsewhere (CI logs, ``nohup``, pipes).
-* ``quiet``: errors only.
+messages are records of the ``rapid_search.search`` logger; while it is open its handler also
+writes Optuna's records (Optuna's default handler is detached, and re-attached on exit), without
+Optuna's per-trial lines: the callback reports every trial.
 
 Example:
     >>> import io, optuna
@@ -25,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -38,33 +32,30 @@ __all__ = ["Progress", "MODES", "summarize_search"]
 #: Accepted values of ``Progress(mode)``.
 MODES = ("auto", "rich", "plain", "quiet")
 
-_LOGGER = "rapid_search.search"
 _OPTUNA_TRIAL_LINE = re.compile(r"^Trial \d+ (finished|pruned|failed)")
-_TIME = "%Y-%m-%d %H:%M:%S"
 
 
 def _duration(seconds: Optional[float]) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "-:--"
     h, rem = divmod(int(round(seconds)), 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"
 
 
-def _value(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.5g}"
-
-
-class _DropTrialLines(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or not _OPTUNA_TRIAL_LINE.match(record.getMessage())
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return os.environ.get("TERM") != "dumb" and bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 class Progress:
-    """The display of one search (see the module docstring).
+    """The display of one search.
 
     Args:
-        mode: ``auto`` (rich on a terminal, plain otherwise), ``rich``, ``plain`` or ``quiet``.
+        mode: ``rich`` (a live bar: finished/total, elapsed, ETA, best so far; messages above it),
+            ``plain`` (one timestamped, flushed line per trial and message: CI logs, ``nohup``),
+            ``quiet`` (errors only) or ``auto`` (rich on a terminal with rich installed, else plain).
         stream: Where to write (default ``sys.stderr``).
         metric: The metric optimised (labels the value; ``kl`` is maximised as ``-kl``).
 
@@ -76,10 +67,11 @@ class Progress:
     def __init__(self, mode: str = "auto", *, stream: Optional[TextIO] = None, metric: Optional[str] = None) -> None:
         if mode not in MODES:
             raise ValueError(f"progress mode {mode!r} is unknown — use one of: {', '.join(MODES)}")
+        has_rich = importlib.util.find_spec("rich") is not None  # without importing it
         self.stream = stream if stream is not None else sys.stderr
         if mode == "auto":
-            mode = "rich" if _is_terminal(self.stream) and _has_rich() else "plain"
-        if mode == "rich" and not _has_rich():
+            mode = "rich" if has_rich and _is_terminal(self.stream) else "plain"
+        if mode == "rich" and not has_rich:
             raise ImportError("the rich progress view needs rich — pip install 'rapid-search[search]' or use --progress plain")
         self.mode = mode
         self.value_name = "value" if metric is None else f"-{metric}" if metric == "kl" else metric
@@ -90,11 +82,10 @@ class Progress:
         self._task: Any = None
         self._handlers: list[tuple[logging.Logger, logging.Handler]] = []
         self._optuna_default = False
-        self.logger = logging.getLogger(_LOGGER)
+        self.logger = logging.getLogger("rapid_search.search")
         self.logger.propagate = False
         self.logger.setLevel(logging.INFO)
 
-    # ---- the context: handlers and the live bar -------------------------------------------------
     def _handler(self, prefix: str) -> logging.Handler:
         if self.mode == "rich":
             from rich.logging import RichHandler
@@ -103,7 +94,7 @@ class Progress:
             h.setFormatter(logging.Formatter(prefix + "%(message)s"))
         else:
             h = logging.StreamHandler(self.stream)
-            h.setFormatter(logging.Formatter("[%(asctime)s] " + prefix + "%(message)s", _TIME))
+            h.setFormatter(logging.Formatter("[%(asctime)s] " + prefix + "%(message)s", "%Y-%m-%d %H:%M:%S"))
         h.setLevel(logging.ERROR if self.mode == "quiet" else logging.NOTSET)
         return h
 
@@ -115,20 +106,18 @@ class Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
             from rich.progress import Progress as Bar
 
-            self._bar = Bar(
-                TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TextColumn("elapsed"), TimeElapsedColumn(),
-                TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[best]}"),
-                console=Console(file=self.stream, highlight=False),
-            )  # fmt: skip
+            columns = (TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TextColumn("elapsed"), TimeElapsedColumn())
+            columns += (TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[best]}"))
+            self._bar = Bar(*columns, console=Console(file=self.stream, highlight=False))
             self._bar.start()
-        ours, theirs = self._handler(""), self._handler("optuna: ")
-        theirs.addFilter(_DropTrialLines())
+        theirs = self._handler("optuna: ")
+        theirs.addFilter(lambda r: r.levelno >= logging.WARNING or not _OPTUNA_TRIAL_LINE.match(r.getMessage()))
         optuna_root = logging.getLogger("optuna")
         optuna.logging.get_verbosity()  # makes Optuna attach its default handler if it has not yet
         before = list(optuna_root.handlers)
         optuna.logging.disable_default_handler()
         self._optuna_default = any(h not in optuna_root.handlers for h in before)
-        self._handlers = [(self.logger, ours), (optuna_root, theirs)]
+        self._handlers = [(self.logger, self._handler("")), (optuna_root, theirs)]
         for logger, h in self._handlers:
             logger.addHandler(h)
         return self
@@ -146,94 +135,76 @@ class Progress:
             optuna.logging.enable_default_handler()
             self._optuna_default = False
 
-    # ---- what the search reports ----------------------------------------------------------------
     def log(self, msg: str, *, level: int = logging.INFO) -> None:
         """Show a message, one record per line (quiet mode shows only ``level >= ERROR``)."""
         for line in str(msg).splitlines() or [""]:
             self.logger.log(level, line)
 
-    def error(self, msg: str) -> None:
-        """Show an error (in every mode)."""
-        self.log(msg, level=logging.ERROR)
-
     def start(self, total_trials: int, *, done: int = 0, study: Optional[str] = None, storage: Optional[str] = None) -> None:
         """Begin counting: ``total_trials`` finished at the end, ``done`` already (a resumed study)."""
         self.total, self.done = int(total_trials), int(done)
         self._done_before, self._t0 = self.done, time.monotonic()
-        parts = [f"search: {self.total} trials"]
-        parts += [f"{done} already done (resuming)"] if done else []
-        parts += [f"study {study}"] if study else []
-        parts += [f"storage {storage}"] if storage else []
-        self.log(", ".join(parts))
+        parts = [f"search: {self.total} trials", f"{done} already done (resuming)" if done else ""]
+        parts += [f"study {study}" if study else "", f"storage {storage}" if storage else ""]
+        self.log(", ".join(p for p in parts if p))
         if self._bar is not None:
             self._task = self._bar.add_task("trials", total=self.total, completed=self.done, best="")
 
     def __call__(self, study: Any, trial: Any) -> None:
-        """The Optuna callback: report a finished trial; ``[k/N]`` counts the whole study's
-        finished trials, other workers' included."""
+        """The Optuna callback: report a finished trial (``[k/N]`` counts the whole study's, other workers' too)."""
         from optuna.trial import TrialState
 
-        finished = trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
-        in_study = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-        self.done = max(self.done + finished, in_study)
+        finished = (TrialState.COMPLETE, TrialState.PRUNED)
+        self.done = max(self.done + (trial.state in finished), len(study.get_trials(deepcopy=False, states=finished)))
         feasible = all(v <= 0 for v in (trial.constraints or {}).values())
         if trial.state == TrialState.COMPLETE and feasible and trial.value is not None:  # the search maximises
             if self.best is None or trial.value > self.best.value:
                 self.best = trial
-        line = f"trial {trial.number:>4d} [{self.done}/{self.total}] {trial.state.name:<8s} {self.value_name} {_value(trial.value)}"
-        cost = _cost(trial)
-        line += f" @ {cost}" if cost else ""
+        value = "-" if trial.value is None else f"{trial.value:.5g}"
+        line = f"trial {trial.number:>4d} [{self.done}/{self.total}] {trial.state.name:<8s} {self.value_name} {value}{_cost(trial)}"
         line += "" if feasible else " (over budget)"
         line += f" | {self._best_text()}" if self.best is not None else ""
-        line += f" | elapsed {_duration(self.elapsed)} ETA {_duration(self.eta)}"
-        params = _params(trial)
-        line += f" | {params}" if params else ""
+        new = self.done - self._done_before
+        eta = max(0, self.total - self.done) * self.elapsed / new if new > 0 else None
+        line += f" | elapsed {_duration(self.elapsed)} ETA {_duration(eta)}" + _params(trial)
         self.log(line, level=logging.WARNING if trial.state == TrialState.FAIL else logging.INFO)
         if self._task is not None:
-            self._bar.update(self._task, completed=self.done, best=self._best_text() if self.best is not None else "")
+            self._bar.update(self._task, completed=self.done, best=self._best_text())
 
     def finish(self, text: str = "") -> None:
         """Show the closing summary (after the last trial)."""
         head = f"finished {self.done}/{self.total} trials in {_duration(self.elapsed)}"
-        if self.best is not None:
-            head += f"; {self._best_text()}"
+        head += f"; {self._best_text()}" if self.best is not None else ""
         if self._task is not None:
             self._bar.update(self._task, completed=self.done)
         self.log(head + ("\n" + text if text else ""))
 
-    # ---- derived --------------------------------------------------------------------------------
     def _best_text(self) -> str:
-        cost = _cost(self.best)
-        return f"best #{self.best.number} {self.value_name} {_value(self.best.value)}" + (f" @ {cost}" if cost else "")
+        if self.best is None:
+            return ""
+        return f"best #{self.best.number} {self.value_name} {self.best.value:.5g}{_cost(self.best)}"
 
     @property
     def elapsed(self) -> float:
         """Seconds since :meth:`start`."""
         return time.monotonic() - self._t0
 
-    @property
-    def eta(self) -> Optional[float]:
-        """Estimated seconds left (None before the first trial of this run finishes)."""
-        new = self.done - self._done_before
-        return None if new <= 0 else max(0, self.total - self.done) * self.elapsed / new
-
 
 def _cost(trial: Any) -> str:
+    """`` @ <cost>`` of a trial (predicted ms or GFLOPs), or ``""``."""
     attrs = trial.user_attrs
     if "predicted_ms" in attrs:
-        return f"{attrs['predicted_ms']:.2f} ms"
-    for k in ("gflops", "analytic_gflops"):
-        if k in attrs:
-            return f"{attrs[k]:.4g} GFLOPs"
-    return ""
+        return f" @ {attrs['predicted_ms']:.2f} ms"
+    gflops = attrs.get("gflops", attrs.get("analytic_gflops"))
+    return "" if gflops is None else f" @ {gflops:.4g} GFLOPs"
 
 
 def _params(trial: Any, *, width: int = 100) -> str:
-    """Short text of a trial's parameters (``[warm-start name]`` for enqueued baselines)."""
+    """`` | <parameters>`` of a trial (``[warm-start name]`` first for enqueued baselines), or ``""``."""
     text = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
     warm = trial.user_attrs.get("warm_start")
     text = f"[{warm}] {text}".strip() if warm else text
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return "" if not text else " | " + (text if len(text) <= width else text[: width - 1] + "…")
 
 
 def summarize_search(study: Any, schedule: Any = None, out: Any = None, stats: Optional[Mapping[str, Any]] = None, *, metric: Optional[str] = None) -> str:
@@ -250,20 +221,3 @@ def summarize_search(study: Any, schedule: Any = None, out: Any = None, stats: O
     if stats:
         lines.append("stats: " + ", ".join(f"{k} {v}" for k, v in stats.items() if v is not None))
     return "\n".join(lines)
-
-
-def _is_terminal(stream: Any) -> bool:
-    if os.environ.get("TERM") == "dumb":
-        return False
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
-
-
-def _has_rich() -> bool:
-    try:
-        import rich  # noqa: F401
-    except ImportError:
-        return False
-    return True

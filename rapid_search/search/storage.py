@@ -1,30 +1,32 @@
 """Study storage: an embedded journal file by default, any Optuna RDB URL on request.
 
-* default: ``studies/<study-name>.journal`` — Optuna's ``JournalStorage`` with a
-  ``JournalFileBackend``, safe for several worker processes on one machine (SQLite is not, and
-  is not offered for that);
-* ``journal:PATH`` or a path ending in ``.journal``: a journal file of your choice;
-* ``postgresql+psycopg2://user:password@host:port/db`` (or any SQLAlchemy URL Optuna accepts):
-  an RDB study that workers on several machines join. Leave the password out of the URL
-  (``postgresql+psycopg2://user@host/db``) and libpq takes it from ``PGPASSWORD`` or
-  ``~/.pgpass``, so it never shows in ``ps``.
-* SQLite URLs are refused for searches: SQLite is not safe for concurrent workers (use a
-  journal file on one machine). ``export`` may read an existing SQLite study.
+* default: ``studies/<study-name>.journal``, Optuna's ``JournalStorage`` on a journal file, safe
+  for several worker processes on one machine; ``journal:PATH`` or ``PATH.journal``: another file;
+* ``postgresql+psycopg2://user@host:port/db`` (any SQLAlchemy URL Optuna accepts): a study workers
+  on several machines join. Without a password in the URL libpq reads ``PGPASSWORD`` or
+  ``~/.pgpass``, so it never shows in ``ps``;
+* SQLite is refused for searches (not safe for concurrent workers); ``export`` may read it.
 
-Both kinds are opened as Optuna storages with the ``BaseHeartbeat`` seam
-(``rapid_search.search.workers.HeartbeatMixin``), off until a search switches it on, so dead
-workers' trials are found the same way for every storage. Passwords never appear in messages: URLs are shown with the password masked.
+Both kinds come with the heartbeat seam (:class:`~rapid_search.search.workers.HeartbeatMixin`).
+Messages never show a password (:func:`mask_url`, :func:`scrub`).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import errno
+import functools
+import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
+from urllib.parse import unquote, unquote_plus
 
 from ..errors import RapidSearchError
 from ..outputs import writable_ancestor
@@ -38,7 +40,6 @@ __all__ = [
     "open_storage",
     "describe_storage",
     "journal_path",
-    "writable_ancestor",
     "mask_url",
     "scrub",
     "safe_reason",
@@ -65,9 +66,7 @@ class StorageError(RapidSearchError, ValueError):
 
 
 class JournalWriteError(StorageError, OSError):
-    """Appending to a journal file failed (disk full, I/O error): the bytes of that append were
-    taken back, so the journal still ends with its last complete record, and this backend
-    refuses further appends (each would be a torn record)."""
+    """Appending to a journal file failed (disk full, I/O error): that append was taken back and later ones are refused."""
 
 
 #: A URL's scheme (``postgresql+psycopg2://``, ``sqlite:///``): a ``--storage`` value without one
@@ -77,19 +76,9 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _SECRET_PARAM = re.compile(r"([?&;][^=&#;]*(?:pass|pwd|secret|token)[^=&#;]*=)([^&#;]*)", re.IGNORECASE)
 
 
-def has_scheme(spec: str) -> bool:
-    """Whether ``spec`` starts with a URL scheme (``name://``)."""
-    return _SCHEME.match(spec) is not None
-
-
 def mask_url(url: str) -> str:
-    """``url`` with every password replaced by ``***``.
-
-    Masked: secret query parameters (``?password=...``) and everything between the scheme (or the
-    start of the string) and the *last* ``@`` except the user name, so a password with an
-    unescaped ``@`` (``user:p@ss@host``) is masked whole. Works on strings that do not parse as
-    URLs too (it never needs to parse them).
-    """
+    """``url`` with every password replaced by ``***``: secret query parameters, and all before the *last* ``@``
+    but the user name (a password with an unescaped ``@`` is masked whole). Never needs to parse ``url``."""
     m = _SCHEME.match(url)
     head, rest = (url[: m.end()], url[m.end() :]) if m else ("", url)
     rest = _SECRET_PARAM.sub(r"\1***", rest)
@@ -105,8 +94,7 @@ def mask_url(url: str) -> str:
 
 
 def _userinfo_password(url: str) -> Optional[str]:
-    """The password in ``url``'s user info: what lies between the first ``:`` after the scheme
-    and the last ``@`` (secret query parameters set aside), or None."""
+    """The password in ``url``'s user info (between the first ``:`` after the scheme and the last ``@``), or None."""
     m = _SCHEME.match(url)
     rest = _SECRET_PARAM.sub(lambda pm: pm.group(1), url[m.end() :] if m else url)
     at = rest.rfind("@")
@@ -114,14 +102,8 @@ def _userinfo_password(url: str) -> Optional[str]:
 
 
 def _secrets(url: str) -> list[str]:
-    """The secret strings in ``url`` (as written and URL-decoded), longest first.
-
-    The password of :func:`_userinfo_password` and secret query parameters. Pieces of a password
-    split at ``@`` (a driver that split the URL at the first ``@`` sees them as password and
-    host) are included when at least 4 characters long.
-    """
-    from urllib.parse import unquote, unquote_plus
-
+    """The password and secret query parameters of ``url`` (as written and URL-decoded), longest first, with
+    the pieces of the password between ``@`` of at least 4 characters (a driver splitting at the first ``@``)."""
     m = _SCHEME.match(url)
     found = [pm.group(2) for pm in _SECRET_PARAM.finditer(url[m.end() :] if m else url)]
     pw = _userinfo_password(url)
@@ -142,24 +124,19 @@ _MIN_PIECE = 4
 def scrub(text: str, url: Optional[str], *, pieces: bool = True) -> str:
     """``text`` (e.g. a driver's error message) without any part of a password from ``url``.
 
-    Replaces ``url`` itself by its masked form, every secret of :func:`_secrets`, and then every
-    remaining piece of a password (as written or URL-decoded) of at least 4 characters, longest
-    first, wherever it appears: however a parser split the URL (at the first ``@``, at a ``:``
-    in the password taken for a port, ...), whatever part of the password it put in its message
-    is gone. A password shorter than 4 characters is replaced only whole. A piece that is also
-    part of what the masked URL shows (the user name, the host, the database) is kept.
+    Replaced: ``url`` (by its masked form), every secret of :func:`_secrets`, and every remaining
+    piece of at least 4 characters of one (as written or URL-decoded), however a parser split the
+    URL (at the first ``@``, at a ``:`` taken for a port, ...); a shorter password only whole.
+    Pieces the masked URL shows too (user, host, database) are kept.
 
     Args:
         text: The message.
         url: The storage URL (None or empty: ``text`` is returned as is).
-        pieces: Also replace pieces of the password (for a driver's or parser's text); False
-            replaces the URL, the whole password and what a parser glued to the host only (for
-            rapid-search's own lines, whose wording must stay intact).
+        pieces: Also replace pieces of the password (a driver's text); False replaces the URL, the
+            whole password and what a parser glued to the host only (rapid-search's own lines).
     """
     if not url:
         return text
-    from urllib.parse import unquote, unquote_plus
-
     text = text.replace(url, mask_url(url))
     secrets = _secrets(url)
     for secret in secrets:
@@ -192,9 +169,8 @@ def scrub(text: str, url: Optional[str], *, pieces: bool = True) -> str:
 
 
 def _cut_pieces(text: str, secret: str, public: str) -> str:
-    """``text`` with every run of at least ``min(4, len(secret))`` characters that is a piece of
-    ``secret`` (and not of ``public``) replaced by ``***`` (scanning left to right, each run as
-    long as it goes)."""
+    """``text`` with every longest run of at least ``min(4, len(secret))`` characters that is a piece of
+    ``secret`` (and not of ``public``) replaced by ``***``, left to right."""
     least = min(_MIN_PIECE, len(secret))
     if not least:
         return text
@@ -218,13 +194,8 @@ MAX_STUDY_NAME = 128
 
 
 def check_study_name(name: str) -> str:
-    """Refuse a study name that is not a plain name: it names files under ``studies/``, so it
-    must not hold path separators, be ``.`` or ``..``, hold control characters, or be longer
-    than :data:`MAX_STUDY_NAME` characters. Returns ``name``.
-
-    Raises:
-        StorageError: The name, with the reason and the fix.
-    """
+    """``name``, unless it is no plain name for files under ``studies/`` (path separators, ``.``/``..``,
+    control characters, over :data:`MAX_STUDY_NAME` characters): :class:`StorageError` with the reason and fix."""
     from ..termsafe import printable
 
     if not name:
@@ -246,11 +217,6 @@ def check_study_name(name: str) -> str:
     )
 
 
-def describe_spec(spec: str) -> str:
-    """``spec`` for a message: the masked URL, or a generic description when it has no scheme."""
-    return mask_url(spec) if has_scheme(spec) else "the --storage value (not shown: it is neither a journal path nor a URL)"
-
-
 def journal_path(spec: Optional[str], study_name: str, studies_dir: Path = Path("studies")) -> Optional[Path]:
     """The journal file ``spec`` names (None for an RDB URL)."""
     if spec is None:
@@ -265,12 +231,13 @@ def journal_path(spec: Optional[str], study_name: str, studies_dir: Path = Path(
 def describe_storage(spec: Optional[str], study_name: str, studies_dir: Path) -> str:
     """Human-readable storage location (password masked)."""
     path = journal_path(spec, study_name, studies_dir)
-    return f"journal file {path}" if path is not None else describe_spec(str(spec))
+    if path is not None:
+        return f"journal file {path}"
+    return mask_url(str(spec)) if _SCHEME.match(str(spec)) else "the --storage value (not shown: it is neither a journal path nor a URL)"
 
 
 def check_journal_path(path: Path) -> None:
-    """Raise :class:`StorageError` unless a journal file can be created or written at ``path``
-    (checked without creating anything)."""
+    """Raise :class:`StorageError` unless a journal file can be created or written at ``path`` (creating nothing)."""
     hint = "pass a writable file path with --storage journal:PATH"
     if path.exists():
         if not path.is_file():
@@ -291,53 +258,56 @@ def open_storage(
     allow_sqlite: bool = False,
     log: Optional[Callable[[str], None]] = None,
 ) -> Any:
-    """Open the storage named by ``spec`` (see module docstring).
+    """Open the storage named by ``spec`` (see the module docstring).
 
     Args:
         spec: ``None`` (``studies_dir/<study_name>.journal``), ``journal:PATH``, ``PATH.journal`` or
             an RDB URL.
         study_name: The study (names the default journal file).
         studies_dir: Folder of default journal files.
-        create: Create what is missing: a journal file, Optuna's tables in a database. False opens
-            for reading (as export does) and creates nothing: a missing journal file, a missing
-            SQLite file or a database without Optuna's tables is an error.
+        create: Create what is missing (journal file, Optuna's tables). False opens for reading (as
+            export does): a missing journal file, SQLite file or Optuna tables is an error.
         allow_sqlite: Accept SQLite URLs (read-only uses such as export; never for searches).
         log: Where the one-line note about a repaired journal goes (default: stderr).
 
     Raises:
         StorageError: Unknown form, SQLite for a search, unreachable server, wrong credentials,
-            unwritable or missing path, nothing to read, a journal damaged before its last
-            record. The message never contains the password.
+            unwritable or missing path, nothing to read, a journal damaged before its last record.
     """
     path = journal_path(spec, study_name, studies_dir)
     if path is not None:
-        from optuna.storages.journal import JournalFileSymlinkLock
-
-        from .workers import HeartbeatJournalStorage
-
-        if not create:
-            if not path.is_file():
-                raise StorageError(f"journal file {path} does not exist — pass --storage where the study lives")
-            if not os.access(path, os.R_OK):
-                raise StorageError(f"journal file {path} is not readable — check its permissions or pass --storage where the study lives")
-        else:
-            check_journal_path(path)
-        try:
-            if create:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            lock = JournalFileSymlinkLock(str(path), grace_period=JOURNAL_LOCK_GRACE)
-            read_from = path
-            if path.is_file():
-                # before Optuna reads or appends: a torn or garbage tail is cut off (after a
-                # backup; read-only uses read a repaired copy instead), damage inside refused
-                fixed = check_journal(path, repair=create, lock=lock if create else None, log=log)
-                if fixed is not None and not create:
-                    read_from = fixed
-            return HeartbeatJournalStorage(_JournalBackend(str(read_from), lock_obj=lock, shown=path))
-        except OSError as e:
-            raise StorageError(f"cannot open journal file {path}: {e.strerror or e} — pass a writable path with --storage journal:PATH") from None
+        return _open_journal(path, create=create, log=log)
     assert spec is not None
-    if not has_scheme(spec):  # not shown: it may hold a password (user:pw@host/db without its scheme)
+    return _open_rdb(spec, create=create, allow_sqlite=allow_sqlite)
+
+
+def _open_journal(path: Path, *, create: bool, log: Optional[Callable[[str], None]]) -> Any:
+    """A journal file's storage (see :func:`check_journal` for a damaged tail)."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    from .workers import HeartbeatJournalStorage
+
+    if not create:
+        if not path.is_file():
+            raise StorageError(f"journal file {path} does not exist — pass --storage where the study lives")
+        if not os.access(path, os.R_OK):
+            raise StorageError(f"journal file {path} is not readable — check its permissions or pass --storage where the study lives")
+    else:
+        check_journal_path(path)
+    try:
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        lock = JournalFileSymlinkLock(str(path), grace_period=JOURNAL_LOCK_GRACE)
+        # a damaged tail is cut off before Optuna reads or appends (read-only: a repaired copy is read)
+        fixed = check_journal(path, repair=create, lock=lock if create else None, log=log) if path.is_file() else None
+        return HeartbeatJournalStorage(_backend_class()(str(fixed or path), lock, shown=path))
+    except OSError as e:
+        raise StorageError(f"cannot open journal file {path}: {e.strerror or e} — pass a writable path with --storage journal:PATH") from None
+
+
+def _open_rdb(spec: str, *, create: bool, allow_sqlite: bool) -> Any:
+    """An RDB URL's storage (for reading: only a database that has Optuna's tables, none created)."""
+    if not _SCHEME.match(spec):  # not shown: it may hold a password (user:pw@host/db without its scheme)
         raise StorageError(
             "--storage is neither a journal file (journal:PATH, PATH.journal) nor a URL with a scheme (value not shown) — "
             "use journal:PATH (several processes, one machine) or postgresql+psycopg2://user@host:port/db (several machines)"
@@ -380,15 +350,14 @@ def open_storage(
                 time.sleep(0.5 * (attempt + 1))
                 continue
             raise StorageError(
-                f"cannot open storage {mask_url(spec)}: {_reason(e, spec)} — check the URL, that the server runs and the credentials"
+                f"cannot open storage {mask_url(spec)}: {safe_reason(e, spec)} — check the URL, that the server runs and the credentials"
             ) from None
     raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _missing_driver(e: ImportError, spec: str) -> str:
-    """The message for a URL whose database driver is not installed: names the module SQLAlchemy
-    looked for (Optuna re-raises without it) and, when the URL names no driver and the one this
-    package installs (psycopg2) is there, the URL that uses it."""
+    """The message for a URL whose driver is missing: the module SQLAlchemy looked for and, for a PostgreSQL
+    URL with psycopg2 installed, the URL that uses it."""
     import importlib.util
 
     missing, cause = None, e  # type: Optional[str], Optional[BaseException]
@@ -404,16 +373,8 @@ def _missing_driver(e: ImportError, spec: str) -> str:
 
 
 # ---- journal files: detection, repair, all-or-nothing appends ---------------------------------------
-def _journal_ops() -> set[int]:
-    from optuna.storages.journal._storage import JournalOperation
-
-    return {int(op) for op in JournalOperation}
-
-
 def _bad_record(line: bytes, ops: set[int]) -> Optional[str]:
     """Why ``line`` (without its newline) is not a journal record, or None when it is one."""
-    import json
-
     try:
         rec = json.loads(line)
     except (ValueError, RecursionError):
@@ -432,16 +393,13 @@ def check_journal(
     lock: Any = None,
     log: Optional[Callable[[str], None]] = None,
 ) -> Optional[Path]:
-    """Check a journal file before Optuna reads or appends to it.
+    """Check a journal file before Optuna reads or appends to it (Optuna would append after a damaged tail).
 
-    A damaged *tail* — a last record cut short (a crash or a full disk mid-write, a copy in
-    progress) or garbage after the last record — is what Optuna would append after, making
-    every later record unreadable. With ``repair`` the file is copied whole to
-    ``PATH.damaged-<time>`` and cut back to its last complete record (under the journal's lock,
-    so no worker is appending meanwhile), and one line says so; without it (read-only uses) a
-    repaired copy is made in a temporary folder and returned, the file left alone. Damage
-    *before* the last record (an undecodable record, an unknown op code anywhere) cannot be cut
-    off without losing what follows: it is refused, nothing changed.
+    A damaged *tail* (a last record cut short by a crash or full disk, or garbage after the last
+    record) is cut off: with ``repair`` the file is copied whole to ``PATH.damaged-<time>`` and
+    cut back to its last complete record under the journal's lock, one line saying so; without
+    (read-only uses) a repaired temporary copy is returned, the file left alone. Damage *before*
+    the last record, or an unknown op code anywhere, is refused, nothing changed.
 
     Returns:
         None when nothing was wrong or the file was repaired in place; the repaired temporary
@@ -450,11 +408,13 @@ def check_journal(
     Raises:
         StorageError: Damage before the last record, or an unknown op code.
     """
-    ops = _journal_ops()
+    from optuna.storages.journal._storage import JournalOperation
+
+    ops = {int(op) for op in JournalOperation}
+    from optuna.storages.journal._file import get_lock_file
+
     say = log or (lambda msg: sys.stderr.write(f"rapid-search: {msg}\n"))
-    if lock is not None:
-        lock.acquire()
-    try:
+    with get_lock_file(lock) if lock is not None else contextlib.nullcontext():
         data = path.read_bytes()
         lines = data.split(b"\n")
         tail = lines.pop()  # after the last newline: b"" when the file ends with a complete record
@@ -489,11 +449,6 @@ def check_journal(
         cut = len(data) - end
         what = "a torn last record" if first_bad is None else f"garbage after the last record (from line {first_bad[0]})"
         if not repair:
-            import tempfile
-
-            import atexit
-            import shutil
-
             folder = tempfile.mkdtemp(prefix="rapid-journal-")
             atexit.register(shutil.rmtree, folder, ignore_errors=True)
             copy = Path(folder) / path.name
@@ -501,8 +456,6 @@ def check_journal(
             say(f"journal file {path} ends with {what} ({cut} bytes): read without it; the next search repairs the file")
             return copy
         backup = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-        import shutil
-
         shutil.copyfile(path, backup)
         with open(path, "r+b") as f:
             f.truncate(end)
@@ -510,9 +463,6 @@ def check_journal(
             os.fsync(f.fileno())
         say(f"journal file {path} ended with {what}: cut {cut} bytes back to its last complete record; the original is kept as {backup}")
         return None
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -522,14 +472,14 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _journal_backend_class() -> type:
+@functools.lru_cache(maxsize=None)
+def _backend_class() -> type:
     from optuna.storages.journal import JournalFileBackend
     from optuna.storages.journal._file import get_lock_file
 
     class _Backend(JournalFileBackend):
-        """Optuna's journal file with all-or-nothing appends: when a write fails (disk full, I/O
-        error) the bytes written of it are cut off again, so the file still ends with a complete
-        record, and every later append is refused (this process must stop writing)."""
+        """Optuna's journal file with all-or-nothing appends: a failed write (disk full, I/O error) is cut off
+        again, so the file still ends with a complete record, and every later append is refused."""
 
         def __init__(self, file_path: str, lock_obj: Any = None, *, shown: Path) -> None:
             super().__init__(file_path, lock_obj=lock_obj)
@@ -537,8 +487,6 @@ def _journal_backend_class() -> type:
             self._failed: Optional[str] = None
 
         def append_logs(self, logs: list[dict[str, Any]]) -> None:
-            import json
-
             if self._failed is not None:
                 raise JournalWriteError(self._failed)
             data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
@@ -567,19 +515,8 @@ def _journal_backend_class() -> type:
     return _Backend
 
 
-def _JournalBackend(file_path: str, *, lock_obj: Any, shown: Path) -> Any:
-    global _BACKEND
-    if _BACKEND is None:
-        _BACKEND = _journal_backend_class()
-    return _BACKEND(file_path, lock_obj, shown=shown)
-
-
-_BACKEND: Optional[type] = None
-
-
 def _check_sqlite_file(spec: str) -> None:
-    """Raise :class:`StorageError` unless the SQLite URL names an existing file (connecting to a
-    missing one would create it)."""
+    """Raise :class:`StorageError` unless the SQLite URL names an existing file (connecting would create it)."""
     try:
         from sqlalchemy.engine import make_url
 
@@ -606,13 +543,8 @@ def _has_optuna_tables(spec: str, engine_kwargs: dict[str, Any]) -> bool:
         engine.dispose()
 
 
-def _reason(e: BaseException, url: str) -> str:
-    """A short, password-free reason for a storage failure (the exception's first line)."""
+def safe_reason(e: BaseException, spec: Optional[str]) -> str:
+    """``ExceptionClass: first line`` of ``e`` (of the driver's error behind it), any password of ``spec`` removed."""
     text = str(getattr(e, "orig", None) or e).strip().splitlines()
     first = text[0] if text else e.__class__.__name__
-    return scrub(f"{e.__class__.__name__}: {first}", url)[:300]
-
-
-def safe_reason(e: BaseException, spec: Optional[str]) -> str:
-    """``ExceptionClass: first line`` of ``e`` with any password of ``spec`` removed (for logs)."""
-    return _reason(e, spec or "")
+    return scrub(f"{e.__class__.__name__}: {first}", spec or "")[:300]

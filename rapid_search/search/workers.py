@@ -1,30 +1,9 @@
 """Many workers on one study, on Optuna's own loop: an exact trial count, heartbeats, dead workers' trials redone.
 
-Workers (processes with one journal file, or machines with PostgreSQL) given the same storage and
-study name share one study. Each runs :func:`run_trials`: ``study.optimize`` with these seams.
-
-Exact count: ``--trials N`` counts *finished* (COMPLETE, PRUNED) trials, all workers together. A
-trial claims a slot when finished or running. Before the first trial and after each one (a
-callback) a worker waits while N slots are claimed but fewer finished, and ``MaxTrialsCallback``
-stops it at N finished. Two workers asking at once are told apart by trial number (the storage
-numbers trials atomically): right after ``ask``, a trial whose lower-numbered claimants already
-fill N slots is given up unrun (:class:`Surplus`, recorded FAIL with ``rapid_search:surplus``;
-queued parameters it took are queued again). FAIL trials never count.
-
-Heartbeats: :func:`~rapid_search.search.storage.open_storage` returns storages with Optuna's
-``BaseHeartbeat`` (:class:`HeartbeatMixin`), switched on by attaching a :class:`Liveness`. In
-``optimize``, Optuna's heartbeat thread stores the time in the trial's ``rapid_search:heartbeat``
-every ``interval`` s, and before each trial ``fail_stale_trials`` fails RUNNING trials silent for
-``grace`` s (without any heartbeat: seen running that long). The storage lets one worker fail a
-trial; its :class:`RetryStaleTrial` (Optuna's ``RetryHeartbeatStaleTrialCallback``) queues the
-parameters again, at most ``max_retry`` times. Before the FAIL the trial is marked
-(``rapid_search:failed_because``; ``retry_pending``, which keeps its slot until the retry is
-queued, or ``no_retry`` when it is failed for good). Finished trials are never touched; clocks
-must agree to well within ``grace`` (NTP).
-
-Interrupts (:class:`deferred_interrupts`): SIGINT and SIGTERM raise KeyboardInterrupt only inside
-the objective and while waiting, never inside storage code (a journal append cut short leaves its
-lock behind); the trial in flight is failed and queued again (:meth:`_Worker.abandon`).
+Workers (processes on one journal file, or machines on PostgreSQL) given the same storage and study
+name share one study; each runs :func:`run_trials` (``study.optimize`` with callbacks, ``catch``
+and the ``BaseHeartbeat`` seam). The protocol (slots, surplus trials, heartbeats, retries,
+deferred interrupts) is described in docs/search-design.md.
 """
 
 from __future__ import annotations
@@ -40,6 +19,7 @@ import signal
 import socket
 import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional
@@ -88,11 +68,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 @dataclass
 class TrialCounts:
-    """Trials of a study by state.
-
-    ``pending`` are trials just given up (dead worker, Ctrl-C) whose retry is not queued yet: they
-    keep their slot for the moment between the two storage writes, so no other worker takes it.
-    """
+    """Trials of a study by state; ``pending``: given up (dead worker, Ctrl-C), retry not queued yet (they keep their slot)."""
 
     finished: int = 0
     running: list[FrozenTrial] = field(default_factory=list)
@@ -132,22 +108,16 @@ def count_trials(study: optuna.Study, *, pending_window: float = 60.0) -> TrialC
     )
 
 
-#: What says *what* to run (scores and schedule are recomputed by a retry).
-_RUN_SYSTEM_ATTRS = ("fixed_params", "retry_history", "failed_trial")
-_RUN_USER_ATTRS = ("warm_start",)
-
-
 def _what_to_run(trial: FrozenTrial) -> FrozenTrial:
+    """``trial`` with only what says what to run (scores and schedule are recomputed by a retry)."""
     lean = copy.copy(trial)
-    lean.system_attrs = {k: copy.deepcopy(trial.system_attrs[k]) for k in _RUN_SYSTEM_ATTRS if k in trial.system_attrs}
-    lean.user_attrs = {k: trial.user_attrs[k] for k in _RUN_USER_ATTRS if k in trial.user_attrs}
+    lean.system_attrs = {k: copy.deepcopy(v) for k, v in trial.system_attrs.items() if k in ("fixed_params", "retry_history", "failed_trial")}
+    lean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k == "warm_start"}
     return lean
 
 
 class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
-    """Optuna's retry callback, queueing only what says what to run (parameters, queued fixed
-    parameters, the warm-start tag; never a partial result) and never a trial marked
-    ``rapid_search:no_retry``."""
+    """Optuna's retry callback, queueing only what says what to run (never a partial result), never a ``no_retry`` trial."""
 
     def __init__(self, max_retry: Optional[int] = 3) -> None:
         with warnings.catch_warnings():
@@ -160,52 +130,29 @@ class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
 
 
 def retry_trial(study: optuna.Study, trial: FrozenTrial, *, max_retry: Optional[int] = 3) -> bool:
-    """Queue ``trial``'s parameters again as a WAITING trial (after it failed through no fault of its own).
-
-    Returns:
-        False when the trial was already retried ``max_retry`` times (nothing queued).
-    """
+    """Queue ``trial``'s parameters again as a WAITING trial; False (nothing queued) after ``max_retry`` retries."""
     if max_retry is not None and len(trial.system_attrs.get("retry_history", [])) >= max_retry:
         return False
     RetryStaleTrial(max_retry)(study, trial)
     return True
 
 
-def _requeue_unrun(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Put the queued parameters a surplus trial took back in the queue, unchanged."""
-    lean = _what_to_run(trial)
-    study.add_trial(
-        optuna.trial.create_trial(
-            state=TrialState.WAITING,
-            params=trial.params,
-            distributions=trial.distributions,
-            user_attrs=lean.user_attrs,
-            system_attrs=lean.system_attrs,
-        )
-    )
-
-
-def _was_queued(trial: FrozenTrial) -> bool:
-    """Whether the trial came from the queue (enqueued warm start or a retry), not from the sampler."""
-    return bool(trial.system_attrs.get("fixed_params") or trial.system_attrs.get("retry_history") or "warm_start" in trial.user_attrs)
-
-
 class Liveness:
-    """The heartbeat policy: beats, which running trials are stale, and how a trial is given up.
+    """The heartbeat policy: beats, which running trials are stale, how a trial is given up.
 
-    A storage with :class:`HeartbeatMixin` follows the one attached to it (``storage.liveness``);
-    the instance is also the storage's stale-trial callback (it queues the retry).
+    A :class:`HeartbeatMixin` storage follows the one attached to it (``storage.liveness``); the
+    instance is also the storage's stale-trial callback (it queues the retry).
 
     Args:
         study: The study.
         grace: Seconds without a heartbeat after which a running trial is considered dead.
         interval: Seconds between heartbeats.
         max_retry: How often one trial's parameters are queued again at most.
-        log: Where to report recoveries and heartbeat trouble.
-        beats: Storage for the heartbeat thread's writes (None: the study's). For a journal file a
+        log: Where recoveries and heartbeat trouble are reported.
+        beats: Storage for the heartbeat thread's writes (None: the study's); for a journal file a
             separate instance keeps a slow beat from holding the main thread's storage lock.
-        critical: Context manager factory for the steps of :meth:`give_up` that must not be cut
-            short by an interrupt (see :meth:`deferred_interrupts.critical`).
+        critical: Context manager factory for the steps of :meth:`give_up` an interrupt must not
+            cut short (:meth:`deferred_interrupts.critical`).
     """
 
     def __init__(
@@ -243,20 +190,16 @@ class Liveness:
                 self.log(f"heartbeat of trial id {trial_id} could not be stored ({e.__class__.__name__}); retrying")
 
     def age(self, trial: FrozenTrial, now: Optional[float] = None) -> float:
-        """Seconds since the trial's last sign of life."""
+        """Seconds since the trial's last heartbeat; without one, since this worker first saw it running (no clock needed)."""
         hb = trial.system_attrs.get(HEARTBEAT_KEY)
         if isinstance(hb, (int, float)) and math.isfinite(hb):
             return (time.time() if now is None else now) - float(hb)
-        # no heartbeat yet (its worker died between ask and the first beat, or is about to beat):
-        # judge by how long *we* have seen it running, which needs no clock agreement
-        first = self._first_seen.setdefault(trial._trial_id, time.monotonic())
-        return time.monotonic() - first
+        return time.monotonic() - self._first_seen.setdefault(trial._trial_id, time.monotonic())
 
     def stale(self, running: Iterable[FrozenTrial]) -> list[FrozenTrial]:
         running = list(running)
         ids = {t._trial_id for t in running}
-        for k in [k for k in self._first_seen if k not in ids]:
-            del self._first_seen[k]
+        self._first_seen = {k: v for k, v in self._first_seen.items() if k in ids}
         now = time.time()
         return [t for t in running if self.age(t, now) > self.grace]
 
@@ -293,11 +236,10 @@ class Liveness:
         self.log(f"trial {trial.number} {because}: marked failed" + (" and queued again" if retry else ""))
 
     def give_up(self, trial: FrozenTrial, because: str, *, retry: bool = True) -> bool:
-        """Mark a RUNNING trial FAIL (only one worker succeeds) and queue its parameters again.
+        """Mark a RUNNING trial FAIL (only one worker succeeds) and queue it again; an interrupt waits for both.
 
-        With ``retry=False`` (or after ``max_retry`` retries) the trial is marked
-        ``rapid_search:no_retry`` before it is failed, so it holds no slot whoever wins the race
-        to fail it. An interrupt between the FAIL and the queueing waits until both are done.
+        With ``retry=False`` (or after ``max_retry`` retries) it is marked ``no_retry`` first, so it
+        holds no slot whoever wins the race to fail it.
 
         Returns:
             Whether this call failed the trial (False: it was finished meanwhile).
@@ -313,8 +255,7 @@ class Liveness:
         return True
 
     def recover(self) -> int:
-        """Fail and requeue every stale running trial (through Optuna's ``fail_stale_trials``);
-        returns how many this worker recovered."""
+        """Fail and requeue every stale running trial (Optuna's ``fail_stale_trials``); how many this worker did."""
         storage = _heartbeat_of(self.study)
         before, attached, storage.liveness = self.recovered, storage.liveness, self
         try:
@@ -327,11 +268,7 @@ class Liveness:
 
 
 class HeartbeatMixin(BaseHeartbeat):
-    """Optuna's ``BaseHeartbeat`` for any storage, off until a :class:`Liveness` is attached.
-
-    Beats are a trial system attribute, so a journal file (which Optuna gives no heartbeat) and a
-    database are watched the same way, by the same rules.
-    """
+    """Optuna's ``BaseHeartbeat`` for any storage (beats are a trial system attribute), off until a :class:`Liveness` is attached."""
 
     liveness: Optional[Liveness] = None
 
@@ -367,28 +304,19 @@ class HeartbeatRDBStorage(HeartbeatMixin, RDBStorage):
     """Optuna's ``RDBStorage`` whose heartbeat follows the same rules as the journal's."""
 
 
-#: Code that must not be cut short by an interrupt: a journal append holds a lock file (cut short,
-#: it blocks every worker for the lock's 30 s grace period, or its cleanup fails and replaces the
-#: KeyboardInterrupt by an OSError); database calls are cleaner to finish than to abandon.
+#: Code an interrupt must not cut short (see docs/search-design.md, Interrupts).
 _CRITICAL = tuple(os.sep + p + os.sep for p in (os.path.join("optuna", "storages"), "sqlalchemy", "psycopg2"))
 
 
 class deferred_interrupts:
-    """Within the block (main thread only), SIGINT (Ctrl-C) and SIGTERM raise KeyboardInterrupt,
-    but never inside storage code nor inside a :meth:`critical` section. :func:`run_trials` runs
-    Optuna's loop (ask, tell, stale trials, callbacks) as a critical section whose interruptible
-    parts are the objective and the waits: an interrupt during ``ask`` is raised as the objective
-    starts (the trial just asked is then failed and queued again), one during the callbacks when
-    they end.
+    """Within the block (main thread only), SIGINT and SIGTERM raise KeyboardInterrupt, but never
+    inside storage code nor inside a :meth:`critical` section.
 
-    An interrupt that arrives in storage code is delivered again every 10 ms until the main thread
-    has left it (storage calls take milliseconds); one that arrives in a critical section is
-    raised when the section ends, or on entering an :meth:`interruptible` part of it. Meanwhile
-    ``pending`` says one is on its way. Once raised, the re-deliveries still on their way are
-    dropped, but a *new* signal (a second Ctrl-C during the clean-up, say while it hangs on an
-    unreachable database) raises KeyboardInterrupt at once, wherever the main thread is. A
-    re-delivery still scheduled when the block ends is cancelled. Signals that were ignored
-    (``nohup``) stay ignored.
+    One arriving in storage code is re-delivered every 10 ms until the main thread has left it;
+    one in a critical section is raised when it ends or on entering an :meth:`interruptible` part
+    (``pending`` says one is on its way). Once raised, re-deliveries still on their way are
+    dropped, but a *new* signal raises at once, wherever the main thread is. Signals that were
+    ignored (``nohup``) stay ignored.
     """
 
     def __init__(self) -> None:
@@ -400,11 +328,10 @@ class deferred_interrupts:
         self._redelivered: list[int] = []  # one entry per re-delivery in flight (list ops are atomic)
 
     def __enter__(self) -> "deferred_interrupts":
-        if threading.current_thread() is not threading.main_thread():
-            return self
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(sig) is not signal.SIG_IGN:
-                self._old[sig] = signal.signal(sig, self._handler)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._old[sig] = signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -414,9 +341,8 @@ class deferred_interrupts:
 
     @contextlib.contextmanager
     def critical(self) -> Iterator[None]:
-        """A section that an interrupt must not cut short: one arriving within it is raised when
-        it ends (sections nest; the outermost one raises). An exception leaving the section takes
-        precedence; the interrupt then stays ``pending``."""
+        """A section an interrupt must not cut short: one arriving within it is raised when the
+        outermost section ends (an exception leaving it takes precedence; the interrupt stays ``pending``)."""
         self._depth += 1
         try:
             yield
@@ -426,8 +352,7 @@ class deferred_interrupts:
 
     @contextlib.contextmanager
     def interruptible(self) -> Iterator[None]:
-        """A part of a critical section where interrupts are raised again (outside storage code):
-        the objective, a wait. One pending is raised on entry."""
+        """A part of a critical section where interrupts are raised again (the objective, a wait); one pending is raised on entry."""
         depth, self._depth = self._depth, 0
         try:
             self.raise_pending()
@@ -446,8 +371,7 @@ class deferred_interrupts:
         raise KeyboardInterrupt
 
     def raise_pending(self) -> None:
-        """Raise the interrupt now if one arrived during a storage call or critical section
-        (nothing within a critical section)."""
+        """Raise the interrupt now if one is pending (nothing within a critical section)."""
         if self.pending is not None and not self.raised and self._depth == 0:
             self._raise()
 
@@ -456,40 +380,33 @@ class deferred_interrupts:
         _thread.interrupt_main(signum)
 
     def _handler(self, signum: int, frame: Any) -> None:
-        try:
+        redelivery = bool(self._redelivered)  # only this (main) thread takes entries out
+        if redelivery:
             self._redelivered.pop()
-            redelivery = True
-        except IndexError:
-            redelivery = False
         if self.raised:
             if redelivery:
                 return  # a re-delivery of the interrupt already raised
             raise KeyboardInterrupt  # a new signal during the clean-up: stop it now
         if self._depth:
             self.pending = signum  # raised when the critical section ends
-            return
-        f = frame
-        while f is not None:
-            if any(c in f.f_code.co_filename for c in _CRITICAL):
-                self.pending = signum
-                self._timers = [t for t in self._timers if t.is_alive()]
-                timer = threading.Timer(0.01, self._redeliver, args=(signum,))
-                timer.daemon = True
-                timer.start()
-                self._timers.append(timer)
-                return
-            f = f.f_back
-        self._raise()
+        elif any(c in f.f_code.co_filename for f, _ in traceback.walk_stack(frame) for c in _CRITICAL):
+            self.pending = signum  # delivered again once the main thread has left storage code
+            self._timers = [t for t in self._timers if t.is_alive()]
+            timer = threading.Timer(0.01, self._redeliver, args=(signum,))
+            timer.daemon = True
+            timer.start()
+            self._timers.append(timer)
+        else:
+            self._raise()
 
 
 class Surplus(RapidSearchError):
-    """Raised by the objective when trials numbered below its trial claim every slot: Optuna
-    records the trial FAIL (it is in ``catch``), unrun."""
+    """Raised by the objective when lower-numbered trials claim every slot: recorded FAIL (in ``catch``), unrun."""
 
 
 class _Abandoned(BaseException):
-    """The trial in flight was already settled by this worker (given up after an interrupt, or by
-    another worker): Optuna must not tell it. Not an ``Exception``, so ``optimize`` lets it through."""
+    """The trial in flight was settled already (given up after an interrupt, or by another worker):
+    Optuna must not tell it. Not an ``Exception``, so ``optimize`` lets it through."""
 
     def __init__(self, interrupted: bool) -> None:
         super().__init__(interrupted)
@@ -579,7 +496,7 @@ class _Worker:
                 raise _Abandoned(interrupted=False) from None
             self.live.mark(storage.get_trial(trial._trial_id), "raised an error", retry=False)
             raise
-        if trial._trial_id in self.live.lost and self.lost(trial):
+        if trial._trial_id in self.live.lost and self.lost(trial):  # its beats were refused: given up meanwhile
             raise _Abandoned(interrupted=False)
         if pruned is not None:
             raise pruned
@@ -588,9 +505,8 @@ class _Worker:
     def abandon(self, trial: optuna.trial.Trial) -> None:
         """After an interrupt: fail the trial in flight and queue it again, if it still runs.
 
-        Never replaces the KeyboardInterrupt being handled: a storage error is logged, and a second
-        interrupt (the clean-up hangs) ends the clean-up. Either way the trial's heartbeat stops,
-        so another worker (or the resumed search) takes it over after ``grace`` seconds.
+        A storage error is logged and a second interrupt ends the clean-up, never replacing the
+        KeyboardInterrupt being handled; the trial's heartbeat has stopped either way.
         """
         later = f"its heartbeat has stopped, so another worker or the resumed search takes it over after {self.live.grace:.0f} s"
         try:
@@ -603,33 +519,39 @@ class _Worker:
             self.log(f"could not mark trial {trial.number} failed after the interrupt ({e.__class__.__name__}); {later}")
 
     def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        """Callback: put a surplus trial's queued parameters back, count and report a finished
-        trial, then wait for a free slot (``MaxTrialsCallback`` ends the loop when none is left)."""
+        """Callback: requeue a surplus trial's queued parameters, or count and report a finished
+        trial; then wait for a free slot (``MaxTrialsCallback`` ends the loop when none is left)."""
         self.trial = None
-        if trial.system_attrs.get(SURPLUS_KEY):
-            if _was_queued(trial):
-                _requeue_unrun(study, trial)
-        else:
+        if not trial.system_attrs.get(SURPLUS_KEY):
             self.done += trial.state in FINISHED
             for cb in self.callbacks:
                 cb(study, trial)
+        elif trial.system_attrs.get("fixed_params") or trial.system_attrs.get("retry_history") or "warm_start" in trial.user_attrs:
+            lean = _what_to_run(trial)  # it came from the queue (warm start, retry): put it back unchanged
+            study.add_trial(
+                optuna.trial.create_trial(
+                    state=TrialState.WAITING,
+                    params=trial.params,
+                    distributions=trial.distributions,
+                    user_attrs=lean.user_attrs,
+                    system_attrs=lean.system_attrs,
+                )
+            )
         self.wait_for_slot()
         with self.interrupts.interruptible():  # an interrupt from Optuna's tell or the callbacks: now
             pass
 
 
 def _unmasked(e: Exception) -> BaseException:
-    """The storage error that Optuna 5.0's ``_run_trial`` hides when telling a trial fails: its
-    ``finally`` then finds the trial still RUNNING and raises ``AssertionError("Should not
-    reach.")`` instead (the storage error is its ``__context__``)."""
+    """The storage error that Optuna 5.0's ``_run_trial`` hides behind ``AssertionError("Should
+    not reach.")`` when telling a trial fails (it is that error's ``__context__``)."""
     if isinstance(e, AssertionError) and "Should not reach" in str(e) and isinstance(e.__context__, Exception):
         return e.__context__
     return e
 
 
 class _QuietFailures(logging.Filter):
-    """Drops Optuna's "Trial N failed ..." records (with a traceback): every FAIL it tells here is
-    a surplus trial (said in its system attributes) or an objective error that propagates anyway."""
+    """Drops Optuna's "Trial N failed ..." records: each is a surplus trial or an objective error that propagates anyway."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return re.match(r"Trial \d+ failed ", record.getMessage()) is None
@@ -646,22 +568,20 @@ def run_trials(
     callbacks: Iterable[Callable[[optuna.Study, FrozenTrial], None]] = (),
     log: Optional[Callable[[str], None]] = None,
 ) -> int:
-    """Run trials of ``objective`` with ``study.optimize`` until the study has exactly ``n_trials``
-    finished trials, all workers together.
+    """Run ``objective`` with ``study.optimize`` until the study has exactly ``n_trials`` finished trials, all workers together.
 
-    See the module docstring for the protocol. Exceptions from the objective other than
-    ``TrialPruned`` mark the trial FAIL (for good) and propagate; KeyboardInterrupt also queues it again.
+    Objective errors other than ``TrialPruned`` fail the trial for good and propagate; a
+    KeyboardInterrupt (SIGINT, SIGTERM) also queues it again.
 
     Args:
         study: The (shared) study; its storage from :func:`~rapid_search.search.storage.open_storage`.
         objective: ``trial -> value``; may raise ``optuna.TrialPruned``.
         n_trials: Finished trials wanted in the study, all workers together.
-        interval: Heartbeat interval in seconds (the study is looked at every ``min(1, interval / 2)``
-            s while waiting).
+        interval: Heartbeat interval in seconds (the study is polled every ``min(1, interval / 2)`` s while waiting).
         grace: Seconds without a heartbeat after which another worker's trial is given up.
         heartbeat_storage: Storage for the heartbeat thread's writes (see :class:`Liveness`).
         callbacks: Called with ``(study, frozen_trial)`` after each trial this worker finished.
-        log: Where to report waiting and recoveries.
+        log: Where waiting and recoveries are reported.
 
     Returns:
         The number of trials this worker finished.
@@ -670,7 +590,7 @@ def run_trials(
     storage = _heartbeat_of(study)
     if heartbeat_storage is not None:  # a journal storage replays the whole file on its first read: now, not in the first beat
         heartbeat_storage.get_all_studies()
-    quiet = _QuietFailures()
+    quiet = _QuietFailures()  # one per call: a nested run_trials removes only its own
     logging.getLogger("optuna.study._optimize").addFilter(quiet)
     with deferred_interrupts() as interrupts:
         live = Liveness(study, grace=grace, interval=interval, log=log, beats=heartbeat_storage, critical=interrupts.critical)

@@ -46,6 +46,7 @@ from ..runtime.flops import ModelInfo, schedule_macs
 from .provenance import versions
 from ..runtime.presets import UnreachableBudget, as_schedule, rapid_schedule, tome_for_ratio, variant_schedule
 from ..runtime.schedule import Schedule, atomic_write_text
+from .measure import median_ci
 from .stats import compare_paired
 from ..errors import RapidSearchError
 
@@ -374,16 +375,10 @@ def run_bench(
     load_start = _loadavg()
 
     def time_all(schedules: dict[tuple[Any, ...], Optional[Schedule]]) -> dict[tuple[Any, ...], Any]:
-        """Interleaved timing: each round times one batch of every schedule.
-
-        Load from other processes drifts over minutes; interleaving spreads it evenly over the
-        methods, so speedups stay comparable. The first round is preceded by ``warmup`` untimed
-        batches per schedule; rounds go on past ``repeats`` until every median is stable or
-        ``time_limit`` is reached.
-        """
+        """Every schedule's batch timed round-robin (:func:`~rapid_search.tools.measure.time_rounds`)."""
         import copy
 
-        from .measure import Timing, time_callable
+        from .measure import time_rounds
         from ..runtime.patch import apply
 
         x = torch.randn((batch_size, *input_size), generator=torch.Generator().manual_seed(0))
@@ -397,22 +392,14 @@ def run_bench(
                 runs[k] = (lambda c=torch.compile(m, dynamic=False): c(x))
             else:
                 runs[k] = _eager_run(model, sched, x)
-        times: dict[tuple[Any, ...], list[float]] = {k: [] for k in schedules}
-        t_end = None
-        rnd = 0
-        while True:
-            for k, fn in runs.items():
-                w = (max(1, warmup) if compile else warmup) if rnd == 0 else 0
-                times[k].append(float(time_callable(fn, device=device, warmup=w, repeats=1, batch_size=batch_size).median_ms))
-            rnd += 1
-            if rnd == 1:
-                t_end = time.perf_counter() + time_limit
-            log(f"timing round {rnd} done")
-            if rnd >= repeats and (time.perf_counter() >= t_end or all(median_ci(v) <= stable for v in times.values())):
-                break
-        if compile:
-            torch._dynamo.reset()
-        return {k: Timing.from_times(v, batch_size=batch_size) for k, v in times.items()}
+        try:
+            return time_rounds(
+                runs, device=device, repeats=repeats, warmup=max(1, warmup) if compile else warmup, batch_size=batch_size,
+                time_limit=time_limit, stable=stable, log=log,
+            )  # fmt: skip
+        finally:
+            if compile:
+                torch._dynamo.reset()
 
     # unreduced reference: predictions once, reused for agreement
     t0 = time.perf_counter()
@@ -545,18 +532,6 @@ def run_bench(
         "comparisons": comparisons,
         "labels": None if labels is None else [int(v) for v in labels.tolist()],
     }
-
-
-def median_ci(times: Sequence[float], *, n_boot: int = 300, seed: int = 0) -> float:
-    """Half-width of the bootstrap 95 % interval of the median of ``times``, relative to the median
-    (inf with fewer than 3 times)."""
-    t = np.asarray(times, dtype=np.float64)
-    if t.size < 3:
-        return math.inf
-    med = float(np.median(t))
-    boots = np.median(np.random.default_rng(seed).choice(t, size=(n_boot, t.size)), axis=1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return float(hi - lo) / 2 / med if med > 0 else math.inf
 
 
 def timing_flag(t: Any, base: Any, ideal: Optional[float]) -> Optional[str]:

@@ -13,10 +13,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Hashable, Mapping, Optional, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
@@ -24,9 +26,12 @@ from torch import nn
 
 from ..argtypes import DTYPES
 
-__all__ = ["DTYPES", "Timing", "measure_model", "parse_device", "parse_dtype", "set_cpu_threads", "time_callable"]
+__all__ = [
+    "DTYPES", "Timing", "measure_model", "median_ci", "parse_device", "parse_dtype", "set_cpu_threads", "time_callable", "time_rounds",
+]  # fmt: skip
 
 DeviceLike = Union[str, torch.device]
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -239,3 +244,70 @@ def measure_model(
         return time_callable(lambda: compiled(x), device=dev, warmup=max(1, warmup), repeats=repeats, batch_size=int(x.shape[0]))
     finally:
         dynamo.reset()
+
+
+def median_ci(times: Sequence[float], *, n_boot: int = 300, seed: int = 0) -> float:
+    """Half-width of the bootstrap 95 % interval of the median of ``times``, relative to the median
+    (inf with fewer than 3 times)."""
+    t = np.asarray(times, dtype=np.float64)
+    if t.size < 3:
+        return math.inf
+    med = float(np.median(t))
+    boots = np.median(np.random.default_rng(seed).choice(t, size=(n_boot, t.size)), axis=1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(hi - lo) / 2 / med if med > 0 else math.inf
+
+
+def time_rounds(
+    runs: Mapping[K, Callable[[], Any]],
+    *,
+    device: DeviceLike,
+    repeats: Union[int, Mapping[K, int]],
+    warmup: Union[int, Mapping[K, int]] = 0,
+    batch_size: int = 1,
+    time_limit: float = 0.0,
+    stable: float = 0.0,
+    around: Optional[Mapping[K, Callable[[], ContextManager[Any]]]] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> dict[K, Timing]:
+    """Time several pieces of work round-robin: each round times one run of every piece.
+
+    Load from other processes drifts over minutes; interleaving spreads it evenly over the pieces,
+    so their times stay comparable. The first run of a piece is preceded by its ``warmup`` untimed
+    runs. A piece is timed in its first ``repeats`` rounds; after the longest of them, rounds of
+    every piece go on until each median is stable (:func:`median_ci` at most ``stable``) or
+    ``time_limit`` seconds have passed since the end of the first round (0: no more rounds).
+
+    Args:
+        runs: ``key -> fn``; ``fn()`` is one run (e.g. one batch).
+        device: Device the work runs on (see :func:`time_callable`).
+        repeats: Rounds per piece, for all or per key.
+        warmup: Untimed runs before a piece's first timed one, for all or per key.
+        batch_size: Images per run (for :attr:`Timing.images_per_s`).
+        time_limit: Seconds of extra rounds at most.
+        stable: Relative half-width of the medians' 95 % interval that ends the extra rounds.
+        around: ``key -> context``, entered (untimed) around each of that piece's runs, e.g. a
+            schedule applied to the model.
+        log: Told after each round.
+
+    Returns:
+        ``key -> Timing`` of its timed runs (``times_ms`` in round order: median, spread).
+    """
+    reps = {k: repeats[k] if isinstance(repeats, Mapping) else int(repeats) for k in runs}
+    warm = {k: warmup[k] if isinstance(warmup, Mapping) else int(warmup) for k in runs}
+    if not runs or min(reps.values()) < 1:
+        raise ValueError("time_rounds needs work to time and repeats >= 1 for each")
+    times: dict[K, list[float]] = {k: [] for k in runs}
+    least, rnd, t_end = max(reps.values()), 0, math.inf
+    while True:
+        for k, fn in runs.items():
+            if rnd < reps[k] or rnd >= least:
+                with (around or {}).get(k, contextlib.nullcontext)():
+                    t = time_callable(fn, device=device, warmup=warm[k] if not times[k] else 0, repeats=1, batch_size=batch_size)
+                times[k].append(t.median_ms)
+        rnd += 1
+        t_end = time.perf_counter() + time_limit if rnd == 1 else t_end
+        if log is not None:
+            log(f"timing round {rnd} done")
+        if rnd >= least and (time.perf_counter() >= t_end or all(median_ci(v) <= stable for v in times.values())):
+            return {k: Timing.from_times(v, batch_size=batch_size) for k, v in times.items()}
