@@ -363,7 +363,7 @@ def _say(line: str, args: Optional[argparse.Namespace] = None) -> None:
     storage = getattr(args, "storage", None)
     if storage:
         try:
-            from .search.storage import scrub
+            from .redact import scrub
 
             line = scrub(line, storage, pieces=False)  # driver texts in it were scrubbed piece by piece already
         except ImportError:  # runtime-only install: no storage URLs either

@@ -292,7 +292,8 @@ def test_password_masked_in_storage_errors(form, tmp_path) -> None:
     """Whatever form the password takes (user:pw@, ?password=, an unescaped @ in it, no scheme or a
     malformed one), it is in no message, no masked URL and no storage description (the progress
     header's), and the message stays readable (no fragment replaced blindly)."""
-    from rapid_search.search.storage import StorageError, describe_storage, mask_url, open_storage
+    from rapid_search.redact import mask_url
+    from rapid_search.search.storage import StorageError, describe_storage, open_storage
 
     spec, secrets = LEAKY_SPECS[form]
     for create in (True, False):
@@ -321,7 +322,7 @@ def test_password_masked_in_search_errors(tiny_search, tmp_path, monkeypatch, ca
 def test_scrub_keeps_messages_readable() -> None:
     """Only the password (whole, URL-decoded, or the part a driver took for the host) is replaced:
     a short fragment of it elsewhere in a message is left alone."""
-    from rapid_search.search.storage import scrub
+    from rapid_search.redact import scrub
 
     url = "postgresql+psycopg2://user:p@ss@host/db"
     text = 'could not translate host name "ss@host" to address: please check the postgres pool'

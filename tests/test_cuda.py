@@ -341,7 +341,7 @@ def test_bipartite_soft_matching_matches_cpu(prefix):
 
 def test_latency_model_and_measurement_on_device(pairs):
     from rapid_search.tools.measure import parse_device
-    from rapid_search.search.latency import LatencyModel, measure_schedule_ms
+    from rapid_search.tools.latency import LatencyModel, measure_schedule_ms
 
     _, dev = pairs("test_vit", torch.float32)
     lat = LatencyModel.measure(dev, device=DEVICE, batch_size=4, repeats=2, calibrate=True, calibrate_repeats=2)

@@ -76,7 +76,7 @@ def test_password_never_printed_whatever_the_url_shape(shape, tiny_search, tmp_p
 
 
 def test_scrub_removes_every_piece_of_the_password() -> None:
-    from rapid_search.search.storage import scrub
+    from rapid_search.redact import scrub
 
     url = f"postgresql+psycopg2://user:p@ss:{SECRET}@127.0.0.1:1/db"
     text = f"invalid literal for int() with base 10: '{SECRET}@127.0.0.1:1' (host 'ss', user 'user')"

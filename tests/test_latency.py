@@ -6,7 +6,7 @@ import pytest
 
 import rapid_search as rs
 from rapid_search import LayerSpec
-from rapid_search.search.latency import LatencyModel, LatencyModelError, _fit_nonneg_quadratic, measure_schedule_ms
+from rapid_search.tools.latency import LatencyModel, LatencyModelError, _fit_nonneg_quadratic, measure_schedule_ms
 
 from helpers import FAMILIES
 

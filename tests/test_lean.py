@@ -262,7 +262,7 @@ def test_measure_schedule_compiled(monkeypatch):
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append(kw) or functools.partial(real, backend="aot_eager")(m, **kw))
 
-    from rapid_search.search.latency import measure_schedule_ms
+    from rapid_search.tools.latency import measure_schedule_ms
 
     torch.manual_seed(0)
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
@@ -270,7 +270,7 @@ def test_measure_schedule_compiled(monkeypatch):
     t = measure_schedule_ms(model, s, device="cpu", batch_size=2, repeats=3, warmup=0, compile=True)
     assert t.repeats == 3 and t.median_ms > 0
     assert not rs.is_patched(model)
-    from rapid_search.search.latency import LatencyModel
+    from rapid_search.tools.latency import LatencyModel
 
     lat = LatencyModel.measure(model, device="cpu", batch_size=2, repeats=2, calibrate_repeats=2, compile=True)
     assert lat.compiled and lat.base_ms > 0

@@ -150,7 +150,7 @@ def resolve(spec: Union[BudgetSpec, str], *, base_gflops: float, base_latency_ms
         if base_latency_ms is None:
             raise BudgetError(
                 f"budget {spec.text!r} is relative to the unreduced latency — pass base_latency_ms "
-                "(measure it with rapid_search.search.latency.measure_schedule_ms(model, None, ...))"
+                "(measure it with rapid_search.tools.latency.measure_schedule_ms(model, None, ...))"
             )
         return spec.value * base_latency_ms
     if base_latency_ms is not None and spec.value >= base_latency_ms:

@@ -473,7 +473,7 @@ def _load(plan: _Plan, log: Callable[[str], None]) -> _Loaded:
 
 def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: Callable[[str], None]) -> _Loaded:
     """A latency budget: latency model, unreduced timing, target and noise margin (``LATENCY_MARGIN``)."""
-    from .latency import LatencyModel, measure_schedule_ms
+    from ..tools.latency import LatencyModel, measure_schedule_ms
 
     opts, device, info = plan.opts, plan.device, plan.info
     log(f"measuring per-block latency on {device} at batch {opts.batch_size} ...")
@@ -636,7 +636,7 @@ def _export(
     accept = None
     checked: list[dict[str, Any]] = []  # every candidate re-measured, in rank order
     if plan.spec.kind == "latency":
-        from .latency import measure_schedule_ms
+        from ..tools.latency import measure_schedule_ms
 
         def accept(s: Schedule) -> Optional[dict[str, Any]]:
             t = measure_schedule_ms(

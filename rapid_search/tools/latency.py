@@ -6,7 +6,7 @@ All times are milliseconds per batch.
 
 Example:
     >>> import timm, rapid_search
-    >>> from rapid_search.search.latency import LatencyModel
+    >>> from rapid_search.tools.latency import LatencyModel
     >>> model = timm.create_model("test_vit").eval()
     >>> lat = LatencyModel.measure(model, device="cpu", batch_size=2, repeats=2, calibrate=False)
     >>> lat.predict_ms(rapid_search.tome_schedule(model, 8)) <= lat.predict_ms(rapid_search.tome_schedule(model, 2))
@@ -30,7 +30,7 @@ from ..runtime.flops import ModelInfo, effective_r, token_counts
 from ..runtime.patch import applied, is_patched
 from ..runtime.presets import DEFAULT_PROTECT, as_schedule, make_schedule
 from ..runtime.schedule import OPS, LayerSpec, Schedule
-from ..tools.measure import Timing, measure_model, parse_device, time_rounds
+from .measure import Timing, measure_model, parse_device, time_rounds
 
 __all__ = ["LatencyModel", "LatencyModelError", "measure_schedule_ms"]
 
