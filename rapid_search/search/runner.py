@@ -31,10 +31,9 @@ from ..tools.evaluate import fidelity, predict
 from ..runtime.flops import ModelInfo
 from ..tools.loading import load_model
 from ..tools.measure import parse_device, parse_dtype, set_cpu_threads
-from ..runtime.presets import DEFAULT_PROTECT, DEFAULT_SWITCH_FRACTION
 from ..tools.provenance import versions
 from ..runtime.schedule import LayerSpec, Schedule
-from .budget import BudgetError, BudgetSpec, Target, parse_budget, resolve
+from .budget import BudgetError, BudgetSpec, Target, parse_budget
 from .progress import Progress, summarize_search
 from .space import SearchSpace
 from .storage import (
@@ -49,7 +48,7 @@ from .storage import (
     open_storage,
     safe_reason,
 )
-from .study import LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest_ratio, export_best
+from .study import LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest_ratio, export_best, hand_shape
 from .workers import run_trials
 
 __all__ = [
@@ -359,21 +358,18 @@ def _open_study(study_name: str, storage: Any, seed: int, pruner: Any) -> tuple[
         return optuna.load_study(study_name=study_name, storage=storage, sampler=sampler(s), pruner=pruner), False, s
 
 
-def _warm_start(study: optuna.Study, info: ModelInfo) -> None:
-    """Enqueue the hand-set RAPID schedule and ToMe (constant and decreasing) first."""
+def _warm_start(study: optuna.Study, info: ModelInfo, ranged: bool = False) -> None:
+    """Enqueue the hand-set RAPID schedule and ToMe (constant, and the paper's decreasing
+    ``(r, -1)``) first; for a range budget, the hand-set one at both ends and the middle."""
     if study.get_trials(deepcopy=False):
         return
-    hand = {
-        "switch": round(info.depth * DEFAULT_SWITCH_FRACTION),
-        "prune_weight": 1.0,
-        "decay": 0.0,
-        "protect": DEFAULT_PROTECT,
-        "prune_threshold_mode": "off",
-        "merge_threshold_mode": "off",
-    }
-    study.enqueue_trial(hand, user_attrs={"warm_start": "rapid-hand-set"})
-    study.enqueue_trial({}, user_attrs={"warm_start": "tome"})
-    study.enqueue_trial({}, user_attrs={"warm_start": "tome-decreasing"})
+    hand = {**hand_shape(info), "prune_threshold_mode": "off", "merge_threshold_mode": "off"}
+    del hand["prune_threshold"], hand["merge_threshold"]
+    at = lambda frac: {"range_frac": frac} if ranged else {}  # noqa: E731
+    for frac in (0.0, 0.5, 1.0) if ranged else (0.5,):
+        study.enqueue_trial(hand, user_attrs={"warm_start": "rapid-hand-set", **at(frac)})
+    for warm in ("tome", "tome-decreasing"):
+        study.enqueue_trial({}, user_attrs={"warm_start": warm, **at(0.5)})
 
 
 def _finished(study: optuna.Study) -> int:
@@ -468,11 +464,11 @@ def _plan(opts: SearchOptions) -> _Plan:
     del arch
     target = None
     if spec.kind == "gflops":
-        target = Target(spec, resolve(spec, base_gflops=info.base_gflops))
+        target = Target.of(spec, base_gflops=info.base_gflops)
         floor = cheapest_ratio(info, space)
-        if target.cost < floor * info.base_macs:
+        if (target.lo_cost or target.cost) < floor * info.base_macs:
             raise SearchError(
-                f"budget {opts.budget} ({target.value:.3f} GFLOPs) is below the cheapest schedule the search space allows "
+                f"budget {opts.budget} ({target.lo or target.value:.3f} GFLOPs) is below the cheapest schedule the search space allows "
                 f"({floor * info.base_gflops:.3f} GFLOPs, {floor:.0%}) — raise the budget"
             )
     study_name = check_study_name(default_study_name(opts) if opts.study_name is None else opts.study_name)
@@ -523,11 +519,11 @@ def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: 
     base_ms = base_t.median_ms
     lo, hi = LATENCY_MARGIN
     margin = min(hi, max(lo, base_t.iqr_ms / base_ms if base_ms > 0 else hi))
-    target = Target(plan.spec, resolve(plan.spec, base_gflops=info.base_gflops, base_latency_ms=base_ms))
+    target = Target.of(plan.spec, base_gflops=info.base_gflops, base_latency_ms=base_ms)
     floor = cheapest_ratio(info, plan.space, cost=lambda layers: float(latency_model.predict_ms(layers)))
-    if target.cost < floor * latency_model.predict_ms([LayerSpec()] * info.depth):
+    if (target.lo_cost or target.cost) < floor * latency_model.predict_ms([LayerSpec()] * info.depth):
         raise SearchError(
-            f"budget {opts.budget} ({target.value:.2f} ms) is below the fastest schedule the search space allows "
+            f"budget {opts.budget} ({target.lo or target.value:.2f} ms) is below the fastest schedule the search space allows "
             f"(about {floor:.0%} of the unreduced {base_ms:.2f} ms) — raise the budget"
         )
     log(
@@ -550,7 +546,7 @@ def _join_study(plan: _Plan, loaded: _Loaded, log: Callable[[str], None]) -> tup
     # only the creator records the set-up and target; the others check theirs against it
     share_setup(study, created, {"setup": plan.setup, "base_gflops": plan.info.base_gflops, "target": loaded.target.value}, log=log)
     if created:
-        _warm_start(study, plan.info)
+        _warm_start(study, plan.info, plan.spec.lo is not None)
     else:
         log(f"joined study {plan.study_name!r} ({len(study.get_trials(deepcopy=False))} trials so far); sampler seed {sampler_seed}")
     return study, heartbeat_storage
@@ -589,6 +585,7 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
             n_rungs=opts.rungs,
             latency_model=loaded.latency_model,
             margin=loaded.margin,
+            lo=loaded.target.lo_cost,
         )
         done = _finished(study)
         prog.start(opts.trials, done=done, study=plan.study_name, storage=describe_storage(opts.storage, plan.study_name, STUDIES_DIR))
