@@ -178,3 +178,43 @@ def test_front_bad_input_is_one_line(range_study, tmp_path, capsys):
     assert main(["front", "--study-name", "r", "--storage", journal, "--out", str(tmp_path)]) == 2  # a directory
     err = capsys.readouterr().err
     assert "--out" in err and err.count("\n") == 1
+
+
+class _MacsClock:
+    """A deterministic stand-in for the device clock (a tiny model's CPU timings are mostly
+    overhead and noise): 1 ms per MMAC, a 2% spread."""
+
+    def __init__(self, info):
+        self.info = info
+
+    def predict_ms(self, layers, **_):
+        return rs.schedule_macs(self.info, getattr(layers, "layers", layers)) / 1e6
+
+    def timing(self, schedule):
+        ms = self.predict_ms(schedule if schedule is not None else [rs.LayerSpec()] * self.info.depth)
+        return type("Timing", (), {"median_ms": ms, "iqr_ms": 0.02 * ms})()
+
+
+def test_latency_range_search_and_export(tiny_search, tmp_path, capsys, monkeypatch):
+    """``40%..90%latency``: trials drawn over the measured range, export at a latency inside it takes
+    only trials drawn for that target or a tighter one (so they keep the timing margin)."""
+    from rapid_search.search import latency
+
+    clock = _MacsClock(rs.model_info(timm.create_model("test_vit")))
+    monkeypatch.setattr(latency.LatencyModel, "measure", classmethod(lambda cls, *a, **k: clock))
+    monkeypatch.setattr(latency, "measure_schedule_ms", lambda model, schedule, **k: clock.timing(schedule))
+    journal = f"journal:{tmp_path / 'l.journal'}"
+    argv = search_argv(tiny_search, "l", "--storage", journal, "--out", str(tmp_path / "l.yaml"), "--rungs", "1", budget="40%..90%latency",
+                       trials="6", batch_size="4", calib_images="8")
+    assert main(argv) == 0, capsys.readouterr().err
+    study = optuna.load_study(study_name="l", storage=open_storage(journal, study_name="l"))
+    hi = study.user_attrs["target"]  # the creator's 90% of its measured unreduced latency
+    targets = [t.user_attrs["target"] for t in study.trials if "target" in t.user_attrs]
+    assert min(targets) == pytest.approx(hi * 40 / 90) and max(targets) == pytest.approx(hi)
+    out = tmp_path / "e.yaml"
+    assert main(["export", "--study-name", "l", "--storage", journal, "--budget", "70%latency", "--out", str(out)]) == 0, capsys.readouterr().err
+    s = rs.Schedule.load(out)
+    assert s.budget.spec == "70%latency" and s.budget.target == pytest.approx(hi * 70 / 90, rel=1e-5)
+    assert study.trials[s.provenance["trial"]].user_attrs["target"] <= hi * 70 / 90 * (1 + 1e-9)
+    assert main(["export", "--study-name", "l", "--storage", journal, "--budget", "95%latency", "--out", str(out)]) == 2
+    assert "outside the study's range 40%..90%latency" in capsys.readouterr().err

@@ -566,7 +566,8 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
         SearchInterrupted: Ctrl-C or SIGTERM during the trials (the best so far is written).
     """
     plan = _plan(opts)
-    prog = progress or Progress(opts.progress, metric=plan.metric)
+    # a range study's trial value is its gain over hand-set RAPID at its own target (Objective._baseline)
+    prog = progress or Progress(opts.progress, metric=plan.metric if plan.spec.lo is None else f"{plan.metric}-gain-vs-hand-set")
     with prog:
         if plan.grace_note:
             prog.log(plan.grace_note)
