@@ -34,13 +34,13 @@ def best_at(study: optuna.Study, gflops: float) -> tuple[float, int, int]:
 
 
 def run(opts: SearchOptions, raw: bool = False) -> optuna.Study:
-    saved = study_mod.Objective._baseline
+    saved = study_mod.Objective._gain
     if raw:
-        study_mod.Objective._baseline = lambda self, step, t: 0.0
+        study_mod.Objective._gain = lambda self, trial, step, t, raw: raw
     try:
         run_search(opts)
     finally:
-        study_mod.Objective._baseline = saved
+        study_mod.Objective._gain = saved
     return optuna.load_study(study_name=opts.study_name, storage=open_storage(opts.storage, study_name=opts.study_name))
 
 

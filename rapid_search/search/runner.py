@@ -48,7 +48,7 @@ from .storage import (
     open_storage,
     safe_reason,
 )
-from .study import LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest_ratio, export_best, hand_shape
+from .study import HAND_SET_LEVELS, LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest_ratio, export_best, hand_shape
 from .workers import run_trials
 
 __all__ = [
@@ -360,13 +360,13 @@ def _open_study(study_name: str, storage: Any, seed: int, pruner: Any) -> tuple[
 
 def _warm_start(study: optuna.Study, info: ModelInfo, ranged: bool = False) -> None:
     """Enqueue the hand-set RAPID schedule and ToMe (constant, and the paper's decreasing
-    ``(r, -1)``) first; for a range budget, the hand-set one at both ends and the middle."""
+    ``(r, -1)``) first; for a range budget, the hand-set one at HAND_SET_LEVELS budgets over it, ToMe in its middle."""
     if study.get_trials(deepcopy=False):
         return
     hand = {**hand_shape(info), "prune_threshold_mode": "off", "merge_threshold_mode": "off"}
     del hand["prune_threshold"], hand["merge_threshold"]
     at = lambda frac: {"range_frac": frac} if ranged else {}  # noqa: E731
-    for frac in (0.0, 0.5, 1.0) if ranged else (0.5,):
+    for frac in [k / (HAND_SET_LEVELS - 1) for k in range(HAND_SET_LEVELS)] if ranged else (0.5,):
         study.enqueue_trial(hand, user_attrs={"warm_start": "rapid-hand-set", **at(frac)})
     for warm in ("tome", "tome-decreasing"):
         study.enqueue_trial({}, user_attrs={"warm_start": warm, **at(0.5)})
@@ -566,7 +566,7 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
         SearchInterrupted: Ctrl-C or SIGTERM during the trials (the best so far is written).
     """
     plan = _plan(opts)
-    # a range study's trial value is its gain over hand-set RAPID at its own target (Objective._baseline)
+    # a range study's trial value is its gain over hand-set RAPID at its own target (Objective._gain)
     prog = progress or Progress(opts.progress, metric=plan.metric if plan.spec.lo is None else f"{plan.metric}-gain-vs-hand-set")
     with prog:
         if plan.grace_note:

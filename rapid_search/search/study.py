@@ -98,8 +98,9 @@ FIRST_RUNG_SLACK = 0.02
 #: median of repeated runs) lands above it about half the time; the margin keeps it below.
 LATENCY_MARGIN = (0.02, 0.10)
 
-#: Range budgets: budgets at which the hand-set schedule is scored to normalise trial scores.
-REF_POINTS = 5
+#: Range budgets: the hand-set schedule is a warm start at this many budgets spread over the
+#: range (what a trial's gain is measured against; and for any budget a hand-set schedule close below it).
+HAND_SET_LEVELS = 9
 
 #: Warm-start ToMe schedules: constant ``r`` and the paper's decreasing ``(r, -1)``.
 TOME_INFLECT = {"tome": 0.0, "tome-decreasing": TOME_DECREASING}
@@ -135,7 +136,7 @@ class Objective:
         self.metric, self.target, self.cost_kind = metric, target, cost_kind
         # schedules are drawn up to ``target * (1 - margin)``; the constraint stays ``target`` (see
         # LATENCY_MARGIN); ``lo``: a range budget's low end (each trial's target is drawn in [lo, target])
-        self.margin, self.lo, self._ref = margin, lo, None
+        self.margin, self.lo = margin, lo
         self.device, self.batch_size = device, batch_size
         self.latency_model = latency_model
         self.rungs = calib.rungs(n_rungs)
@@ -157,25 +158,21 @@ class Objective:
         trial.set_user_attr("target", t)
         return t
 
-    def _baseline(self, step: int, t: float) -> float:
-        """Range budgets: the hand-set RAPID schedule's score at cost ``t`` on rung ``step``
-        (interpolated between REF_POINTS budgets, scored once per process), so that the sampler
-        and the pruner compare shapes by their gain at their own budget, not by the budget. 0 for one budget."""
+    def _gain(self, trial: optuna.trial.Trial, step: int, t: float, raw: float) -> float:
+        """What the sampler and the pruner see: the score, or for a range budget its gain over the
+        hand-set RAPID schedule at the trial's own target (interpolated between the hand-set warm
+        starts, read from the study), so that shapes are compared by what they add at their
+        budget, not by the budget."""
         if self.lo is None:
+            return raw
+        if trial.user_attrs.get("warm_start") == "rapid-hand-set":
             return 0.0
-        if self._ref is None:
-            c, self._ref = self.calib, []
-            for k in range(REF_POINTS):
-                tk = self.lo + (self.target - self.lo) * k / (REF_POINTS - 1)
-                s = self._project(hand_shape(self.info), tk * (1.0 - self.margin), method="rapid-hand-set")
-                if s is not None:
-                    p = predict(self.model, c.images, s, batch_size=self.batch_size, device=self.device, info=self.info)
-                    self.images_forwarded += len(c.images)
-                    lab = lambda b: None if c.labels is None else c.labels[:b]  # noqa: E731
-                    self._ref.append((tk, [metric_value(fidelity(p.logits[:b], c.base_logits[:b], lab(b)), self.metric) for _, b in self.rungs]))
-        if not self._ref:
-            return 0.0
-        return float(np.interp(t, [r[0] for r in self._ref], [r[1][step] for r in self._ref]))
+        ref = sorted(
+            (h.user_attrs["target"], h.user_attrs["rung_scores"][step])
+            for h in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if h.user_attrs.get("warm_start") == "rapid-hand-set" and len(h.user_attrs.get("rung_scores", ())) > step
+        )
+        return raw - (float(np.interp(t, [r[0] for r in ref], [r[1] for r in ref])) if ref else 0.0)
 
     def _schedule(self, trial: optuna.trial.Trial, aim: float) -> tuple[Optional[Schedule], Optional[dict[str, Any]]]:
         """Sample (or take the warm-start) schedule and project it onto the budget."""
@@ -212,7 +209,7 @@ class Objective:
 
     def _run(self, trial: optuna.trial.Trial, schedule: Schedule, first: Any, t: float) -> tuple[dict[str, float], float, float]:
         """Score ``schedule`` rung by rung; returns final scores, mean cost and forward seconds."""
-        logits, macs, seconds = [], [], 0.0
+        logits, macs, seconds, raws = [], [], 0.0, []
         c = self.calib
         for step, (a, b) in enumerate(self.rungs):
             if step == 0 and first is not None:
@@ -225,12 +222,13 @@ class Objective:
             macs.append(p.macs)
             seconds += p.seconds
             scores = fidelity(torch.cat(logits), c.base_logits[:b], None if c.labels is None else c.labels[:b])
-            value = metric_value(scores, self.metric) - self._baseline(step, t)
+            raws.append(metric_value(scores, self.metric))
             if step < len(self.rungs) - 1:
-                trial.report(value, step)
+                trial.report(self._gain(trial, step, t, raws[-1]), step)
                 if trial.should_prune():
                     trial.set_user_attr("forward_s", seconds)
                     raise optuna.TrialPruned()
+        trial.set_user_attr("rung_scores", raws)
         return scores, float(torch.cat(macs).mean()), seconds
 
     def __call__(self, trial: optuna.trial.Trial) -> float:
@@ -263,8 +261,8 @@ class Objective:
         trial.set_constraint("budget", (cost - target) / target)
         trial.set_user_attr("forward_s", fwd)
         trial.set_user_attr("trial_s", time.perf_counter() - t0)
-        trial.set_user_attr("score", metric_value(scores, self.metric))  # a range study's value is the gain (see _baseline)
-        return metric_value(scores, self.metric) - self._baseline(len(self.rungs) - 1, t=target)
+        trial.set_user_attr("score", metric_value(scores, self.metric))  # a range study's value is the gain (see _gain)
+        return self._gain(trial, len(self.rungs) - 1, target, metric_value(scores, self.metric))
 
 
 def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
