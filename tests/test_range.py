@@ -222,3 +222,28 @@ def test_latency_range_search_and_export(tiny_search, tmp_path, capsys, monkeypa
     assert study.trials[s.provenance["trial"]].user_attrs["target"] <= hi * 70 / 90 * (1 + 1e-9)
     assert main(["export", "--study-name", "l", "--storage", journal, "--budget", "95%latency", "--out", str(out)]) == 2
     assert "outside the study's range 40%..90%latency" in capsys.readouterr().err
+
+
+def test_refine_a_range_study_at_one_budget(range_study, tiny_search, tmp_path, capsys):
+    """``search --budget 50%GFLOPs`` on a range study: its best shapes (by gain) go first, projected
+    onto 50%, then sampled shapes at 50%; the schedule written is the best trial meeting 50%."""
+    root, _, before = range_study
+    (tmp_path / "r.journal").write_bytes((root / "r.journal").read_bytes())  # a copy: the fixture's study stays as it was
+    journal = f"journal:{tmp_path / 'r.journal'}"
+    n = len(before.trials)
+    argv = search_argv(tiny_search, "r", "--storage", journal, "--out", str(tmp_path / "at50.yaml"), "--rungs", "1", "--space",
+                       str(root / "space.yaml"), budget="50%GFLOPs", trials=str(n + 4))
+    assert main(argv) == 0, capsys.readouterr().err
+    study = optuna.load_study(study_name="r", storage=open_storage(journal, study_name="r"))
+    info = rs.model_info(timm.create_model("test_vit"))
+    new = study.trials[n:]
+    assert len(new) == 4 and all(t.user_attrs["target"] == pytest.approx(0.5 * info.base_macs) for t in new)
+    ranked = sorted((t for t in before.trials if t.state == optuna.trial.TrialState.COMPLETE and t.number >= 11), key=lambda t: -t.value)
+    assert [t.user_attrs["refines"] for t in new[:3]] == [t.number for t in ranked[:3]]
+    assert [t.params for t in new[:3]] == [t.params for t in ranked[:3]]
+    s = rs.Schedule.load(tmp_path / "at50.yaml")
+    ok = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs["gflops"] <= 0.5 * info.base_gflops + 1e-12]
+    assert s.provenance["trial"] == max(ok, key=lambda t: t.user_attrs["score"]).number
+    assert s.budget.spec == "50%GFLOPs" and s.budget.achieved["gflops"] <= 0.5 * info.base_gflops + 1e-9
+    bad = search_argv(tiny_search, "r", "--storage", journal, "--space", str(root / "space.yaml"), budget="38%GFLOPs", trials=str(n + 5))
+    assert main(bad) == 2 and "is outside study 'r''s range 40%..70%GFLOPs" in capsys.readouterr().err

@@ -372,6 +372,18 @@ def _warm_start(study: optuna.Study, info: ModelInfo, ranged: bool = False) -> N
         study.enqueue_trial({}, user_attrs={"warm_start": warm, **at(0.5)})
 
 
+def _refine_start(study: optuna.Study, within: Target, at: float, k: int = 3) -> None:
+    """Refining a range study at one budget: its ``k`` best shapes (by gain over hand-set RAPID)
+    that were not run at this target yet go first, projected onto it."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    seen = {repr(sorted(t.params.items())) for t in study.get_trials(deepcopy=False) if abs(t.user_attrs.get("target", -1.0) - at) <= 1e-6 * at}
+    frac = (at - within.lo_cost) / (within.cost - within.lo_cost)
+    for t in sorted((t for t in done if t.params and not t.user_attrs.get("warm_start")), key=lambda t: -t.value):
+        if k > 0 and repr(sorted(t.params.items())) not in seen:
+            study.enqueue_trial(t.params, user_attrs={"range_frac": frac, "refines": t.number})
+            k -= 1
+
+
 def _finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
@@ -412,6 +424,7 @@ class _Plan:
     out: Path
     setup: dict[str, Any]
     storage: Any  # None: a journal file still to be made
+    within: Optional[Target] = None  # refining a GFLOPs range study at the single budget ``target``: the study's range
 
 
 @dataclass
@@ -476,9 +489,16 @@ def _plan(opts: SearchOptions) -> _Plan:
     _check_out(out, opts, study_name)
     setup = _setup_attrs(opts, info, space, metric, device)
     storage, existing = _existing_study(opts.storage, study_name)  # connects to a server now: bad URLs fail fast
+    within = None
     if existing is not None:
+        have = canonical_setup_value("budget", (existing.user_attrs.get("setup") or {}).get("budget"))
+        if target is not None and spec.lo is None and isinstance(have, str) and ".." in have and "GFLOPs" in have:
+            within = Target.of(parse_budget(have), base_gflops=info.base_gflops)  # a single budget in a range study: refine there
+            if not within.lo * (1 - 1e-9) <= target.value <= within.value * (1 + 1e-9):
+                raise SearchError(f"budget {spec.canonical} is outside study {study_name!r}'s range {have} — use a budget inside it, or another --study-name")
+            setup = {**setup, "budget": have}
         _check_setup(existing, setup)
-    return _Plan(opts, spec, space, device, data, metric, interval, grace, grace_note, info, target, study_name, out, setup, storage)
+    return _Plan(opts, spec, space, device, data, metric, interval, grace, grace_note, info, target, study_name, out, setup, storage, within)
 
 
 def _load(plan: _Plan, log: Callable[[str], None]) -> _Loaded:
@@ -544,9 +564,11 @@ def _join_study(plan: _Plan, loaded: _Loaded, log: Callable[[str], None]) -> tup
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
     study, created, sampler_seed = _open_study(plan.study_name, storage, opts.seed, pruner)
     # only the creator records the set-up and target; the others check theirs against it
-    share_setup(study, created, {"setup": plan.setup, "base_gflops": plan.info.base_gflops, "target": loaded.target.value}, log=log)
+    share_setup(study, created, {"setup": plan.setup, "base_gflops": plan.info.base_gflops, "target": (plan.within or loaded.target).value}, log=log)
     if created:
         _warm_start(study, plan.info, plan.spec.lo is not None)
+    elif plan.within is not None:
+        _refine_start(study, plan.within, loaded.target.cost)
     else:
         log(f"joined study {plan.study_name!r} ({len(study.get_trials(deepcopy=False))} trials so far); sampler seed {sampler_seed}")
     return study, heartbeat_storage
@@ -567,7 +589,8 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
     """
     plan = _plan(opts)
     # a range study's trial value is its gain over hand-set RAPID at its own target (Objective._gain)
-    prog = progress or Progress(opts.progress, metric=plan.metric if plan.spec.lo is None else f"{plan.metric}-gain-vs-hand-set")
+    ranged = plan.spec.lo is not None or plan.within is not None
+    prog = progress or Progress(opts.progress, metric=f"{plan.metric}-gain-vs-hand-set" if ranged else plan.metric)
     with prog:
         if plan.grace_note:
             prog.log(plan.grace_note)
@@ -579,14 +602,15 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
             space=plan.space,
             calib=loaded.calib,
             metric=plan.metric,
-            target=loaded.target.cost,
+            target=(plan.within or loaded.target).cost,
             cost_kind=plan.spec.kind,
             device=plan.device,
             batch_size=opts.batch_size,
             n_rungs=opts.rungs,
             latency_model=loaded.latency_model,
             margin=loaded.margin,
-            lo=loaded.target.lo_cost,
+            lo=(plan.within or loaded.target).lo_cost,
+            at=loaded.target.cost if plan.within else None,
         )
         done = _finished(study)
         prog.start(opts.trials, done=done, study=plan.study_name, storage=describe_storage(opts.storage, plan.study_name, STUDIES_DIR))
@@ -709,7 +733,9 @@ def _export(
         **versions("optuna"),
     }
     try:
-        final, trial = export_best(study, plan.out, budget=target.budget(), extra_scores=extra, provenance=prov, accept=accept)
+        final, trial = export_best(
+            study, plan.out, budget=target.budget(), extra_scores=extra, provenance=prov, accept=accept, max_gflops=target.value if plan.within else None
+        )
     except SearchError:
         for line in export_report(checked, target.value, chosen=None):
             say(line)

@@ -131,12 +131,13 @@ class Objective:
         latency_model: Any = None,
         margin: float = 0.0,
         lo: Optional[float] = None,
+        at: Optional[float] = None,
     ) -> None:
         self.model, self.info, self.space, self.calib = model, info, space, calib
         self.metric, self.target, self.cost_kind = metric, target, cost_kind
         # schedules are drawn up to ``target * (1 - margin)``; the constraint stays ``target`` (see
         # LATENCY_MARGIN); ``lo``: a range budget's low end (each trial's target is drawn in [lo, target])
-        self.margin, self.lo = margin, lo
+        self.margin, self.lo, self.at = margin, lo, at  # ``at``: refining a range study, every trial's target
         self.device, self.batch_size = device, batch_size
         self.latency_model = latency_model
         self.rungs = calib.rungs(n_rungs)
@@ -154,7 +155,7 @@ class Objective:
         if self.lo is None:
             return self.target
         u = trial.user_attrs.get("range_frac", (0.5 + trial.number * 0.6180339887498949) % 1.0)
-        t = self.lo + float(u) * (self.target - self.lo)
+        t = self.lo + float(u) * (self.target - self.lo) if self.at is None or "range_frac" in trial.user_attrs else self.at
         trial.set_user_attr("target", t)
         return t
 
