@@ -6,8 +6,8 @@ trials that meet it (what ``rapid-search export --budget X`` writes) against the
 best. ``--raw`` adds a range study whose sampler and pruner see the raw score (no hand-set
 baseline subtracted), to show what the normalisation buys. ``range+refine`` is the same compute
 as the single studies together: a range study of N - 3k trials, then k trials at each budget
-(``rapid-search search --budget X --study-name RANGE_STUDY``: the range's best shapes projected
-onto X first), the best meeting X taken after its own refinement.
+(``rapid-search search --budget X --study-name RANGE_STUDY``: the hand-set shape and the range's
+two best shapes projected onto X first), the best meeting X taken after its own refinement.
 
     PYTHONPATH=$PWD HF_HUB_CACHE=../shared/hf-cache/hub HF_HUB_OFFLINE=1 python benchmarks/range_vs_single.py \\
         --range 35%..70%GFLOPs --at 40,50,65 --trials 36 --calib-images 64 --seeds 0,1,2
@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--raw", action="store_true")
     ap.add_argument("--refine", type=int, default=3, help="k: trials per budget in range+refine (0: skip it)")
+    ap.add_argument("--variants", default="range,refine,single", help="which studies to run")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     at = [float(x) / 100 for x in a.at.split(",")]
@@ -72,21 +73,21 @@ def main() -> None:
                                  seed=seed, threads=1, progress="quiet", storage=f"journal:{tmp / name}.journal", study_name=name,
                                  out=tmp / f"{name}.yaml")
 
-        variants = [("range", False)] + ([("range-raw", True)] if a.raw else [])
+        variants = ([("range", False)] if "range" in a.variants else []) + ([("range-raw", True)] if a.raw else [])
         for label, raw in variants:
             st = run(opts(f"{label}-s{seed}", a.range, a.trials), raw=raw)
             base = st.user_attrs["base_gflops"]
             for x in at:
                 rows.setdefault(label, {}).setdefault(x, []).append(best_at(st, x * base))
             print(f"seed {seed} {label}: done ({time.time() - t0:.0f} s)", flush=True)
-        if a.refine:
+        if a.refine and "refine" in a.variants:
             name, n = f"refined-s{seed}", a.trials - a.refine * len(at)
             st = run(opts(name, a.range, n))
             for i, x in enumerate(at):
                 st = run(replace(opts(name, f"{x * 100:g}%GFLOPs", n + a.refine * (i + 1)), out=tmp / f"{name}-{x}.yaml"))
                 rows.setdefault(f"range+refine ({n} + {a.refine}/budget)", {}).setdefault(x, []).append(best_at(st, x * st.user_attrs["base_gflops"]))
             print(f"seed {seed} range+refine: done ({time.time() - t0:.0f} s)", flush=True)
-        for x in at:
+        for x in at if "single" in a.variants else []:
             st = run(opts(f"single{x * 100:g}-s{seed}", f"{x * 100:g}%GFLOPs", a.trials // 3))
             rows.setdefault(f"single (N/3 = {a.trials // 3})", {}).setdefault(x, []).append(best_at(st, x * st.user_attrs["base_gflops"]))
             print(f"seed {seed} single {x:.0%}: done ({time.time() - t0:.0f} s)", flush=True)

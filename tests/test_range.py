@@ -225,8 +225,8 @@ def test_latency_range_search_and_export(tiny_search, tmp_path, capsys, monkeypa
 
 
 def test_refine_a_range_study_at_one_budget(range_study, tiny_search, tmp_path, capsys):
-    """``search --budget 50%GFLOPs`` on a range study: its best shapes (by gain) go first, projected
-    onto 50%, then sampled shapes at 50%; the schedule written is the best trial meeting 50%."""
+    """``search --budget 50%GFLOPs`` on a range study: the hand-set shape and its best shapes (by gain)
+    go first, projected onto 50%, then sampled shapes at 50%; the schedule written is the best trial meeting 50%."""
     root, _, before = range_study
     (tmp_path / "r.journal").write_bytes((root / "r.journal").read_bytes())  # a copy: the fixture's study stays as it was
     journal = f"journal:{tmp_path / 'r.journal'}"
@@ -239,8 +239,9 @@ def test_refine_a_range_study_at_one_budget(range_study, tiny_search, tmp_path, 
     new = study.trials[n:]
     assert len(new) == 4 and all(t.user_attrs["target"] == pytest.approx(0.5 * info.base_macs) for t in new)
     ranked = sorted((t for t in before.trials if t.state == optuna.trial.TrialState.COMPLETE and t.number >= 11), key=lambda t: -t.value)
-    assert [t.user_attrs["refines"] for t in new[:3]] == [t.number for t in ranked[:3]]
-    assert [t.params for t in new[:3]] == [t.params for t in ranked[:3]]
+    assert [t.user_attrs["refines"] for t in new[:3]] == [0] + [t.number for t in ranked[:2]]  # hand-set, then the best gains
+    assert new[0].user_attrs["warm_start"] == "rapid-hand-set" and new[0].value == 0.0
+    assert [t.params for t in new[1:3]] == [t.params for t in ranked[:2]]
     s = rs.Schedule.load(tmp_path / "at50.yaml")
     ok = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs["gflops"] <= 0.5 * info.base_gflops + 1e-12]
     assert s.provenance["trial"] == max(ok, key=lambda t: t.user_attrs["score"]).number

@@ -372,16 +372,18 @@ def _warm_start(study: optuna.Study, info: ModelInfo, ranged: bool = False) -> N
         study.enqueue_trial({}, user_attrs={"warm_start": warm, **at(0.5)})
 
 
-def _refine_start(study: optuna.Study, within: Target, at: float, k: int = 3) -> None:
-    """Refining a range study at one budget: its ``k`` best shapes (by gain over hand-set RAPID)
-    that were not run at this target yet go first, projected onto it."""
+def _refine_start(study: optuna.Study, within: Target, at: float, k: int = 2) -> None:
+    """Refining a range study at one budget: the hand-set schedule and the study's ``k`` best
+    shapes (by gain over hand-set RAPID) go first, projected onto it (those not run there yet)."""
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    seen = {repr(sorted(t.params.items())) for t in study.get_trials(deepcopy=False) if abs(t.user_attrs.get("target", -1.0) - at) <= 1e-6 * at}
+    key = lambda t: repr(sorted(t.params.items()))  # noqa: E731
+    seen = {key(t) for t in study.get_trials(deepcopy=False) if abs(t.user_attrs.get("target", -1.0) - at) <= 1e-6 * at}
+    hand = [t for t in done if t.user_attrs.get("warm_start") == "rapid-hand-set"][:1]
+    best = [t for t in sorted(done, key=lambda t: -t.value) if t.params and not t.user_attrs.get("warm_start") and key(t) not in seen]
     frac = (at - within.lo_cost) / (within.cost - within.lo_cost)
-    for t in sorted((t for t in done if t.params and not t.user_attrs.get("warm_start")), key=lambda t: -t.value):
-        if k > 0 and repr(sorted(t.params.items())) not in seen:
-            study.enqueue_trial(t.params, user_attrs={"range_frac": frac, "refines": t.number})
-            k -= 1
+    for t in [t for t in hand if key(t) not in seen] + best[:k]:
+        warm = {"warm_start": t.user_attrs["warm_start"]} if "warm_start" in t.user_attrs else {}
+        study.enqueue_trial(t.params, user_attrs={"range_frac": frac, "refines": t.number, **warm})
 
 
 def _finished(study: optuna.Study) -> int:
