@@ -212,6 +212,7 @@ class Objective:
         """Score ``schedule`` rung by rung; returns final scores, mean cost and forward seconds."""
         logits, macs, seconds, raws = [], [], 0.0, []
         c = self.calib
+        reference = self.lo is not None and trial.user_attrs.get("warm_start") == "rapid-hand-set"  # a range's yardstick runs whole
         for step, (a, b) in enumerate(self.rungs):
             if step == 0 and first is not None:
                 p = first
@@ -226,7 +227,7 @@ class Objective:
             raws.append(metric_value(scores, self.metric))
             if step < len(self.rungs) - 1:
                 trial.report(self._gain(trial, step, t, raws[-1]), step)
-                if trial.should_prune():
+                if trial.should_prune() and not reference:
                     trial.set_user_attr("forward_s", seconds)
                     raise optuna.TrialPruned()
         trial.set_user_attr("rung_scores", raws)
