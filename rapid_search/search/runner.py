@@ -497,7 +497,9 @@ def _plan(opts: SearchOptions) -> _Plan:
         if target is not None and spec.lo is None and isinstance(have, str) and ".." in have and "GFLOPs" in have:
             within = Target.of(parse_budget(have), base_gflops=info.base_gflops)  # a single budget in a range study: refine there
             if not within.lo * (1 - 1e-9) <= target.value <= within.value * (1 + 1e-9):
-                raise SearchError(f"budget {spec.canonical} is outside study {study_name!r}'s range {have} — use a budget inside it, or another --study-name")
+                raise SearchError(
+                    f"budget {spec.canonical} is outside study {study_name!r}'s range {have} — use a budget inside it, or another --study-name"
+                )
             setup = {**setup, "budget": have}
         _check_setup(existing, setup)
     return _Plan(opts, spec, space, device, data, metric, interval, grace, grace_note, info, target, study_name, out, setup, storage, within)
