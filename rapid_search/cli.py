@@ -4,7 +4,8 @@ Sub-commands (``search`` is the default, so ``rapid-search --budget 50%GFLOPs --
 works as typed):
 
 ``search``     run or resume a study and write the best schedule (YAML)
-``export``     write a study's best schedule for its budget (or a looser one)
+``export``     write a study's best schedule for its budget (or a looser one, or any in its range)
+``front``      print and draw a study's calibration front (score against cost)
 ``evaluate``   evaluate a schedule on an image folder against the unreduced model
 ``show``       print a schedule
 ``bench``      accuracy/GFLOPs/speed Pareto benchmark against the baselines
@@ -18,10 +19,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from .argtypes import DTYPES, int_in
 from .errors import RapidSearchError
@@ -31,7 +33,7 @@ __all__ = ["main", "build_parser", "MissingExtraError", "require_extras"]
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
-_COMMANDS = ("search", "export", "evaluate", "show", "bench", "visualize")
+_COMMANDS = ("search", "export", "front", "evaluate", "show", "bench", "visualize")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="search a schedule under a budget (default command)")
     s.add_argument("--model", default="deit_small_patch16_224", help="timm model name (default: deit_small_patch16_224)")
     s.add_argument("--data", type=Path, default=None, help="calibration images: ImageFolder tree of WordNet-id folders, or a flat folder")
-    s.add_argument("--budget", default="50%GFLOPs", help="50%%GFLOPs | 0.6GFLOPs | 60%%latency | 12ms (default: 50%%GFLOPs)")
+    s.add_argument("--budget", default="50%GFLOPs", help="50%%GFLOPs | 0.6GFLOPs | 60%%latency | 12ms, or a range such as 35%%..70%%GFLOPs: one study for every budget in it (default: 50%%GFLOPs)")
     s.add_argument("--trials", type=_trials_int, default=40, help="finished trials in the study, all workers together (default: 40)")
     s.add_argument("--calib-images", type=_images_int, default=256, help="calibration images used (default: 256)")
     s.add_argument("--seed", type=_seed_int, default=0, help="sampler and calibration-subset seed (default: 0)")
@@ -100,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write the best schedule of an existing study")
     e.add_argument("--study-name", required=True, help="the study to export from")
     e.add_argument("--storage", default=None, help="the study's storage (default: studies/<study>.journal)")
-    e.add_argument("--budget", default=None, help="export for this budget instead of the study's (GFLOPs budgets: the best trial that meets it)")
+    e.add_argument("--budget", default=None, help="export for this budget instead of the study's (GFLOPs budgets: the best trial that meets it; a range study: any budget in its range)")
     e.add_argument("--out", type=Path, default=None, help="schedule YAML to write (default: studies/<study>.yaml)")
 
     v = sub.add_parser("evaluate", help="evaluate a schedule on an image folder")
@@ -111,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--repeats", type=int_in(1, 10_000), default=5, help="timing repeats (median) (default: 5)")
     v.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON")
     _add_common(v)
+
+    f = sub.add_parser("front", help="print and draw a study's calibration front (score against cost)")
+    f.add_argument("--study-name", required=True, help="the study")
+    f.add_argument("--storage", default=None, help="the study's storage (default: studies/<study>.journal)")
+    f.add_argument("--out", required=True, type=Path, help="PNG to write (score against cost, the front and the exported schedules)")
 
     sh = sub.add_parser("show", help="print a schedule")
     sh.add_argument("schedule", type=Path, help="schedule YAML")
@@ -128,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 #: Top-level module -> the pip extra that installs it.
 EXTRAS = {"optuna": "search", "rich": "search", "matplotlib": "search", "sqlalchemy": "search", "psycopg2": "postgres"}
 #: Sub-command -> the optional modules it needs; checked before any work is done.
-NEEDS = {"search": ("optuna", "rich"), "export": ("optuna",), "bench": ("matplotlib",), "visualize": ("matplotlib",)}
+NEEDS = {"search": ("optuna", "rich"), "export": ("optuna",), "front": ("optuna", "matplotlib"), "bench": ("matplotlib",), "visualize": ("matplotlib",)}
 
 
 class MissingExtraError(RapidSearchError, ImportError):
@@ -219,15 +226,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
         optuna.logging.set_verbosity(old)
 
 
-def _export_study(args: argparse.Namespace) -> int:
+def _load_study(args: argparse.Namespace) -> "optuna.Study":  # noqa: F821
+    """The existing study ``--study-name`` in ``--storage``, opened for reading (creates nothing)."""
     import optuna
 
-    from .outputs import check_output
-    from .runtime.schedule import Budget
-    from .search.budget import parse_budget, resolve
-    from .search.runner import STUDIES_DIR, canonical_setup_value
+    from .search.runner import STUDIES_DIR
     from .search.storage import check_study_name, open_storage
-    from .search.study import SearchError, export_best
+    from .search.study import SearchError
 
     check_study_name(args.study_name)
     if args.storage is None and not (STUDIES_DIR / f"{args.study_name}.journal").exists():
@@ -238,24 +243,92 @@ def _export_study(args: argparse.Namespace) -> int:
         study = optuna.load_study(study_name=args.study_name, storage=storage)
     except KeyError:
         raise SearchError(f"no study named {args.study_name!r} in that storage — check --study-name") from None
+    return study
+
+
+def _export_study(args: argparse.Namespace) -> int:
+    from .outputs import check_output
+    from .runtime.schedule import Budget
+    from .search.budget import Target, parse_budget, resolve
+    from .search.runner import STUDIES_DIR, canonical_setup_value
+    from .search.study import SearchError, export_best
+
+    study = _load_study(args)
     setup = study.user_attrs.get("setup") or {}
     text = args.budget or setup.get("budget")
     if text is None:
         raise SearchError(f"study {args.study_name!r} records no budget — pass --budget")
-    spec = parse_budget(text)
-    if spec.kind == "gflops":
-        target = resolve(spec, base_gflops=float(study.user_attrs["base_gflops"]))
+    spec = own = parse_budget(text)
+    if setup.get("budget"):
+        own = parse_budget(setup["budget"])
+    if spec.lo is not None:  # a range study exported without --budget: its high end
+        if args.budget is not None:
+            raise SearchError(f"export writes one schedule — give --budget one budget inside the study's range {own.canonical}, e.g. {own.ends()[1].canonical}")
+        spec = spec.ends()[1]
+    base = {"base_gflops": float(study.user_attrs["base_gflops"])}
+    if own.kind == "latency" and own.relative:  # the study records the creator's target, a fraction of its measured unreduced latency
+        base["base_latency_ms"] = float(study.user_attrs["target"]) / own.value
+    if own.lo is not None:  # any budget inside the range
+        lo, hi = Target.of(own, **base).lo, Target.of(own, **base).value
+        target = resolve(spec, **base) if spec.kind == own.kind else math.nan
+        if not lo * (1 - 1e-9) <= target <= hi * (1 + 1e-9):
+            raise SearchError(f"budget {spec.canonical} is outside the study's range {own.canonical} — export a budget inside it, or search a wider range")
+    elif spec.kind == "gflops":
+        target = resolve(spec, **base)
     elif args.budget is None or spec.canonical == canonical_setup_value("budget", setup.get("budget")):
         target = float(study.user_attrs["target"])
     else:
         raise SearchError("a latency budget is measured on the device: export with the study's own budget, or run a search for it")
     out = args.out or STUDIES_DIR / f"{args.study_name}.yaml"
     check_output(out, option="--out", example="schedule.yaml", reads=_storage_files(args.storage, args.study_name, STUDIES_DIR))
-    budget = Budget(spec=text, kind=spec.kind, target=round(target, 6))
+    budget = Budget(spec=spec.canonical, kind=spec.kind, target=round(target, 6))
+    gflops = spec.kind == "gflops"  # latency: the trials drawn for this target or a tighter one (their timing margin kept)
     final, trial = export_best(
-        study, out, budget=budget, provenance={"exported_from": args.study_name}, max_gflops=target if spec.kind == "gflops" else None
+        study, out, budget=budget, provenance={"exported_from": args.study_name},
+        max_gflops=target if gflops else None, max_target=None if gflops or own.lo is None else target,
     )
     print(f"schedule written to {out} (trial {trial.number}, {final.budget.achieved.get('gflops', 0):.3f} GFLOPs)")
+    _record_export(study, spec.canonical, final, trial, out)
+    return 0
+
+
+def _record_export(study: Any, budget: str, final: Any, trial: Any, out: Path) -> None:
+    """Note the export in the study (``rapid-search front`` marks it); the schedule is written
+    already, so a storage that refuses the write costs a line on stderr, not the export."""
+    entry = {"budget": budget, "trial": trial.number, "out": str(out), "gflops": final.budget.achieved.get("gflops"),
+             "score": trial.user_attrs.get("score", trial.value), **{k: v for k, v in final.budget.achieved.items() if k == "predicted_ms"}}
+    kept = [e for e in study.user_attrs.get("exports", []) if isinstance(e, dict) and (e.get("budget"), e.get("out")) != (budget, str(out))]
+    try:
+        study.set_user_attr("exports", (kept + [entry])[-100:])
+    except Exception as e:  # noqa: BLE001 - a read-only storage
+        _say(f"rapid-search: note: the export is not recorded in the study ({e.__class__.__name__}); front will not mark it")
+
+
+def _cmd_front(args: argparse.Namespace) -> int:
+    import optuna
+
+    from .outputs import check_output
+    from .search.runner import STUDIES_DIR
+    from .search.study import SearchError
+    from .tools.front import front_table, pareto_front, plot_front, study_points
+
+    check_output(args.out, option="--out", example="front.png", reads=_storage_files(args.storage, args.study_name, STUDIES_DIR))
+    old = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = _load_study(args)
+    finally:
+        optuna.logging.set_verbosity(old)
+    points, unit, metric = study_points(study)
+    if not points:
+        raise SearchError(f"study {args.study_name!r} has no finished trial that meets its budget — run rapid-search search first")
+    front = pareto_front(points)
+    setup = study.user_attrs.get("setup") or {}
+    for line in front_table(front, unit=unit, metric=metric, n_points=len(points)):
+        print(line)
+    title = f"{setup.get('model', '?')} {setup.get('budget', '')}: study {args.study_name} ({len(points)} trials)"
+    plot_front(points, front, study.user_attrs.get("exports", []), args.out, unit=unit, metric=metric, title=title)
+    print(f"front written to {args.out}")
     return 0
 
 
@@ -411,6 +484,7 @@ def _run(args: argparse.Namespace) -> int:
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "search": _cmd_search,
         "export": _cmd_export,
+        "front": _cmd_front,
         "evaluate": _cmd_evaluate,
         "show": _cmd_show,
     }

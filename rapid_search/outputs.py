@@ -148,8 +148,8 @@ def check_output(
     return p
 
 
-def atomic_write_text(path: PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically: readers see the old file or the new one, never half.
+def atomic_write_text(path: PathLike, text: Union[str, bytes]) -> Path:
+    """Write ``text`` (UTF-8) or bytes (a PNG) to ``path`` atomically: readers see the old file or the new one, never half.
 
     Raises:
         OutputError: ``path`` exists and is not a regular file (a device, a fifo, a directory):
@@ -165,8 +165,8 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode("utf-8") if isinstance(text, str) else text)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)

@@ -40,7 +40,7 @@ def _schedules(model):
         "unreduced": rs.empty_schedule(model),
         "rapid": rapid,
         "tome": rs.tome_for_ratio(model, 0.5),
-        "tome_decreasing": rs.tome_for_ratio(model, 0.5, decreasing=True),
+        "tome_decreasing": rs.tome_for_ratio(model, 0.5, inflect=-1.0),
         "evit": rs.variant_schedule(rapid, model, kind="evit"),
         "tofu": rs.variant_schedule(rapid, model, kind="tofu"),
         "all_ops": rs.as_schedule([cycle[i % len(cycle)] for i in range(D)], model),

@@ -70,7 +70,7 @@ def test_yaml_round_trip_lossless(sched):
     [
         lambda m: rs.rapid_schedule(m, 0.5),
         lambda m: rs.rapid_schedule(m, 0.6, prune_threshold=0.6, merge_threshold=-0.25),
-        lambda m: rs.tome_for_ratio(m, 0.5, decreasing=True),
+        lambda m: rs.tome_for_ratio(m, 0.5, inflect=-1.0),
         lambda m: rs.variant_schedule(rs.rapid_schedule(m, 0.5), m, kind="tofu"),
         lambda m: rs.variant_schedule(rs.rapid_schedule(m, 0.5), m, kind="evit"),
         lambda m: rs.empty_schedule(m),

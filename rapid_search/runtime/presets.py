@@ -2,8 +2,9 @@
 
 * :func:`rapid_schedule` — the hand-set RAPID default: redundancy pruning in the first
   ``switch`` blocks, importance-aware merging after, counts set to meet a GFLOPs ratio.
-* :func:`tome_schedule` / :func:`tome_for_ratio` — ToMe baselines (constant ``r`` and ToMe's
-  decreasing schedule, ``inflect = -0.5``).
+* :func:`tome_schedule` / :func:`tome_for_ratio` — ToMe baselines: constant ``r``, the paper's
+  decreasing schedule ``(r, -1)`` (``2r`` in the first block down to 0 in the last), or any
+  ``(r, inflect)`` of ToMe's ``parse_r``.
 * :func:`variant_schedule` — the other baselines at the same counts (ToFu-style, EViT-style).
 * :func:`as_schedule` — accepts a :class:`Schedule`, a YAML path, a ToMe ``r``, ``(r, inflect)``,
   a list of per-layer ``r``, a list of :class:`LayerSpec` or a mapping.
@@ -35,12 +36,17 @@ __all__ = [
     "make_schedule",
     "DEFAULT_PROTECT",
     "DEFAULT_SWITCH_FRACTION",
+    "TOME_DECREASING",
+    "tome_method",
 ]
 
 #: Protected fraction of the hand-set merge layers and the first merging block as a fraction of
 #: the depth, chosen on calibration images (``python benchmarks/ablate_handset.py``, README).
 DEFAULT_PROTECT = 0.5
 DEFAULT_SWITCH_FRACTION = 0.25
+
+#: ToMe's decreasing schedule as its ``parse_r`` documents it, ``(r, -1)``: ``2r`` down to 0.
+TOME_DECREASING = -1.0
 
 ModelLike = Union[nn.Module, ModelInfo]
 
@@ -203,7 +209,8 @@ def _tome_r_list(depth: int, r: int, inflect: float) -> list[int]:
 
 
 def tome_schedule(model: ModelLike, r: Union[int, Sequence[int]], *, inflect: float = 0.0) -> Schedule:
-    """ToMe's schedule: constant ``r`` (``inflect=0``), decreasing (``inflect=-0.5``), or a list."""
+    """ToMe's schedule: constant ``r`` (``inflect=0``), the paper's decreasing (``inflect=-1``), any
+    ``(r, inflect)`` of ToMe's ``parse_r``, or a list of per-layer ``r``."""
     info = model_info(model)
     if isinstance(r, int):
         rs = _tome_r_list(info.depth, r, inflect)
@@ -213,31 +220,37 @@ def tome_schedule(model: ModelLike, r: Union[int, Sequence[int]], *, inflect: fl
     return make_schedule(info, layers, method="tome", r=r if isinstance(r, int) else list(r), inflect=inflect)
 
 
-def tome_fitting(model: ModelLike, fits: Callable[[Sequence[LayerSpec]], bool], *, decreasing: bool = False, **provenance: Any) -> Optional[Schedule]:
+def tome_method(inflect: float) -> str:
+    """The method name of a ToMe ``(r, inflect)`` schedule: ``tome`` (constant), ``tome-decreasing``
+    (the paper's ``(r, -1)``) or ``tome-inflect-0.5`` (any other inflection)."""
+    return {0.0: "tome", TOME_DECREASING: "tome-decreasing"}.get(float(inflect), f"tome-inflect{inflect:g}")
+
+
+def tome_fitting(model: ModelLike, fits: Callable[[Sequence[LayerSpec]], bool], *, inflect: float = 0.0, **provenance: Any) -> Optional[Schedule]:
     """The ToMe schedule with the smallest ``r`` whose layers ``fits`` accepts (None when none does).
 
     Args:
         model: The model (or its :class:`ModelInfo`).
         fits: Whether a layer list meets the budget (analytic MACs, predicted latency, ...).
-        decreasing: ToMe's decreasing schedule (``inflect = -0.5``) instead of a constant ``r``.
+        inflect: ToMe's inflection: 0 constant ``r``, :data:`TOME_DECREASING` (-1) the paper's
+            decreasing schedule.
         provenance: Extra provenance of the schedule.
     """
     info = model_info(model)
-    inflect = -0.5 if decreasing else 0.0
     for r in range(1, info.num_tokens):
         s = tome_schedule(info, r, inflect=inflect)
         if fits(s.layers):
-            return make_schedule(info, s.layers, method="tome-decreasing" if decreasing else "tome", r=r, inflect=inflect, **provenance)
+            return make_schedule(info, s.layers, method=tome_method(inflect), r=r, inflect=inflect, **provenance)
     return None
 
 
-def tome_for_ratio(model: ModelLike, ratio: float, *, decreasing: bool = False) -> Schedule:
-    """The ToMe schedule with the smallest ``r`` that meets ``ratio`` of the unreduced GFLOPs."""
+def tome_for_ratio(model: ModelLike, ratio: float, *, inflect: float = 0.0) -> Schedule:
+    """The ToMe ``(r, inflect)`` schedule with the smallest ``r`` that meets ``ratio`` of the unreduced GFLOPs."""
     info = model_info(model)
     target = _check_ratio(ratio) * info.base_macs
-    s = tome_fitting(info, lambda layers: schedule_macs(info, layers) <= target, decreasing=decreasing, ratio=ratio)
+    s = tome_fitting(info, lambda layers: schedule_macs(info, layers) <= target, inflect=inflect, ratio=ratio)
     if s is None:
-        cheapest = schedule_macs(info, tome_schedule(info, info.num_tokens, inflect=-0.5 if decreasing else 0.0)) / info.base_macs
+        cheapest = schedule_macs(info, tome_schedule(info, info.num_tokens, inflect=inflect)) / info.base_macs
         raise UnreachableBudget(f"{ratio:.0%} GFLOPs is below the cheapest ToMe schedule for {info.name} ({cheapest:.0%}) — raise the budget")
     return s
 

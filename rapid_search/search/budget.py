@@ -8,6 +8,7 @@ number or ``%`` and the unit, but ``%`` must follow the number directly):
 ``0.6GFLOPs``    absolute GFLOPs (MACs x 1e-9) per image
 ``60%latency``   relative: a fraction of the unreduced model's measured latency per batch
 ``12ms``         absolute latency in milliseconds per batch
+``35%..70%GFLOPs``  a range (any form, both ends in one unit): one study for every budget in it
 ===============  ============================================================================
 
 Example:
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Optional, Union
 
 from ..runtime.schedule import Budget
@@ -53,19 +54,26 @@ class BudgetSpec:
             otherwise GFLOPs per image (``gflops``) or milliseconds per batch (``latency``).
         relative: Whether ``value`` is a fraction of the unreduced model.
         text: The budget as given (surrounding spaces removed), e.g. ``"50%GFLOPs"``.
+        lo: A range's low end, in the unit of ``value`` (its high end); None for one budget.
     """
 
     kind: str
     value: float
     relative: bool
     text: str
+    lo: Optional[float] = None
 
     @property
     def canonical(self) -> str:
-        """The budget in its canonical spelling, e.g. ``"50%GFLOPs"``, ``"0.6GFLOPs"``, ``"12ms"``."""
-        if self.relative:
-            return _plain(self.value * 100) + "%" + ("GFLOPs" if self.kind == "gflops" else "latency")
-        return _plain(self.value) + ("GFLOPs" if self.kind == "gflops" else "ms")
+        """The budget in its canonical spelling, e.g. ``"50%GFLOPs"``, ``"0.6GFLOPs"``, ``"12ms"``, ``"35%..70%GFLOPs"``."""
+        num = lambda v: _plain(v * 100) + "%" if self.relative else _plain(v)  # noqa: E731
+        unit = "GFLOPs" if self.kind == "gflops" else "latency" if self.relative else "ms"
+        return ("" if self.lo is None else num(self.lo) + "..") + num(self.value) + unit
+
+    def ends(self) -> tuple["BudgetSpec", "BudgetSpec"]:
+        """A range's low and high ends as single budgets (a single budget: itself twice)."""
+        one = lambda v: parse_budget(replace(self, value=v, lo=None).canonical)  # noqa: E731
+        return (self, self) if self.lo is None else (one(self.lo), one(self.value))
 
 
 def _plain(x: float) -> str:
@@ -95,6 +103,18 @@ def parse_budget(text: Any) -> BudgetSpec:
     if not isinstance(text, str):
         raise _grammar_error(text)
     s = text.strip()
+    if ".." in s:  # a range: each end parsed (and checked) as one budget, the unit written once or twice
+        a, b = s.split("..", 1)
+        if ".." in b:
+            raise _grammar_error(text)
+        unit = re.search(r"(gflops|latency|ms)$", b.strip(), re.IGNORECASE)
+        lo = parse_budget(a if re.search(r"[a-z]\s*$", a, re.IGNORECASE) or unit is None else a + unit.group(1))
+        hi = parse_budget(b)
+        if (lo.kind, lo.relative) != (hi.kind, hi.relative):
+            raise BudgetError(f"budget range {s!r} mixes units ({lo.canonical} and {hi.canonical}) — give both ends in one, e.g. 35%..70%GFLOPs")
+        if lo.value >= hi.value:
+            raise BudgetError(f"budget range {s!r} must go from low to high — use e.g. 35%..70%GFLOPs")
+        return replace(hi, text=s, lo=lo.value)
     m = _RELATIVE.match(s)
     relative = m is not None
     if m is None:
@@ -203,17 +223,33 @@ class Target:
 
     Attributes:
         spec: The parsed budget.
-        value: The target in the budget's unit: GFLOPs per image or ms per batch.
+        value: The target in the budget's unit: GFLOPs per image or ms per batch (a range: its high end).
+        lo: A range's low end in the same unit; None for one budget.
     """
 
     spec: BudgetSpec
     value: float
+    lo: Optional[float] = None
+
+    @classmethod
+    def of(cls, spec: BudgetSpec, **bases: Any) -> "Target":
+        """Resolve ``spec`` (both ends of a range) with :func:`resolve`'s ``base_gflops`` / ``base_latency_ms``."""
+        lo, hi = spec.ends()
+        return cls(spec, resolve(hi, **bases), None if spec.lo is None else resolve(lo, **bases))
+
+    def _cost(self, v: float) -> float:
+        return v * 1e9 if self.spec.kind == "gflops" else v
 
     @property
     def cost(self) -> float:
         """The target in the units of the search's cost model: MACs (GFLOPs budgets) or ms."""
-        return self.value * 1e9 if self.spec.kind == "gflops" else self.value
+        return self._cost(self.value)
+
+    @property
+    def lo_cost(self) -> Optional[float]:
+        """A range's low end in the units of the cost model (None for one budget)."""
+        return None if self.lo is None else self._cost(self.lo)
 
     def budget(self, achieved: Optional[Mapping[str, Any]] = None) -> Budget:
-        """The :class:`rapid_search.runtime.schedule.Budget` recorded in an exported schedule."""
-        return to_schedule_budget(self.spec, target=self.value, achieved=achieved)
+        """The :class:`rapid_search.runtime.schedule.Budget` recorded in an exported schedule (a range: its high end)."""
+        return to_schedule_budget(self.spec.ends()[1], target=self.value, achieved=achieved)

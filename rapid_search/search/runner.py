@@ -24,10 +24,9 @@ from ..tools.evaluate import fidelity, predict
 from ..runtime.flops import ModelInfo
 from ..tools.loading import load_model
 from ..tools.measure import parse_device, parse_dtype, set_cpu_threads
-from ..runtime.presets import DEFAULT_PROTECT, DEFAULT_SWITCH_FRACTION
 from ..tools.provenance import versions
 from ..runtime.schedule import LayerSpec, Schedule
-from .budget import BudgetError, BudgetSpec, Target, parse_budget, resolve
+from .budget import BudgetError, BudgetSpec, Target, parse_budget
 from .progress import Progress, summarize_search
 from .space import SearchSpace
 from .storage import (
@@ -42,7 +41,7 @@ from .storage import (
     open_storage,
     safe_reason,
 )
-from .study import LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest_ratio, export_best
+from .study import HAND_SET_LEVELS, LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest_ratio, export_best, hand_shape
 from .workers import run_trials
 
 __all__ = [
@@ -320,21 +319,32 @@ def _open_study(study_name: str, storage: Any, seed: int, pruner: Any) -> tuple[
         return optuna.load_study(study_name=study_name, storage=storage, sampler=sampler(s), pruner=pruner), False, s
 
 
-def _warm_start(study: optuna.Study, info: ModelInfo) -> None:
-    """Enqueue the hand-set RAPID schedule and ToMe (constant and decreasing) first."""
+def _warm_start(study: optuna.Study, info: ModelInfo, ranged: bool = False) -> None:
+    """Enqueue the hand-set RAPID schedule and ToMe (constant, and the paper's decreasing
+    ``(r, -1)``) first; for a range budget, the hand-set one at HAND_SET_LEVELS budgets over it, ToMe in its middle."""
     if study.get_trials(deepcopy=False):
         return
-    hand = {
-        "switch": round(info.depth * DEFAULT_SWITCH_FRACTION),
-        "prune_weight": 1.0,
-        "decay": 0.0,
-        "protect": DEFAULT_PROTECT,
-        "prune_threshold_mode": "off",
-        "merge_threshold_mode": "off",
-    }
-    study.enqueue_trial(hand, user_attrs={"warm_start": "rapid-hand-set"})
-    study.enqueue_trial({}, user_attrs={"warm_start": "tome"})
-    study.enqueue_trial({}, user_attrs={"warm_start": "tome-decreasing"})
+    hand = {**hand_shape(info), "prune_threshold_mode": "off", "merge_threshold_mode": "off"}
+    del hand["prune_threshold"], hand["merge_threshold"]
+    at = lambda frac: {"range_frac": frac} if ranged else {}  # noqa: E731
+    for frac in [k / (HAND_SET_LEVELS - 1) for k in range(HAND_SET_LEVELS)] if ranged else (0.5,):
+        study.enqueue_trial(hand, user_attrs={"warm_start": "rapid-hand-set", **at(frac)})
+    for warm in ("tome", "tome-decreasing"):
+        study.enqueue_trial({}, user_attrs={"warm_start": warm, **at(0.5)})
+
+
+def _refine_start(study: optuna.Study, within: Target, at: float, k: int = 2) -> None:
+    """Refining a range study at one budget: the hand-set schedule and the study's ``k`` best
+    shapes (by gain over hand-set RAPID) go first, projected onto it (those not run there yet)."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    key = lambda t: repr(sorted(t.params.items()))  # noqa: E731
+    seen = {key(t) for t in study.get_trials(deepcopy=False) if abs(t.user_attrs.get("target", -1.0) - at) <= 1e-6 * at}
+    hand = [t for t in done if t.user_attrs.get("warm_start") == "rapid-hand-set"][:1]
+    best = [t for t in sorted(done, key=lambda t: -t.value) if t.params and not t.user_attrs.get("warm_start") and key(t) not in seen]
+    frac = (at - within.lo_cost) / (within.cost - within.lo_cost)
+    for t in [t for t in hand if key(t) not in seen] + best[:k]:
+        warm = {"warm_start": t.user_attrs["warm_start"]} if "warm_start" in t.user_attrs else {}
+        study.enqueue_trial(t.params, user_attrs={"range_frac": frac, "refines": t.number, **warm})
 
 
 def _finished(study: optuna.Study) -> int:
@@ -377,6 +387,7 @@ class _Plan:
     out: Path
     setup: dict[str, Any]
     storage: Any  # None: a journal file still to be made
+    within: Optional[Target] = None  # refining a GFLOPs range study at the single budget ``target``: the study's range
 
 
 @dataclass
@@ -429,11 +440,11 @@ def _plan(opts: SearchOptions) -> _Plan:
     del arch
     target = None
     if spec.kind == "gflops":
-        target = Target(spec, resolve(spec, base_gflops=info.base_gflops))
+        target = Target.of(spec, base_gflops=info.base_gflops)
         floor = cheapest_ratio(info, space)
-        if target.cost < floor * info.base_macs:
+        if (target.lo_cost or target.cost) < floor * info.base_macs:
             raise SearchError(
-                f"budget {opts.budget} ({target.value:.3f} GFLOPs) is below the cheapest schedule the search space allows "
+                f"budget {opts.budget} ({target.lo or target.value:.3f} GFLOPs) is below the cheapest schedule the search space allows "
                 f"({floor * info.base_gflops:.3f} GFLOPs, {floor:.0%}) — raise the budget"
             )
     study_name = check_study_name(default_study_name(opts) if opts.study_name is None else opts.study_name)
@@ -441,9 +452,18 @@ def _plan(opts: SearchOptions) -> _Plan:
     _check_out(out, opts, study_name)
     setup = _setup_attrs(opts, info, space, metric, device)
     storage, existing = _existing_study(opts.storage, study_name)  # connects to a server now: bad URLs fail fast
+    within = None
     if existing is not None:
+        have = canonical_setup_value("budget", (existing.user_attrs.get("setup") or {}).get("budget"))
+        if target is not None and spec.lo is None and isinstance(have, str) and ".." in have and "GFLOPs" in have:
+            within = Target.of(parse_budget(have), base_gflops=info.base_gflops)  # a single budget in a range study: refine there
+            if not within.lo * (1 - 1e-9) <= target.value <= within.value * (1 + 1e-9):
+                raise SearchError(
+                    f"budget {spec.canonical} is outside study {study_name!r}'s range {have} — use a budget inside it, or another --study-name"
+                )
+            setup = {**setup, "budget": have}
         _check_setup(existing, setup)
-    return _Plan(opts, spec, space, device, data, metric, interval, grace, grace_note, info, target, study_name, out, setup, storage)
+    return _Plan(opts, spec, space, device, data, metric, interval, grace, grace_note, info, target, study_name, out, setup, storage, within)
 
 
 def _load(plan: _Plan, log: Callable[[str], None]) -> _Loaded:
@@ -482,11 +502,11 @@ def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: 
     base_ms = base_t.median_ms
     lo, hi = LATENCY_MARGIN
     margin = min(hi, max(lo, base_t.iqr_ms / base_ms if base_ms > 0 else hi))
-    target = Target(plan.spec, resolve(plan.spec, base_gflops=info.base_gflops, base_latency_ms=base_ms))
+    target = Target.of(plan.spec, base_gflops=info.base_gflops, base_latency_ms=base_ms)
     floor = cheapest_ratio(info, plan.space, cost=lambda layers: float(latency_model.predict_ms(layers)))
-    if target.cost < floor * latency_model.predict_ms([LayerSpec()] * info.depth):
+    if (target.lo_cost or target.cost) < floor * latency_model.predict_ms([LayerSpec()] * info.depth):
         raise SearchError(
-            f"budget {opts.budget} ({target.value:.2f} ms) is below the fastest schedule the search space allows "
+            f"budget {opts.budget} ({target.lo or target.value:.2f} ms) is below the fastest schedule the search space allows "
             f"(about {floor:.0%} of the unreduced {base_ms:.2f} ms) — raise the budget"
         )
     log(
@@ -506,9 +526,11 @@ def _join_study(plan: _Plan, loaded: _Loaded, log: Callable[[str], None]) -> tup
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
     study, created, sampler_seed = _open_study(plan.study_name, storage, opts.seed, pruner)
     # only the creator records the set-up and target; the others check theirs against it
-    share_setup(study, created, {"setup": plan.setup, "base_gflops": plan.info.base_gflops, "target": loaded.target.value}, log=log)
+    share_setup(study, created, {"setup": plan.setup, "base_gflops": plan.info.base_gflops, "target": (plan.within or loaded.target).value}, log=log)
     if created:
-        _warm_start(study, plan.info)
+        _warm_start(study, plan.info, plan.spec.lo is not None)
+    elif plan.within is not None:
+        _refine_start(study, plan.within, loaded.target.cost)
     else:
         log(f"joined study {plan.study_name!r} ({len(study.get_trials(deepcopy=False))} trials so far); sampler seed {sampler_seed}")
     return study, heartbeat_storage
@@ -522,7 +544,9 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
         SearchInterrupted: Ctrl-C or SIGTERM during the trials (the best so far is written).
     """
     plan = _plan(opts)
-    prog = progress or Progress(opts.progress, metric=plan.metric)
+    # a range study's trial value is its gain over hand-set RAPID at its own target (Objective._gain)
+    ranged = plan.spec.lo is not None or plan.within is not None
+    prog = progress or Progress(opts.progress, metric=f"{plan.metric}-gain-vs-hand-set" if ranged else plan.metric)
     with prog:
         if plan.grace_note:
             prog.log(plan.grace_note)
@@ -534,13 +558,15 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
             space=plan.space,
             calib=loaded.calib,
             metric=plan.metric,
-            target=loaded.target.cost,
+            target=(plan.within or loaded.target).cost,
             cost_kind=plan.spec.kind,
             device=plan.device,
             batch_size=opts.batch_size,
             n_rungs=opts.rungs,
             latency_model=loaded.latency_model,
             margin=loaded.margin,
+            lo=(plan.within or loaded.target).lo_cost,
+            at=loaded.target.cost if plan.within else None,
         )
         done = _finished(study)
         prog.start(opts.trials, done=done, study=plan.study_name, storage=describe_storage(opts.storage, plan.study_name, STUDIES_DIR))
@@ -660,7 +686,9 @@ def _export(
         **versions("optuna"),
     }
     try:
-        final, trial = export_best(study, plan.out, budget=target.budget(), extra_scores=extra, provenance=prov, accept=accept)
+        final, trial = export_best(
+            study, plan.out, budget=target.budget(), extra_scores=extra, provenance=prov, accept=accept, max_gflops=target.value if plan.within else None
+        )
     except SearchError:
         for line in export_report(checked, target.value, chosen=None):
             say(line)

@@ -21,13 +21,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import optuna
 import torch
 from optuna.trial import TrialState
 
 from ..tools.evaluate import fidelity, metric_value, predict
 from ..runtime.flops import ModelInfo, schedule_macs
-from ..runtime.presets import make_schedule, tome_fitting
+from ..runtime.presets import DEFAULT_PROTECT, DEFAULT_SWITCH_FRACTION, TOME_DECREASING, make_schedule, tome_fitting
 from ..runtime.schedule import Budget, LayerSpec, Schedule
 from .space import SearchSpace, layers_for, project
 from ..errors import RapidSearchError
@@ -97,6 +98,19 @@ FIRST_RUNG_SLACK = 0.02
 #: median of repeated runs) lands above it about half the time; the margin keeps it below.
 LATENCY_MARGIN = (0.02, 0.10)
 
+#: Range budgets: the hand-set schedule is a warm start at this many budgets spread over the
+#: range (what a trial's gain is measured against; and for any budget a hand-set schedule close below it).
+HAND_SET_LEVELS = 9
+
+#: Warm-start ToMe schedules: constant ``r`` and the paper's decreasing ``(r, -1)``.
+TOME_INFLECT = {"tome": 0.0, "tome-decreasing": TOME_DECREASING}
+
+
+def hand_shape(info: ModelInfo) -> dict[str, Any]:
+    """The hand-set RAPID schedule as a search-space shape (a warm start, and the range baseline)."""
+    return {"switch": round(info.depth * DEFAULT_SWITCH_FRACTION), "prune_weight": 1.0, "decay": 0.0, "protect": DEFAULT_PROTECT,
+            "prune_threshold": None, "merge_threshold": None}
+
 
 class Objective:
     """The Optuna objective: sample, project onto the budget, score on calibration rungs."""
@@ -116,11 +130,14 @@ class Objective:
         n_rungs: int = 3,
         latency_model: Any = None,
         margin: float = 0.0,
+        lo: Optional[float] = None,
+        at: Optional[float] = None,
     ) -> None:
         self.model, self.info, self.space, self.calib = model, info, space, calib
         self.metric, self.target, self.cost_kind = metric, target, cost_kind
-        # schedules are drawn up to ``aim``; the constraint stays ``target`` (see LATENCY_MARGIN)
-        self.aim = target * (1.0 - margin)
+        # schedules are drawn up to ``target * (1 - margin)``; the constraint stays ``target`` (see
+        # LATENCY_MARGIN); ``lo``: a range budget's low end (each trial's target is drawn in [lo, target])
+        self.margin, self.lo, self.at = margin, lo, at  # ``at``: refining a range study, every trial's target
         self.device, self.batch_size = device, batch_size
         self.latency_model = latency_model
         self.rungs = calib.rungs(n_rungs)
@@ -132,13 +149,39 @@ class Objective:
             return float(self.latency_model.predict_ms(layers))
         return float(schedule_macs(self.info, layers))
 
-    def _schedule(self, trial: optuna.trial.Trial) -> tuple[Optional[Schedule], Optional[dict[str, Any]]]:
+    def _trial_target(self, trial: optuna.trial.Trial) -> float:
+        """The trial's target: the budget, or for a range a point in it, evenly spread over trial
+        numbers (golden-ratio sequence; warm starts carry theirs as ``range_frac``)."""
+        if self.lo is None:
+            return self.target
+        u = trial.user_attrs.get("range_frac", (0.5 + trial.number * 0.6180339887498949) % 1.0)
+        t = self.lo + float(u) * (self.target - self.lo) if self.at is None or "range_frac" in trial.user_attrs else self.at
+        trial.set_user_attr("target", t)
+        return t
+
+    def _gain(self, trial: optuna.trial.Trial, step: int, t: float, raw: float) -> float:
+        """What the sampler and the pruner see: the score, or for a range budget its gain over the
+        hand-set RAPID schedule at the trial's own target (interpolated between the hand-set warm
+        starts, read from the study), so that shapes are compared by what they add at their
+        budget, not by the budget."""
+        if self.lo is None:
+            return raw
+        if trial.user_attrs.get("warm_start") == "rapid-hand-set":
+            return 0.0
+        ref = sorted(
+            (h.user_attrs["target"], h.user_attrs["rung_scores"][step])
+            for h in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if h.user_attrs.get("warm_start") == "rapid-hand-set" and len(h.user_attrs.get("rung_scores", ())) > step
+        )
+        return raw - (float(np.interp(t, [r[0] for r in ref], [r[1] for r in ref])) if ref else 0.0)
+
+    def _schedule(self, trial: optuna.trial.Trial, aim: float) -> tuple[Optional[Schedule], Optional[dict[str, Any]]]:
         """Sample (or take the warm-start) schedule and project it onto the budget."""
         warm = trial.user_attrs.get("warm_start")
         if warm in ("tome", "tome-decreasing"):
-            return tome_fitting(self.info, lambda layers: self.cost(list(layers)) <= self.aim, decreasing=warm == "tome-decreasing"), None
+            return tome_fitting(self.info, lambda layers: self.cost(list(layers)) <= aim, inflect=TOME_INFLECT[warm]), None
         shape = self.space.suggest(trial, self.info.depth)
-        return self._project(shape, self.aim, method=warm or "rapid-search"), shape
+        return self._project(shape, aim, method=warm or "rapid-search"), shape
 
     def _project(self, shape: dict[str, Any], target: float, *, method: str) -> Optional[Schedule]:
         res = project(self.info, shape, target, cost=self.cost)
@@ -146,7 +189,7 @@ class Objective:
             return None
         return make_schedule(self.info, res[0], method=method, **shape)
 
-    def _fit_thresholds(self, schedule: Schedule, shape: dict[str, Any], first: tuple[int, int]) -> tuple[Schedule, Any]:
+    def _fit_thresholds(self, schedule: Schedule, shape: dict[str, Any], first: tuple[int, int], target: float) -> tuple[Schedule, Any]:
         """Threshold schedules remove fewer tokens than their counts allow, so their measured cost
         exceeds the projection. Measure the first rung, then re-project with the planned reduction
         scaled by the fraction actually achieved (at most twice)."""
@@ -157,18 +200,19 @@ class Objective:
             self.images_forwarded += b - a
             measured, planned = float(p.macs.mean()), float(schedule_macs(self.info, schedule))
             achieved = (base - measured) / max(base - planned, 1.0)  # fraction of the planned reduction
-            if measured <= self.target or achieved < 0.05:
+            if measured <= target or achieved < 0.05:
                 break
-            fitted = self._project(shape, base - (base - self.target) / achieved, method=schedule.provenance.get("method", "rapid-search"))
+            fitted = self._project(shape, base - (base - target) / achieved, method=schedule.provenance.get("method", "rapid-search"))
             if fitted is None:
                 break
             schedule = fitted
         return schedule, p
 
-    def _run(self, trial: optuna.trial.Trial, schedule: Schedule, first: Any = None) -> tuple[dict[str, float], float, float]:
+    def _run(self, trial: optuna.trial.Trial, schedule: Schedule, first: Any, t: float) -> tuple[dict[str, float], float, float]:
         """Score ``schedule`` rung by rung; returns final scores, mean cost and forward seconds."""
-        logits, macs, seconds = [], [], 0.0
+        logits, macs, seconds, raws = [], [], 0.0, []
         c = self.calib
+        reference = self.lo is not None and trial.user_attrs.get("warm_start") == "rapid-hand-set"  # a range's yardstick runs whole
         for step, (a, b) in enumerate(self.rungs):
             if step == 0 and first is not None:
                 p = first
@@ -180,47 +224,47 @@ class Objective:
             macs.append(p.macs)
             seconds += p.seconds
             scores = fidelity(torch.cat(logits), c.base_logits[:b], None if c.labels is None else c.labels[:b])
-            value = metric_value(scores, self.metric)
+            raws.append(metric_value(scores, self.metric))
             if step < len(self.rungs) - 1:
-                trial.report(value, step)
-                if trial.should_prune():
+                trial.report(self._gain(trial, step, t, raws[-1]), step)
+                if trial.should_prune() and not reference:
                     trial.set_user_attr("forward_s", seconds)
                     raise optuna.TrialPruned()
+        trial.set_user_attr("rung_scores", raws)
         return scores, float(torch.cat(macs).mean()), seconds
 
     def __call__(self, trial: optuna.trial.Trial) -> float:
         t0 = time.perf_counter()
-        schedule, shape = self._schedule(trial)
+        target = self._trial_target(trial)
+        schedule, shape = self._schedule(trial, target * (1.0 - self.margin))
         if schedule is None:
             trial.set_constraint("budget", 1.0)
             raise optuna.TrialPruned("no schedule of this shape meets the budget")
         first = None
         if schedule.has_threshold and self.cost_kind == "gflops" and shape is not None:
-            schedule, first = self._fit_thresholds(schedule, shape, self.rungs[0])
+            schedule, first = self._fit_thresholds(schedule, shape, self.rungs[0], target)
             measured = float(first.macs.mean())
-            if measured > self.target * (1 + FIRST_RUNG_SLACK):  # thresholds block the reduction: hopeless
+            if measured > target * (1 + FIRST_RUNG_SLACK):  # thresholds block the reduction: hopeless
                 trial.set_user_attr("schedule", schedule.to_dict())
                 trial.set_user_attr("gflops", measured / 1e9)
                 trial.set_user_attr("images_forwarded", self.rungs[0][1])
-                trial.set_constraint("budget", (measured - self.target) / self.target)
+                trial.set_constraint("budget", (measured - target) / target)
                 raise optuna.TrialPruned(f"over budget on the first rung ({measured / 1e9:.3f} GFLOPs) after fitting thresholds")
         trial.set_user_attr("schedule", schedule.to_dict())
         analytic = schedule_macs(self.info, schedule)
         trial.set_user_attr("analytic_gflops", analytic / 1e9)
         if self.cost_kind == "latency":
             trial.set_user_attr("predicted_ms", self.cost(list(schedule.layers)))
-        scores, mean_macs, fwd = self._run(trial, schedule, first)
+        scores, mean_macs, fwd = self._run(trial, schedule, first, target)
         trial.set_user_attr("gflops", mean_macs / 1e9)
         for k, v in scores.items():
             trial.set_user_attr(k, v)
-        if self.cost_kind == "gflops":
-            violation = (mean_macs - self.target) / self.target
-        else:
-            violation = (trial.user_attrs["predicted_ms"] - self.target) / self.target
-        trial.set_constraint("budget", violation)
+        cost = mean_macs if self.cost_kind == "gflops" else trial.user_attrs["predicted_ms"]
+        trial.set_constraint("budget", (cost - target) / target)
         trial.set_user_attr("forward_s", fwd)
         trial.set_user_attr("trial_s", time.perf_counter() - t0)
-        return metric_value(scores, self.metric)
+        trial.set_user_attr("score", metric_value(scores, self.metric))  # a range study's value is the gain (see _gain)
+        return self._gain(trial, len(self.rungs) - 1, target, metric_value(scores, self.metric))
 
 
 def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -230,7 +274,7 @@ def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if t.value is not None and all(v <= 0 for v in t.constraints.values()) and "schedule" in t.user_attrs
     ]
-    return sorted(done, key=lambda t: (-t.value, t.number))
+    return sorted(done, key=lambda t: (-t.user_attrs.get("score", t.value), t.number))
 
 
 def export_best(
@@ -243,6 +287,7 @@ def export_best(
     accept: Optional[Callable[[Schedule], Optional[dict[str, Any]]]] = None,
     max_candidates: int = 5,
     max_gflops: Optional[float] = None,
+    max_target: Optional[float] = None,
 ) -> tuple[Schedule, optuna.trial.FrozenTrial]:
     """Write the best feasible trial's schedule to ``out`` (atomically).
 
@@ -256,10 +301,13 @@ def export_best(
             ``achieved`` fields when accepted, None to try the next-best trial.
         max_candidates: How many trials ``accept`` may try.
         max_gflops: Only trials whose measured GFLOPs are at most this (export for another budget).
+        max_target: Only trials whose own target (a range study's ``target`` attribute) is at most this.
     """
     cands = feasible_trials(study)
     if max_gflops is not None:
         cands = [t for t in cands if t.user_attrs.get("gflops", math.inf) <= max_gflops + 1e-12]
+    if max_target is not None:
+        cands = [t for t in cands if t.user_attrs.get("target", math.inf) <= max_target * (1 + 1e-9)]
     if not cands:
         raise SearchError(
             f"study {study.study_name!r} has no finished trial that meets the budget — run more trials or relax --budget"

@@ -4,8 +4,8 @@
 same images and the same device:
 
 * the unreduced model (the reference);
-* for every GFLOPs ratio (default 90, 70, 50, 40, 35, 30 %): ToMe with the smallest constant
-  ``r`` that meets it and ToMe's decreasing schedule; the ToFu-style and EViT-style baselines at
+* for every GFLOPs ratio (default 90, 70, 50, 40, 35, 30 %): ToMe with the smallest ``r`` that
+  meets it, constant, the paper's decreasing schedule ``(r, -1)`` and ``(r, -0.5)``; the ToFu-style and EViT-style baselines at
   the hand-set RAPID counts; hand-set RAPID; and a searched RAPID schedule when one is given
   (``--searched``, calibrated on ``--calib``, never on the evaluation images).
 
@@ -44,7 +44,7 @@ from torch import nn
 from ..argtypes import DTYPES, int_in
 from ..runtime.flops import ModelInfo, schedule_macs
 from .provenance import versions
-from ..runtime.presets import UnreachableBudget, as_schedule, rapid_schedule, tome_for_ratio, variant_schedule
+from ..runtime.presets import TOME_DECREASING, UnreachableBudget, as_schedule, rapid_schedule, tome_for_ratio, variant_schedule
 from ..runtime.schedule import Schedule, atomic_write_text
 from .measure import median_ci
 from .stats import compare_paired
@@ -53,6 +53,7 @@ from ..errors import RapidSearchError
 __all__ = [
     "DEFAULT_RATIOS",
     "METHODS",
+    "TOME_VARIANTS",
     "COMPARED",
     "PAIRS",
     "METHOD_LABELS",
@@ -78,13 +79,17 @@ FORMAT = "rapid-bench/v1"
 DEFAULT_RATIOS: tuple[float, ...] = (0.9, 0.7, 0.5, 0.4, 0.35, 0.3)
 
 #: Methods at each ratio, in table order.
-METHODS: tuple[str, ...] = ("tome", "tome-decreasing", "tofu", "evit", "rapid", "searched")
+METHODS: tuple[str, ...] = ("tome", "tome-decreasing", "tome-inflect-0.5", "tofu", "evit", "rapid", "searched")
+
+#: The ToMe variants by method name: ``(r, inflect)`` of ToMe's ``parse_r``.
+TOME_VARIANTS: dict[str, float] = {"tome": 0.0, "tome-decreasing": TOME_DECREASING, "tome-inflect-0.5": -0.5}
 
 #: Display names.
 METHOD_LABELS: dict[str, str] = {
     "unreduced": "unreduced",
     "tome": "ToMe (constant r)",
-    "tome-decreasing": "ToMe (decreasing r)",
+    "tome-decreasing": "ToMe (decreasing r: (r, -1))",
+    "tome-inflect-0.5": "ToMe (inflect -0.5: (r, -0.5))",
     "tofu": "ToFu-style (no protection)",
     "evit": "EViT-style (importance pruning)",
     "rapid": "RAPID (hand-set)",
@@ -142,7 +147,7 @@ def method_schedule(method: str, model: Union[nn.Module, ModelInfo], ratio: floa
     """The schedule of a baseline or hand-set method at a GFLOPs ratio.
 
     Args:
-        method: ``tome``, ``tome-decreasing``, ``tofu``, ``evit`` or ``rapid``.
+        method: ``tome``, ``tome-decreasing``, ``tome-inflect-0.5``, ``tofu``, ``evit`` or ``rapid``.
         model: The model or its :class:`ModelInfo`.
         ratio: Fraction of the unreduced GFLOPs.
 
@@ -150,10 +155,8 @@ def method_schedule(method: str, model: Union[nn.Module, ModelInfo], ratio: floa
         UnreachableBudget: The method cannot reach ``ratio``.
         ValueError: Unknown method.
     """
-    if method == "tome":
-        return tome_for_ratio(model, ratio)
-    if method == "tome-decreasing":
-        return tome_for_ratio(model, ratio, decreasing=True)
+    if method in TOME_VARIANTS:
+        return tome_for_ratio(model, ratio, inflect=TOME_VARIANTS[method])
     if method == "rapid":
         return rapid_schedule(model, ratio)
     if method in ("tofu", "evit"):
@@ -164,7 +167,7 @@ def method_schedule(method: str, model: Union[nn.Module, ModelInfo], ratio: floa
             # RAPID's counts can cost slightly more than the ratio: add tokens until it fits.
             sched = _fit_counts(info, sched, ratio)
         return sched
-    raise ValueError(f"unknown method {method!r} — use one of: tome, tome-decreasing, tofu, evit, rapid")
+    raise ValueError(f"unknown method {method!r} — use one of: {', '.join(METHODS[:-1])}")
 
 
 def _fit_counts(info: ModelInfo, schedule: Schedule, ratio: float) -> Schedule:
@@ -567,7 +570,7 @@ def _eager_run(model: nn.Module, sched: Optional[Schedule], x: torch.Tensor) -> 
 
 def _best_tome(rows: Sequence[dict[str, Any]], ratio: float, metric: str) -> Optional[dict[str, Any]]:
     """The ToMe row with the higher score at ``ratio`` (the lower cost on a tie)."""
-    cands = [r for r in rows if r["ratio"] == ratio and r["method"] in ("tome", "tome-decreasing") and r["status"] == "ok"]
+    cands = [r for r in rows if r["ratio"] == ratio and r["method"] in TOME_VARIANTS and r["status"] == "ok"]
     if not cands:
         return None
     return max(cands, key=lambda r: (r[metric], -r["achieved_ratio"]))
@@ -665,7 +668,8 @@ def write_json(result: dict[str, Any], path: Union[str, Path]) -> Path:
 def _cmp_cell(result: dict[str, Any], row: dict[str, Any]) -> tuple[str, str]:
     for c in result["comparisons"]:
         if c.get("kind", "vs-best-tome") == "vs-best-tome" and c["ratio"] == row["ratio"] and c["method"] == row["method"]:
-            ref = METHOD_LABELS[c["reference"]].replace("ToMe ", "").strip("()")
+            label = METHOD_LABELS[c["reference"]]
+            ref = label[len("ToMe (") : -1] if label.startswith("ToMe (") else label
             diff = f"{100 * c['diff']:+.1f} [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}] vs {ref}"
             p = f"{c['p_value']:.3f}" if c["p_value"] >= 0.001 else f"{c['p_value']:.1e}"
             return diff, p + (" *" if c["significant"] else "")
@@ -761,6 +765,7 @@ def write_markdown(result: dict[str, Any], path: Union[str, Path]) -> Path:
 _STYLE: dict[str, tuple[str, str, str]] = {  # colour, marker, line style
     "tome": ("#1f77b4", "o", "-"),
     "tome-decreasing": ("#17becf", "v", "--"),
+    "tome-inflect-0.5": ("#aec7e8", "<", "--"),
     "tofu": ("#9467bd", "s", "-."),
     "evit": ("#8c564b", "D", ":"),
     "rapid": ("#d62728", "^", "-"),

@@ -331,7 +331,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--schedule",
         required=True,
-        help="a YAML schedule, or METHOD@PERCENT with METHOD in rapid, tome, tome-decreasing, tofu, evit (e.g. rapid@50)",
+        help="a YAML schedule, or METHOD@PERCENT with METHOD in rapid, tome, tome-decreasing (the paper's (r, -1)), tome-inflect-0.5, tofu, evit (e.g. rapid@50)",
     )
     parser.add_argument("--image", required=True, type=Path, help="image file to show")
     parser.add_argument("--out", required=True, type=Path, help="output PNG")
