@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rapid_search.runtime.schedule import Budget
-from rapid_search.search.budget import BudgetError, BudgetSpec, parse_budget, resolve, to_schedule_budget
+from rapid_search.search.budget import BudgetError, BudgetSpec, Target, parse_budget, resolve
 
 
 @pytest.mark.parametrize(
@@ -88,11 +88,11 @@ def test_resolve_latency():
         resolve("25ms", base_gflops=1.26, base_latency_ms=20.0)
 
 
-def test_to_schedule_budget():
-    b = to_schedule_budget("50%GFLOPs", base_gflops=1.2544, achieved={"gflops": 0.62712345678, "ratio": 0.4999})
+def test_target_budget():
+    b = Target.of(parse_budget(" 50% gflops "), base_gflops=1.2544).budget({"gflops": 0.62712345678, "ratio": 0.4999})
     assert isinstance(b, Budget)
     assert b == Budget(spec="50%GFLOPs", kind="gflops", target=0.6272, achieved={"gflops": 0.627123, "ratio": 0.4999})
-    b = to_schedule_budget(parse_budget("12ms"), target=12.0, achieved={"latency_ms": 11.5})
+    b = Target.of(parse_budget("12ms"), base_gflops=1.26).budget({"latency_ms": 11.5})
     assert (b.spec, b.kind, b.target, b.achieved) == ("12ms", "latency", 12.0, {"latency_ms": 11.5})
-    with pytest.raises(BudgetError, match="target= or base_gflops="):
-        to_schedule_budget("12ms")
+    b = Target.of(parse_budget("35%..70%GFLOPs"), base_gflops=1.0).budget()
+    assert (b.spec, b.target) == ("70%GFLOPs", 0.7)

@@ -202,7 +202,7 @@ class _MacsClock:
 def test_latency_range_search_and_export(tiny_search, tmp_path, capsys, monkeypatch):
     """``40%..90%latency``: trials drawn over the measured range, export at a latency inside it takes
     only trials drawn for that target or a tighter one (so they keep the timing margin)."""
-    from rapid_search.search import latency
+    from rapid_search.tools import latency
 
     clock = _MacsClock(rs.model_info(timm.create_model("test_vit")))
     monkeypatch.setattr(latency.LatencyModel, "measure", classmethod(lambda cls, *a, **k: clock))

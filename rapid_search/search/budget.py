@@ -30,7 +30,7 @@ from typing import Any, Mapping, Optional, Union
 from ..runtime.schedule import Budget
 from ..errors import RapidSearchError
 
-__all__ = ["BudgetError", "BudgetSpec", "Target", "ACCEPTED_FORMS", "parse_budget", "resolve", "to_schedule_budget"]
+__all__ = ["BudgetError", "BudgetSpec", "Target", "ACCEPTED_FORMS", "parse_budget", "resolve"]
 
 #: The accepted forms, as listed in every grammar error.
 ACCEPTED_FORMS = "50%GFLOPs (of the unreduced model), 0.6GFLOPs, 60%latency (of the unreduced model) or 12ms (per batch)"
@@ -87,14 +87,7 @@ def _grammar_error(text: Any) -> BudgetError:
 
 
 def parse_budget(text: Any) -> BudgetSpec:
-    """Parse a budget string.
-
-    Args:
-        text: ``"50%GFLOPs"``, ``"0.6GFLOPs"``, ``"60%latency"`` or ``"12ms"`` (see the module
-            docstring for the exact grammar).
-
-    Returns:
-        The parsed :class:`BudgetSpec`.
+    """Parse a budget string (one of the module docstring's forms).
 
     Raises:
         BudgetError: Not one of the accepted forms; zero or negative; a relative budget at or
@@ -136,16 +129,9 @@ def parse_budget(text: Any) -> BudgetSpec:
 
 
 def resolve(spec: Union[BudgetSpec, str], *, base_gflops: float, base_latency_ms: Optional[float] = None) -> float:
-    """The target in absolute units: GFLOPs per image, or milliseconds per batch.
-
-    Args:
-        spec: A parsed budget (or its text).
-        base_gflops: Analytic GFLOPs of the unreduced model (``ModelInfo.base_gflops``).
-        base_latency_ms: Measured latency of the unreduced model per batch; required for
-            ``%latency`` budgets, and used to check ``ms`` budgets when given.
-
-    Returns:
-        Target GFLOPs (``kind == "gflops"``) or milliseconds (``kind == "latency"``).
+    """The target in absolute units: GFLOPs per image (``base_gflops``: the unreduced model's,
+    ``ModelInfo.base_gflops``) or ms per batch (``base_latency_ms``: the unreduced model's measured
+    latency; required for ``%latency``, checked against for ``ms``).
 
     Raises:
         BudgetError: The target is at or above the unreduced model's cost (it reduces nothing), or
@@ -181,42 +167,6 @@ def resolve(spec: Union[BudgetSpec, str], *, base_gflops: float, base_latency_ms
     return spec.value
 
 
-def to_schedule_budget(
-    spec: Union[BudgetSpec, str],
-    *,
-    target: Optional[float] = None,
-    base_gflops: Optional[float] = None,
-    base_latency_ms: Optional[float] = None,
-    achieved: Optional[Mapping[str, Any]] = None,
-    digits: int = 6,
-) -> Budget:
-    """The :class:`rapid_search.runtime.schedule.Budget` recorded in an exported schedule.
-
-    Args:
-        spec: A parsed budget (or its text).
-        target: The target in absolute units (GFLOPs or ms); resolved from ``base_gflops`` /
-            ``base_latency_ms`` (see :func:`resolve`) when omitted.
-        base_gflops: Unreduced GFLOPs, used when ``target`` is omitted.
-        base_latency_ms: Unreduced latency, used when ``target`` is omitted.
-        achieved: What the schedule achieved (``gflops``, ``latency_ms``, ...); floats are rounded.
-        digits: Decimal digits kept for the target and achieved floats.
-
-    Returns:
-        ``Budget(spec=canonical spelling, kind=..., target=..., achieved={...})``.
-
-    Raises:
-        BudgetError: Neither ``target`` nor ``base_gflops`` is given, or :func:`resolve` fails.
-    """
-    if isinstance(spec, str):
-        spec = parse_budget(spec)
-    if target is None:
-        if base_gflops is None:
-            raise BudgetError("to_schedule_budget needs target= or base_gflops= (and base_latency_ms= for latency budgets)")
-        target = resolve(spec, base_gflops=base_gflops, base_latency_ms=base_latency_ms)
-    ach = {k: (round(v, digits) if isinstance(v, float) else v) for k, v in (achieved or {}).items()}
-    return Budget(spec=spec.canonical, kind=spec.kind, target=round(float(target), digits), achieved=ach)
-
-
 @dataclass(frozen=True)
 class Target:
     """A resolved budget, the one object the search passes along (no unit changed by hand).
@@ -250,6 +200,8 @@ class Target:
         """A range's low end in the units of the cost model (None for one budget)."""
         return None if self.lo is None else self._cost(self.lo)
 
-    def budget(self, achieved: Optional[Mapping[str, Any]] = None) -> Budget:
-        """The :class:`rapid_search.runtime.schedule.Budget` recorded in an exported schedule (a range: its high end)."""
-        return to_schedule_budget(self.spec.ends()[1], target=self.value, achieved=achieved)
+    def budget(self, achieved: Optional[Mapping[str, Any]] = None, digits: int = 6) -> Budget:
+        """The :class:`rapid_search.runtime.schedule.Budget` recorded in an exported schedule (a range:
+        its high end), in the canonical spelling, floats rounded to ``digits``."""
+        ach = {k: (round(v, digits) if isinstance(v, float) else v) for k, v in (achieved or {}).items()}
+        return Budget(spec=self.spec.ends()[1].canonical, kind=self.spec.kind, target=round(float(self.value), digits), achieved=ach)

@@ -1,0 +1,90 @@
+"""How well the latency model predicts real forwards: predicted vs measured, op by op, per batch size.
+
+For each batch size a :class:`~rapid_search.tools.latency.LatencyModel` is measured (as a latency
+search does), then every schedule below is timed for real, round-robin in one process (one forward
+of each per round, so load from other processes hits them alike), and its prediction compared:
+
+* the unreduced model and one schedule per reduction op at ``--ratio`` of the GFLOPs: redundancy
+  pruning everywhere, importance merging everywhere, hand-set RAPID (prune, then merge), ToMe's
+  bipartite merge (constant r), EViT-style importance pruning after three prune blocks;
+* hand-set RAPID with similarity thresholds (data-dependent counts: predicted at their maximal
+  reduction, so the prediction is an upper bound);
+* the schedules shipped in ``studies/`` for the model.
+
+Random weights (speed does not depend on them); ``--threads 1`` as the README's speed tables.
+
+    python benchmarks/latency_model.py --threads 1 --batch-sizes 1,32
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+from pathlib import Path
+
+import torch
+
+from rapid_search import Schedule, applied, rapid_schedule, tome_for_ratio
+from rapid_search.runtime.flops import schedule_macs
+from rapid_search.runtime.presets import _fit_two_level, make_schedule, model_info
+from rapid_search.runtime.schedule import LayerSpec
+from rapid_search.tools.latency import LatencyModel, _input_size
+from rapid_search.tools.loading import load_model
+from rapid_search.tools.measure import set_cpu_threads, time_rounds
+
+
+def schedules(model: torch.nn.Module, ratio: float, studies: Path) -> dict[str, Schedule]:
+    info = model_info(model)
+
+    def fit(build) -> Schedule:
+        return make_schedule(info, build(_fit_two_level(info, build, ratio * info.base_macs, info.num_tokens)), method="evit")
+
+    out = {
+        "unreduced": None,
+        "prune (every block)": rapid_schedule(model, ratio, switch=info.depth, protect=0.0),
+        "merge (every block)": rapid_schedule(model, ratio, switch=0),
+        "hand-set RAPID": rapid_schedule(model, ratio),
+        "ToMe (constant r)": tome_for_ratio(model, ratio),
+        "prune x3, then EViT": fit(lambda r: [LayerSpec("prune" if i < 3 else "evit", int(x)) for i, x in enumerate(r)]),
+        "hand-set RAPID, thresholds 0.5": rapid_schedule(model, ratio, prune_threshold=0.5, merge_threshold=0.5),
+    }
+    for p in sorted(studies.glob(f"{info.name}-*pct.yaml")):
+        out[f"shipped {p.stem.split('-')[-1]}"] = Schedule.load(p)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="deit_tiny_patch16_224")
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--batch-sizes", default="1,32")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=15, help="timed rounds at least")
+    ap.add_argument("--seconds", type=float, default=60.0, help="more rounds until stable, at most this long")
+    ap.add_argument("--studies", type=Path, default=Path("studies"))
+    args = ap.parse_args()
+    set_cpu_threads(args.threads)
+    model = load_model(args.model, pretrained=False)
+    scheds = schedules(model, args.ratio, args.studies)
+    info = model_info(model)
+    for bs in (int(b) for b in args.batch_sizes.split(",")):
+        lat = LatencyModel.measure(model, device="cpu", batch_size=bs)
+        img = torch.randn(bs, *_input_size(model))  # (B, 3, H, W)
+        runs = {k: (lambda: model(img)) for k in scheds}
+        around = {k: functools.partial(applied, model, s) for k, s in scheds.items() if s is not None}
+        t = time_rounds(runs, device="cpu", repeats=args.repeats, warmup=2, batch_size=bs, time_limit=args.seconds, stable=0.02, around=around)
+        print(f"\n{args.model}, batch {bs}, float32 eager, {args.threads} thread(s); latency model calibrated to the unreduced {lat.base_ms:.2f} ms")
+        print("| schedule | GFLOPs | predicted ms | measured ms (IQR) | prediction error |\n|---|---|---|---|---|")
+        errors = []
+        for k, s in scheds.items():
+            pred, m = lat.predict_ms(s), t[k]
+            err = pred / m.median_ms - 1
+            errors.append(abs(err))
+            g = (info.base_macs if s is None else schedule_macs(info, s.layers)) * 1e-9
+            print(f"| {k} | {g:.3f} | {pred:.2f} | {m.median_ms:.2f} ({m.iqr_ms / m.median_ms:.0%}) | {err:+.1%} |")
+        print(f"median |error| {statistics.median(errors):.1%}, largest {max(errors):.1%}")
+
+
+if __name__ == "__main__":
+    main()
