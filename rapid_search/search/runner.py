@@ -25,7 +25,7 @@ from ..runtime.flops import ModelInfo
 from ..tools.loading import load_model
 from ..tools.measure import parse_device, parse_dtype, set_cpu_threads
 from ..tools.provenance import versions
-from ..runtime.schedule import LayerSpec, Schedule
+from ..runtime.schedule import Schedule
 from .budget import BudgetError, BudgetSpec, Target, parse_budget
 from .progress import Progress, summarize_search
 from .space import SearchSpace
@@ -504,7 +504,9 @@ def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: 
     margin = min(hi, max(lo, base_t.iqr_ms / base_ms if base_ms > 0 else hi))
     target = Target.of(plan.spec, base_gflops=info.base_gflops, base_latency_ms=base_ms)
     floor = cheapest_ratio(info, plan.space, cost=lambda layers: float(latency_model.predict_ms(layers)))
-    if (target.lo_cost or target.cost) < floor * latency_model.predict_ms([LayerSpec()] * info.depth):
+    # the floor is a ratio of predictions: compare it with the target's ratio to the measured unreduced
+    # latency (the model's own calibration run may have met other load than base_t)
+    if (target.lo or target.value) < floor * base_ms:
         raise SearchError(
             f"budget {opts.budget} ({target.lo or target.value:.2f} ms) is below the fastest schedule the search space allows "
             f"(about {floor:.0%} of the unreduced {base_ms:.2f} ms) — raise the budget"
