@@ -188,14 +188,19 @@ class _MacsClock:
     """A deterministic stand-in for the device clock (a tiny model's CPU timings are mostly
     overhead and noise): 1 ms per MMAC, a 2% spread."""
 
+    scale, base_ms = 1.0, None  # as LatencyModel's: the search re-anchors predictions to its unreduced timing
+
     def __init__(self, info):
         self.info = info
 
+    def _ms(self, layers):
+        return rs.schedule_macs(self.info, [rs.LayerSpec()] * self.info.depth if layers is None else getattr(layers, "layers", layers)) / 1e6
+
     def predict_ms(self, layers, **_):
-        return rs.schedule_macs(self.info, getattr(layers, "layers", layers)) / 1e6
+        return self.scale * self._ms(layers)
 
     def timing(self, schedule):
-        ms = self.predict_ms(schedule if schedule is not None else [rs.LayerSpec()] * self.info.depth)
+        ms = self._ms(schedule)
         return type("Timing", (), {"median_ms": ms, "iqr_ms": 0.02 * ms})()
 
 
@@ -248,3 +253,31 @@ def test_refine_a_range_study_at_one_budget(range_study, tiny_search, tmp_path, 
     assert s.budget.spec == "50%GFLOPs" and s.budget.achieved["gflops"] <= 0.5 * info.base_gflops + 1e-9
     bad = search_argv(tiny_search, "r", "--storage", journal, "--space", str(root / "space.yaml"), budget="38%GFLOPs", trials=str(n + 5))
     assert main(bad) == 2 and "is outside study 'r''s range 40%..70%GFLOPs" in capsys.readouterr().err
+
+
+class _LoadedCalibration(_MacsClock):
+    """A latency model calibrated while the machine was three times as busy as when the unreduced model is timed."""
+
+    scale = 3.0
+
+
+def test_latency_floor_is_judged_against_the_measured_unreduced(tiny_search, tmp_path, capsys, monkeypatch):
+    """A latency model calibrated under other load than the unreduced timing is re-anchored to that
+    timing: a reachable budget is searched and met, and the floor named agrees with the measured unreduced latency."""
+    from rapid_search.tools import latency
+
+    info = rs.model_info(timm.create_model("test_vit"))
+    loaded, truth = _LoadedCalibration(info), _MacsClock(info)
+    monkeypatch.setattr(latency.LatencyModel, "measure", classmethod(lambda cls, *a, **k: loaded))
+    monkeypatch.setattr(latency, "measure_schedule_ms", lambda model, schedule, **k: truth.timing(schedule))
+    base_ms = truth.timing(None).median_ms
+    argv = search_argv(tiny_search, "f", "--storage", f"journal:{tmp_path / 'f.journal'}", "--out", str(tmp_path / "f.yaml"), "--rungs", "1",
+                       budget="90%latency", trials="1", batch_size="4", calib_images="8")
+    assert main(argv) == 0, capsys.readouterr().err
+    assert loaded.predict_ms(None) == pytest.approx(base_ms) and loaded.base_ms == base_ms
+    loaded.scale = 3.0
+    argv[argv.index("--budget") + 1] = "5%latency"
+    argv[argv.index("--study-name") + 1] = "g"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "below the fastest schedule" in err and f"unreduced {base_ms:.2f} ms" in err and err.count("\n") == 1
