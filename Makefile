@@ -23,7 +23,7 @@ TRIALS  ?= 40
 DEVICE  ?= cpu
 MODEL   ?= deit_tiny_patch16_224
 
-.PHONY: setup search test studies clean lock wheel-check
+.PHONY: setup search test studies front-studies clean lock wheel-check
 
 LOCK   := constraints.txt
 
@@ -68,6 +68,17 @@ studies: setup
 	  $(BIN)/rapid-search evaluate --schedule studies/$$m-$${r}pct.yaml --data $(SHARED)/data/imagenet-eval \
 	    --threads $(STUDY_THREADS) --batch-size 32 --json studies/$$m-$${r}pct.eval.json || exit 1; \
 	done; done
+
+# The front studies shipped in studies/: one 35%..70%GFLOPs study per model (90 trials), exported at 70/50/35%.
+front-studies: setup
+	for m in $(STUDY_MODELS); do \
+	  $(BIN)/rapid-search search --model $$m --data $(SHARED)/data/imagenet-calib --budget 35%..70%GFLOPs \
+	    --trials 90 --calib-images $(STUDY_CALIB) --seed 0 --metric kl --progress plain \
+	    --threads $(STUDY_THREADS) --study-name $$m-front --out studies/$$m-front.yaml || exit 1; \
+	  for r in $(STUDY_RATIOS); do $(BIN)/rapid-search export --study-name $$m-front --budget $${r}%GFLOPs \
+	    --out studies/$$m-front-$${r}pct.yaml || exit 1; done; \
+	  $(BIN)/rapid-search front --study-name $$m-front --out benchmarks/front/$$m.png > benchmarks/front/$$m.txt || exit 1; \
+	done
 
 # The wheel is the product: build it, install it alone into a fresh venv (runtime only, then with
 # the search extras), and run the README's Python API example and main command from outside the tree.
