@@ -534,6 +534,14 @@ def _check_attn(i: int, attn: nn.Module, allowed: tuple) -> None:
         _refuse(f"block {i}'s {type(attn).__name__} has neither qkv nor q/k/v projections")
 
 
+def _check_blocks(model: nn.Module, blocks: tuple, attns: tuple, what: str) -> None:
+    """Every block's forward is one of ``blocks`` (``what`` names them) and its attention one of ``attns``."""
+    for i, blk in enumerate(model.blocks):
+        if not any(_forward_is(blk, c) for c in blocks):
+            _refuse(f"block {i} is {type(blk).__name__}, not {what}")
+        _check_attn(i, blk.attn, attns)
+
+
 def _check_head(model: nn.Module) -> None:
     from timm.layers import AttentionPoolLatent
 
@@ -576,10 +584,8 @@ def _check_eva(model: nn.Module) -> Adapter:
 
     _check_patch_embed(model)
     _check_head(model)
+    _check_blocks(model, (EvaBlock, EvaBlockPostNorm), (EvaAttention, AttentionRope), "EvaBlock or EvaBlockPostNorm")
     for i, blk in enumerate(model.blocks):
-        if not (_forward_is(blk, EvaBlock) or _forward_is(blk, EvaBlockPostNorm)):
-            _refuse(f"block {i} is {type(blk).__name__}, not EvaBlock or EvaBlockPostNorm")
-        _check_attn(i, blk.attn, (EvaAttention, AttentionRope))
         if int(getattr(blk.attn, "num_prefix_tokens", model.num_prefix_tokens)) != model.num_prefix_tokens:
             _refuse(f"block {i} applies RoPE after {blk.attn.num_prefix_tokens} prefix tokens but the model has {model.num_prefix_tokens}")
     return EVA
@@ -591,10 +597,7 @@ def _check_beit(model: nn.Module) -> Adapter:
     _check_patch_embed(model)
     if model.global_pool not in ("avg", "token", ""):
         _refuse(f"global_pool={model.global_pool!r} is not supported")
-    for i, blk in enumerate(model.blocks):
-        if not _forward_is(blk, Block):
-            _refuse(f"block {i} is {type(blk).__name__}, not BEiT's Block")
-        _check_attn(i, blk.attn, (Attention,))
+    _check_blocks(model, (Block,), (Attention,), "BEiT's Block")
     return BEIT
 
 
@@ -605,10 +608,7 @@ def _check_relpos(model: nn.Module) -> Adapter:
     _check_patch_embed(model)
     if model.global_pool not in ("avg", "token", ""):
         _refuse(f"global_pool={model.global_pool!r} is not supported")
-    for i, blk in enumerate(model.blocks):
-        if not (_forward_is(blk, RelPosBlock) or _forward_is(blk, ResPostRelPosBlock)):
-            _refuse(f"block {i} is {type(blk).__name__}, not RelPosBlock or ResPostRelPosBlock")
-        _check_attn(i, blk.attn, (RelPosAttention,))
+    _check_blocks(model, (RelPosBlock, ResPostRelPosBlock), (RelPosAttention,), "RelPosBlock or ResPostRelPosBlock")
     for m in [model.shared_rel_pos] + [b.attn.rel_pos for b in model.blocks]:
         if m is not None and type(m) not in (RelPosBias, RelPosMlp):
             _refuse(f"relative position module {type(m).__name__} is not RelPosBias or RelPosMlp")

@@ -180,27 +180,11 @@ class _Walk:
 
     def enter(self, folder: Path) -> bool:
         """Whether ``folder`` is a directory not entered before (marks it entered)."""
-        try:
-            st = os.stat(folder)
-        except OSError:
-            return False
-        key = (st.st_dev, st.st_ino)
-        if not stat.S_ISDIR(st.st_mode) or key in self.dirs:
-            return False
-        self.dirs.add(key)
-        return True
+        return _first_visit(folder, stat.S_ISDIR, self.dirs)
 
     def take(self, path: Path) -> bool:
         """Whether ``path`` is a regular file not listed before (marks it listed)."""
-        try:
-            st = os.stat(path)
-        except OSError:  # a link to itself (ELOOP), dangling, no permission
-            return False
-        key = (st.st_dev, st.st_ino)
-        if not stat.S_ISREG(st.st_mode) or key in self.files:
-            return False
-        self.files.add(key)
-        return True
+        return _first_visit(path, stat.S_ISREG, self.files)
 
     def images(self, folder: Path) -> list[Path]:
         """Every image file under ``folder`` (recursive, hidden entries skipped), sorted."""
@@ -224,6 +208,19 @@ class _Walk:
                     subdirs.append(Path(e.path))
             todo.extend(reversed(subdirs))  # depth first, in name order
         return sorted(found)
+
+
+def _first_visit(path: Path, kind: Callable[[int], bool], seen: set[tuple[int, int]]) -> bool:
+    """Whether ``path`` (links followed) is of ``kind`` and its (device, inode) not in ``seen`` (added)."""
+    try:
+        st = os.stat(path)
+    except OSError:  # a link to itself (ELOOP), dangling, no permission
+        return False
+    key = (st.st_dev, st.st_ino)
+    if not kind(st.st_mode) or key in seen:
+        return False
+    seen.add(key)
+    return True
 
 
 def _entry_is_dir(e: "os.DirEntry[str]") -> bool:
