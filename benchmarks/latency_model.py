@@ -77,7 +77,7 @@ def main() -> None:
         around = {k: functools.partial(applied, model, s) for k, s in scheds.items() if s is not None}
         t = time_rounds(runs, device="cpu", repeats=args.repeats, warmup=2, batch_size=bs, time_limit=args.seconds, stable=0.02, around=around)
         own = lat.predict_ms(None)
-        lat.scale *= t["unreduced"].median_ms / own  # anchored as runner._time_latency does
+        lat.anchor(t["unreduced"].median_ms)  # as a latency search anchors it
         print(f"\n{args.model}, batch {bs}, float32 eager, {args.threads} thread(s); the model's own calibration predicted the "
               f"unreduced forward at {own:.2f} ms, measured in the rounds {t['unreduced'].median_ms:.2f} ms ({own / t['unreduced'].median_ms - 1:+.1%})")
         print("| schedule | GFLOPs | predicted ms | measured ms (IQR) | prediction error |\n|---|---|---|---|---|")

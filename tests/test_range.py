@@ -11,6 +11,7 @@ import rapid_search as rs
 from rapid_search.cli import main
 from rapid_search.search.budget import BudgetError, parse_budget
 from rapid_search.search.storage import open_storage
+from rapid_search.tools.latency import LatencyModel
 from rapid_search.tools.front import FrontPoint, pareto_front
 
 from helpers import search_argv
@@ -198,6 +199,8 @@ class _MacsClock:
 
     def predict_ms(self, layers, **_):
         return self.scale * self._ms(layers)
+
+    anchor = LatencyModel.anchor
 
     def timing(self, schedule):
         ms = self._ms(schedule)

@@ -500,9 +500,7 @@ def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: 
     latency_model = LatencyModel.measure(model, device=device, batch_size=opts.batch_size, compile=opts.compile)
     base_t = measure_schedule_ms(model, None, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=opts.compile)
     base_ms = base_t.median_ms
-    if base_ms > 0:  # predictions and the target on one scale: this measurement, not the model's own calibration run
-        latency_model.scale *= base_ms / latency_model.predict_ms(None)
-        latency_model.base_ms = base_ms
+    latency_model.anchor(base_ms)  # predictions and the target on one scale
     lo, hi = LATENCY_MARGIN
     margin = min(hi, max(lo, base_t.iqr_ms / base_ms if base_ms > 0 else hi))
     target = Target.of(plan.spec, base_gflops=info.base_gflops, base_latency_ms=base_ms)

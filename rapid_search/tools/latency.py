@@ -252,6 +252,14 @@ class LatencyModel:
             sized = sized or (layer.op in _MERGING_OPS and m < n)
         return total * (self.scale if calibrated else 1.0)
 
+    def anchor(self, measured_ms: float) -> None:
+        """Rescale predictions so that the unreduced model's is ``measured_ms`` (a timing taken under
+        the load the schedules will be timed in; the model's own calibration run may have met other load)."""
+        own = self.predict_ms(None)
+        if measured_ms > 0 and own > 0:
+            self.scale *= measured_ms / own
+            self.base_ms = measured_ms
+
 
 def _probes(
     model: nn.Module,
