@@ -65,13 +65,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15, help="timed rounds at least")
     ap.add_argument("--seconds", type=float, default=60.0, help="more rounds until stable, at most this long")
     ap.add_argument("--studies", type=Path, default=Path("studies"))
+    ap.add_argument("--model-repeats", type=int, default=None, help="rounds the latency model times its parts in (default: as a search does)")
     args = ap.parse_args()
     set_cpu_threads(args.threads)
     model = load_model(args.model, pretrained=False)
     scheds = schedules(model, args.ratio, args.studies)
     info = model_info(model)
     for bs in (int(b) for b in args.batch_sizes.split(",")):
-        lat = LatencyModel.measure(model, device="cpu", batch_size=bs)
+        lat = LatencyModel.measure(model, device="cpu", batch_size=bs, **({} if args.model_repeats is None else {"repeats": args.model_repeats}))
         img = torch.randn(bs, *_input_size(model))  # (B, 3, H, W)
         runs = {k: (lambda: model(img)) for k in scheds}
         around = {k: functools.partial(applied, model, s) for k, s in scheds.items() if s is not None}

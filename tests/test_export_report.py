@@ -36,9 +36,10 @@ def test_latency_search_reports_its_export(tiny_search, tmp_path, capsys):
     code = main(argv)
     out = capsys.readouterr()
     text = out.out + out.err
-    assert "export: re-measured" in text and "against the target" in text
-    # on a loaded machine a re-measurement can miss the target: the export then says so and fails
+    # on a loaded machine a tiny model's timings can miss a 90% target: the search then says so and fails
     if code == 0:
-        assert "export: wrote #" in text
-    else:
+        assert "export: re-measured" in text and "against the target" in text and "export: wrote #" in text
+    elif "export: re-measured" in text:  # trials met it when timed, their re-measurements did not
         assert code == 2 and "export: no re-measured candidate meets the target" in text
+    else:  # every trial was timed over the target: no candidate to re-measure
+        assert code == 2 and "trials timed on the device missed the target" in text and "(fastest " in text

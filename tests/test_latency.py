@@ -6,7 +6,7 @@ import pytest
 
 import rapid_search as rs
 from rapid_search import LayerSpec
-from rapid_search.tools.latency import LatencyModel, LatencyModelError, _fit_nonneg_quadratic, measure_schedule_ms
+from rapid_search.tools.latency import LatencyModel, LatencyModelError, _fit_nonneg_quadratic, _fixed_and_per_token, measure_schedule_ms
 
 from helpers import FAMILIES
 
@@ -27,8 +27,10 @@ def test_measure_fills_every_part(lat, model):
     assert lat.grid[0] == info.num_prefix_tokens + 1 and lat.grid[-1] == info.num_tokens and len(lat.grid) == 5
     assert all(v > 0 for v in lat.attn_ms + lat.mlp_ms)
     assert all(c >= 0 for c in lat.attn_fit + lat.mlp_fit)
-    assert set(lat.op_overhead_ms) == {"prune", "merge", "tome", "evit"} and all(v >= 0 for v in lat.op_overhead_ms.values())
-    assert lat.stem_ms > 0 and lat.sized_overhead_ms >= 0
+    assert set(lat.op_overhead_ms) == {"prune", "merge", "tome", "evit"}
+    assert all(len(v) == 2 and min(v) >= 0 for v in [*lat.op_overhead_ms.values(), lat.sized_overhead_ms])  # (fixed, per token)
+    assert lat.probe_tokens[0] == info.num_tokens > lat.probe_tokens[1] > info.num_prefix_tokens + 1
+    assert lat.stem_ms > 0
     assert lat.base_ms is not None and lat.base_ms > 0
     assert lat.predict_ms(None) == pytest.approx(lat.base_ms)  # calibrated to the measured unreduced forward
 
@@ -50,7 +52,8 @@ def test_prediction_formula():
     lat = LatencyModel(
         info=info, device="cpu", batch_size=1, dtype="float32", grid=[2, N], attn_ms=[1.0, 2.0], mlp_ms=[1.0, 2.0],
         attn_fit=(1.0, 0.01, 0.0), mlp_fit=(0.5, 0.02, 0.0), stem_ms=3.0,
-        op_overhead_ms={"prune": 0.5, "merge": 0.7, "tome": 0.3, "evit": 0.2}, sized_overhead_ms=0.1, ref_tokens=N, scale=2.0,
+        op_overhead_ms={"prune": (0.4, 0.1 / N), "merge": (0.7, 0.0), "tome": (0.0, 0.3 / N), "evit": (0.2, 0.0)},
+        sized_overhead_ms=(0.05, 0.05 / N), probe_tokens=(N, N // 2), scale=2.0,
     )  # fmt: skip
     block = 1.0 + 0.01 * N + 0.5 + 0.02 * N
     assert lat.predict_ms(None, calibrated=False) == pytest.approx(3.0 + L * block)
@@ -58,7 +61,7 @@ def test_prediction_formula():
     # one tome block first: it and every later block run with token sizes in flight
     layers = [LayerSpec("tome", 10)] + [LayerSpec()] * (L - 1)
     n1 = N - 10
-    want = 3.0 + (1.0 + 0.01 * N + 0.5 + 0.02 * n1 + 0.3) + (L - 1) * (1.0 + 0.01 * n1 + 0.5 + 0.02 * n1 + 0.1 * n1 / N)
+    want = 3.0 + (1.0 + 0.01 * N + 0.5 + 0.02 * n1 + 0.3) + (L - 1) * (1.0 + 0.01 * n1 + 0.5 + 0.02 * n1 + 0.05 + 0.05 * n1 / N)
     assert lat.predict_ms(layers, calibrated=False) == pytest.approx(want)
     # a prune block: no sizes in flight afterwards
     layers = [LayerSpec("prune", 10)] + [LayerSpec()] * (L - 1)
@@ -73,6 +76,15 @@ def test_nonneg_fit_is_monotone_on_noisy_data():
     assert all(v >= 0 for v in c)
     c = _fit_nonneg_quadratic([1, 2, 3, 4], [3.0, 5.0, 7.0, 9.0])
     assert c == pytest.approx((1.0, 2.0, 0.0), abs=1e-9)
+
+
+def test_overhead_is_split_into_fixed_and_per_token():
+    assert _fixed_and_per_token((200, 100), (3.0, 2.0)) == pytest.approx((1.0, 0.01))  # 1 ms + 0.01 ms per token
+    assert _fixed_and_per_token((200, 100), (2.0, 2.0)) == pytest.approx((2.0, 0.0))  # batch 1: all fixed cost
+    assert _fixed_and_per_token((200, 100), (2.0, 0.0)) == pytest.approx((0.0, 0.01))  # all per token
+    assert _fixed_and_per_token((200, 100), (1.5, 2.0)) == pytest.approx((1.5, 0.0))  # noise: slope < 0
+    assert _fixed_and_per_token((200, 100), (4.0, 0.5)) == pytest.approx((0.0, 0.02))  # never a negative fixed cost
+    assert _fixed_and_per_token((200, 100), (-0.1, -0.2)) == (0.0, 0.0)
 
 
 def test_measure_schedule_ms(model):

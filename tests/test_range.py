@@ -10,7 +10,9 @@ import timm
 import rapid_search as rs
 from rapid_search.cli import main
 from rapid_search.search.budget import BudgetError, parse_budget
+from rapid_search.search.space import project
 from rapid_search.search.storage import open_storage
+from rapid_search.search.study import hand_shape, latency_correction
 from rapid_search.tools.latency import LatencyModel
 from rapid_search.tools.front import FrontPoint, pareto_front
 
@@ -284,3 +286,37 @@ def test_latency_floor_is_judged_against_the_measured_unreduced(tiny_search, tmp
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "below the fastest schedule" in err and f"unreduced {base_ms:.2f} ms" in err and err.count("\n") == 1
+
+
+class _Pessimist(_MacsClock):
+    """A latency model that credits a reduction with only 60% of the time it saves on the device (as
+    the real model over-predicted aggressive schedules at batch 1 on a loaded CPU)."""
+
+    def predict_ms(self, layers, **_):
+        base = self._ms(None)
+        return self.scale * (base - 0.6 * (base - self._ms(layers)))
+
+
+def test_latency_search_learns_the_models_error_from_timed_trials(tiny_search, tmp_path, capsys, monkeypatch):
+    """Every trial of a latency search is timed on the device, and later trials' projections use the
+    predictions rescaled by measured / predicted: a budget the pessimistic model alone calls out of
+    reach is searched, and the written schedule uses it and meets it."""
+    from rapid_search.tools import latency
+
+    info = rs.model_info(timm.create_model("test_vit"))
+    model, truth = _Pessimist(info), _MacsClock(info)
+    monkeypatch.setattr(latency.LatencyModel, "measure", classmethod(lambda cls, *a, **k: model))
+    monkeypatch.setattr(latency, "measure_schedule_ms", lambda m, schedule, **k: truth.timing(schedule))
+    journal = f"journal:{tmp_path / 'p.journal'}"
+    argv = search_argv(tiny_search, "p", "--storage", journal, "--out", str(tmp_path / "p.yaml"), "--rungs", "1", budget="60%latency",
+                       trials="8", batch_size="4", calib_images="8")
+    assert main(argv) == 0, capsys.readouterr().err
+    target = 0.6 * truth._ms(None)
+    assert project(info, hand_shape(info), target * 0.98, cost=model.predict_ms) is None  # by the model alone: out of reach
+    s = rs.Schedule.load(tmp_path / "p.yaml")
+    assert 0.85 * target <= truth._ms(s) <= target and s.budget.achieved["latency_ms"] == pytest.approx(truth._ms(s))
+    study = optuna.load_study(study_name="p", storage=open_storage(journal, study_name="p"))
+    timed = [t for t in study.trials if "measured_ms" in t.user_attrs]
+    assert len(timed) >= 6 and latency_correction(study) == pytest.approx(np.median([t.user_attrs["measured_ms"] / t.user_attrs["model_ms"] for t in timed]))
+    over = [t for t in timed if t.user_attrs["measured_ms"] > target]
+    assert all(t.state == optuna.trial.TrialState.PRUNED and t.constraints["budget"] > 0 for t in over)  # timed over the target: not scored

@@ -10,7 +10,7 @@ import timm
 
 from rapid_search import model_info, schedule_macs
 from rapid_search.search.space import DEFAULT_SPACE, SearchSpace, SearchSpaceError, layers_for, project
-from rapid_search.search.study import cheapest_ratio
+from rapid_search.search.study import cheapest
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_projection_meets_and_uses_the_budget(info, ratio):
 
 def test_cheapest_ratio_is_a_floor(info):
     space = SearchSpace.load()
-    floor = cheapest_ratio(info, space)
+    floor, _ = cheapest(info, space)
     assert 0.05 < floor < 0.35
     shape = {"switch": 0, "prune_weight": 1.0, "decay": 0.0, "protect": 0.0}
     assert project(info, shape, (floor - 0.01) * info.base_macs) is None

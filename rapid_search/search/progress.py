@@ -191,8 +191,10 @@ class Progress:
 
 
 def _cost(trial: Any) -> str:
-    """`` @ <cost>`` of a trial (predicted ms or GFLOPs), or ``""``."""
+    """`` @ <cost>`` of a trial (timed or predicted ms, or GFLOPs), or ``""``."""
     attrs = trial.user_attrs
+    if "measured_ms" in attrs and "predicted_ms" in attrs:  # (a trial pruned before projection timed another schedule)
+        return f" @ {attrs['measured_ms']:.2f} ms (predicted {attrs['predicted_ms']:.2f})"
     if "predicted_ms" in attrs:
         return f" @ {attrs['predicted_ms']:.2f} ms"
     gflops = attrs.get("gflops", attrs.get("analytic_gflops"))

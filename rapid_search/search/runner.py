@@ -25,6 +25,7 @@ from ..runtime.flops import ModelInfo
 from ..tools.loading import load_model
 from ..tools.measure import parse_device, parse_dtype, set_cpu_threads
 from ..tools.provenance import versions
+from ..runtime.presets import make_schedule
 from ..runtime.schedule import Schedule
 from .budget import BudgetError, BudgetSpec, Target, parse_budget
 from .progress import Progress, summarize_search
@@ -41,7 +42,17 @@ from .storage import (
     open_storage,
     safe_reason,
 )
-from .study import HAND_SET_LEVELS, LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest_ratio, export_best, hand_shape
+from .study import (
+    HAND_SET_LEVELS,
+    LATENCY_MARGIN,
+    Calibration,
+    Objective,
+    SearchError,
+    cheapest,
+    export_best,
+    hand_shape,
+    latency_correction,
+)
 from .workers import run_trials
 
 __all__ = [
@@ -441,7 +452,7 @@ def _plan(opts: SearchOptions) -> _Plan:
     target = None
     if spec.kind == "gflops":
         target = Target.of(spec, base_gflops=info.base_gflops)
-        floor = cheapest_ratio(info, space)
+        floor, _ = cheapest(info, space)
         if (target.lo_cost or target.cost) < floor * info.base_macs:
             raise SearchError(
                 f"budget {opts.budget} ({target.lo or target.value:.3f} GFLOPs) is below the cheapest schedule the search space allows "
@@ -504,7 +515,12 @@ def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: 
     lo, hi = LATENCY_MARGIN
     margin = min(hi, max(lo, base_t.iqr_ms / base_ms if base_ms > 0 else hi))
     target = Target.of(plan.spec, base_gflops=info.base_gflops, base_latency_ms=base_ms)
-    floor = cheapest_ratio(info, plan.space, cost=lambda layers: float(latency_model.predict_ms(layers)))
+    floor, fastest = cheapest(info, plan.space, cost=lambda layers: float(latency_model.predict_ms(layers)))
+    if (target.lo or target.value) < floor * base_ms and not opts.compile:  # predicted out of reach: time it before refusing
+        timed = measure_schedule_ms(
+            model, make_schedule(info, fastest, method="fastest"), device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats
+        )
+        floor = timed.median_ms / base_ms
     if (target.lo or target.value) < floor * base_ms:
         raise SearchError(
             f"budget {opts.budget} ({target.lo or target.value:.2f} ms) is below the fastest schedule the search space allows "
@@ -565,6 +581,7 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
             batch_size=opts.batch_size,
             n_rungs=opts.rungs,
             latency_model=loaded.latency_model,
+            measure_ms=_trial_timer(plan, loaded),
             margin=loaded.margin,
             lo=(plan.within or loaded.target).lo_cost,
             at=loaded.target.cost if plan.within else None,
@@ -653,6 +670,18 @@ def _finished_or_none(study: optuna.Study) -> Optional[int]:
         return None
 
 
+def _trial_timer(plan: _Plan, loaded: _Loaded) -> Optional[Callable[[Schedule], float]]:
+    """Latency budgets: time each trial's schedule on the device (half the export's repeats, at least
+    3); None for FLOPs budgets and compiled timings (each new schedule would compile first)."""
+    opts = plan.opts
+    if plan.spec.kind != "latency" or opts.compile:
+        return None
+    from ..tools.latency import measure_schedule_ms
+
+    repeats = max(3, opts.latency_repeats // 2)
+    return lambda s: measure_schedule_ms(loaded.model, s, device=plan.device, batch_size=opts.batch_size, repeats=repeats, warmup=1).median_ms
+
+
 def _export(
     study: optuna.Study, *, plan: _Plan, loaded: _Loaded, log: Optional[Callable[[str], None]] = None
 ) -> tuple[Schedule, optuna.trial.FrozenTrial]:
@@ -669,7 +698,7 @@ def _export(
             t = measure_schedule_ms(
                 loaded.model, s, device=plan.device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=opts.compile
             )
-            predicted = float(loaded.latency_model.predict_ms(s))
+            predicted = float(loaded.latency_model.predict_ms(s)) * latency_correction(study)
             checked.append({"method": s.provenance.get("method", "?"), "predicted_ms": predicted, "measured_ms": t.median_ms})
             if t.median_ms > target.value:
                 return None
@@ -690,9 +719,15 @@ def _export(
         final, trial = export_best(
             study, plan.out, budget=target.budget(), extra_scores=extra, provenance=prov, accept=accept, max_gflops=target.value if plan.within else None
         )
-    except SearchError:
+    except SearchError as e:
         for line in export_report(checked, target.value, chosen=None):
             say(line)
+        timed = [t.user_attrs["measured_ms"] for t in study.get_trials(deepcopy=False) if "measured_ms" in t.user_attrs and "predicted_ms" in t.user_attrs]
+        if not checked and timed:  # a latency search whose every trial was timed over the target
+            raise SearchError(
+                f"every one of the {len(timed)} trials timed on the device missed the target {target.value:.2f} ms "
+                f"(fastest {min(timed):.2f} ms) — relax --budget or run more trials"
+            ) from e
         raise
     for line in export_report(checked, target.value, chosen=len(checked) - 1 if checked else None):
         say(line)

@@ -33,7 +33,17 @@ from ..runtime.schedule import Budget, LayerSpec, Schedule
 from .space import SearchSpace, layers_for, project
 from ..errors import RapidSearchError
 
-__all__ = ["SearchError", "Objective", "Calibration", "cheapest_ratio", "LATENCY_MARGIN", "export_best", "feasible_trials", "trial_schedule"]
+__all__ = [
+    "SearchError",
+    "Objective",
+    "Calibration",
+    "cheapest",
+    "LATENCY_MARGIN",
+    "export_best",
+    "feasible_trials",
+    "latency_correction",
+    "trial_schedule",
+]
 
 
 class SearchError(RapidSearchError, ValueError):
@@ -66,17 +76,19 @@ class Calibration:
         return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
-def cheapest_ratio(info: ModelInfo, space: SearchSpace, cost: Optional[Callable[[list[LayerSpec]], float]] = None) -> float:
-    """Lowest cost, relative to the unreduced model, that the space's extreme shapes reach."""
+def cheapest(info: ModelInfo, space: SearchSpace, cost: Optional[Callable[[list[LayerSpec]], float]] = None) -> tuple[float, list[LayerSpec]]:
+    """``(ratio, layers)``: the lowest cost, relative to the unreduced model, that the space's extreme
+    shapes reach, and the layers reaching it."""
     cost = cost or (lambda layers: float(schedule_macs(info, layers)))
     base = cost([LayerSpec()] * info.depth)
-    best = math.inf
+    best: tuple[float, list[LayerSpec]] = (math.inf, [])
     for sw in {space.switch.low, space.switch.high}:
         for pw in {space.prune_weight.low, space.prune_weight.high, 1.0}:
             for dc in {space.decay.low, space.decay.high, 0.0}:
                 shape = {"switch": round(sw * info.depth), "prune_weight": pw, "decay": dc, "protect": space.protect.low}
-                best = min(best, cost(layers_for(info, shape, 1e6)))  # every count at its cap
-    return best / base
+                layers = layers_for(info, shape, 1e6)  # every count at its cap
+                best = min(best, (cost(layers), layers), key=lambda b: b[0])
+    return best[0] / base, best[1]
 
 
 def trial_schedule(trial: optuna.trial.FrozenTrial) -> Schedule:
@@ -97,6 +109,29 @@ FIRST_RUNG_SLACK = 0.02
 #: clamped to this range. Drawn right up to the target, a schedule's final re-measurement (the
 #: median of repeated runs) lands above it about half the time; the margin keeps it below.
 LATENCY_MARGIN = (0.02, 0.10)
+
+#: Latency budgets: the learned correction (measured / predicted latency) is kept within this range.
+LATENCY_CORRECTION = (0.5, 2.0)
+
+
+def latency_correction(study: optuna.Study) -> float:
+    """Measured over predicted latency, the median over the study's trials timed on the device so far
+    (1 before any; clamped to :data:`LATENCY_CORRECTION`).
+
+    The latency model's error is mostly systematic for a (model, device, batch size): for example
+    at batch 1 on a loaded 2-core CPU it over-predicted schedules that reduce to a few tokens by
+    about 20%. Every trial of a latency search is timed, and later trials' projections use the
+    predictions rescaled by this factor, so the search learns the error instead of under- or
+    over-using the budget.
+    """
+    ratios = [
+        t.user_attrs["measured_ms"] / t.user_attrs["model_ms"]
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        if t.user_attrs.get("model_ms", 0) > 0 and "measured_ms" in t.user_attrs
+    ]
+    lo, hi = LATENCY_CORRECTION
+    return min(hi, max(lo, float(np.median(ratios)))) if ratios else 1.0
+
 
 #: Range budgets: the hand-set schedule is a warm start at this many budgets spread over the
 #: range (what a trial's gain is measured against; and for any budget a hand-set schedule close below it).
@@ -129,6 +164,7 @@ class Objective:
         batch_size: int,
         n_rungs: int = 3,
         latency_model: Any = None,
+        measure_ms: Optional[Callable[[Schedule], float]] = None,
         margin: float = 0.0,
         lo: Optional[float] = None,
         at: Optional[float] = None,
@@ -139,14 +175,16 @@ class Objective:
         # LATENCY_MARGIN); ``lo``: a range budget's low end (each trial's target is drawn in [lo, target])
         self.margin, self.lo, self.at = margin, lo, at  # ``at``: refining a range study, every trial's target
         self.device, self.batch_size = device, batch_size
-        self.latency_model = latency_model
+        # latency budgets: ``measure_ms`` times a trial's schedule on the device (None: predictions
+        # only, e.g. compiled); predictions are rescaled by the study's ``latency_correction``
+        self.latency_model, self.measure_ms, self.correction = latency_model, measure_ms, 1.0
         self.rungs = calib.rungs(n_rungs)
         self.images_forwarded = 0
 
     # cost of a layer list in the budget's units (analytic MACs or predicted ms)
     def cost(self, layers: list[LayerSpec]) -> float:
         if self.cost_kind == "latency":
-            return float(self.latency_model.predict_ms(layers))
+            return float(self.latency_model.predict_ms(layers)) * self.correction
         return float(schedule_macs(self.info, layers))
 
     def _trial_target(self, trial: optuna.trial.Trial) -> float:
@@ -233,11 +271,31 @@ class Objective:
         trial.set_user_attr("rung_scores", raws)
         return scores, float(torch.cat(macs).mean()), seconds
 
+    def _time_on_device(self, trial: optuna.trial.Trial, schedule: Schedule, target: float) -> Optional[float]:
+        """Latency budgets: time the trial's schedule on the device; a trial over the target is pruned."""
+        model_ms = float(self.latency_model.predict_ms(schedule))
+        trial.set_user_attr("predicted_ms", model_ms * self.correction)
+        if self.measure_ms is None:
+            return None
+        measured = float(self.measure_ms(schedule))
+        trial.set_user_attr("model_ms", model_ms)
+        trial.set_user_attr("measured_ms", measured)
+        if measured > target:
+            trial.set_constraint("budget", (measured - target) / target)
+            raise optuna.TrialPruned(f"over budget when timed ({measured:.2f} ms)")
+        return measured
+
     def __call__(self, trial: optuna.trial.Trial) -> float:
         t0 = time.perf_counter()
         target = self._trial_target(trial)
+        if self.cost_kind == "latency":
+            self.correction = latency_correction(trial.study)
         schedule, shape = self._schedule(trial, target * (1.0 - self.margin))
         if schedule is None:
+            if self.measure_ms is not None and shape is not None:  # predicted out of reach: time its fastest, to learn from
+                fastest = make_schedule(self.info, layers_for(self.info, shape, 1e6), method="fastest")
+                trial.set_user_attr("model_ms", float(self.latency_model.predict_ms(fastest)))
+                trial.set_user_attr("measured_ms", float(self.measure_ms(fastest)))
             trial.set_constraint("budget", 1.0)
             raise optuna.TrialPruned("no schedule of this shape meets the budget")
         first = None
@@ -253,13 +311,12 @@ class Objective:
         trial.set_user_attr("schedule", schedule.to_dict())
         analytic = schedule_macs(self.info, schedule)
         trial.set_user_attr("analytic_gflops", analytic / 1e9)
-        if self.cost_kind == "latency":
-            trial.set_user_attr("predicted_ms", self.cost(list(schedule.layers)))
+        measured = self._time_on_device(trial, schedule, target) if self.cost_kind == "latency" else None
         scores, mean_macs, fwd = self._run(trial, schedule, first, target)
         trial.set_user_attr("gflops", mean_macs / 1e9)
         for k, v in scores.items():
             trial.set_user_attr(k, v)
-        cost = mean_macs if self.cost_kind == "gflops" else trial.user_attrs["predicted_ms"]
+        cost = mean_macs if self.cost_kind == "gflops" else (measured if measured is not None else trial.user_attrs["predicted_ms"])
         trial.set_constraint("budget", (cost - target) / target)
         trial.set_user_attr("forward_s", fwd)
         trial.set_user_attr("trial_s", time.perf_counter() - t0)

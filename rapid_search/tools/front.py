@@ -3,7 +3,7 @@
 The front is the set of finished trials that meet their budget and that no other such trial
 beats at the same or a lower cost (non-dominated in (cost, calibration score)). Cost is the
 measured GFLOPs per image (analytic MACs x 1e-9, threshold schedules by their executed mean),
-or for a latency study the predicted milliseconds per batch. The schedules ``rapid-search
+or for a latency study the milliseconds per batch (timed on the device when the trial was, else predicted). The schedules ``rapid-search
 export`` wrote from the study are marked (``export`` records them in the study).
 
 Works on a study read from its storage only (no model, no images); matplotlib is imported when
@@ -34,7 +34,7 @@ class FrontPoint:
 def study_points(study: Any) -> tuple[list[FrontPoint], str, str]:
     """``(points, unit, metric)``: every finished trial of ``study`` that meets its budget.
 
-    ``unit`` is ``"GFLOPs"`` or ``"ms"`` (a latency study: predicted latency per batch).
+    ``unit`` is ``"GFLOPs"`` or ``"ms"`` (a latency study: latency per batch, timed or predicted).
     """
     from optuna.trial import TrialState
 
@@ -47,7 +47,8 @@ def study_points(study: Any) -> tuple[list[FrontPoint], str, str]:
         if t.value is None or key not in a or "schedule" not in a or any(v > 0 for v in t.constraints.values()):
             continue
         method = a.get("warm_start") or "rapid-search"
-        points.append(FrontPoint(t.number, float(a[key]), float(a.get("score", t.value)), method, dict(t.params)))
+        cost = a.get("measured_ms", a[key]) if latency else a[key]
+        points.append(FrontPoint(t.number, float(cost), float(a.get("score", t.value)), method, dict(t.params)))
     return points, unit, str(setup.get("metric", "kl"))
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import RapidSearchError
 from ..runtime.flops import ModelInfo, effective_r, token_counts
+from ..runtime.ops import _wide
 from ..runtime.patch import applied, is_patched
 from ..runtime.presets import DEFAULT_PROTECT, as_schedule, make_schedule
 from ..runtime.schedule import OPS, LayerSpec, Schedule
@@ -67,6 +68,17 @@ def _fit_nonneg_quadratic(n: Sequence[float], y: Sequence[float]) -> tuple[float
     return best[1]
 
 
+def _fixed_and_per_token(n: tuple[int, int], y: tuple[float, float]) -> tuple[float, float]:
+    """``(fixed, per token)``, both ``>= 0``, of the line through the extra times ``y`` measured at
+    token counts ``n`` (``n[0] > n[1]``): a negative slope (noise) becomes a fixed cost, a line
+    that would need a negative fixed cost goes through the origin and ``y[0]``, a negative time is zero."""
+    y1, y2 = max(0.0, y[0]), max(0.0, y[1])
+    per = max(0.0, (y1 - y2) / (n[0] - n[1])) if n[0] > n[1] else 0.0
+    if y1 - per * n[0] < 0:
+        return 0.0, y1 / n[0]
+    return y1 - per * n[0], per
+
+
 def _poly(c: Sequence[float], n: float) -> float:
     return float(c[0] + c[1] * n + c[2] * n * n)
 
@@ -103,10 +115,13 @@ class LatencyModel:
         attn_fit: ``(c0, c1, c2)`` of the attention half's fit (ms).
         mlp_fit: ``(c0, c1, c2)`` of the MLP half's fit (ms).
         stem_ms: Patch embedding plus norm and head, per batch.
-        op_overhead_ms: Extra time of a block running each reduction op, at ``ref_tokens`` tokens.
-        sized_overhead_ms: Extra time of a block while merged-token sizes are in flight, at ``ref_tokens``.
-        ref_tokens: Token count the overheads were measured at.
-        block_factor: Whole block / sum of its separately timed halves, at ``ref_tokens``.
+        op_overhead_ms: Extra time of a block running each reduction op, as ``(fixed, per input
+            token)``: the op's own work is a fixed cost (launches, small ops: what dominates at
+            batch 1) plus a part that grows with the tokens it looks at.
+        sized_overhead_ms: Extra time of a block while merged-token sizes are in flight (proportional
+            attention), ``(fixed, per token)``.
+        probe_tokens: The two token counts the overheads were measured at.
+        block_factor: Whole block / sum of its separately timed halves, at the full token count.
         scale: Calibration factor (measured unreduced forward / uncalibrated prediction); 1 if not calibrated.
         base_ms: Measured unreduced forward (None if not calibrated).
         compiled: The calibration timed the model compiled with ``torch.compile``.
@@ -122,9 +137,9 @@ class LatencyModel:
     attn_fit: tuple[float, float, float]
     mlp_fit: tuple[float, float, float]
     stem_ms: float
-    op_overhead_ms: dict[str, float]
-    sized_overhead_ms: float
-    ref_tokens: int
+    op_overhead_ms: dict[str, tuple[float, float]]
+    sized_overhead_ms: tuple[float, float]
+    probe_tokens: tuple[int, int]
     block_factor: float = 1.0
     scale: float = 1.0
     base_ms: Optional[float] = None
@@ -137,8 +152,9 @@ class LatencyModel:
         *,
         device: DeviceLike,
         batch_size: int,
-        repeats: int = 5,
+        repeats: int = 15,
         warmup: int = 1,
+        seconds: float = 10.0,
         grid_points: int = 8,
         calibrate: bool = True,
         calibrate_repeats: int = 3,
@@ -146,15 +162,19 @@ class LatencyModel:
     ) -> "LatencyModel":
         """Time the model's parts on ``device`` (round-robin, median per part) and fit the predictor.
 
-        Cost: about ``(warmup + repeats) * (grid_points + 7)`` block times plus
-        ``calibrate_repeats`` full forward passes (seconds for DeiT-Tiny at batch 32 on CPU).
+        Cost: about ``(warmup + repeats) * (grid_points + 13)`` block times plus
+        ``calibrate_repeats`` full forward passes, then up to ``seconds`` more (DeiT-Tiny on CPU:
+        a few seconds at batch 1, under a minute at batch 32).
 
         Args:
             model: A timm ViT in eval mode, already on ``device``, with no schedule applied.
             device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
             batch_size: Images per batch (the latency budget's unit).
-            repeats: Timed rounds (the median per part is used).
+            repeats: Timed rounds (the median per part is used; with 5 instead of 15, predictions
+                on a loaded 2-core machine erred by up to 28% instead of 10%).
             warmup: Untimed runs of each part before the first round.
+            seconds: After ``repeats`` rounds, more rounds until every part's median is known to
+                ±3% (95% interval) or this many seconds have passed (0: none).
             grid_points: Token counts to time the block halves at.
             calibrate: Also time the unreduced forward and scale predictions to match it.
             calibrate_repeats: Timed full forward passes for the calibration.
@@ -171,19 +191,24 @@ class LatencyModel:
         if repeats < 1 or warmup < 0 or grid_points < 2:
             raise LatencyModelError("need repeats >= 1, warmup >= 0 and grid_points >= 2 — e.g. repeats=5, warmup=1, grid_points=8")
         info = ModelInfo.from_model(model)
+        if info.depth < 2:
+            raise LatencyModelError(f"the model has {info.depth} block(s); the latency model probes block 1, so it needs at least 2")
         dev, dtype = _checked(model, device)
         if model.training:
             raise LatencyModelError("the model is in training mode — call model.eval() before measuring latency")
-        lo, N = info.num_prefix_tokens + 1, info.num_tokens
-        grid = sorted({int(round(v)) for v in np.linspace(lo, N, grid_points)}) if N > lo else [N]
-        r_ref = max(1, round(0.08 * (N - info.num_prefix_tokens)))
+        P, N = info.num_prefix_tokens, info.num_tokens
+        grid = sorted({int(round(v)) for v in np.linspace(P + 1, N, grid_points)}) if N > P + 1 else [N]
+        r_ref = max(1, round(0.08 * (N - P)))
         specs = {op: LayerSpec(op, r_ref, None, DEFAULT_PROTECT if op == "merge" else None) for op in _REDUCING_OPS}
-        runs, around = _probes(model, info, grid, specs, B=batch_size, device=dev, dtype=dtype, calibrate=calibrate, compile=compile)
+        probe = (N, P + max(2, (N - P) // 2))  # the overheads' two token counts
+        runs, around = _probes(model, info, grid, specs, probe, B=batch_size, device=dev, dtype=dtype, calibrate=calibrate, compile=compile)
         reps = {k: calibrate_repeats if k == "full" else repeats for k in runs}
         # every part is warm when the full forward runs (last in a round); compiled, it compiles in its warm-up
         warm = {k: (1 if compile else 0) if k == "full" else warmup for k in runs}
         try:
-            timings = time_rounds(runs, device=dev, repeats=reps, warmup=warm, batch_size=batch_size, around=around)
+            timings = time_rounds(
+                runs, device=dev, repeats=reps, warmup=warm, batch_size=batch_size, around=around, time_limit=seconds, stable=0.03
+            )
         finally:
             if compile and calibrate:
                 torch._dynamo.reset()
@@ -193,13 +218,18 @@ class LatencyModel:
         halves = _poly(attn_fit, N) + _poly(mlp_fit, N)
         glue = med["block"] / halves if halves > 0 else 1.0  # the plain block at N, anchored to the measured whole block
 
-        def plain(n: int, m: int) -> float:  # a plain block, n tokens in and m out
-            return glue * (_poly(attn_fit, n) + _poly(mlp_fit, m))
+        def extra(key: str, n: int) -> float:  # median over rounds of (probe - plain block at n), both timed in each round
+            paired = np.subtract(timings[f"{key}@{n}"].times_ms, timings[f"plain@{n}"].times_ms)
+            return float(np.median(paired))
 
-        out = {op: N - effective_r(spec, N, info.num_prefix_tokens) for op, spec in specs.items()}  # tokens after each op
-        overhead = {op: max(0.0, med[f"op_{op}"] - plain(N, out[op])) for op in specs}
-        m = out["tome"]  # blocks after a merge: the tome probe's plain second block, per token at N
-        sized = max(0.0, (med["sized"] - med["op_tome"] - plain(m, m)) * N / m)
+        def line(over: Callable[[int], float]) -> tuple[float, float]:
+            return _fixed_and_per_token(probe, (over(probe[0]), over(probe[1])))
+
+        def op_line(op: str, spec: LayerSpec) -> tuple[float, float]:  # the op block's MLP sees fewer tokens: add that back
+            return line(lambda n: extra(f"op_{op}", n) + glue * (_poly(mlp_fit, n) - _poly(mlp_fit, n - effective_r(spec, n, P))))
+
+        overhead = {op: op_line(op, spec) for op, spec in specs.items()}
+        sized = line(lambda n: extra("sized", n))
         lat = cls(
             info=info,
             device=str(dev),
@@ -213,7 +243,7 @@ class LatencyModel:
             stem_ms=med["entry"] + med["exit"],
             op_overhead_ms=overhead,
             sized_overhead_ms=sized,
-            ref_tokens=N,
+            probe_tokens=probe,
             block_factor=glue,
             compiled=bool(compile and calibrate),
         )
@@ -226,8 +256,9 @@ class LatencyModel:
         """Predicted latency per batch of ``schedule`` (None: the unreduced model).
 
         With token counts ``N_0..N_L`` it is ``scale * (stem + sum_l [f * (attn(N_l) + mlp(N_{l+1}))
-        + overhead_op(l) * N_l / N_ref + sized * N_l / N_ref (after a merge)])``, ``f`` being
-        :attr:`block_factor`. Threshold layers count at their maximal reduction.
+        + overhead_op(l)(N_l) + sized(N_l) (after a merge)])``, ``f`` being :attr:`block_factor`
+        and each overhead ``fixed + per_token * N_l``. Threshold layers count at their maximal
+        reduction.
 
         Args:
             schedule: A :class:`rapid_search.Schedule`, a list of :class:`rapid_search.LayerSpec`
@@ -247,8 +278,11 @@ class LatencyModel:
         total, sized = self.stem_ms, False
         for layer, n, m in zip(layers, counts, counts[1:]):
             total += self.block_factor * (_poly(self.attn_fit, n) + _poly(self.mlp_fit, m))
-            total += (self.op_overhead_ms.get(layer.op, 0.0) if layer.reduces else 0.0) * n / self.ref_tokens
-            total += self.sized_overhead_ms * n / self.ref_tokens if sized else 0.0
+            if layer.reduces:
+                fixed, per = self.op_overhead_ms.get(layer.op, (0.0, 0.0))
+                total += fixed + per * n
+            if sized:
+                total += self.sized_overhead_ms[0] + self.sized_overhead_ms[1] * n
             sized = sized or (layer.op in _MERGING_OPS and m < n)
         return total * (self.scale if calibrated else 1.0)
 
@@ -266,6 +300,7 @@ def _probes(
     info: ModelInfo,
     grid: Sequence[int],
     specs: dict[str, LayerSpec],
+    probe: tuple[int, int],
     *,
     B: int,
     device: torch.device,
@@ -278,9 +313,14 @@ def _probes(
 
     ``attn{n}``/``mlp{n}``: block 0's attention half ``x + ls1(attn(norm1(x)))`` and MLP half at
     each grid count; ``block``: the whole plain block at the full count (the halves miss its glue);
-    ``entry``/``exit``: patch embedding and final norm + head; ``op_{op}``: block 0 to be run with
-    each op (``specs``) applied; ``sized``: a tome block, then a plain one running with token sizes
-    in flight; ``full`` (with ``calibrate``): the unreduced forward, compiled with ``compile``.
+    ``entry``/``exit``: patch embedding and final norm + head; at both ``probe`` counts ``n``:
+    ``plain@{n}``: block 1 as timm runs it, ``op_{op}@{n}``: block 1 running each op (``specs``),
+    ``sized@{n}``: block 1 not reducing, with token sizes in flight (each overhead is the median of
+    its per-round difference to ``plain@{n}``, so load that drifts between rounds cancels);
+    ``full`` (with ``calibrate``): the unreduced forward, compiled with ``compile``.
+
+    The ``@n`` probes run block 1 of the model patched with the op there: its run state is reset
+    first (block 0 would do that), so the block sees ``n`` tokens as if earlier blocks had reduced.
     """
     gen = torch.Generator().manual_seed(0)
     N, C, blk = info.num_tokens, info.embed_dim, model.blocks[0]
@@ -291,6 +331,7 @@ def _probes(
     img = torch.randn(B, *_input_size(model), generator=gen).to(device, dtype)  # (B, C_in, H, W)
     x_full = tokens(N)
     runs: dict[str, Callable[[], Any]] = {}
+    around: dict[str, Callable[[], ContextManager[Any]]] = {}
     for n in grid:
         x = tokens(n)
         runs[f"attn{n}"] = lambda x=x: x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
@@ -299,12 +340,29 @@ def _probes(
     runs["entry"] = lambda: model.patch_embed(img)
     runs["exit"] = lambda: model.forward_head(model.norm(x_full))
 
-    scheds = {op: make_schedule(info, [spec] + [LayerSpec()] * (info.depth - 1), method="latency-probe") for op, spec in specs.items()}
-    around = {f"op_{op}": functools.partial(applied, model, sched) for op, sched in scheds.items()}
-    around["sized"] = functools.partial(applied, model, scheds["tome"])
-    for op in specs:
-        runs[f"op_{op}"] = lambda: model.blocks[0](x_full)
-    runs["sized"] = lambda: model.blocks[1](model.blocks[0](x_full))
+    rest = [LayerSpec()] * (info.depth - 2)
+    scheds = {op: make_schedule(info, [LayerSpec(), spec] + rest, method="latency-probe") for op, spec in specs.items()}
+    patched = make_schedule(info, [specs["prune"], LayerSpec()] + rest, method="latency-probe")  # block 1 patched, not reducing
+    blk1 = model.blocks[1]
+
+    def at(n: int, sized: bool) -> Callable[[], Any]:
+        x, ones = tokens(n), torch.ones(B, n, 1, device=device, dtype=_wide(dtype))  # (B, n, C), (B, n, 1)
+
+        def run() -> Any:
+            st = blk1._rapid_rt.state  # the patched block's run state (block 0 resets it in a forward)
+            st.reset()
+            if sized:
+                st.size, st.merged = ones, True
+            return blk1(x)
+
+        return run
+
+    for n in probe:
+        x = tokens(n)
+        runs[f"plain@{n}"] = lambda x=x: blk1(x)  # timm's block, unpatched: what each probe at n is paired with
+        for op, sched in scheds.items():
+            runs[f"op_{op}@{n}"], around[f"op_{op}@{n}"] = at(n, False), functools.partial(applied, model, sched)
+        runs[f"sized@{n}"], around[f"sized@{n}"] = at(n, True), functools.partial(applied, model, patched)
     if calibrate:
         if compile:
             torch._dynamo.reset()
