@@ -42,17 +42,7 @@ from .storage import (
     open_storage,
     safe_reason,
 )
-from .study import (
-    HAND_SET_LEVELS,
-    LATENCY_MARGIN,
-    Calibration,
-    Objective,
-    SearchError,
-    cheapest,
-    export_best,
-    hand_shape,
-    latency_correction,
-)
+from .study import HAND_SET_LEVELS, LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest, export_best, hand_shape, latency_correction
 from .workers import run_trials
 
 __all__ = [

@@ -33,17 +33,7 @@ from ..runtime.schedule import Budget, LayerSpec, Schedule
 from .space import SearchSpace, layers_for, project
 from ..errors import RapidSearchError
 
-__all__ = [
-    "SearchError",
-    "Objective",
-    "Calibration",
-    "cheapest",
-    "LATENCY_MARGIN",
-    "export_best",
-    "feasible_trials",
-    "latency_correction",
-    "trial_schedule",
-]
+__all__ = ["SearchError", "Objective", "Calibration", "cheapest", "LATENCY_MARGIN", "export_best", "feasible_trials", "latency_correction", "trial_schedule"]
 
 
 class SearchError(RapidSearchError, ValueError):
