@@ -5,6 +5,7 @@ Nothing is written when the search cannot start; a study with another set-up is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import secrets
@@ -126,12 +127,8 @@ def default_study_name(opts: SearchOptions) -> str:
     """A study name that identifies the set-up, so re-running the same command resumes it."""
     budget = re.sub(r"[^A-Za-z0-9.]+", "", opts.budget.replace("%", "pct"))
     device = opts.device.replace(":", "")
-    return f"{opts.model}-{budget}-{device}-n{opts.calib_images}-s{opts.seed}" + _runtime_suffix(opts)
-
-
-def _runtime_suffix(opts: SearchOptions) -> str:
-    """Study-name suffix for a non-default precision or compiled timing (none for the defaults)."""
-    return "".join(f"-{v}" if k == "dtype" else "-compiled" for k, v in _runtime_setup(opts).items())
+    runtime = "".join(f"-{v}" if k == "dtype" else "-compiled" for k, v in _runtime_setup(opts).items())  # none for the defaults
+    return f"{opts.model}-{budget}-{device}-n{opts.calib_images}-s{opts.seed}{runtime}"
 
 
 def _runtime_setup(opts: SearchOptions) -> dict[str, Any]:
@@ -597,10 +594,10 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
 def _interrupted(study: optuna.Study, plan: _Plan, loaded: _Loaded, prog: Progress) -> SearchInterrupted:
     """After Ctrl-C: write the best schedule so far (a failure is logged, never raised)."""
     prog.log("interrupted: the study is kept; the trial in flight is queued again; writing the best schedule so far")
-    written, failed = _save_best(study, plan, loaded)
+    written, failed, finished = _save_best(study, plan, loaded)
     if failed:
         prog.log(f"could not write the best schedule so far to {plan.out}: {failed}")
-    return SearchInterrupted(plan.study_name, written, _finished_or_none(study), plan.opts.trials, export_error=failed)
+    return SearchInterrupted(plan.study_name, written, finished, plan.opts.trials, export_error=failed)
 
 
 def _storage_failures() -> tuple[type[BaseException], ...]:
@@ -621,21 +618,26 @@ def _storage_failed(e: BaseException, study: optuna.Study, plan: _Plan, loaded: 
             f"storage {describe_storage(opts.storage, plan.study_name, STUDIES_DIR)} failed during the search ({safe_reason(cause, opts.storage)}) — "
             "check that the server runs and re-run the same command to resume"
         )
-    wrote = _best_so_far(*_save_best(study, plan, loaded))
-    finished = _finished_or_none(study)
+    written, failed, finished = _save_best(study, plan, loaded)
+    wrote = _best_so_far(written, failed)
     return SearchError(f"{what}; study {plan.study_name!r} kept ({'?' if finished is None else finished}/{opts.trials} trials finished); {wrote}")
 
 
-def _save_best(study: optuna.Study, plan: _Plan, loaded: _Loaded) -> tuple[Optional[Path], Optional[str]]:
-    """``(written, error)`` after writing the best schedule so far (both None: none meets the budget
-    yet); never raises, as what cut the search short decides the exit."""
+def _save_best(study: optuna.Study, plan: _Plan, loaded: _Loaded) -> tuple[Optional[Path], Optional[str], Optional[int]]:
+    """``(written, error, finished)`` after writing the best schedule so far (``written`` and ``error``
+    None: none meets the budget yet; ``finished`` None: the storage went away); never raises, as what
+    cut the search short decides the exit."""
+    written, error, finished = None, None, None
     try:
         _export(study, plan=plan, loaded=loaded)
-        return plan.out, None
+        written = plan.out
     except SearchError:
-        return None, None
+        pass
     except Exception as e:  # noqa: BLE001
-        return None, safe_reason(e, plan.opts.storage)
+        error = safe_reason(e, plan.opts.storage)
+    with contextlib.suppress(Exception):
+        finished = _finished(study)
+    return written, error, finished
 
 
 def _best_so_far(out: Optional[Path], error: Optional[str]) -> str:
@@ -646,20 +648,13 @@ def _best_so_far(out: Optional[Path], error: Optional[str]) -> str:
     return "no finished trial meets the budget yet, no schedule written"
 
 
-def _finished_or_none(study: optuna.Study) -> Optional[int]:
-    try:
-        return _finished(study)
-    except Exception:  # noqa: BLE001 - the storage went away
-        return None
-
-
 def _export(
     study: optuna.Study, *, plan: _Plan, loaded: _Loaded, log: Optional[Callable[[str], None]] = None
 ) -> tuple[Schedule, optuna.trial.FrozenTrial]:
     """Write the best feasible trial's schedule (for a latency budget: re-measured on the device,
     with a report of the candidates re-measured and why the written one was chosen)."""
     opts, target = plan.opts, loaded.target
-    say = log or _stderr
+    say = log or (lambda line: sys.stderr.write(line + "\n"))
     accept = None
     checked: list[dict[str, Any]] = []  # every candidate re-measured, in rank order
     if plan.spec.kind == "latency":
@@ -700,10 +695,6 @@ def _export(
     if warning:
         say(warning)
     return final, trial
-
-
-def _stderr(line: str) -> None:
-    sys.stderr.write(line + "\n")
 
 
 def export_report(checked: Sequence[dict[str, Any]], target_ms: float, *, chosen: Optional[int]) -> list[str]:

@@ -7,7 +7,8 @@
   ``~/.pgpass``, so it never shows in ``ps``;
 * SQLite is refused for searches (not safe for concurrent workers); ``export`` may read it.
 
-Both kinds come with the heartbeat seam (:class:`~rapid_search.search.workers.HeartbeatMixin`).
+Both kinds come with Optuna's heartbeat seam (:class:`HeartbeatMixin`), off until a
+:class:`~rapid_search.search.workers.Worker` is attached.
 Messages never show a password (:mod:`rapid_search.redact`).
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
-import functools
 import json
 import os
 import re
@@ -27,6 +27,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from optuna.storages import RDBStorage
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalStorage
+from optuna.storages.journal._file import get_lock_file
+from optuna.storages.journal._storage import JournalOperation
+from optuna.trial import FrozenTrial
+
 from ..errors import RapidSearchError
 from ..outputs import writable_ancestor
 from ..redact import has_scheme, mask_url, scrub
@@ -34,6 +41,9 @@ from ..redact import has_scheme, mask_url, scrub
 __all__ = [
     "StorageError",
     "JournalWriteError",
+    "HeartbeatMixin",
+    "HeartbeatJournalStorage",
+    "HeartbeatRDBStorage",
     "check_journal",
     "check_study_name",
     "MAX_STUDY_NAME",
@@ -65,6 +75,34 @@ class StorageError(RapidSearchError, ValueError):
 
 class JournalWriteError(StorageError, OSError):
     """Appending to a journal file failed (disk full, I/O error): that append was taken back and later ones are refused."""
+
+
+class HeartbeatMixin(BaseHeartbeat):
+    """Optuna's ``BaseHeartbeat`` for any storage (beats are a trial system attribute), off until a
+    :class:`~rapid_search.search.workers.Worker` is attached as ``liveness``: it keeps the policy."""
+
+    liveness: Any = None
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        if self.liveness is not None:
+            self.liveness.beat(trial_id)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        return [] if self.liveness is None else self.liveness.stale_trial_ids(self, study_id)
+
+    def get_heartbeat_interval(self) -> Optional[int]:
+        return None if self.liveness is None else self.liveness.interval
+
+    def get_heartbeat_stale_trial_callback(self) -> Optional[Callable[[Any, FrozenTrial], None]]:
+        return None if self.liveness is None else self.liveness.requeue
+
+
+class HeartbeatJournalStorage(HeartbeatMixin, JournalStorage):
+    """Optuna's ``JournalStorage`` with the heartbeat seam (Optuna has none for journal files)."""
+
+
+class HeartbeatRDBStorage(HeartbeatMixin, RDBStorage):
+    """Optuna's ``RDBStorage`` whose heartbeat follows the same rules as the journal's."""
 
 
 #: The longest study name (it names files: ``<name>.journal``, ``<name>.yaml``).
@@ -161,10 +199,6 @@ def open_storage(
 
 def _open_journal(path: Path, *, create: bool, log: Optional[Callable[[str], None]]) -> Any:
     """A journal file's storage (see :func:`check_journal` for a damaged tail)."""
-    from optuna.storages.journal import JournalFileSymlinkLock
-
-    from .workers import HeartbeatJournalStorage
-
     if not create:
         if not path.is_file():
             raise StorageError(f"journal file {path} does not exist — pass --storage where the study lives")
@@ -178,7 +212,7 @@ def _open_journal(path: Path, *, create: bool, log: Optional[Callable[[str], Non
         lock = JournalFileSymlinkLock(str(path), grace_period=JOURNAL_LOCK_GRACE)
         # a damaged tail is cut off before Optuna reads or appends (read-only: a repaired copy is read)
         fixed = check_journal(path, repair=create, lock=lock if create else None, log=log) if path.is_file() else None
-        return HeartbeatJournalStorage(_backend_class()(str(fixed or path), lock, shown=path))
+        return HeartbeatJournalStorage(_AtomicJournalFile(str(fixed or path), lock, shown=path))
     except OSError as e:
         raise StorageError(f"cannot open journal file {path}: {e.strerror or e} — pass a writable path with --storage journal:PATH") from None
 
@@ -198,8 +232,6 @@ def _open_rdb(spec: str, *, create: bool, allow_sqlite: bool) -> Any:
         )
     if sqlite and not create:
         _check_sqlite_file(spec)
-    from .workers import HeartbeatRDBStorage
-
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     try:
         from sqlalchemy.engine import make_url
@@ -286,11 +318,7 @@ def check_journal(
     Raises:
         StorageError: Damage before the last record, or an unknown op code.
     """
-    from optuna.storages.journal._storage import JournalOperation
-
     ops = {int(op) for op in JournalOperation}
-    from optuna.storages.journal._file import get_lock_file
-
     say = log or (lambda msg: sys.stderr.write(f"rapid-search: {msg}\n"))
     with get_lock_file(lock) if lock is not None else contextlib.nullcontext():
         data = path.read_bytes()
@@ -350,47 +378,40 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-@functools.lru_cache(maxsize=None)
-def _backend_class() -> type:
-    from optuna.storages.journal import JournalFileBackend
-    from optuna.storages.journal._file import get_lock_file
+class _AtomicJournalFile(JournalFileBackend):
+    """Optuna's journal file with all-or-nothing appends: a failed write (disk full, I/O error) is cut off
+    again, so the file still ends with a complete record, and every later append is refused."""
 
-    class _Backend(JournalFileBackend):
-        """Optuna's journal file with all-or-nothing appends: a failed write (disk full, I/O error) is cut off
-        again, so the file still ends with a complete record, and every later append is refused."""
+    def __init__(self, file_path: str, lock_obj: Any = None, *, shown: Path) -> None:
+        super().__init__(file_path, lock_obj=lock_obj)
+        self._shown = shown
+        self._failed: Optional[str] = None
 
-        def __init__(self, file_path: str, lock_obj: Any = None, *, shown: Path) -> None:
-            super().__init__(file_path, lock_obj=lock_obj)
-            self._shown = shown
-            self._failed: Optional[str] = None
-
-        def append_logs(self, logs: list[dict[str, Any]]) -> None:
-            if self._failed is not None:
-                raise JournalWriteError(self._failed)
-            data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
-            with get_lock_file(self._lock):
-                fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND)
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        if self._failed is not None:
+            raise JournalWriteError(self._failed)
+        data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
+        with get_lock_file(self._lock):
+            fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND)
+            try:
+                start = os.fstat(fd).st_size
                 try:
-                    start = os.fstat(fd).st_size
+                    _write_all(fd, data)
+                    os.fsync(fd)
+                except OSError as e:
                     try:
-                        _write_all(fd, data)
-                        os.fsync(fd)
-                    except OSError as e:
-                        try:
-                            os.ftruncate(fd, start)
-                        except OSError:
-                            pass  # the next open repairs the tail
-                        reason = e.strerror or e.__class__.__name__
-                        fix = "free space on its file system" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the file system"
-                        self._failed = (
-                            f"cannot write to journal file {self._shown}: {reason} — {fix} and re-run the same command to resume "
-                            "(every finished trial is kept)"
-                        )
-                        raise JournalWriteError(self._failed) from None
-                finally:
-                    os.close(fd)
-
-    return _Backend
+                        os.ftruncate(fd, start)
+                    except OSError:
+                        pass  # the next open repairs the tail
+                    reason = e.strerror or e.__class__.__name__
+                    fix = "free space on its file system" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the file system"
+                    self._failed = (
+                        f"cannot write to journal file {self._shown}: {reason} — {fix} and re-run the same command to resume "
+                        "(every finished trial is kept)"
+                    )
+                    raise JournalWriteError(self._failed) from None
+            finally:
+                os.close(fd)
 
 
 def _check_sqlite_file(spec: str) -> None:
