@@ -5,7 +5,6 @@ Nothing is written when the search cannot start; a study with another set-up is 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import re
 import secrets
@@ -95,21 +94,8 @@ class SearchOptions:
 
 
 class SearchInterrupted(KeyboardInterrupt):
-    """Ctrl-C (or SIGTERM) during the trials: the study is kept, the trial in flight queued again
-    and the best schedule so far written to ``out`` (None: none meets the budget yet, or writing
-    failed: ``export_error``); ``finished`` is None when the storage could not be read."""
-
-    def __init__(self, study_name: str, out: Optional[Path], finished: Optional[int], trials: int, export_error: Optional[str] = None) -> None:
-        super().__init__(study_name)
-        self.study_name, self.out, self.finished, self.trials = study_name, out, finished, trials
-        self.export_error = export_error
-
-    def __str__(self) -> str:
-        finished = "?" if self.finished is None else self.finished
-        return (
-            f"interrupted — study {self.study_name!r} is kept ({finished}/{self.trials} trials finished); "
-            f"{_best_so_far(self.out, self.export_error)}; re-run the same command to resume"
-        )
+    """Ctrl-C (or SIGTERM) during the trials: the study is kept, the trial in flight queued again and
+    the best schedule so far written; the message says what was kept and written."""
 
 
 @dataclass
@@ -594,10 +580,11 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
 def _interrupted(study: optuna.Study, plan: _Plan, loaded: _Loaded, prog: Progress) -> SearchInterrupted:
     """After Ctrl-C: write the best schedule so far (a failure is logged, never raised)."""
     prog.log("interrupted: the study is kept; the trial in flight is queued again; writing the best schedule so far")
-    written, failed, finished = _save_best(study, plan, loaded)
+    wrote, failed, finished = _save_best(study, plan, loaded)
     if failed:
         prog.log(f"could not write the best schedule so far to {plan.out}: {failed}")
-    return SearchInterrupted(plan.study_name, written, finished, plan.opts.trials, export_error=failed)
+    kept = f"study {plan.study_name!r} is kept ({finished}/{plan.opts.trials} trials finished)"
+    return SearchInterrupted(f"interrupted — {kept}; {wrote}; re-run the same command to resume")
 
 
 def _storage_failures() -> tuple[type[BaseException], ...]:
@@ -618,34 +605,27 @@ def _storage_failed(e: BaseException, study: optuna.Study, plan: _Plan, loaded: 
             f"storage {describe_storage(opts.storage, plan.study_name, STUDIES_DIR)} failed during the search ({safe_reason(cause, opts.storage)}) — "
             "check that the server runs and re-run the same command to resume"
         )
-    written, failed, finished = _save_best(study, plan, loaded)
-    wrote = _best_so_far(written, failed)
-    return SearchError(f"{what}; study {plan.study_name!r} kept ({'?' if finished is None else finished}/{opts.trials} trials finished); {wrote}")
+    wrote, _, finished = _save_best(study, plan, loaded)
+    return SearchError(f"{what}; study {plan.study_name!r} kept ({finished}/{opts.trials} trials finished); {wrote}")
 
 
-def _save_best(study: optuna.Study, plan: _Plan, loaded: _Loaded) -> tuple[Optional[Path], Optional[str], Optional[int]]:
-    """``(written, error, finished)`` after writing the best schedule so far (``written`` and ``error``
-    None: none meets the budget yet; ``finished`` None: the storage went away); never raises, as what
-    cut the search short decides the exit."""
-    written, error, finished = None, None, None
+def _save_best(study: optuna.Study, plan: _Plan, loaded: _Loaded) -> tuple[str, Optional[str], str]:
+    """Write the best schedule so far after the trials were cut short; never raises, as what cut them
+    short decides the exit. Returns what was written, the error writing it and the finished trials."""
+    error = None
     try:
         _export(study, plan=plan, loaded=loaded)
-        written = plan.out
+        wrote = f"best schedule so far written to {plan.out}"
     except SearchError:
-        pass
+        wrote = "no finished trial meets the budget yet, no schedule written"
     except Exception as e:  # noqa: BLE001
         error = safe_reason(e, plan.opts.storage)
-    with contextlib.suppress(Exception):
-        finished = _finished(study)
-    return written, error, finished
-
-
-def _best_so_far(out: Optional[Path], error: Optional[str]) -> str:
-    if out:
-        return f"best schedule so far written to {out}"
-    if error:
-        return f"the best schedule so far could not be written ({error})"
-    return "no finished trial meets the budget yet, no schedule written"
+        wrote = f"the best schedule so far could not be written ({error})"
+    try:
+        finished = str(_finished(study))
+    except Exception:  # noqa: BLE001 - the storage went away
+        finished = "?"
+    return wrote, error, finished
 
 
 def _export(

@@ -210,7 +210,6 @@ class deferred_interrupts:
             self._raise()
 
 
-
 class Surplus(RapidSearchError):
     """Raised by the objective when lower-numbered trials claim every slot: recorded FAIL (in ``catch``), unrun."""
 
