@@ -41,8 +41,8 @@ from .storage import (
     open_storage,
     safe_reason,
 )
-from .study import HAND_SET_LEVELS, LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest_ratio, export_best, hand_shape
-from .workers import run_trials
+from .study import HAND_SET_LEVELS, LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest_ratio, export_best, hand_params
+from .workers import FINISHED, run_trials
 
 __all__ = [
     "SearchOptions",
@@ -53,7 +53,6 @@ __all__ = [
     "share_setup",
     "heartbeat_timing",
     "canonical_setup_value",
-    "DEFAULT_METRIC",
 ]
 
 #: Default score for ranking trials, chosen by measurement (README "Which calibration score?").
@@ -118,8 +117,7 @@ def default_study_name(opts: SearchOptions) -> str:
 
 
 def _runtime_setup(opts: SearchOptions) -> dict[str, Any]:
-    """Set-up entries for a non-default precision or compiled timing (none for the defaults, so older
-    studies still match)."""
+    """Set-up entries for a non-default precision or compiled timing (none for the defaults: older studies match)."""
     return {k: v for k, v in (("dtype", opts.dtype), ("compile", opts.compile)) if v not in ("float32", False)}
 
 
@@ -150,8 +148,7 @@ def _setup_attrs(opts: SearchOptions, info: ModelInfo, space: SearchSpace, metri
 
 
 def _check_setup(study: optuna.Study, attrs: dict[str, Any], have: Optional[dict[str, Any]] = None) -> None:
-    """Refuse a study started with another set-up (``have``: its stored one; None reads it; a
-    study without one passes)."""
+    """Refuse a study started with another set-up (``have``: its stored one, None: read it; none passes)."""
     have = study.user_attrs.get("setup") if have is None else have
     if have is None:
         return
@@ -164,8 +161,8 @@ def _check_setup(study: optuna.Study, attrs: dict[str, Any], have: Optional[dict
 
 
 def canonical_setup_value(key: str, value: Any) -> Any:
-    """A recorded set-up value in its canonical spelling (a budget as ``50%GFLOPs``, whatever
-    case and spaces it was given with, as older studies may have recorded it), for comparisons."""
+    """A recorded set-up value in its canonical spelling, for comparisons (a budget as ``50%GFLOPs``,
+    whatever case and spaces an older study recorded it with)."""
     if key == "budget" and isinstance(value, str):
         try:
             return parse_budget(value).canonical
@@ -191,11 +188,10 @@ def share_setup(
     """Record the study's set-up (the creator: ``created``), or check this worker's ``attrs``
     (``setup``, ``base_gflops``, ``target``) against it; returns the study's (the creator's) values.
 
-    Only the creator writes them, so racing creators cannot both write and a joiner never
-    overwrites the creator's latency ``target`` (it is told, via ``log``, when its own differs).
-    A joiner finding a new study without a set-up waits ``wait`` s for it; if there is still none
-    (the creator died) it writes its own and re-reads after ``poll`` s, so of two racing joiners
-    the overwritten one is refused when the set-ups differ.
+    A joiner never overwrites the creator's latency ``target`` (``log`` says when its own differs).
+    Finding a new study without a set-up it waits ``wait`` s; if there is still none (the creator
+    died) it writes its own and re-reads after ``poll`` s: of two racing joiners, the overwritten
+    one is refused when the set-ups differ.
 
     Raises:
         SearchError: The study was started with another set-up.
@@ -224,14 +220,10 @@ def share_setup(
 
 
 def heartbeat_timing(opts: SearchOptions) -> tuple[int, int, Optional[str]]:
-    """``(interval, grace, note)``: heartbeat interval, grace period and a note when the default
-    grace was raised. A killed worker's journal lock blocks heartbeats for ``JOURNAL_LOCK_GRACE``
-    s, so with a journal file grace must exceed ``2 * interval + JOURNAL_LOCK_GRACE`` (the default
-    is raised to that, a shorter ``--grace-period`` refused).
-
-    Raises:
-        SearchError: ``--heartbeat-interval`` not below the grace period, or ``--grace-period``
-            too short for a journal file.
+    """``(interval, grace, note)``: heartbeat interval, grace period and a note when the default grace
+    was raised. A killed worker's journal lock blocks heartbeats for ``JOURNAL_LOCK_GRACE`` s, so for a
+    journal file grace must exceed ``2 * interval + JOURNAL_LOCK_GRACE`` (the default is raised to
+    that; a shorter ``--grace-period``, or an interval not below the grace period: SearchError).
     """
     interval = opts.heartbeat_interval
     grace = GRACE_PERIOD if opts.grace_period is None else opts.grace_period
@@ -255,8 +247,7 @@ def heartbeat_timing(opts: SearchOptions) -> tuple[int, int, Optional[str]]:
 
 
 def _existing_study(spec: Optional[str], study_name: str) -> tuple[Any, Optional[optuna.Study]]:
-    """``(storage, study)``: the storage when it exists already (None for a journal file still to
-    be made) and the study when it exists; creates nothing (no journal file, no study)."""
+    """``(storage, study)`` where they exist already (None: a journal file or study still to be made); creates nothing."""
     path = journal_path(spec, study_name, STUDIES_DIR)
     if path is not None:
         check_journal_path(path)
@@ -270,8 +261,8 @@ def _existing_study(spec: Optional[str], study_name: str) -> tuple[Any, Optional
 
 
 def _check_out(out: Path, opts: SearchOptions, study_name: str) -> None:
-    """Refuse an output path that cannot or must not be written, before hours of search: not a
-    regular file, the study's journal, an input of the search (``--space``, ``--checkpoint``)."""
+    """Refuse, before hours of search, an output path that cannot or must not be written (not a
+    regular file, the study's journal, an input of the search)."""
     from ..outputs import check_output
 
     check_output(
@@ -307,8 +298,7 @@ def _warm_start(study: optuna.Study, info: ModelInfo, ranged: bool = False) -> N
     ``(r, -1)``) first; for a range budget, the hand-set one at HAND_SET_LEVELS budgets over it, ToMe in its middle."""
     if study.get_trials(deepcopy=False):
         return
-    hand = {**hand_shape(info), "prune_threshold_mode": "off", "merge_threshold_mode": "off"}
-    del hand["prune_threshold"], hand["merge_threshold"]
+    hand = hand_params(info)
     at = lambda frac: {"range_frac": frac} if ranged else {}  # noqa: E731
     for frac in [k / (HAND_SET_LEVELS - 1) for k in range(HAND_SET_LEVELS)] if ranged else (0.5,):
         study.enqueue_trial(hand, user_attrs={"warm_start": "rapid-hand-set", **at(frac)})
@@ -331,12 +321,12 @@ def _refine_start(study: optuna.Study, within: Target, at: float, k: int = 2) ->
 
 
 def _finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
 def search_stats(study: optuna.Study, n_images: int) -> dict[str, Any]:
     """Trial-cost ratio and the saving from early stopping, from the trials' records."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    trials = study.get_trials(deepcopy=False, states=FINISHED)
     complete = [t for t in trials if t.state == TrialState.COMPLETE and "trial_s" in t.user_attrs]
     ratios = [t.user_attrs["trial_s"] / t.user_attrs["forward_s"] for t in complete if t.user_attrs.get("forward_s")]
     forwarded = sum(int(t.user_attrs.get("images_forwarded", 0)) for t in trials if "schedule" in t.user_attrs)
@@ -521,8 +511,7 @@ def _join_study(plan: _Plan, loaded: _Loaded, log: Callable[[str], None]) -> tup
 
 
 def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> SearchResult:
-    """Run (or resume) a search and write the best schedule (``progress``: the display, default
-    from ``opts.progress``).
+    """Run (or resume) a search and write the best schedule (``progress``: the display, default from ``opts.progress``).
 
     Raises:
         SearchInterrupted: Ctrl-C or SIGTERM during the trials (the best so far is written).

@@ -19,7 +19,6 @@ import contextlib
 import errno
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -177,12 +176,10 @@ def open_storage(
     """Open the storage named by ``spec`` (see the module docstring).
 
     Args:
-        spec: ``None`` (``studies_dir/<study_name>.journal``), ``journal:PATH``, ``PATH.journal`` or
-            an RDB URL.
+        spec: ``None`` (``studies_dir/<study_name>.journal``), ``journal:PATH``, ``PATH.journal`` or an RDB URL.
         study_name: The study (names the default journal file).
         studies_dir: Folder of default journal files.
-        create: Create what is missing (journal file, Optuna's tables). False opens for reading (as
-            export does): a missing journal file, SQLite file or Optuna tables is an error.
+        create: Create what is missing (journal file, Optuna's tables); False opens for reading, as export does.
         allow_sqlite: Accept SQLite URLs (read-only uses such as export; never for searches).
         log: Where the one-line note about a repaired journal goes (default: stderr).
 
@@ -305,18 +302,16 @@ def check_journal(
 ) -> Optional[Path]:
     """Check a journal file before Optuna reads or appends to it (Optuna would append after a damaged tail).
 
-    A damaged *tail* (a last record cut short by a crash or full disk, or garbage after the last
-    record) is cut off: with ``repair`` the file is copied whole to ``PATH.damaged-<time>`` and
-    cut back to its last complete record under the journal's lock, one line saying so; without
-    (read-only uses) a repaired temporary copy is returned, the file left alone. Damage *before*
-    the last record, or an unknown op code anywhere, is refused, nothing changed.
+    A damaged *tail* (a last record cut short by a crash or full disk, or garbage after it) is cut
+    off: with ``repair`` the file is copied whole to ``PATH.damaged-<time>`` and cut back to its last
+    complete record under the journal's lock, one line saying so; without, a repaired temporary copy
+    is returned, the file left alone.
 
     Returns:
-        None when nothing was wrong or the file was repaired in place; the repaired temporary
-        copy to read instead when ``repair`` is False.
+        The repaired copy to read instead (``repair`` False), else None.
 
     Raises:
-        StorageError: Damage before the last record, or an unknown op code.
+        StorageError: Damage before the last record, or an unknown op code (nothing changed).
     """
     ops = {int(op) for op in JournalOperation}
     say = log or (lambda msg: sys.stderr.write(f"rapid-search: {msg}\n"))

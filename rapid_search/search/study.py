@@ -106,10 +106,10 @@ HAND_SET_LEVELS = 9
 TOME_INFLECT = {"tome": 0.0, "tome-decreasing": TOME_DECREASING}
 
 
-def hand_shape(info: ModelInfo) -> dict[str, Any]:
-    """The hand-set RAPID schedule as a search-space shape (a warm start, and the range baseline)."""
+def hand_params(info: ModelInfo) -> dict[str, Any]:
+    """The hand-set RAPID schedule as trial parameters (a warm start, and the range baseline)."""
     return {"switch": round(info.depth * DEFAULT_SWITCH_FRACTION), "prune_weight": 1.0, "decay": 0.0, "protect": DEFAULT_PROTECT,
-            "prune_threshold": None, "merge_threshold": None}
+            "prune_threshold_mode": "off", "merge_threshold_mode": "off"}
 
 
 class Objective:
@@ -245,26 +245,23 @@ class Objective:
             schedule, first = self._fit_thresholds(schedule, shape, self.rungs[0], target)
             measured = float(first.macs.mean())
             if measured > target * (1 + FIRST_RUNG_SLACK):  # thresholds block the reduction: hopeless
-                trial.set_user_attr("schedule", schedule.to_dict())
-                trial.set_user_attr("gflops", measured / 1e9)
-                trial.set_user_attr("images_forwarded", self.rungs[0][1])
+                _record(trial, schedule=schedule.to_dict(), gflops=measured / 1e9, images_forwarded=self.rungs[0][1])
                 trial.set_constraint("budget", (measured - target) / target)
                 raise optuna.TrialPruned(f"over budget on the first rung ({measured / 1e9:.3f} GFLOPs) after fitting thresholds")
-        trial.set_user_attr("schedule", schedule.to_dict())
-        analytic = schedule_macs(self.info, schedule)
-        trial.set_user_attr("analytic_gflops", analytic / 1e9)
+        _record(trial, schedule=schedule.to_dict(), analytic_gflops=schedule_macs(self.info, schedule) / 1e9)
         if self.cost_kind == "latency":
             trial.set_user_attr("predicted_ms", self.cost(list(schedule.layers)))
         scores, mean_macs, fwd = self._run(trial, schedule, first, target)
-        trial.set_user_attr("gflops", mean_macs / 1e9)
-        for k, v in scores.items():
-            trial.set_user_attr(k, v)
+        score = metric_value(scores, self.metric)  # a range study's value is its gain (see _gain)
+        _record(trial, gflops=mean_macs / 1e9, **scores, forward_s=fwd, trial_s=time.perf_counter() - t0, score=score)
         cost = mean_macs if self.cost_kind == "gflops" else trial.user_attrs["predicted_ms"]
         trial.set_constraint("budget", (cost - target) / target)
-        trial.set_user_attr("forward_s", fwd)
-        trial.set_user_attr("trial_s", time.perf_counter() - t0)
-        trial.set_user_attr("score", metric_value(scores, self.metric))  # a range study's value is the gain (see _gain)
-        return self._gain(trial, len(self.rungs) - 1, target, metric_value(scores, self.metric))
+        return self._gain(trial, len(self.rungs) - 1, target, score)
+
+
+def _record(trial: optuna.trial.Trial, **attrs: Any) -> None:
+    for k, v in attrs.items():
+        trial.set_user_attr(k, v)
 
 
 def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -297,9 +294,8 @@ def export_best(
         budget: Budget to record (``achieved`` is filled in from the trial).
         extra_scores: Scores to add (e.g. the unreduced model's calibration score).
         provenance: Provenance to add.
-        accept: Optional final check of a candidate (e.g. re-measured latency); returns extra
-            ``achieved`` fields when accepted, None to try the next-best trial.
-        max_candidates: How many trials ``accept`` may try.
+        accept: A final check of a candidate (e.g. re-measured latency): extra ``achieved`` fields,
+            or None to try the next-best trial (at most ``max_candidates``).
         max_gflops: Only trials whose measured GFLOPs are at most this (export for another budget).
         max_target: Only trials whose own target (a range study's ``target`` attribute) is at most this.
     """

@@ -223,22 +223,9 @@ class _Abandoned(BaseException):
         self.interrupted = interrupted
 
 
-def _heartbeat_of(study: optuna.Study) -> HeartbeatMixin:
-    """The study's storage with the heartbeat seam (behind Optuna's cache for a database)."""
-    storage = study._storage  # noqa: SLF001 - Optuna's own fail_stale_trials reads it the same way
-    if isinstance(storage, _CachedStorage):  # how Optuna wraps an RDBStorage
-        storage = storage._backend  # noqa: SLF001
-    if not isinstance(storage, HeartbeatMixin):
-        raise TypeError("the study's storage has no heartbeat: open it with rapid_search.search.storage.open_storage")
-    return storage
-
-
 class Worker:
-    """One worker on a shared study: the heartbeat policy its storage follows, and its part in :func:`run_trials`.
-
-    Attached to the storage (``HeartbeatMixin.liveness``) it stores beats, finds the stale running
-    trials and queues their retries (:meth:`requeue`, the storage's stale-trial callback); in
-    :meth:`run` it is ``optimize``'s objective (:meth:`run_one`) and after-trial callback.
+    """One worker on a shared study: the heartbeat policy its storage follows (beats, stale trials,
+    retries: ``HeartbeatMixin.liveness``), and ``optimize``'s objective and callback in :meth:`run`.
 
     Args:
         study: The study.
@@ -248,8 +235,7 @@ class Worker:
         log: Where waiting, recoveries and heartbeat trouble are reported.
         beats: Storage for the heartbeat thread's writes (None: the study's); for a journal file a
             separate instance keeps a slow beat from holding the main thread's storage lock.
-        interrupts: The steps of :meth:`give_up` run in its :meth:`~deferred_interrupts.critical`
-            sections, the objective and the waits in its interruptible parts (None: defer nothing).
+        interrupts: Guards :meth:`give_up` and lets the objective and waits be interrupted (None: defers nothing).
     """
 
     def __init__(
@@ -266,16 +252,15 @@ class Worker:
         self.study, self.grace, self.interval, self.max_retry = study, float(grace), int(interval), max_retry
         self.log = log or (lambda msg: None)
         self.beats = beats if beats is not None else study._storage  # noqa: SLF001 - as Optuna's own heartbeat does
-        self.interrupts = interrupts or deferred_interrupts()  # one never entered defers nothing
+        self.interrupts = interrupts or deferred_interrupts()  # never entered
         self.refused: set[int] = set()  # trial ids whose beats were refused: another worker gave them up
-        self.recovered = 0  # trials this worker failed and queued again
-        self.done = 0  # trials this worker finished
+        self.recovered = self.done = 0  # trials this worker failed (and queued again); finished
         self.trial: Optional[optuna.trial.Trial] = None  # the trial in flight
         self._first_seen: dict[int, float] = {}
         self._warned = False
         self._waiting_for: Optional[tuple[int, ...]] = None
 
-    # ---- the heartbeat policy (called by the storage's BaseHeartbeat seam) ----
+    # ---- the heartbeat policy (the storage's BaseHeartbeat seam calls these) ----
     def beat(self, trial_id: int) -> None:
         """Store the time in the trial's ``rapid_search:heartbeat`` (Optuna's heartbeat thread calls this)."""
         if trial_id in self.refused:
@@ -305,8 +290,7 @@ class Worker:
         return [t._trial_id for t in stale if self.mark(t, f"had no heartbeat for {self.age(t):.0f} s (its worker died?)")]
 
     def mark(self, trial: FrozenTrial, because: str, *, retry: bool = True) -> bool:
-        """Say why a RUNNING trial is about to be failed, and whether it keeps its slot for a retry;
-        False when the trial was finished meanwhile (nothing to fail)."""
+        """Say why a RUNNING trial is about to be failed and whether it keeps its slot; False: finished meanwhile."""
         storage = self.study._storage  # noqa: SLF001
         retry = retry and (self.max_retry is None or len(trial.system_attrs.get("retry_history", [])) < self.max_retry)
         try:
@@ -331,9 +315,8 @@ class Worker:
     def give_up(self, trial: FrozenTrial, because: str, *, retry: bool = True) -> bool:
         """Mark a RUNNING trial FAIL (only one worker succeeds) and queue it again; an interrupt waits for both.
 
-        With ``retry=False`` (or after ``max_retry`` retries) it is marked ``no_retry`` first, so it
-        holds no slot whoever wins the race to fail it. Returns whether this call failed the trial.
-        """
+        With ``retry=False`` (or after ``max_retry`` retries) it is marked ``no_retry`` first: it holds no
+        slot whoever wins the race to fail it. Returns whether this call failed the trial."""
         storage = self.study._storage  # noqa: SLF001 - Optuna's own fail_stale_trials uses the storage the same way
         with self.interrupts.critical():
             try:
@@ -346,7 +329,11 @@ class Worker:
 
     @contextlib.contextmanager
     def _attached(self) -> Iterator[None]:
-        storage = _heartbeat_of(self.study)
+        """Attach this policy to the study's storage (behind Optuna's cache for a database) within the block."""
+        storage = self.study._storage  # noqa: SLF001 - Optuna's own fail_stale_trials reads it the same way
+        storage = storage._backend if isinstance(storage, _CachedStorage) else storage  # noqa: SLF001
+        if not isinstance(storage, HeartbeatMixin):
+            raise TypeError("the study's storage has no heartbeat: open it with rapid_search.search.storage.open_storage")
         before, storage.liveness = storage.liveness, self
         try:
             yield
@@ -437,11 +424,8 @@ class Worker:
         return value
 
     def abandon(self, trial: optuna.trial.Trial) -> None:
-        """After an interrupt: fail the trial in flight and queue it again, if it still runs.
-
-        A storage error is logged and a second interrupt ends the clean-up, never replacing the
-        KeyboardInterrupt being handled; the trial's heartbeat has stopped either way.
-        """
+        """After an interrupt: fail the trial in flight and queue it again, if it still runs. A storage error
+        is logged and a second interrupt ends the clean-up, never replacing the KeyboardInterrupt handled."""
         later = f"its heartbeat has stopped, so another worker or the resumed search takes it over after {self.grace:.0f} s"
         try:
             frozen = self.study._storage.get_trial(trial._trial_id)  # noqa: SLF001
@@ -497,8 +481,8 @@ def run_trials(
 ) -> int:
     """Run ``objective`` with ``study.optimize`` until the study has exactly ``n_trials`` finished trials, all workers together.
 
-    Objective errors other than ``TrialPruned`` fail the trial for good and propagate; a
-    KeyboardInterrupt (SIGINT, SIGTERM) also queues it again.
+    Objective errors other than ``TrialPruned`` fail the trial for good and propagate; a KeyboardInterrupt
+    (SIGINT, SIGTERM) also queues it again.
 
     Args:
         study: The (shared) study; its storage from :func:`~rapid_search.search.storage.open_storage`.
