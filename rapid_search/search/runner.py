@@ -16,12 +16,16 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import optuna
+import sqlalchemy.exc  # an Optuna dependency
 import torch
 from optuna.trial import TrialState
 
+from ..outputs import check_output
+from ..redact import safe_reason
 from ..tools.data import DataError, list_images, load_images
 from ..tools.evaluate import fidelity, predict
 from ..runtime.flops import ModelInfo
+from ..tools import latency  # a module: tests replace its timing functions
 from ..tools.loading import load_model
 from ..tools.measure import parse_device, parse_dtype, set_cpu_threads
 from ..tools.provenance import versions
@@ -39,7 +43,6 @@ from .storage import (
     describe_storage,
     journal_path,
     open_storage,
-    safe_reason,
 )
 from .study import HAND_SET_LEVELS, LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest_ratio, export_best, hand_params
 from .workers import FINISHED, run_trials
@@ -263,8 +266,6 @@ def _existing_study(spec: Optional[str], study_name: str) -> tuple[Any, Optional
 def _check_out(out: Path, opts: SearchOptions, study_name: str) -> None:
     """Refuse, before hours of search, an output path that cannot or must not be written (not a
     regular file, the study's journal, an input of the search)."""
-    from ..outputs import check_output
-
     check_output(
         out,
         option="--out",
@@ -466,12 +467,10 @@ def _load(plan: _Plan, log: Callable[[str], None]) -> _Loaded:
 
 def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: Callable[[str], None]) -> _Loaded:
     """A latency budget: latency model, unreduced timing, target and noise margin (``LATENCY_MARGIN``)."""
-    from ..tools.latency import LatencyModel, measure_schedule_ms
-
     opts, device, info = plan.opts, plan.device, plan.info
     log(f"measuring per-block latency on {device} at batch {opts.batch_size} ...")
-    latency_model = LatencyModel.measure(model, device=device, batch_size=opts.batch_size, compile=opts.compile)
-    base_t = measure_schedule_ms(model, None, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=opts.compile)
+    latency_model = latency.LatencyModel.measure(model, device=device, batch_size=opts.batch_size, compile=opts.compile)
+    base_t = latency.measure_schedule_ms(model, None, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=opts.compile)
     base_ms = base_t.median_ms
     latency_model.anchor(base_ms)  # predictions and the target on one scale
     lo, hi = LATENCY_MARGIN
@@ -531,14 +530,12 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
             space=plan.space,
             calib=loaded.calib,
             metric=plan.metric,
-            target=(plan.within or loaded.target).cost,
-            cost_kind=plan.spec.kind,
+            budget=plan.within or loaded.target,
             device=plan.device,
             batch_size=opts.batch_size,
             n_rungs=opts.rungs,
             latency_model=loaded.latency_model,
             margin=loaded.margin,
-            lo=(plan.within or loaded.target).lo_cost,
             at=loaded.target.cost if plan.within else None,
         )
         done = _finished(study)
@@ -557,7 +554,7 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
                 )
             except KeyboardInterrupt:
                 raise _interrupted(study, plan, loaded, prog) from None
-            except _storage_failures() as e:  # disk full under the journal, the database server gone
+            except _STORAGE_FAILURES as e:  # disk full under the journal, the database server gone
                 raise _storage_failed(e, study, plan, loaded) from None
         schedule, trial = _export(study, plan=plan, loaded=loaded, log=prog.log)
         stats = search_stats(study, len(loaded.calib.images))
@@ -576,11 +573,8 @@ def _interrupted(study: optuna.Study, plan: _Plan, loaded: _Loaded, prog: Progre
     return SearchInterrupted(f"interrupted — {kept}; {wrote}; re-run the same command to resume")
 
 
-def _storage_failures() -> tuple[type[BaseException], ...]:
-    """A failed journal append (disk full, I/O) and any database error (Optuna wraps SQLAlchemy's)."""
-    import sqlalchemy.exc  # an Optuna dependency; imported here, when a search runs
-
-    return (JournalWriteError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError)
+#: A failed journal append (disk full, I/O) and any database error (Optuna wraps SQLAlchemy's).
+_STORAGE_FAILURES = (JournalWriteError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError)
 
 
 def _storage_failed(e: BaseException, study: optuna.Study, plan: _Plan, loaded: _Loaded) -> SearchError:
@@ -627,10 +621,9 @@ def _export(
     accept = None
     checked: list[dict[str, Any]] = []  # every candidate re-measured, in rank order
     if plan.spec.kind == "latency":
-        from ..tools.latency import measure_schedule_ms
 
         def accept(s: Schedule) -> Optional[dict[str, Any]]:
-            t = measure_schedule_ms(
+            t = latency.measure_schedule_ms(
                 loaded.model, s, device=plan.device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=opts.compile
             )
             predicted = float(loaded.latency_model.predict_ms(s))

@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
+from ..outputs import input_problem
 from ..runtime.flops import ModelInfo, schedule_macs
 from ..runtime.presets import rapid_layers
 from ..runtime.schedule import LayerSpec
 from ..errors import RapidSearchError
+from ..yamlsafe import YAMLInputError, load_yaml, read_yaml
 
 __all__ = ["SearchSpaceError", "FloatRange", "ThresholdRange", "SearchSpace", "DEFAULT_SPACE", "layers_for"]
 
@@ -166,9 +168,6 @@ class SearchSpace:
     def load(cls, path: Union[str, Path, None] = None) -> "SearchSpace":
         """Read a search space YAML (default: :data:`DEFAULT_SPACE`, shipped in the package)."""
         p = Path(path) if path is not None else DEFAULT_SPACE
-        from ..outputs import input_problem
-        from ..yamlsafe import YAMLInputError, load_yaml, read_yaml
-
         problem = input_problem(p)
         if problem is not None:
             raise SearchSpaceError(f"search space {p} {problem} — pass --space with a YAML file like {DEFAULT_SPACE}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import importlib.util
 import json
 import os
 import shutil
@@ -26,30 +27,30 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import sqlalchemy
 from optuna.storages import RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalStorage
 from optuna.storages.journal._file import get_lock_file
 from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import FrozenTrial
+from sqlalchemy.engine import make_url
 
 from ..errors import RapidSearchError
 from ..outputs import writable_ancestor
-from ..redact import has_scheme, mask_url, scrub
+from ..redact import has_scheme, mask_url, safe_reason
+from ..termsafe import printable
 
 __all__ = [
     "StorageError",
     "JournalWriteError",
     "HeartbeatMixin",
-    "HeartbeatJournalStorage",
-    "HeartbeatRDBStorage",
     "check_journal",
+    "check_journal_path",
     "check_study_name",
-    "MAX_STUDY_NAME",
     "open_storage",
     "describe_storage",
     "journal_path",
-    "safe_reason",
     "HEARTBEAT_INTERVAL",
     "GRACE_PERIOD",
     "JOURNAL_LOCK_GRACE",
@@ -111,8 +112,6 @@ MAX_STUDY_NAME = 128
 def check_study_name(name: str) -> str:
     """``name``, unless it is no plain name for files under ``studies/`` (path separators, ``.``/``..``,
     control characters, over :data:`MAX_STUDY_NAME` characters): :class:`StorageError` with the reason and fix."""
-    from ..termsafe import printable
-
     if not name:
         why = "it is empty"
     elif len(name) > MAX_STUDY_NAME:
@@ -231,8 +230,6 @@ def _open_rdb(spec: str, *, create: bool, allow_sqlite: bool) -> Any:
         _check_sqlite_file(spec)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     try:
-        from sqlalchemy.engine import make_url
-
         url = make_url(spec)
         if url.get_driver_name() == "psycopg2" and "connect_timeout" not in url.query:
             engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
@@ -265,8 +262,6 @@ def _open_rdb(spec: str, *, create: bool, allow_sqlite: bool) -> Any:
 def _missing_driver(e: ImportError, spec: str) -> str:
     """The message for a URL whose driver is missing: the module SQLAlchemy looked for and, for a PostgreSQL
     URL with psycopg2 installed, the URL that uses it."""
-    import importlib.util
-
     missing, cause = None, e  # type: Optional[str], Optional[BaseException]
     while cause is not None and missing is None:
         missing = getattr(cause, "name", None)
@@ -412,8 +407,6 @@ class _AtomicJournalFile(JournalFileBackend):
 def _check_sqlite_file(spec: str) -> None:
     """Raise :class:`StorageError` unless the SQLite URL names an existing file (connecting would create it)."""
     try:
-        from sqlalchemy.engine import make_url
-
         db = make_url(spec).database
     except Exception:
         db = None
@@ -427,18 +420,9 @@ def _check_sqlite_file(spec: str) -> None:
 
 def _has_optuna_tables(spec: str, engine_kwargs: dict[str, Any]) -> bool:
     """Whether the database at ``spec`` has Optuna's tables (looked at without writing anything)."""
-    import sqlalchemy
-
     engine = sqlalchemy.create_engine(spec, **engine_kwargs)
     try:
         inspector = sqlalchemy.inspect(engine)
         return all(inspector.has_table(t) for t in ("studies", "trials", "version_info"))
     finally:
         engine.dispose()
-
-
-def safe_reason(e: BaseException, spec: Optional[str]) -> str:
-    """``ExceptionClass: first line`` of ``e`` (of the driver's error behind it), any password of ``spec`` removed."""
-    text = str(getattr(e, "orig", None) or e).strip().splitlines()
-    first = text[0] if text else e.__class__.__name__
-    return scrub(f"{e.__class__.__name__}: {first}", spec or "")[:300]

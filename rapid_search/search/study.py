@@ -30,6 +30,7 @@ from ..tools.evaluate import fidelity, metric_value, predict
 from ..runtime.flops import ModelInfo, schedule_macs
 from ..runtime.presets import DEFAULT_PROTECT, DEFAULT_SWITCH_FRACTION, TOME_DECREASING, make_schedule, tome_fitting
 from ..runtime.schedule import Budget, LayerSpec, Schedule
+from .budget import Target
 from .space import SearchSpace, layers_for, project
 from ..errors import RapidSearchError
 
@@ -113,7 +114,8 @@ def hand_params(info: ModelInfo) -> dict[str, Any]:
 
 
 class Objective:
-    """The Optuna objective: sample, project onto the budget, score on calibration rungs."""
+    """The Optuna objective: sample, project onto ``budget`` (a range: each trial's target drawn in it,
+    or ``at`` for every trial when refining a range study), score on calibration rungs."""
 
     def __init__(
         self,
@@ -123,21 +125,18 @@ class Objective:
         space: SearchSpace,
         calib: Calibration,
         metric: str,
-        target: float,
-        cost_kind: str,
+        budget: Target,
         device: torch.device,
         batch_size: int,
         n_rungs: int = 3,
         latency_model: Any = None,
         margin: float = 0.0,
-        lo: Optional[float] = None,
         at: Optional[float] = None,
     ) -> None:
-        self.model, self.info, self.space, self.calib = model, info, space, calib
-        self.metric, self.target, self.cost_kind = metric, target, cost_kind
-        # schedules are drawn up to ``target * (1 - margin)``; the constraint stays ``target`` (see
-        # LATENCY_MARGIN); ``lo``: a range budget's low end (each trial's target is drawn in [lo, target])
-        self.margin, self.lo, self.at = margin, lo, at  # ``at``: refining a range study, every trial's target
+        self.model, self.info, self.space, self.calib, self.metric = model, info, space, calib, metric
+        self.target, self.lo, self.cost_kind, self.at = budget.cost, budget.lo_cost, budget.spec.kind, at  # in cost-model units
+        # schedules are drawn up to ``target * (1 - margin)``; the constraint stays ``target`` (see LATENCY_MARGIN)
+        self.margin = margin
         self.device, self.batch_size = device, batch_size
         self.latency_model = latency_model
         self.rungs = calib.rungs(n_rungs)

@@ -40,8 +40,6 @@ __all__ = [
     "RETRY_PENDING_KEY",
     "SURPLUS_KEY",
     "FAILED_BECAUSE_KEY",
-    "Surplus",
-    "TrialCounts",
     "Worker",
     "count_trials",
     "deferred_interrupts",
