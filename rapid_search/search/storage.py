@@ -312,13 +312,9 @@ def check_journal(
     say = log or (lambda msg: sys.stderr.write(f"rapid-search: {msg}\n"))
     with get_lock_file(lock) if lock is not None else contextlib.nullcontext():
         data = path.read_bytes()
-        lines = data.split(b"\n")
-        tail = lines.pop()  # after the last newline: b"" when the file ends with a complete record
         end = 0  # byte offset just past the last good record
-        offset = 0
         first_bad: Optional[tuple[int, str]] = None
-        for number, line in enumerate(lines, start=1):
-            offset += len(line) + 1
+        for number, line in enumerate(data.split(b"\n")[:-1], start=1):  # what follows the last newline is no record
             why = _bad_record(line, ops)
             if why is None:
                 if first_bad is not None:
@@ -326,7 +322,7 @@ def check_journal(
                         f"journal file {path} is damaged at line {first_bad[0]} ({first_bad[1]}) with records after it — "
                         "restore the file from a copy, or start a new study with another --study-name (the file was left unchanged)"
                     )
-                end = offset
+                end += len(line) + 1
             elif why.startswith("unknown op code"):
                 raise StorageError(
                     f"journal file {path} has a record with an {why} at line {number} — read it with the Optuna version that "
