@@ -9,7 +9,7 @@ import re
 from typing import Optional
 from urllib.parse import unquote, unquote_plus
 
-__all__ = ["has_scheme", "mask_url", "scrub"]
+__all__ = ["has_scheme", "mask_url", "safe_reason", "scrub"]
 
 #: A URL's scheme (``postgresql+psycopg2://``, ``sqlite:///``): a ``--storage`` value without one
 #: is not shown in messages at all (it may be a password pasted in the wrong place).
@@ -134,3 +134,10 @@ def _cut_pieces(text: str, secret: str, public: str) -> str:
             out.append(text[i])
             i += 1
     return "".join(out)
+
+
+def safe_reason(e: BaseException, spec: Optional[str]) -> str:
+    """``ExceptionClass: first line`` of ``e`` (of the driver's error behind it), any password of ``spec`` removed."""
+    text = str(getattr(e, "orig", None) or e).strip().splitlines()
+    first = text[0] if text else e.__class__.__name__
+    return scrub(f"{e.__class__.__name__}: {first}", spec or "")[:300]

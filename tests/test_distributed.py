@@ -29,7 +29,7 @@ from rapid_search.search.workers import (
     RETRY_PENDING_KEY,
     SURPLUS_KEY,
     WORKER_KEY,
-    Liveness,
+    Worker,
     count_trials,
     retry_trial,
     run_trials,
@@ -167,11 +167,11 @@ def test_failed_for_good_trial_keeps_no_slot_after_a_lost_race(tmp_path) -> None
     real_fail = other._storage.set_trial_state_values
 
     def owner_fails_first(trial_id, state, values=None):  # the owner's error path runs just before the FAIL
-        assert Liveness(owner, grace=10).give_up(owner._storage.get_trial(trial_id), "raised an error", retry=False)
+        assert Worker(owner, grace=10).give_up(owner._storage.get_trial(trial_id), "raised an error", retry=False)
         return real_fail(trial_id, state, values)
 
     other._storage.set_trial_state_values = owner_fails_first
-    assert Liveness(other, grace=10).give_up(other._storage.get_trial(trial._trial_id), "had no heartbeat") is False
+    assert Worker(other, grace=10).give_up(other._storage.get_trial(trial._trial_id), "had no heartbeat") is False
     final = load(spec, "r")
     [t] = final.trials
     assert t.state == TrialState.FAIL and RETRY_PENDING_KEY in t.system_attrs  # the loser's write is there...
@@ -196,7 +196,7 @@ def test_stale_trial_failed_once_and_requeued(tmp_path) -> None:
     study._storage.set_trial_system_attr(alive._trial_id, HEARTBEAT_KEY, time.time())
 
     a, b = load(spec, "s"), load(spec, "s")
-    assert Liveness(a, grace=10).recover() + Liveness(b, grace=10).recover() == 1
+    assert Worker(a, grace=10).recover() + Worker(b, grace=10).recover() == 1
     trials = load(spec, "s").trials
     assert trials[0].state == TrialState.COMPLETE and trials[0].value == 1.0
     assert trials[1].state == TrialState.FAIL and "heartbeat" in trials[1].system_attrs[FAILED_BECAUSE_KEY]

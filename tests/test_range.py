@@ -12,7 +12,7 @@ from rapid_search.cli import main
 from rapid_search.search.budget import BudgetError, parse_budget
 from rapid_search.search.space import project
 from rapid_search.search.storage import open_storage
-from rapid_search.search.study import hand_shape, latency_correction
+from rapid_search.search.study import latency_correction
 from rapid_search.tools.latency import LatencyModel
 from rapid_search.tools.front import FrontPoint, pareto_front
 
@@ -312,7 +312,8 @@ def test_latency_search_learns_the_models_error_from_timed_trials(tiny_search, t
                        trials="8", batch_size="4", calib_images="8")
     assert main(argv) == 0, capsys.readouterr().err
     target = 0.6 * truth._ms(None)
-    assert project(info, hand_shape(info), target * 0.98, cost=model.predict_ms) is None  # by the model alone: out of reach
+    hand = {"switch": 2, "prune_weight": 1.0, "decay": 0.0, "protect": 0.5, "prune_threshold": None, "merge_threshold": None}
+    assert project(info, hand, target * 0.98, cost=model.predict_ms) is None  # by the model alone: out of reach
     s = rs.Schedule.load(tmp_path / "p.yaml")
     assert 0.85 * target <= truth._ms(s) <= target and s.budget.achieved["latency_ms"] == pytest.approx(truth._ms(s))
     study = optuna.load_study(study_name="p", storage=open_storage(journal, study_name="p"))

@@ -12,11 +12,8 @@ number or ``%`` and the unit, but ``%`` must follow the number directly):
 ===============  ============================================================================
 
 Example:
-    >>> from rapid_search.search.budget import parse_budget, resolve
-    >>> spec = parse_budget("50%GFLOPs")
-    >>> spec.kind, spec.value, spec.relative
-    ('gflops', 0.5, True)
-    >>> resolve(spec, base_gflops=1.2)
+    >>> from rapid_search.search.budget import resolve
+    >>> resolve("50%GFLOPs", base_gflops=1.2)
     0.6
 """
 
@@ -38,6 +35,7 @@ ACCEPTED_FORMS = "50%GFLOPs (of the unreduced model), 0.6GFLOPs, 60%latency (of 
 _NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
 _RELATIVE = re.compile(rf"^({_NUMBER})%\s*(gflops|latency)$", re.IGNORECASE)
 _ABSOLUTE = re.compile(rf"^({_NUMBER})\s*(gflops|ms)$", re.IGNORECASE)
+_EXAMPLES = {("gflops", True): "50%GFLOPs", ("gflops", False): "0.6GFLOPs", ("latency", True): "60%latency", ("latency", False): "12ms"}
 
 
 class BudgetError(RapidSearchError, ValueError):
@@ -50,8 +48,8 @@ class BudgetSpec:
 
     Attributes:
         kind: ``"gflops"`` or ``"latency"``.
-        value: For relative budgets the fraction of the unreduced model (``50%`` -> ``0.5``);
-            otherwise GFLOPs per image (``gflops``) or milliseconds per batch (``latency``).
+        value: A fraction of the unreduced model (``relative``: ``50%`` -> ``0.5``), else GFLOPs per
+            image or ms per batch.
         relative: Whether ``value`` is a fraction of the unreduced model.
         text: The budget as given (surrounding spaces removed), e.g. ``"50%GFLOPs"``.
         lo: A range's low end, in the unit of ``value`` (its high end); None for one budget.
@@ -77,8 +75,7 @@ class BudgetSpec:
 
 
 def _plain(x: float) -> str:
-    """``x`` as the grammar reads it back to the same value: no exponent, no trailing zeros
-    (``50``, ``37.123456789``, ``0.00001``; :g would give ``37.1235`` and ``1e-05``)."""
+    """``x`` as the grammar reads it back to the same value (``37.123456789``, ``0.00001``; not :g's ``1e-05``)."""
     return f"{x:.10f}".rstrip("0").rstrip(".")
 
 
@@ -90,8 +87,7 @@ def parse_budget(text: Any) -> BudgetSpec:
     """Parse a budget string (one of the module docstring's forms).
 
     Raises:
-        BudgetError: Not one of the accepted forms; zero or negative; a relative budget at or
-            above 100%.
+        BudgetError: Not one of the accepted forms; zero or negative; a relative budget at or above 100%.
     """
     if not isinstance(text, str):
         raise _grammar_error(text)
@@ -110,22 +106,17 @@ def parse_budget(text: Any) -> BudgetSpec:
         return replace(hi, text=s, lo=lo.value)
     m = _RELATIVE.match(s)
     relative = m is not None
-    if m is None:
-        m = _ABSOLUTE.match(s)
+    m = m or _ABSOLUTE.match(s)
     if m is None:
         raise _grammar_error(text)
     number, unit = float(m.group(1)), m.group(2).lower()
     kind = "gflops" if unit == "gflops" else "latency"
-    example = {("gflops", True): "50%GFLOPs", ("gflops", False): "0.6GFLOPs", ("latency", True): "60%latency", ("latency", False): "12ms"}[
-        (kind, relative)
-    ]
+    example = _EXAMPLES[kind, relative]
     if not math.isfinite(number) or number <= 0:
         raise BudgetError(f"budget {s!r} must be positive — use e.g. {example}")
-    if relative:
-        if number >= 100:
-            raise BudgetError(f"budget {s!r}: a budget at or above 100% reduces nothing — use e.g. {example}")
-        return BudgetSpec(kind=kind, value=number / 100.0, relative=True, text=s)
-    return BudgetSpec(kind=kind, value=number, relative=False, text=s)
+    if relative and number >= 100:
+        raise BudgetError(f"budget {s!r}: a budget at or above 100% reduces nothing — use e.g. {example}")
+    return BudgetSpec(kind=kind, value=number / 100.0 if relative else number, relative=relative, text=s)
 
 
 def resolve(spec: Union[BudgetSpec, str], *, base_gflops: float, base_latency_ms: Optional[float] = None) -> float:

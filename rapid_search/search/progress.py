@@ -27,6 +27,9 @@ import sys
 import time
 from typing import Any, Mapping, Optional, TextIO
 
+import optuna
+from optuna.trial import TrialState
+
 __all__ = ["Progress", "MODES", "summarize_search"]
 
 #: Accepted values of ``Progress(mode)``.
@@ -99,8 +102,6 @@ class Progress:
         return h
 
     def __enter__(self) -> "Progress":
-        import optuna
-
         if self.mode == "rich":
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -123,8 +124,6 @@ class Progress:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        import optuna
-
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
@@ -152,8 +151,6 @@ class Progress:
 
     def __call__(self, study: Any, trial: Any) -> None:
         """The Optuna callback: report a finished trial (``[k/N]`` counts the whole study's, other workers' too)."""
-        from optuna.trial import TrialState
-
         finished = (TrialState.COMPLETE, TrialState.PRUNED)
         self.done = max(self.done + (trial.state in finished), len(study.get_trials(deepcopy=False, states=finished)))
         feasible = all(v <= 0 for v in (trial.constraints or {}).values())

@@ -16,12 +16,16 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import optuna
+import sqlalchemy.exc  # an Optuna dependency
 import torch
 from optuna.trial import TrialState
 
+from ..outputs import check_output
+from ..redact import safe_reason
 from ..tools.data import DataError, list_images, load_images
 from ..tools.evaluate import fidelity, predict
 from ..runtime.flops import ModelInfo
+from ..tools import latency  # a module: tests replace its timing functions
 from ..tools.loading import load_model
 from ..tools.measure import parse_device, parse_dtype, set_cpu_threads
 from ..tools.provenance import versions
@@ -40,10 +44,9 @@ from .storage import (
     describe_storage,
     journal_path,
     open_storage,
-    safe_reason,
 )
-from .study import HAND_SET_LEVELS, LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest, export_best, hand_shape, latency_correction
-from .workers import run_trials
+from .study import HAND_SET_LEVELS, LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest, export_best, hand_params, latency_correction
+from .workers import FINISHED, run_trials
 
 __all__ = [
     "SearchOptions",
@@ -54,7 +57,6 @@ __all__ = [
     "share_setup",
     "heartbeat_timing",
     "canonical_setup_value",
-    "DEFAULT_METRIC",
 ]
 
 #: Default score for ranking trials, chosen by measurement (README "Which calibration score?").
@@ -95,21 +97,8 @@ class SearchOptions:
 
 
 class SearchInterrupted(KeyboardInterrupt):
-    """Ctrl-C (or SIGTERM) during the trials: the study is kept, the trial in flight queued again
-    and the best schedule so far written to ``out`` (None: none meets the budget yet, or writing
-    failed: ``export_error``); ``finished`` is None when the storage could not be read."""
-
-    def __init__(self, study_name: str, out: Optional[Path], finished: Optional[int], trials: int, export_error: Optional[str] = None) -> None:
-        super().__init__(study_name)
-        self.study_name, self.out, self.finished, self.trials = study_name, out, finished, trials
-        self.export_error = export_error
-
-    def __str__(self) -> str:
-        finished = "?" if self.finished is None else self.finished
-        return (
-            f"interrupted — study {self.study_name!r} is kept ({finished}/{self.trials} trials finished); "
-            f"{_best_so_far(self.out, self.export_error)}; re-run the same command to resume"
-        )
+    """Ctrl-C (or SIGTERM) during the trials: the study is kept, the trial in flight queued again and
+    the best schedule so far written; the message says what was kept and written."""
 
 
 @dataclass
@@ -127,17 +116,12 @@ def default_study_name(opts: SearchOptions) -> str:
     """A study name that identifies the set-up, so re-running the same command resumes it."""
     budget = re.sub(r"[^A-Za-z0-9.]+", "", opts.budget.replace("%", "pct"))
     device = opts.device.replace(":", "")
-    return f"{opts.model}-{budget}-{device}-n{opts.calib_images}-s{opts.seed}" + _runtime_suffix(opts)
-
-
-def _runtime_suffix(opts: SearchOptions) -> str:
-    """Study-name suffix for a non-default precision or compiled timing (none for the defaults)."""
-    return "".join(f"-{v}" if k == "dtype" else "-compiled" for k, v in _runtime_setup(opts).items())
+    runtime = "".join(f"-{v}" if k == "dtype" else "-compiled" for k, v in _runtime_setup(opts).items())  # none for the defaults
+    return f"{opts.model}-{budget}-{device}-n{opts.calib_images}-s{opts.seed}{runtime}"
 
 
 def _runtime_setup(opts: SearchOptions) -> dict[str, Any]:
-    """Set-up entries for a non-default precision or compiled timing (none for the defaults, so older
-    studies still match)."""
+    """Set-up entries for a non-default precision or compiled timing (none for the defaults: older studies match)."""
     return {k: v for k, v in (("dtype", opts.dtype), ("compile", opts.compile)) if v not in ("float32", False)}
 
 
@@ -168,8 +152,7 @@ def _setup_attrs(opts: SearchOptions, info: ModelInfo, space: SearchSpace, metri
 
 
 def _check_setup(study: optuna.Study, attrs: dict[str, Any], have: Optional[dict[str, Any]] = None) -> None:
-    """Refuse a study started with another set-up (``have``: its stored one; None reads it; a
-    study without one passes)."""
+    """Refuse a study started with another set-up (``have``: its stored one, None: read it; none passes)."""
     have = study.user_attrs.get("setup") if have is None else have
     if have is None:
         return
@@ -182,8 +165,8 @@ def _check_setup(study: optuna.Study, attrs: dict[str, Any], have: Optional[dict
 
 
 def canonical_setup_value(key: str, value: Any) -> Any:
-    """A recorded set-up value in its canonical spelling (a budget as ``50%GFLOPs``, whatever
-    case and spaces it was given with, as older studies may have recorded it), for comparisons."""
+    """A recorded set-up value in its canonical spelling, for comparisons (a budget as ``50%GFLOPs``,
+    whatever case and spaces an older study recorded it with)."""
     if key == "budget" and isinstance(value, str):
         try:
             return parse_budget(value).canonical
@@ -209,11 +192,10 @@ def share_setup(
     """Record the study's set-up (the creator: ``created``), or check this worker's ``attrs``
     (``setup``, ``base_gflops``, ``target``) against it; returns the study's (the creator's) values.
 
-    Only the creator writes them, so racing creators cannot both write and a joiner never
-    overwrites the creator's latency ``target`` (it is told, via ``log``, when its own differs).
-    A joiner finding a new study without a set-up waits ``wait`` s for it; if there is still none
-    (the creator died) it writes its own and re-reads after ``poll`` s, so of two racing joiners
-    the overwritten one is refused when the set-ups differ.
+    A joiner never overwrites the creator's latency ``target`` (``log`` says when its own differs).
+    Finding a new study without a set-up it waits ``wait`` s; if there is still none (the creator
+    died) it writes its own and re-reads after ``poll`` s: of two racing joiners, the overwritten
+    one is refused when the set-ups differ.
 
     Raises:
         SearchError: The study was started with another set-up.
@@ -242,14 +224,10 @@ def share_setup(
 
 
 def heartbeat_timing(opts: SearchOptions) -> tuple[int, int, Optional[str]]:
-    """``(interval, grace, note)``: heartbeat interval, grace period and a note when the default
-    grace was raised. A killed worker's journal lock blocks heartbeats for ``JOURNAL_LOCK_GRACE``
-    s, so with a journal file grace must exceed ``2 * interval + JOURNAL_LOCK_GRACE`` (the default
-    is raised to that, a shorter ``--grace-period`` refused).
-
-    Raises:
-        SearchError: ``--heartbeat-interval`` not below the grace period, or ``--grace-period``
-            too short for a journal file.
+    """``(interval, grace, note)``: heartbeat interval, grace period and a note when the default grace
+    was raised. A killed worker's journal lock blocks heartbeats for ``JOURNAL_LOCK_GRACE`` s, so for a
+    journal file grace must exceed ``2 * interval + JOURNAL_LOCK_GRACE`` (the default is raised to
+    that; a shorter ``--grace-period``, or an interval not below the grace period: SearchError).
     """
     interval = opts.heartbeat_interval
     grace = GRACE_PERIOD if opts.grace_period is None else opts.grace_period
@@ -273,8 +251,7 @@ def heartbeat_timing(opts: SearchOptions) -> tuple[int, int, Optional[str]]:
 
 
 def _existing_study(spec: Optional[str], study_name: str) -> tuple[Any, Optional[optuna.Study]]:
-    """``(storage, study)``: the storage when it exists already (None for a journal file still to
-    be made) and the study when it exists; creates nothing (no journal file, no study)."""
+    """``(storage, study)`` where they exist already (None: a journal file or study still to be made); creates nothing."""
     path = journal_path(spec, study_name, STUDIES_DIR)
     if path is not None:
         check_journal_path(path)
@@ -288,10 +265,8 @@ def _existing_study(spec: Optional[str], study_name: str) -> tuple[Any, Optional
 
 
 def _check_out(out: Path, opts: SearchOptions, study_name: str) -> None:
-    """Refuse an output path that cannot or must not be written, before hours of search: not a
-    regular file, the study's journal, an input of the search (``--space``, ``--checkpoint``)."""
-    from ..outputs import check_output
-
+    """Refuse, before hours of search, an output path that cannot or must not be written (not a
+    regular file, the study's journal, an input of the search)."""
     check_output(
         out,
         option="--out",
@@ -325,8 +300,7 @@ def _warm_start(study: optuna.Study, info: ModelInfo, ranged: bool = False) -> N
     ``(r, -1)``) first; for a range budget, the hand-set one at HAND_SET_LEVELS budgets over it, ToMe in its middle."""
     if study.get_trials(deepcopy=False):
         return
-    hand = {**hand_shape(info), "prune_threshold_mode": "off", "merge_threshold_mode": "off"}
-    del hand["prune_threshold"], hand["merge_threshold"]
+    hand = hand_params(info)
     at = lambda frac: {"range_frac": frac} if ranged else {}  # noqa: E731
     for frac in [k / (HAND_SET_LEVELS - 1) for k in range(HAND_SET_LEVELS)] if ranged else (0.5,):
         study.enqueue_trial(hand, user_attrs={"warm_start": "rapid-hand-set", **at(frac)})
@@ -349,12 +323,12 @@ def _refine_start(study: optuna.Study, within: Target, at: float, k: int = 2) ->
 
 
 def _finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
 def search_stats(study: optuna.Study, n_images: int) -> dict[str, Any]:
     """Trial-cost ratio and the saving from early stopping, from the trials' records."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    trials = study.get_trials(deepcopy=False, states=FINISHED)
     complete = [t for t in trials if t.state == TrialState.COMPLETE and "trial_s" in t.user_attrs]
     ratios = [t.user_attrs["trial_s"] / t.user_attrs["forward_s"] for t in complete if t.user_attrs.get("forward_s")]
     forwarded = sum(int(t.user_attrs.get("images_forwarded", 0)) for t in trials if "schedule" in t.user_attrs)
@@ -494,12 +468,10 @@ def _load(plan: _Plan, log: Callable[[str], None]) -> _Loaded:
 
 def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: Callable[[str], None]) -> _Loaded:
     """A latency budget: latency model, unreduced timing, target and noise margin (``LATENCY_MARGIN``)."""
-    from ..tools.latency import LatencyModel, measure_schedule_ms
-
     opts, device, info = plan.opts, plan.device, plan.info
     log(f"measuring per-block latency on {device} at batch {opts.batch_size} ...")
-    latency_model = LatencyModel.measure(model, device=device, batch_size=opts.batch_size, compile=opts.compile)
-    base_t = measure_schedule_ms(model, None, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=opts.compile)
+    latency_model = latency.LatencyModel.measure(model, device=device, batch_size=opts.batch_size, compile=opts.compile)
+    base_t = latency.measure_schedule_ms(model, None, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=opts.compile)
     base_ms = base_t.median_ms
     latency_model.anchor(base_ms)  # predictions and the target on one scale
     lo, hi = LATENCY_MARGIN
@@ -507,7 +479,7 @@ def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: 
     target = Target.of(plan.spec, base_gflops=info.base_gflops, base_latency_ms=base_ms)
     floor, fastest = cheapest(info, plan.space, cost=lambda layers: float(latency_model.predict_ms(layers)))
     if (target.lo or target.value) < floor * base_ms and not opts.compile:  # predicted out of reach: time it before refusing
-        timed = measure_schedule_ms(
+        timed = latency.measure_schedule_ms(
             model, make_schedule(info, fastest, method="fastest"), device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats
         )
         floor = timed.median_ms / base_ms
@@ -544,8 +516,7 @@ def _join_study(plan: _Plan, loaded: _Loaded, log: Callable[[str], None]) -> tup
 
 
 def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> SearchResult:
-    """Run (or resume) a search and write the best schedule (``progress``: the display, default
-    from ``opts.progress``).
+    """Run (or resume) a search and write the best schedule (``progress``: the display, default from ``opts.progress``).
 
     Raises:
         SearchInterrupted: Ctrl-C or SIGTERM during the trials (the best so far is written).
@@ -565,15 +536,13 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
             space=plan.space,
             calib=loaded.calib,
             metric=plan.metric,
-            target=(plan.within or loaded.target).cost,
-            cost_kind=plan.spec.kind,
+            budget=plan.within or loaded.target,
             device=plan.device,
             batch_size=opts.batch_size,
             n_rungs=opts.rungs,
             latency_model=loaded.latency_model,
             measure_ms=_trial_timer(plan, loaded),
             margin=loaded.margin,
-            lo=(plan.within or loaded.target).lo_cost,
             at=loaded.target.cost if plan.within else None,
         )
         done = _finished(study)
@@ -592,7 +561,7 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
                 )
             except KeyboardInterrupt:
                 raise _interrupted(study, plan, loaded, prog) from None
-            except _storage_failures() as e:  # disk full under the journal, the database server gone
+            except _STORAGE_FAILURES as e:  # disk full under the journal, the database server gone
                 raise _storage_failed(e, study, plan, loaded) from None
         schedule, trial = _export(study, plan=plan, loaded=loaded, log=prog.log)
         stats = search_stats(study, len(loaded.calib.images))
@@ -604,17 +573,15 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
 def _interrupted(study: optuna.Study, plan: _Plan, loaded: _Loaded, prog: Progress) -> SearchInterrupted:
     """After Ctrl-C: write the best schedule so far (a failure is logged, never raised)."""
     prog.log("interrupted: the study is kept; the trial in flight is queued again; writing the best schedule so far")
-    written, failed = _save_best(study, plan, loaded)
+    wrote, failed, finished = _save_best(study, plan, loaded)
     if failed:
         prog.log(f"could not write the best schedule so far to {plan.out}: {failed}")
-    return SearchInterrupted(plan.study_name, written, _finished_or_none(study), plan.opts.trials, export_error=failed)
+    kept = f"study {plan.study_name!r} is kept ({finished}/{plan.opts.trials} trials finished)"
+    return SearchInterrupted(f"interrupted — {kept}; {wrote}; re-run the same command to resume")
 
 
-def _storage_failures() -> tuple[type[BaseException], ...]:
-    """A failed journal append (disk full, I/O) and any database error (Optuna wraps SQLAlchemy's)."""
-    import sqlalchemy.exc  # an Optuna dependency; imported here, when a search runs
-
-    return (JournalWriteError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError)
+#: A failed journal append (disk full, I/O) and any database error (Optuna wraps SQLAlchemy's).
+_STORAGE_FAILURES = (JournalWriteError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError)
 
 
 def _storage_failed(e: BaseException, study: optuna.Study, plan: _Plan, loaded: _Loaded) -> SearchError:
@@ -628,36 +595,27 @@ def _storage_failed(e: BaseException, study: optuna.Study, plan: _Plan, loaded: 
             f"storage {describe_storage(opts.storage, plan.study_name, STUDIES_DIR)} failed during the search ({safe_reason(cause, opts.storage)}) — "
             "check that the server runs and re-run the same command to resume"
         )
-    wrote = _best_so_far(*_save_best(study, plan, loaded))
-    finished = _finished_or_none(study)
-    return SearchError(f"{what}; study {plan.study_name!r} kept ({'?' if finished is None else finished}/{opts.trials} trials finished); {wrote}")
+    wrote, _, finished = _save_best(study, plan, loaded)
+    return SearchError(f"{what}; study {plan.study_name!r} kept ({finished}/{opts.trials} trials finished); {wrote}")
 
 
-def _save_best(study: optuna.Study, plan: _Plan, loaded: _Loaded) -> tuple[Optional[Path], Optional[str]]:
-    """``(written, error)`` after writing the best schedule so far (both None: none meets the budget
-    yet); never raises, as what cut the search short decides the exit."""
+def _save_best(study: optuna.Study, plan: _Plan, loaded: _Loaded) -> tuple[str, Optional[str], str]:
+    """Write the best schedule so far after the trials were cut short; never raises, as what cut them
+    short decides the exit. Returns what was written, the error writing it and the finished trials."""
+    error = None
     try:
         _export(study, plan=plan, loaded=loaded)
-        return plan.out, None
+        wrote = f"best schedule so far written to {plan.out}"
     except SearchError:
-        return None, None
+        wrote = "no finished trial meets the budget yet, no schedule written"
     except Exception as e:  # noqa: BLE001
-        return None, safe_reason(e, plan.opts.storage)
-
-
-def _best_so_far(out: Optional[Path], error: Optional[str]) -> str:
-    if out:
-        return f"best schedule so far written to {out}"
-    if error:
-        return f"the best schedule so far could not be written ({error})"
-    return "no finished trial meets the budget yet, no schedule written"
-
-
-def _finished_or_none(study: optuna.Study) -> Optional[int]:
+        error = safe_reason(e, plan.opts.storage)
+        wrote = f"the best schedule so far could not be written ({error})"
     try:
-        return _finished(study)
+        finished = str(_finished(study))
     except Exception:  # noqa: BLE001 - the storage went away
-        return None
+        finished = "?"
+    return wrote, error, finished
 
 
 def _trial_timer(plan: _Plan, loaded: _Loaded) -> Optional[Callable[[Schedule], float]]:
@@ -666,10 +624,8 @@ def _trial_timer(plan: _Plan, loaded: _Loaded) -> Optional[Callable[[Schedule], 
     opts = plan.opts
     if plan.spec.kind != "latency" or opts.compile:
         return None
-    from ..tools.latency import measure_schedule_ms
-
     repeats = max(3, opts.latency_repeats // 2)
-    return lambda s: measure_schedule_ms(loaded.model, s, device=plan.device, batch_size=opts.batch_size, repeats=repeats, warmup=1).median_ms
+    return lambda s: latency.measure_schedule_ms(loaded.model, s, device=plan.device, batch_size=opts.batch_size, repeats=repeats, warmup=1).median_ms
 
 
 def _export(
@@ -678,14 +634,13 @@ def _export(
     """Write the best feasible trial's schedule (for a latency budget: re-measured on the device,
     with a report of the candidates re-measured and why the written one was chosen)."""
     opts, target = plan.opts, loaded.target
-    say = log or _stderr
+    say = log or (lambda line: sys.stderr.write(line + "\n"))
     accept = None
     checked: list[dict[str, Any]] = []  # every candidate re-measured, in rank order
     if plan.spec.kind == "latency":
-        from ..tools.latency import measure_schedule_ms
 
         def accept(s: Schedule) -> Optional[dict[str, Any]]:
-            t = measure_schedule_ms(
+            t = latency.measure_schedule_ms(
                 loaded.model, s, device=plan.device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=opts.compile
             )
             predicted = float(loaded.latency_model.predict_ms(s)) * latency_correction(study)
@@ -725,10 +680,6 @@ def _export(
     if warning:
         say(warning)
     return final, trial
-
-
-def _stderr(line: str) -> None:
-    sys.stderr.write(line + "\n")
 
 
 def export_report(checked: Sequence[dict[str, Any]], target_ms: float, *, chosen: Optional[int]) -> list[str]:

@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
+from ..outputs import input_problem
 from ..runtime.flops import ModelInfo, schedule_macs
 from ..runtime.presets import rapid_layers
 from ..runtime.schedule import LayerSpec
 from ..errors import RapidSearchError
+from ..yamlsafe import YAMLInputError, load_yaml, read_yaml
 
 __all__ = ["SearchSpaceError", "FloatRange", "ThresholdRange", "SearchSpace", "DEFAULT_SPACE", "layers_for"]
 
@@ -82,13 +84,17 @@ def _num(where: str, v: Any) -> float:
     return float(v)
 
 
+def _check_keys(where: str, v: Mapping[Any, Any], allowed: set[str], fix: str) -> None:
+    unknown = set(map(str, v)) - allowed
+    if unknown:
+        raise SearchSpaceError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} — {fix}")
+
+
 def _float_range(where: str, v: Any, lo: float, hi: float, *, allow_log: bool = True) -> FloatRange:
     if not isinstance(v, Mapping):
         x = _num(where, v)
         v = {"low": x, "high": x}
-    unknown = set(v) - {"low", "high", "log"}
-    if unknown:
-        raise SearchSpaceError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))} — use low, high (and log)")
+    _check_keys(where, v, {"low", "high", "log"}, "use low, high (and log)")
     if "low" not in v or "high" not in v:
         raise SearchSpaceError(f"{where}: give both low and high (or a single number to fix it)")
     a, b = _num(f"{where}.low", v["low"]), _num(f"{where}.high", v["high"])
@@ -110,9 +116,7 @@ def _threshold_range(where: str, v: Any) -> ThresholdRange:
         if not -1 <= x <= 1:
             raise SearchSpaceError(f"{where} = {x} must be a cosine similarity in [-1, 1]")
         return ThresholdRange(("on",), x, x)
-    unknown = set(v) - {"modes", "low", "high"}
-    if unknown:
-        raise SearchSpaceError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))} — use modes, low, high")
+    _check_keys(where, v, {"modes", "low", "high"}, "use modes, low, high")
     modes = v.get("modes", ["off", "on"])
     if isinstance(modes, list):
         modes = [{False: "off", True: "on"}.get(m, m) if isinstance(m, bool) else m for m in modes]
@@ -141,9 +145,7 @@ class SearchSpace:
         if not isinstance(d, Mapping):
             raise SearchSpaceError(f"{source}: a search space must be a YAML mapping — see {DEFAULT_SPACE}")
         keys = {"format", "switch", "prune_weight", "decay", "protect", "prune_threshold", "merge_threshold"}
-        unknown = set(map(str, d)) - keys
-        if unknown:
-            raise SearchSpaceError(f"{source}: unknown key(s) {', '.join(sorted(unknown))} — allowed: {', '.join(sorted(keys))}")
+        _check_keys(source, d, keys, f"allowed: {', '.join(sorted(keys))}")
         if d.get("format") != _FORMAT:
             raise SearchSpaceError(f"{source}: format must be {_FORMAT!r}, got {d.get('format')!r}")
         missing = sorted(keys - {"format"} - set(d))
@@ -166,9 +168,6 @@ class SearchSpace:
     def load(cls, path: Union[str, Path, None] = None) -> "SearchSpace":
         """Read a search space YAML (default: :data:`DEFAULT_SPACE`, shipped in the package)."""
         p = Path(path) if path is not None else DEFAULT_SPACE
-        from ..outputs import input_problem
-        from ..yamlsafe import YAMLInputError, load_yaml, read_yaml
-
         problem = input_problem(p)
         if problem is not None:
             raise SearchSpaceError(f"search space {p} {problem} — pass --space with a YAML file like {DEFAULT_SPACE}")
@@ -193,14 +192,9 @@ class SearchSpace:
 
     def suggest(self, trial: Any, depth: int) -> dict[str, Any]:
         """Sample a schedule shape; returns the shape parameters."""
-        switch_frac = self.switch.suggest(trial, "switch_frac") if self.switch.fixed else None
-        if switch_frac is None:
-            lo, hi = round(self.switch.low * depth), round(self.switch.high * depth)
-            switch = int(trial.suggest_int("switch", lo, hi))
-        else:
-            switch = round(switch_frac * depth)
+        lo, hi = round(self.switch.low * depth), round(self.switch.high * depth)
         return {
-            "switch": switch,
+            "switch": lo if self.switch.fixed else int(trial.suggest_int("switch", lo, hi)),
             "prune_weight": self.prune_weight.suggest(trial, "prune_weight"),
             "decay": self.decay.suggest(trial, "decay"),
             "protect": self.protect.suggest(trial, "protect"),
@@ -241,11 +235,11 @@ def project(
     *,
     cost: Optional[Callable[[list[LayerSpec]], float]] = None,
 ) -> Optional[tuple[list[LayerSpec], float]]:
-    """Largest-cost schedule of this shape that meets ``target`` (the smallest sufficient scale).
+    """Largest-cost schedule of this ``shape`` (:meth:`SearchSpace.suggest`) that meets ``target``.
 
     Args:
         info: Model facts.
-        shape: Output of :meth:`SearchSpace.suggest`.
+        shape: The schedule's shape.
         target: Cost target, in the units of ``cost``.
         cost: Cost of a layer list; default analytic MACs (fixed counts).
 

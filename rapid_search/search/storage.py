@@ -7,7 +7,8 @@
   ``~/.pgpass``, so it never shows in ``ps``;
 * SQLite is refused for searches (not safe for concurrent workers); ``export`` may read it.
 
-Both kinds come with the heartbeat seam (:class:`~rapid_search.search.workers.HeartbeatMixin`).
+Both kinds come with Optuna's heartbeat seam (:class:`HeartbeatMixin`), off until a
+:class:`~rapid_search.search.workers.Worker` is attached.
 Messages never show a password (:mod:`rapid_search.redact`).
 """
 
@@ -16,10 +17,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
-import functools
+import importlib.util
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -27,20 +27,30 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import sqlalchemy
+from optuna.storages import RDBStorage
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock, JournalStorage
+from optuna.storages.journal._file import get_lock_file
+from optuna.storages.journal._storage import JournalOperation
+from optuna.trial import FrozenTrial
+from sqlalchemy.engine import make_url
+
 from ..errors import RapidSearchError
 from ..outputs import writable_ancestor
-from ..redact import has_scheme, mask_url, scrub
+from ..redact import has_scheme, mask_url, safe_reason
+from ..termsafe import printable
 
 __all__ = [
     "StorageError",
     "JournalWriteError",
+    "HeartbeatMixin",
     "check_journal",
+    "check_journal_path",
     "check_study_name",
-    "MAX_STUDY_NAME",
     "open_storage",
     "describe_storage",
     "journal_path",
-    "safe_reason",
     "HEARTBEAT_INTERVAL",
     "GRACE_PERIOD",
     "JOURNAL_LOCK_GRACE",
@@ -67,6 +77,34 @@ class JournalWriteError(StorageError, OSError):
     """Appending to a journal file failed (disk full, I/O error): that append was taken back and later ones are refused."""
 
 
+class HeartbeatMixin(BaseHeartbeat):
+    """Optuna's ``BaseHeartbeat`` for any storage (beats are a trial system attribute), off until a
+    :class:`~rapid_search.search.workers.Worker` is attached as ``liveness``: it keeps the policy."""
+
+    liveness: Any = None
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        if self.liveness is not None:
+            self.liveness.beat(trial_id)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        return [] if self.liveness is None else self.liveness.stale_trial_ids(self, study_id)
+
+    def get_heartbeat_interval(self) -> Optional[int]:
+        return None if self.liveness is None else self.liveness.interval
+
+    def get_heartbeat_stale_trial_callback(self) -> Optional[Callable[[Any, FrozenTrial], None]]:
+        return None if self.liveness is None else self.liveness.requeue
+
+
+class HeartbeatJournalStorage(HeartbeatMixin, JournalStorage):
+    """Optuna's ``JournalStorage`` with the heartbeat seam (Optuna has none for journal files)."""
+
+
+class HeartbeatRDBStorage(HeartbeatMixin, RDBStorage):
+    """Optuna's ``RDBStorage`` whose heartbeat follows the same rules as the journal's."""
+
+
 #: The longest study name (it names files: ``<name>.journal``, ``<name>.yaml``).
 MAX_STUDY_NAME = 128
 
@@ -74,8 +112,6 @@ MAX_STUDY_NAME = 128
 def check_study_name(name: str) -> str:
     """``name``, unless it is no plain name for files under ``studies/`` (path separators, ``.``/``..``,
     control characters, over :data:`MAX_STUDY_NAME` characters): :class:`StorageError` with the reason and fix."""
-    from ..termsafe import printable
-
     if not name:
         why = "it is empty"
     elif len(name) > MAX_STUDY_NAME:
@@ -139,12 +175,10 @@ def open_storage(
     """Open the storage named by ``spec`` (see the module docstring).
 
     Args:
-        spec: ``None`` (``studies_dir/<study_name>.journal``), ``journal:PATH``, ``PATH.journal`` or
-            an RDB URL.
+        spec: ``None`` (``studies_dir/<study_name>.journal``), ``journal:PATH``, ``PATH.journal`` or an RDB URL.
         study_name: The study (names the default journal file).
         studies_dir: Folder of default journal files.
-        create: Create what is missing (journal file, Optuna's tables). False opens for reading (as
-            export does): a missing journal file, SQLite file or Optuna tables is an error.
+        create: Create what is missing (journal file, Optuna's tables); False opens for reading, as export does.
         allow_sqlite: Accept SQLite URLs (read-only uses such as export; never for searches).
         log: Where the one-line note about a repaired journal goes (default: stderr).
 
@@ -161,10 +195,6 @@ def open_storage(
 
 def _open_journal(path: Path, *, create: bool, log: Optional[Callable[[str], None]]) -> Any:
     """A journal file's storage (see :func:`check_journal` for a damaged tail)."""
-    from optuna.storages.journal import JournalFileSymlinkLock
-
-    from .workers import HeartbeatJournalStorage
-
     if not create:
         if not path.is_file():
             raise StorageError(f"journal file {path} does not exist — pass --storage where the study lives")
@@ -178,7 +208,7 @@ def _open_journal(path: Path, *, create: bool, log: Optional[Callable[[str], Non
         lock = JournalFileSymlinkLock(str(path), grace_period=JOURNAL_LOCK_GRACE)
         # a damaged tail is cut off before Optuna reads or appends (read-only: a repaired copy is read)
         fixed = check_journal(path, repair=create, lock=lock if create else None, log=log) if path.is_file() else None
-        return HeartbeatJournalStorage(_backend_class()(str(fixed or path), lock, shown=path))
+        return HeartbeatJournalStorage(_AtomicJournalFile(str(fixed or path), lock, shown=path))
     except OSError as e:
         raise StorageError(f"cannot open journal file {path}: {e.strerror or e} — pass a writable path with --storage journal:PATH") from None
 
@@ -198,12 +228,8 @@ def _open_rdb(spec: str, *, create: bool, allow_sqlite: bool) -> Any:
         )
     if sqlite and not create:
         _check_sqlite_file(spec)
-    from .workers import HeartbeatRDBStorage
-
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     try:
-        from sqlalchemy.engine import make_url
-
         url = make_url(spec)
         if url.get_driver_name() == "psycopg2" and "connect_timeout" not in url.query:
             engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
@@ -236,8 +262,6 @@ def _open_rdb(spec: str, *, create: bool, allow_sqlite: bool) -> Any:
 def _missing_driver(e: ImportError, spec: str) -> str:
     """The message for a URL whose driver is missing: the module SQLAlchemy looked for and, for a PostgreSQL
     URL with psycopg2 installed, the URL that uses it."""
-    import importlib.util
-
     missing, cause = None, e  # type: Optional[str], Optional[BaseException]
     while cause is not None and missing is None:
         missing = getattr(cause, "name", None)
@@ -273,34 +297,24 @@ def check_journal(
 ) -> Optional[Path]:
     """Check a journal file before Optuna reads or appends to it (Optuna would append after a damaged tail).
 
-    A damaged *tail* (a last record cut short by a crash or full disk, or garbage after the last
-    record) is cut off: with ``repair`` the file is copied whole to ``PATH.damaged-<time>`` and
-    cut back to its last complete record under the journal's lock, one line saying so; without
-    (read-only uses) a repaired temporary copy is returned, the file left alone. Damage *before*
-    the last record, or an unknown op code anywhere, is refused, nothing changed.
+    A damaged *tail* (a last record cut short by a crash or full disk, or garbage after it) is cut
+    off: with ``repair`` the file is copied whole to ``PATH.damaged-<time>`` and cut back to its last
+    complete record under the journal's lock, one line saying so; without, a repaired temporary copy
+    is returned, the file left alone.
 
     Returns:
-        None when nothing was wrong or the file was repaired in place; the repaired temporary
-        copy to read instead when ``repair`` is False.
+        The repaired copy to read instead (``repair`` False), else None.
 
     Raises:
-        StorageError: Damage before the last record, or an unknown op code.
+        StorageError: Damage before the last record, or an unknown op code (nothing changed).
     """
-    from optuna.storages.journal._storage import JournalOperation
-
     ops = {int(op) for op in JournalOperation}
-    from optuna.storages.journal._file import get_lock_file
-
     say = log or (lambda msg: sys.stderr.write(f"rapid-search: {msg}\n"))
     with get_lock_file(lock) if lock is not None else contextlib.nullcontext():
         data = path.read_bytes()
-        lines = data.split(b"\n")
-        tail = lines.pop()  # after the last newline: b"" when the file ends with a complete record
         end = 0  # byte offset just past the last good record
-        offset = 0
         first_bad: Optional[tuple[int, str]] = None
-        for number, line in enumerate(lines, start=1):
-            offset += len(line) + 1
+        for number, line in enumerate(data.split(b"\n")[:-1], start=1):  # what follows the last newline is no record
             why = _bad_record(line, ops)
             if why is None:
                 if first_bad is not None:
@@ -308,7 +322,7 @@ def check_journal(
                         f"journal file {path} is damaged at line {first_bad[0]} ({first_bad[1]}) with records after it — "
                         "restore the file from a copy, or start a new study with another --study-name (the file was left unchanged)"
                     )
-                end = offset
+                end += len(line) + 1
             elif why.startswith("unknown op code"):
                 raise StorageError(
                     f"journal file {path} has a record with an {why} at line {number} — read it with the Optuna version that "
@@ -350,54 +364,45 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-@functools.lru_cache(maxsize=None)
-def _backend_class() -> type:
-    from optuna.storages.journal import JournalFileBackend
-    from optuna.storages.journal._file import get_lock_file
+class _AtomicJournalFile(JournalFileBackend):
+    """Optuna's journal file with all-or-nothing appends: a failed write (disk full, I/O error) is cut off
+    again, so the file still ends with a complete record, and every later append is refused."""
 
-    class _Backend(JournalFileBackend):
-        """Optuna's journal file with all-or-nothing appends: a failed write (disk full, I/O error) is cut off
-        again, so the file still ends with a complete record, and every later append is refused."""
+    def __init__(self, file_path: str, lock_obj: Any = None, *, shown: Path) -> None:
+        super().__init__(file_path, lock_obj=lock_obj)
+        self._shown = shown
+        self._failed: Optional[str] = None
 
-        def __init__(self, file_path: str, lock_obj: Any = None, *, shown: Path) -> None:
-            super().__init__(file_path, lock_obj=lock_obj)
-            self._shown = shown
-            self._failed: Optional[str] = None
-
-        def append_logs(self, logs: list[dict[str, Any]]) -> None:
-            if self._failed is not None:
-                raise JournalWriteError(self._failed)
-            data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
-            with get_lock_file(self._lock):
-                fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND)
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        if self._failed is not None:
+            raise JournalWriteError(self._failed)
+        data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
+        with get_lock_file(self._lock):
+            fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND)
+            try:
+                start = os.fstat(fd).st_size
                 try:
-                    start = os.fstat(fd).st_size
+                    _write_all(fd, data)
+                    os.fsync(fd)
+                except OSError as e:
                     try:
-                        _write_all(fd, data)
-                        os.fsync(fd)
-                    except OSError as e:
-                        try:
-                            os.ftruncate(fd, start)
-                        except OSError:
-                            pass  # the next open repairs the tail
-                        reason = e.strerror or e.__class__.__name__
-                        fix = "free space on its file system" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the file system"
-                        self._failed = (
-                            f"cannot write to journal file {self._shown}: {reason} — {fix} and re-run the same command to resume "
-                            "(every finished trial is kept)"
-                        )
-                        raise JournalWriteError(self._failed) from None
-                finally:
-                    os.close(fd)
-
-    return _Backend
+                        os.ftruncate(fd, start)
+                    except OSError:
+                        pass  # the next open repairs the tail
+                    reason = e.strerror or e.__class__.__name__
+                    fix = "free space on its file system" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix the file system"
+                    self._failed = (
+                        f"cannot write to journal file {self._shown}: {reason} — {fix} and re-run the same command to resume "
+                        "(every finished trial is kept)"
+                    )
+                    raise JournalWriteError(self._failed) from None
+            finally:
+                os.close(fd)
 
 
 def _check_sqlite_file(spec: str) -> None:
     """Raise :class:`StorageError` unless the SQLite URL names an existing file (connecting would create it)."""
     try:
-        from sqlalchemy.engine import make_url
-
         db = make_url(spec).database
     except Exception:
         db = None
@@ -411,18 +416,9 @@ def _check_sqlite_file(spec: str) -> None:
 
 def _has_optuna_tables(spec: str, engine_kwargs: dict[str, Any]) -> bool:
     """Whether the database at ``spec`` has Optuna's tables (looked at without writing anything)."""
-    import sqlalchemy
-
     engine = sqlalchemy.create_engine(spec, **engine_kwargs)
     try:
         inspector = sqlalchemy.inspect(engine)
         return all(inspector.has_table(t) for t in ("studies", "trials", "version_info"))
     finally:
         engine.dispose()
-
-
-def safe_reason(e: BaseException, spec: Optional[str]) -> str:
-    """``ExceptionClass: first line`` of ``e`` (of the driver's error behind it), any password of ``spec`` removed."""
-    text = str(getattr(e, "orig", None) or e).strip().splitlines()
-    first = text[0] if text else e.__class__.__name__
-    return scrub(f"{e.__class__.__name__}: {first}", spec or "")[:300]

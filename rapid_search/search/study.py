@@ -30,6 +30,7 @@ from ..tools.evaluate import fidelity, metric_value, predict
 from ..runtime.flops import ModelInfo, schedule_macs
 from ..runtime.presets import DEFAULT_PROTECT, DEFAULT_SWITCH_FRACTION, TOME_DECREASING, make_schedule, tome_fitting
 from ..runtime.schedule import Budget, LayerSpec, Schedule
+from .budget import Target
 from .space import SearchSpace, layers_for, project
 from ..errors import RapidSearchError
 
@@ -131,14 +132,15 @@ HAND_SET_LEVELS = 9
 TOME_INFLECT = {"tome": 0.0, "tome-decreasing": TOME_DECREASING}
 
 
-def hand_shape(info: ModelInfo) -> dict[str, Any]:
-    """The hand-set RAPID schedule as a search-space shape (a warm start, and the range baseline)."""
+def hand_params(info: ModelInfo) -> dict[str, Any]:
+    """The hand-set RAPID schedule as trial parameters (a warm start, and the range baseline)."""
     return {"switch": round(info.depth * DEFAULT_SWITCH_FRACTION), "prune_weight": 1.0, "decay": 0.0, "protect": DEFAULT_PROTECT,
-            "prune_threshold": None, "merge_threshold": None}
+            "prune_threshold_mode": "off", "merge_threshold_mode": "off"}
 
 
 class Objective:
-    """The Optuna objective: sample, project onto the budget, score on calibration rungs."""
+    """The Optuna objective: sample, project onto ``budget`` (a range: each trial's target drawn in it,
+    or ``at`` for every trial when refining a range study), score on calibration rungs."""
 
     def __init__(
         self,
@@ -148,22 +150,19 @@ class Objective:
         space: SearchSpace,
         calib: Calibration,
         metric: str,
-        target: float,
-        cost_kind: str,
+        budget: Target,
         device: torch.device,
         batch_size: int,
         n_rungs: int = 3,
         latency_model: Any = None,
         measure_ms: Optional[Callable[[Schedule], float]] = None,
         margin: float = 0.0,
-        lo: Optional[float] = None,
         at: Optional[float] = None,
     ) -> None:
-        self.model, self.info, self.space, self.calib = model, info, space, calib
-        self.metric, self.target, self.cost_kind = metric, target, cost_kind
-        # schedules are drawn up to ``target * (1 - margin)``; the constraint stays ``target`` (see
-        # LATENCY_MARGIN); ``lo``: a range budget's low end (each trial's target is drawn in [lo, target])
-        self.margin, self.lo, self.at = margin, lo, at  # ``at``: refining a range study, every trial's target
+        self.model, self.info, self.space, self.calib, self.metric = model, info, space, calib, metric
+        self.target, self.lo, self.cost_kind, self.at = budget.cost, budget.lo_cost, budget.spec.kind, at  # in cost-model units
+        # schedules are drawn up to ``target * (1 - margin)``; the constraint stays ``target`` (see LATENCY_MARGIN)
+        self.margin = margin
         self.device, self.batch_size = device, batch_size
         # latency budgets: ``measure_ms`` times a trial's schedule on the device (None: predictions
         # only, e.g. compiled); predictions are rescaled by the study's ``latency_correction``
@@ -268,8 +267,7 @@ class Objective:
         if self.measure_ms is None:
             return None
         measured = float(self.measure_ms(schedule))
-        trial.set_user_attr("model_ms", model_ms)
-        trial.set_user_attr("measured_ms", measured)
+        _record(trial, model_ms=model_ms, measured_ms=measured)
         if measured > target:
             trial.set_constraint("budget", (measured - target) / target)
             raise optuna.TrialPruned(f"over budget when timed ({measured:.2f} ms)")
@@ -284,8 +282,7 @@ class Objective:
         if schedule is None:
             if self.measure_ms is not None and shape is not None:  # predicted out of reach: time its fastest, to learn from
                 fastest = make_schedule(self.info, layers_for(self.info, shape, 1e6), method="fastest")
-                trial.set_user_attr("model_ms", float(self.latency_model.predict_ms(fastest)))
-                trial.set_user_attr("measured_ms", float(self.measure_ms(fastest)))
+                _record(trial, model_ms=float(self.latency_model.predict_ms(fastest)), measured_ms=float(self.measure_ms(fastest)))
             trial.set_constraint("budget", 1.0)
             raise optuna.TrialPruned("no schedule of this shape meets the budget")
         first = None
@@ -293,25 +290,22 @@ class Objective:
             schedule, first = self._fit_thresholds(schedule, shape, self.rungs[0], target)
             measured = float(first.macs.mean())
             if measured > target * (1 + FIRST_RUNG_SLACK):  # thresholds block the reduction: hopeless
-                trial.set_user_attr("schedule", schedule.to_dict())
-                trial.set_user_attr("gflops", measured / 1e9)
-                trial.set_user_attr("images_forwarded", self.rungs[0][1])
+                _record(trial, schedule=schedule.to_dict(), gflops=measured / 1e9, images_forwarded=self.rungs[0][1])
                 trial.set_constraint("budget", (measured - target) / target)
                 raise optuna.TrialPruned(f"over budget on the first rung ({measured / 1e9:.3f} GFLOPs) after fitting thresholds")
-        trial.set_user_attr("schedule", schedule.to_dict())
-        analytic = schedule_macs(self.info, schedule)
-        trial.set_user_attr("analytic_gflops", analytic / 1e9)
+        _record(trial, schedule=schedule.to_dict(), analytic_gflops=schedule_macs(self.info, schedule) / 1e9)
         measured = self._time_on_device(trial, schedule, target) if self.cost_kind == "latency" else None
         scores, mean_macs, fwd = self._run(trial, schedule, first, target)
-        trial.set_user_attr("gflops", mean_macs / 1e9)
-        for k, v in scores.items():
-            trial.set_user_attr(k, v)
+        score = metric_value(scores, self.metric)  # a range study's value is its gain (see _gain)
+        _record(trial, gflops=mean_macs / 1e9, **scores, forward_s=fwd, trial_s=time.perf_counter() - t0, score=score)
         cost = mean_macs if self.cost_kind == "gflops" else (measured if measured is not None else trial.user_attrs["predicted_ms"])
         trial.set_constraint("budget", (cost - target) / target)
-        trial.set_user_attr("forward_s", fwd)
-        trial.set_user_attr("trial_s", time.perf_counter() - t0)
-        trial.set_user_attr("score", metric_value(scores, self.metric))  # a range study's value is the gain (see _gain)
-        return self._gain(trial, len(self.rungs) - 1, target, metric_value(scores, self.metric))
+        return self._gain(trial, len(self.rungs) - 1, target, score)
+
+
+def _record(trial: optuna.trial.Trial, **attrs: Any) -> None:
+    for k, v in attrs.items():
+        trial.set_user_attr(k, v)
 
 
 def feasible_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -344,9 +338,8 @@ def export_best(
         budget: Budget to record (``achieved`` is filled in from the trial).
         extra_scores: Scores to add (e.g. the unreduced model's calibration score).
         provenance: Provenance to add.
-        accept: Optional final check of a candidate (e.g. re-measured latency); returns extra
-            ``achieved`` fields when accepted, None to try the next-best trial.
-        max_candidates: How many trials ``accept`` may try.
+        accept: A final check of a candidate (e.g. re-measured latency): extra ``achieved`` fields,
+            or None to try the next-best trial (at most ``max_candidates``).
         max_gflops: Only trials whose measured GFLOPs are at most this (export for another budget).
         max_target: Only trials whose own target (a range study's ``target`` attribute) is at most this.
     """

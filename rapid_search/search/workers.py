@@ -2,7 +2,7 @@
 
 Workers (processes on one journal file, or machines on PostgreSQL) given the same storage and study
 name share one study; each runs :func:`run_trials` (``study.optimize`` with callbacks, ``catch``
-and the ``BaseHeartbeat`` seam). The protocol (slots, surplus trials, heartbeats, retries,
+and the storage's ``BaseHeartbeat`` seam). The protocol (slots, surplus trials, heartbeats, retries,
 deferred interrupts) is described in docs/search-design.md.
 """
 
@@ -21,34 +21,26 @@ import threading
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import optuna
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages._cached_storage import _CachedStorage
-from optuna.storages._heartbeat import BaseHeartbeat
-from optuna.storages.journal import JournalStorage
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import RapidSearchError
+from .storage import HeartbeatMixin
 
 __all__ = [
     "HEARTBEAT_KEY",
     "WORKER_KEY",
     "RETRY_PENDING_KEY",
-    "NO_RETRY_KEY",
     "SURPLUS_KEY",
     "FAILED_BECAUSE_KEY",
-    "HeartbeatMixin",
-    "HeartbeatJournalStorage",
-    "HeartbeatRDBStorage",
-    "Liveness",
-    "RetryStaleTrial",
-    "Surplus",
-    "TrialCounts",
+    "Worker",
     "count_trials",
     "deferred_interrupts",
     "retry_trial",
@@ -68,44 +60,40 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 @dataclass
 class TrialCounts:
-    """Trials of a study by state; ``pending``: given up (dead worker, Ctrl-C), retry not queued yet (they keep their slot)."""
+    """A study's trials by the ``--trials`` slots they hold; ``pending``: given up (dead worker, Ctrl-C),
+    retry not queued yet (they keep their slot)."""
 
-    finished: int = 0
-    running: list[FrozenTrial] = field(default_factory=list)
-    pending: list[FrozenTrial] = field(default_factory=list)
-    waiting: int = 0
+    claiming: list[FrozenTrial]  # finished, running or pending: each holds a slot
+    running: list[FrozenTrial]
+    pending: list[FrozenTrial]
+    waiting: int
 
     @property
     def claimed(self) -> int:
-        return self.finished + len(self.running) + len(self.pending)
+        return len(self.claiming)
 
-
-def _claims(trials: list[FrozenTrial], pending_window: float) -> tuple[list[FrozenTrial], list[FrozenTrial]]:
-    """``(claiming, pending)``: trials holding a slot (finished, running, pending a retry)."""
-    retried = {t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")}
-    now = time.time()
-    claiming, pending = [], []
-    for t in trials:
-        if t.state in FINISHED or t.state == TrialState.RUNNING:
-            claiming.append(t)
-        elif t.state == TrialState.FAIL and t.number not in retried and not t.system_attrs.get(NO_RETRY_KEY):
-            since = t.system_attrs.get(RETRY_PENDING_KEY)  # when it was given up (epoch seconds)
-            # after pending_window the one who gave it up is presumed dead before queueing the retry
-            if isinstance(since, (int, float)) and abs(now - since) < pending_window:
-                claiming.append(t)
-                pending.append(t)
-    return claiming, pending
+    @property
+    def finished(self) -> int:
+        return len(self.claiming) - len(self.running) - len(self.pending)
 
 
 def count_trials(study: optuna.Study, *, pending_window: float = 60.0) -> TrialCounts:
-    """Count the study's trials by state (one read of the storage)."""
+    """Count the study's trials (one read of the storage); a given-up trial is pending for at most
+    ``pending_window`` s (then whoever gave it up is presumed dead before queueing the retry)."""
     trials = study.get_trials(deepcopy=False)
-    return TrialCounts(
-        finished=sum(t.state in FINISHED for t in trials),
-        running=[t for t in trials if t.state == TrialState.RUNNING],
-        pending=_claims(trials, pending_window)[1],
-        waiting=sum(t.state == TrialState.WAITING for t in trials),
-    )
+    retried = {t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")}
+    now = time.time()
+
+    def pending(t: FrozenTrial) -> bool:
+        if t.state != TrialState.FAIL or t.number in retried or t.system_attrs.get(NO_RETRY_KEY):
+            return False
+        since = t.system_attrs.get(RETRY_PENDING_KEY)  # when it was given up (epoch seconds)
+        return isinstance(since, (int, float)) and abs(now - since) < pending_window
+
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    waiting = [t for t in trials if pending(t)]
+    claiming = [t for t in trials if t.state in FINISHED] + running + waiting
+    return TrialCounts(claiming, running, waiting, sum(t.state == TrialState.WAITING for t in trials))
 
 
 def _what_to_run(trial: FrozenTrial) -> FrozenTrial:
@@ -116,192 +104,12 @@ def _what_to_run(trial: FrozenTrial) -> FrozenTrial:
     return lean
 
 
-class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
-    """Optuna's retry callback, queueing only what says what to run (never a partial result), never a ``no_retry`` trial."""
-
-    def __init__(self, max_retry: Optional[int] = 3) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            super().__init__(max_retry=max_retry)
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if not trial.system_attrs.get(NO_RETRY_KEY):
-            super().__call__(study, _what_to_run(trial))
-
-
-def retry_trial(study: optuna.Study, trial: FrozenTrial, *, max_retry: Optional[int] = 3) -> bool:
-    """Queue ``trial``'s parameters again as a WAITING trial; False (nothing queued) after ``max_retry`` retries."""
-    if max_retry is not None and len(trial.system_attrs.get("retry_history", [])) >= max_retry:
-        return False
-    RetryStaleTrial(max_retry)(study, trial)
-    return True
-
-
-class Liveness:
-    """The heartbeat policy: beats, which running trials are stale, how a trial is given up.
-
-    A :class:`HeartbeatMixin` storage follows the one attached to it (``storage.liveness``); the
-    instance is also the storage's stale-trial callback (it queues the retry).
-
-    Args:
-        study: The study.
-        grace: Seconds without a heartbeat after which a running trial is considered dead.
-        interval: Seconds between heartbeats.
-        max_retry: How often one trial's parameters are queued again at most.
-        log: Where recoveries and heartbeat trouble are reported.
-        beats: Storage for the heartbeat thread's writes (None: the study's); for a journal file a
-            separate instance keeps a slow beat from holding the main thread's storage lock.
-        critical: Context manager factory for the steps of :meth:`give_up` an interrupt must not
-            cut short (:meth:`deferred_interrupts.critical`).
-    """
-
-    def __init__(
-        self,
-        study: optuna.Study,
-        *,
-        grace: float,
-        interval: int = 10,
-        max_retry: Optional[int] = 3,
-        log: Optional[Callable[[str], None]] = None,
-        beats: Any = None,
-        critical: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
-    ) -> None:
-        self.study, self.grace, self.interval, self.max_retry = study, float(grace), int(interval), max_retry
-        self.log = log or (lambda msg: None)
-        self.beats = beats if beats is not None else study._storage  # noqa: SLF001 - as Optuna's own heartbeat does
-        self.retry = RetryStaleTrial(max_retry)
-        self.lost: set[int] = set()  # trial ids whose beats were refused: another worker gave them up
-        self.recovered = 0
-        self._critical = critical
-        self._first_seen: dict[int, float] = {}
-        self._warned = False
-
-    def beat(self, trial_id: int) -> None:
-        """Store the time in the trial's ``rapid_search:heartbeat`` (Optuna's heartbeat thread calls this)."""
-        if trial_id in self.lost:
-            return
-        try:
-            self.beats.set_trial_system_attr(trial_id, HEARTBEAT_KEY, time.time())
-        except UpdateFinishedTrialError:
-            self.lost.add(trial_id)
-        except Exception as e:  # noqa: BLE001 - a storage hiccup: keep trying, say so once
-            if not self._warned:
-                self._warned = True
-                self.log(f"heartbeat of trial id {trial_id} could not be stored ({e.__class__.__name__}); retrying")
-
-    def age(self, trial: FrozenTrial, now: Optional[float] = None) -> float:
-        """Seconds since the trial's last heartbeat; without one, since this worker first saw it running (no clock needed)."""
-        hb = trial.system_attrs.get(HEARTBEAT_KEY)
-        if isinstance(hb, (int, float)) and math.isfinite(hb):
-            return (time.time() if now is None else now) - float(hb)
-        return time.monotonic() - self._first_seen.setdefault(trial._trial_id, time.monotonic())
-
-    def stale(self, running: Iterable[FrozenTrial]) -> list[FrozenTrial]:
-        running = list(running)
-        ids = {t._trial_id for t in running}
-        self._first_seen = {k: v for k, v in self._first_seen.items() if k in ids}
-        now = time.time()
-        return [t for t in running if self.age(t, now) > self.grace]
-
-    def mark(self, trial: FrozenTrial, because: str, *, retry: bool = True) -> bool:
-        """Say why a RUNNING trial is about to be failed, and whether it keeps its slot for a retry.
-
-        Returns:
-            False when the trial was finished meanwhile (nothing to fail).
-        """
-        storage = self.study._storage  # noqa: SLF001
-        retry = retry and (self.max_retry is None or len(trial.system_attrs.get("retry_history", [])) < self.max_retry)
-        try:
-            storage.set_trial_system_attr(trial._trial_id, FAILED_BECAUSE_KEY, because)
-            if retry:  # keeps the slot until the retry is queued (see TrialCounts)
-                storage.set_trial_system_attr(trial._trial_id, RETRY_PENDING_KEY, time.time())
-            else:  # a retry_pending written by a worker racing to give it up as stale must not keep its slot
-                storage.set_trial_system_attr(trial._trial_id, NO_RETRY_KEY, True)
-        except UpdateFinishedTrialError:
-            return False
-        return True
-
-    def stale_trial_ids(self, storage: Any, study_id: int) -> list[int]:
-        """The stale running trials, each marked as given up (``BaseHeartbeat._get_stale_trial_ids``)."""
-        running = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        return [t._trial_id for t in self.stale(running) if self.mark(t, f"had no heartbeat for {self.age(t):.0f} s (its worker died?)")]
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        """After this worker failed ``trial``: queue it again unless it is failed for good."""
-        self.recovered += 1
-        retry = not trial.system_attrs.get(NO_RETRY_KEY)
-        if retry:
-            self.retry(study, trial)
-        because = trial.system_attrs.get(FAILED_BECAUSE_KEY, "was failed")
-        self.log(f"trial {trial.number} {because}: marked failed" + (" and queued again" if retry else ""))
-
-    def give_up(self, trial: FrozenTrial, because: str, *, retry: bool = True) -> bool:
-        """Mark a RUNNING trial FAIL (only one worker succeeds) and queue it again; an interrupt waits for both.
-
-        With ``retry=False`` (or after ``max_retry`` retries) it is marked ``no_retry`` first, so it
-        holds no slot whoever wins the race to fail it.
-
-        Returns:
-            Whether this call failed the trial (False: it was finished meanwhile).
-        """
-        storage = self.study._storage  # noqa: SLF001 - Optuna's own fail_stale_trials uses the storage the same way
-        with self._critical():
-            try:
-                if not self.mark(trial, because, retry=retry) or not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-                    return False
-            except UpdateFinishedTrialError:
-                return False
-            self(self.study, copy.deepcopy(storage.get_trial(trial._trial_id)))
-        return True
-
-    def recover(self) -> int:
-        """Fail and requeue every stale running trial (Optuna's ``fail_stale_trials``); how many this worker did."""
-        storage = _heartbeat_of(self.study)
-        before, attached, storage.liveness = self.recovered, storage.liveness, self
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ExperimentalWarning)
-                optuna.storages.fail_stale_trials(self.study)
-        finally:
-            storage.liveness = attached
-        return self.recovered - before
-
-
-class HeartbeatMixin(BaseHeartbeat):
-    """Optuna's ``BaseHeartbeat`` for any storage (beats are a trial system attribute), off until a :class:`Liveness` is attached."""
-
-    liveness: Optional[Liveness] = None
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        if self.liveness is not None:
-            self.liveness.beat(trial_id)
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        return [] if self.liveness is None else self.liveness.stale_trial_ids(self, study_id)
-
-    def get_heartbeat_interval(self) -> Optional[int]:
-        return None if self.liveness is None else self.liveness.interval
-
-    def get_heartbeat_stale_trial_callback(self) -> Optional[Callable[[optuna.Study, FrozenTrial], None]]:
-        return self.liveness
-
-
-def _heartbeat_of(study: optuna.Study) -> HeartbeatMixin:
-    """The study's storage with the heartbeat seam (behind Optuna's cache for a database)."""
-    storage = study._storage  # noqa: SLF001 - Optuna's own fail_stale_trials reads it the same way
-    if isinstance(storage, _CachedStorage):  # how Optuna wraps an RDBStorage
-        storage = storage._backend  # noqa: SLF001
-    if not isinstance(storage, HeartbeatMixin):
-        raise TypeError("the study's storage has no heartbeat: open it with rapid_search.search.storage.open_storage")
-    return storage
-
-
-class HeartbeatJournalStorage(HeartbeatMixin, JournalStorage):
-    """Optuna's ``JournalStorage`` with the heartbeat seam (Optuna has none for journal files)."""
-
-
-class HeartbeatRDBStorage(HeartbeatMixin, RDBStorage):
-    """Optuna's ``RDBStorage`` whose heartbeat follows the same rules as the journal's."""
+def retry_trial(study: optuna.Study, trial: FrozenTrial, *, max_retry: Optional[int] = 3) -> None:
+    """Queue ``trial``'s parameters again as a WAITING trial (Optuna's retry callback, given only what
+    says what to run, never a partial result); nothing after ``max_retry`` retries."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, _what_to_run(trial))
 
 
 #: Code an interrupt must not cut short (see docs/search-design.md, Interrupts).
@@ -413,28 +221,140 @@ class _Abandoned(BaseException):
         self.interrupted = interrupted
 
 
-@dataclass(eq=False)
-class _Worker:
-    """One worker's part in :func:`run_trials`: the objective wrapper and the after-trial callback."""
+class Worker:
+    """One worker on a shared study: the heartbeat policy its storage follows (beats, stale trials,
+    retries: ``HeartbeatMixin.liveness``), and ``optimize``'s objective and callback in :meth:`run`.
 
-    study: optuna.Study
-    objective: Callable[[optuna.trial.Trial], float]
-    n_trials: int
-    live: Liveness
-    interrupts: deferred_interrupts
-    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]]
-    log: Callable[[str], None]
-    poll: float  # seconds between looks at the study while waiting
-    done: int = 0  # trials this worker finished
-    trial: Optional[optuna.trial.Trial] = None  # the trial in flight
-    _waiting_for: Optional[tuple[int, ...]] = None
+    Args:
+        study: The study.
+        grace: Seconds without a heartbeat after which a running trial is considered dead.
+        interval: Seconds between heartbeats (the study is polled every ``min(1, interval / 2)`` s while waiting).
+        max_retry: How often one trial's parameters are queued again at most.
+        log: Where waiting, recoveries and heartbeat trouble are reported.
+        beats: Storage for the heartbeat thread's writes (None: the study's); for a journal file a
+            separate instance keeps a slow beat from holding the main thread's storage lock.
+        interrupts: Guards :meth:`give_up` and lets the objective and waits be interrupted (None: defers nothing).
+    """
 
-    def run(self) -> int:
-        stop = MaxTrialsCallback(self.n_trials, states=FINISHED)
-        with self.interrupts.critical():  # Optuna's loop; the objective and the waits are interruptible
+    def __init__(
+        self,
+        study: optuna.Study,
+        *,
+        grace: float,
+        interval: int = 10,
+        max_retry: Optional[int] = 3,
+        log: Optional[Callable[[str], None]] = None,
+        beats: Any = None,
+        interrupts: Optional[deferred_interrupts] = None,
+    ) -> None:
+        self.study, self.grace, self.interval, self.max_retry = study, float(grace), int(interval), max_retry
+        self.log = log or (lambda msg: None)
+        self.beats = beats if beats is not None else study._storage  # noqa: SLF001 - as Optuna's own heartbeat does
+        self.interrupts = interrupts or deferred_interrupts()  # never entered
+        self.refused: set[int] = set()  # trial ids whose beats were refused: another worker gave them up
+        self.recovered = self.done = 0  # trials this worker failed (and queued again); finished
+        self.trial: Optional[optuna.trial.Trial] = None  # the trial in flight
+        self._first_seen: dict[int, float] = {}
+        self._warned = False
+        self._waiting_for: Optional[tuple[int, ...]] = None
+
+    # ---- the heartbeat policy (the storage's BaseHeartbeat seam calls these) ----
+    def beat(self, trial_id: int) -> None:
+        """Store the time in the trial's ``rapid_search:heartbeat`` (Optuna's heartbeat thread calls this)."""
+        if trial_id in self.refused:
+            return
+        try:
+            self.beats.set_trial_system_attr(trial_id, HEARTBEAT_KEY, time.time())
+        except UpdateFinishedTrialError:
+            self.refused.add(trial_id)
+        except Exception as e:  # noqa: BLE001 - a storage hiccup: keep trying, say so once
+            if not self._warned:
+                self._warned = True
+                self.log(f"heartbeat of trial id {trial_id} could not be stored ({e.__class__.__name__}); retrying")
+
+    def age(self, trial: FrozenTrial, now: Optional[float] = None) -> float:
+        """Seconds since the trial's last heartbeat; without one, since this worker first saw it running (no clock needed)."""
+        hb = trial.system_attrs.get(HEARTBEAT_KEY)
+        if isinstance(hb, (int, float)) and math.isfinite(hb):
+            return (time.time() if now is None else now) - float(hb)
+        return time.monotonic() - self._first_seen.setdefault(trial._trial_id, time.monotonic())
+
+    def stale_trial_ids(self, storage: Any, study_id: int) -> list[int]:
+        """The running trials silent for ``grace`` s, each marked as given up (``BaseHeartbeat._get_stale_trial_ids``)."""
+        running = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        ids, now = {t._trial_id for t in running}, time.time()
+        self._first_seen = {k: v for k, v in self._first_seen.items() if k in ids}
+        stale = [t for t in running if self.age(t, now) > self.grace]
+        return [t._trial_id for t in stale if self.mark(t, f"had no heartbeat for {self.age(t):.0f} s (its worker died?)")]
+
+    def mark(self, trial: FrozenTrial, because: str, *, retry: bool = True) -> bool:
+        """Say why a RUNNING trial is about to be failed and whether it keeps its slot; False: finished meanwhile."""
+        storage = self.study._storage  # noqa: SLF001
+        retry = retry and (self.max_retry is None or len(trial.system_attrs.get("retry_history", [])) < self.max_retry)
+        try:
+            storage.set_trial_system_attr(trial._trial_id, FAILED_BECAUSE_KEY, because)
+            if retry:  # keeps the slot until the retry is queued (see TrialCounts)
+                storage.set_trial_system_attr(trial._trial_id, RETRY_PENDING_KEY, time.time())
+            else:  # a retry_pending written by a worker racing to give it up as stale must not keep its slot
+                storage.set_trial_system_attr(trial._trial_id, NO_RETRY_KEY, True)
+        except UpdateFinishedTrialError:
+            return False
+        return True
+
+    def requeue(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """After this worker failed ``trial``: queue it again unless it is failed for good."""
+        self.recovered += 1
+        retry = not trial.system_attrs.get(NO_RETRY_KEY)
+        if retry:
+            retry_trial(study, trial, max_retry=self.max_retry)
+        because = trial.system_attrs.get(FAILED_BECAUSE_KEY, "was failed")
+        self.log(f"trial {trial.number} {because}: marked failed" + (" and queued again" if retry else ""))
+
+    def give_up(self, trial: FrozenTrial, because: str, *, retry: bool = True) -> bool:
+        """Mark a RUNNING trial FAIL (only one worker succeeds) and queue it again; an interrupt waits for both.
+
+        With ``retry=False`` (or after ``max_retry`` retries) it is marked ``no_retry`` first: it holds no
+        slot whoever wins the race to fail it. Returns whether this call failed the trial."""
+        storage = self.study._storage  # noqa: SLF001 - Optuna's own fail_stale_trials uses the storage the same way
+        with self.interrupts.critical():
+            try:
+                if not self.mark(trial, because, retry=retry) or not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                    return False
+            except UpdateFinishedTrialError:
+                return False
+            self.requeue(self.study, copy.deepcopy(storage.get_trial(trial._trial_id)))
+        return True
+
+    @contextlib.contextmanager
+    def _attached(self) -> Iterator[None]:
+        """Attach this policy to the study's storage (behind Optuna's cache for a database) within the block."""
+        storage = self.study._storage  # noqa: SLF001 - Optuna's own fail_stale_trials reads it the same way
+        storage = storage._backend if isinstance(storage, _CachedStorage) else storage  # noqa: SLF001
+        if not isinstance(storage, HeartbeatMixin):
+            raise TypeError("the study's storage has no heartbeat: open it with rapid_search.search.storage.open_storage")
+        before, storage.liveness = storage.liveness, self
+        try:
+            yield
+        finally:
+            storage.liveness = before
+
+    def recover(self) -> int:
+        """Fail and requeue every stale running trial (Optuna's ``fail_stale_trials``); how many this worker did."""
+        before = self.recovered
+        with self._attached(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)
+        return self.recovered - before
+
+    # ---- the worker's part in optimize ----
+    def run(self, objective: Callable[[optuna.trial.Trial], float], n_trials: int, callbacks: Iterable[Callable[..., None]] = ()) -> int:
+        """``study.optimize`` until the study has ``n_trials`` finished trials; returns how many this worker finished."""
+        self.objective, self.n_trials, self.callbacks = objective, n_trials, list(callbacks)
+        stop = MaxTrialsCallback(n_trials, states=FINISHED)
+        with self._attached(), self.interrupts.critical():  # Optuna's loop; the objective and the waits are interruptible
             while self.wait_for_slot():
                 try:
-                    self.study.optimize(self, catch=(Surplus,), callbacks=[self.after_trial, stop])
+                    self.study.optimize(self.run_one, catch=(Surplus,), callbacks=[self.after_trial, stop])
                     return self.done
                 except _Abandoned as e:
                     if e.interrupted:
@@ -448,8 +368,8 @@ class _Worker:
     def wait_for_slot(self) -> bool:
         """Wait while every slot is claimed but not all finished; False when all are finished."""
         while True:
-            self.live.recover()
-            counts = count_trials(self.study, pending_window=self.live.grace)
+            self.recover()
+            counts = count_trials(self.study, pending_window=self.grace)
             if counts.finished >= self.n_trials:
                 return False
             if counts.claimed < self.n_trials:
@@ -460,26 +380,25 @@ class _Worker:
                 self._waiting_for = busy
                 self.log(
                     f"{counts.finished}/{self.n_trials} trials finished; waiting for trial(s) {', '.join(map(str, busy))} "
-                    f"running elsewhere (given up after {self.live.grace:.0f} s without a heartbeat)"
+                    f"running elsewhere (given up after {self.grace:.0f} s without a heartbeat)"
                 )
             with self.interrupts.interruptible():
-                time.sleep(self.poll)
+                time.sleep(min(1.0, self.interval / 2))
 
     def lost(self, trial: optuna.trial.Trial) -> bool:
         """Whether another worker gave ``trial`` up (it is FAIL with a reason); logs it."""
         frozen = self.study._storage.get_trial(trial._trial_id)  # noqa: SLF001
         if frozen.state == TrialState.FAIL and FAILED_BECAUSE_KEY in frozen.system_attrs:
-            self.log(f"trial {trial.number} was given up by another worker (no heartbeat for {self.live.grace:.0f} s); its result is discarded")
+            self.log(f"trial {trial.number} was given up by another worker (no heartbeat for {self.grace:.0f} s); its result is discarded")
             return True
         return False
 
-    def __call__(self, trial: optuna.trial.Trial) -> float:
+    def run_one(self, trial: optuna.trial.Trial) -> float:
         """The objective ``optimize`` runs: the surplus check, then the search's objective."""
         self.trial = trial
         storage = self.study._storage  # noqa: SLF001
-        claiming, _ = _claims(self.study.get_trials(deepcopy=False), self.live.grace)
-        if sum(1 for t in claiming if t.number < trial.number) >= self.n_trials:  # another worker asked at the same moment and won
-            storage.set_trial_system_attr(trial._trial_id, SURPLUS_KEY, True)
+        if sum(t.number < trial.number for t in count_trials(self.study, pending_window=self.grace).claiming) >= self.n_trials:
+            storage.set_trial_system_attr(trial._trial_id, SURPLUS_KEY, True)  # another worker asked at the same moment and won
             raise Surplus(f"trials numbered below {trial.number} claim all {self.n_trials} slots")
         storage.set_trial_system_attr(trial._trial_id, WORKER_KEY, f"{socket.gethostname()}:{os.getpid()}")
         pruned: Optional[optuna.TrialPruned] = None
@@ -494,25 +413,22 @@ class _Worker:
         except Exception:
             if self.lost(trial):  # a storage write was refused: another worker gave it up
                 raise _Abandoned(interrupted=False) from None
-            self.live.mark(storage.get_trial(trial._trial_id), "raised an error", retry=False)
+            self.mark(storage.get_trial(trial._trial_id), "raised an error", retry=False)
             raise
-        if trial._trial_id in self.live.lost and self.lost(trial):  # its beats were refused: given up meanwhile
+        if trial._trial_id in self.refused and self.lost(trial):  # its beats were refused: given up meanwhile
             raise _Abandoned(interrupted=False)
         if pruned is not None:
             raise pruned
         return value
 
     def abandon(self, trial: optuna.trial.Trial) -> None:
-        """After an interrupt: fail the trial in flight and queue it again, if it still runs.
-
-        A storage error is logged and a second interrupt ends the clean-up, never replacing the
-        KeyboardInterrupt being handled; the trial's heartbeat has stopped either way.
-        """
-        later = f"its heartbeat has stopped, so another worker or the resumed search takes it over after {self.live.grace:.0f} s"
+        """After an interrupt: fail the trial in flight and queue it again, if it still runs. A storage error
+        is logged and a second interrupt ends the clean-up, never replacing the KeyboardInterrupt handled."""
+        later = f"its heartbeat has stopped, so another worker or the resumed search takes it over after {self.grace:.0f} s"
         try:
             frozen = self.study._storage.get_trial(trial._trial_id)  # noqa: SLF001
             if frozen.state == TrialState.RUNNING:
-                self.live.give_up(frozen, "was interrupted")
+                self.give_up(frozen, "was interrupted")
         except KeyboardInterrupt:
             self.log(f"interrupted again: trial {trial.number} was not marked failed; {later}")
         except Exception as e:  # noqa: BLE001 - the interrupt, not the clean-up's failure, is what the caller must see
@@ -550,13 +466,6 @@ def _unmasked(e: Exception) -> BaseException:
     return e
 
 
-class _QuietFailures(logging.Filter):
-    """Drops Optuna's "Trial N failed ..." records: each is a surplus trial or an objective error that propagates anyway."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return re.match(r"Trial \d+ failed ", record.getMessage()) is None
-
-
 def run_trials(
     study: optuna.Study,
     objective: Callable[[optuna.trial.Trial], float],
@@ -570,34 +479,31 @@ def run_trials(
 ) -> int:
     """Run ``objective`` with ``study.optimize`` until the study has exactly ``n_trials`` finished trials, all workers together.
 
-    Objective errors other than ``TrialPruned`` fail the trial for good and propagate; a
-    KeyboardInterrupt (SIGINT, SIGTERM) also queues it again.
+    Objective errors other than ``TrialPruned`` fail the trial for good and propagate; a KeyboardInterrupt
+    (SIGINT, SIGTERM) also queues it again.
 
     Args:
         study: The (shared) study; its storage from :func:`~rapid_search.search.storage.open_storage`.
         objective: ``trial -> value``; may raise ``optuna.TrialPruned``.
         n_trials: Finished trials wanted in the study, all workers together.
-        interval: Heartbeat interval in seconds (the study is polled every ``min(1, interval / 2)`` s while waiting).
-        grace: Seconds without a heartbeat after which another worker's trial is given up.
-        heartbeat_storage: Storage for the heartbeat thread's writes (see :class:`Liveness`).
+        interval, grace, heartbeat_storage, log: See :class:`Worker` (``interval``, ``grace``, ``beats``, ``log``).
         callbacks: Called with ``(study, frozen_trial)`` after each trial this worker finished.
-        log: Where waiting and recoveries are reported.
 
     Returns:
         The number of trials this worker finished.
     """
-    log = log or (lambda msg: None)
-    storage = _heartbeat_of(study)
     if heartbeat_storage is not None:  # a journal storage replays the whole file on its first read: now, not in the first beat
         heartbeat_storage.get_all_studies()
-    quiet = _QuietFailures()  # one per call: a nested run_trials removes only its own
-    logging.getLogger("optuna.study._optimize").addFilter(quiet)
-    with deferred_interrupts() as interrupts:
-        live = Liveness(study, grace=grace, interval=interval, log=log, beats=heartbeat_storage, critical=interrupts.critical)
-        attached, storage.liveness = storage.liveness, live
-        try:
-            worker = _Worker(study, objective, n_trials, live, interrupts, list(callbacks), log, poll=min(1.0, interval / 2))
-            return worker.run()
-        finally:
-            storage.liveness = attached
-            logging.getLogger("optuna.study._optimize").removeFilter(quiet)
+    optimize_log = logging.getLogger("optuna.study._optimize")
+
+    def quiet(record: logging.LogRecord) -> bool:  # one per call: a nested run_trials removes only its own
+        """Drops Optuna's "Trial N failed ..." records: each is a surplus trial or an objective error that propagates anyway."""
+        return re.match(r"Trial \d+ failed ", record.getMessage()) is None
+
+    optimize_log.addFilter(quiet)
+    try:
+        with deferred_interrupts() as interrupts:
+            worker = Worker(study, grace=grace, interval=interval, log=log, beats=heartbeat_storage, interrupts=interrupts)
+            return worker.run(objective, n_trials, callbacks)
+    finally:
+        optimize_log.removeFilter(quiet)
