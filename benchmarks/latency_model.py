@@ -17,18 +17,20 @@ their counts depend on the images, and latency budgets search fixed counts only.
 ``--threads 1`` as the README's speed tables.
 
     python benchmarks/latency_model.py --threads 1 --batch-sizes 1,32
+    python benchmarks/latency_model.py --threads 1 --batch-sizes 1 --compile   # as --compile searches predict
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import statistics
 from pathlib import Path
 
 import torch
 
-from rapid_search import Schedule, applied, rapid_schedule, tome_for_ratio
+from rapid_search import Schedule, apply, applied, rapid_schedule, tome_for_ratio
 from rapid_search.runtime.flops import schedule_macs
 from rapid_search.runtime.presets import _fit_two_level, make_schedule, model_info
 from rapid_search.runtime.schedule import LayerSpec
@@ -66,20 +68,31 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0, help="more rounds until stable, at most this long")
     ap.add_argument("--studies", type=Path, default=Path("studies"))
     ap.add_argument("--model-repeats", type=int, default=None, help="rounds the latency model times its parts in (default: as a search does)")
+    ap.add_argument("--compile", action="store_true", help="time every schedule compiled (torch.compile, dynamic=False), as --compile searches")
     args = ap.parse_args()
     set_cpu_threads(args.threads)
     model = load_model(args.model, pretrained=False)
     scheds = schedules(model, args.ratio, args.studies)
     info = model_info(model)
     for bs in (int(b) for b in args.batch_sizes.split(",")):
-        lat = LatencyModel.measure(model, device="cpu", batch_size=bs, **({} if args.model_repeats is None else {"repeats": args.model_repeats}))
+        more = {} if args.model_repeats is None else {"repeats": args.model_repeats}
+        lat = LatencyModel.measure(model, device="cpu", batch_size=bs, compile=args.compile, **more)
         img = torch.randn(bs, *_input_size(model))  # (B, 3, H, W)
-        runs = {k: (lambda: model(img)) for k in scheds}
-        around = {k: functools.partial(applied, model, s) for k, s in scheds.items() if s is not None}
+        if args.compile:  # one compiled copy per schedule (each compiles in its warm-up run)
+            torch._dynamo.config.recompile_limit = 4 * len(scheds)  # one forward code object, a copy per schedule
+            copies = {k: copy.deepcopy(model) for k in scheds}
+            for k, s in scheds.items():
+                if s is not None:
+                    apply(copies[k], s)
+            compiled = {k: torch.compile(m, dynamic=False) for k, m in copies.items()}
+            runs, around = {k: (lambda m=m: m(img)) for k, m in compiled.items()}, {}
+        else:
+            runs = {k: (lambda: model(img)) for k in scheds}
+            around = {k: functools.partial(applied, model, s) for k, s in scheds.items() if s is not None}
         t = time_rounds(runs, device="cpu", repeats=args.repeats, warmup=2, batch_size=bs, time_limit=args.seconds, stable=0.02, around=around)
         own = lat.predict_ms(None)
         lat.anchor(t["unreduced"].median_ms)  # as a latency search anchors it
-        print(f"\n{args.model}, batch {bs}, float32 eager, {args.threads} thread(s); the model's own calibration predicted the "
+        print(f"\n{args.model}, batch {bs}, float32 {'compiled' if args.compile else 'eager'}, {args.threads} thread(s); the model's own calibration predicted the "
               f"unreduced forward at {own:.2f} ms, measured in the rounds {t['unreduced'].median_ms:.2f} ms ({own / t['unreduced'].median_ms - 1:+.1%})")
         print("| schedule | GFLOPs | predicted ms | measured ms (IQR) | prediction error |\n|---|---|---|---|---|")
         errors = []
