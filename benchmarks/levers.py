@@ -11,8 +11,14 @@ counts data-dependent):
 * the hand-set schedule over a grid of switch depth and protected fraction;
 * other ops in the deep blocks: ToMe's bipartite merge, EViT-style importance pruning, or
   pruning everywhere;
-* the importance signal: class attention with the head *maximum* instead of the mean;
-* the similarity metric: the residual stream instead of the head-averaged keys.
+* the importance signal: class attention with the head *maximum* instead of the mean, or divided
+  by the token's size (importance per patch);
+* the similarity metric: the residual stream instead of the head-averaged keys;
+* proportional attention off (in the attention only, or also in the importance);
+* which tokens merge: destinations only the unprotected B tokens (not the protected ones), or
+  sources the least important unprotected tokens instead of every other one;
+* per-block protection: the protected fraction rising or falling linearly over the merge blocks
+  (counts re-fitted to the budget).
 
     python benchmarks/levers.py --model vit_tiny_patch16_224   # ~15 min on one core
 """
@@ -75,6 +81,56 @@ def _head_max(q, k, scale, size, *, rows, num_prefix, bias):
     return logits.float().softmax(-1).amax(dim=1).mean(1)[:, num_prefix:]  # (B, T)
 
 
+_SDPA = engine._sdpa
+_MERGE = engine.fixed_merge
+
+
+def _no_prop(attn, q, k, v, mask):
+    return _SDPA(attn, q, k, v, None)
+
+
+def _no_prop_importance(q, k, scale, size, *, rows, num_prefix, bias):
+    return _IMPORTANCE(q, k, scale, size, rows=rows, num_prefix=num_prefix, bias=None)
+
+
+def _per_size(q, k, scale, size, *, rows, num_prefix, bias):
+    imp = _IMPORTANCE(q, k, scale, size, rows=rows, num_prefix=num_prefix, bias=bias)  # (B, T)
+    return imp if size is None else imp / size[:, num_prefix:, 0]
+
+
+def _merge_variant(sources: str) -> Callable:
+    """``ops.fixed_merge`` with other sources or destinations: ``"b-only"`` (every other unprotected
+    token merges into the unprotected rest only) or ``"least-important"`` (the least important
+    unprotected tokens merge into any other patch token)."""
+
+    def merge(metric, importance, r, *, num_prefix, protect):
+        B, N, C = metric.shape
+        P, T = num_prefix, N - num_prefix
+        k = ops.protected_count(T, protect)
+        ta = (T - k + 1) // 2
+        r = min(r, ta)
+        if T < 2 or r <= 0:
+            return None
+        m = ops._unit(metric)  # (B, N, C)
+        if sources == "b-only":
+            unp = importance.topk(T - k, dim=1, largest=False).indices.sort(dim=1).values + P  # (B, T - k)
+            a, b = unp[:, ::2], unp[:, 1::2]  # (B, Ta), (B, Tb)
+            sim = m.gather(1, a[..., None].expand(B, ta, C)) @ m.gather(1, b[..., None].expand(B, b.shape[1], C)).transpose(1, 2)
+            score, j = sim.max(-1)  # (B, Ta)
+            dst_all = b.gather(1, j)  # (B, Ta)
+        else:
+            a = importance.topk(ta, dim=1, largest=False).indices + P  # (B, Ta) least important
+            sim = m[:, P:] @ m.gather(1, a[..., None].expand(B, ta, C)).transpose(1, 2)  # (B, T, Ta)
+            sim = sim.masked_fill(torch.zeros(B, T, dtype=torch.bool).scatter(1, a - P, True)[..., None], float("-inf"))
+            score, j = sim.max(dim=1)  # (B, Ta)
+            dst_all = j + P
+        chosen = score.topk(r, dim=1).indices  # (B, r)
+        src, dst = a.gather(1, chosen), dst_all.gather(1, chosen)  # (B, r) each
+        return ops.FixedReduction(B, N, ops._flat(ops._ascending(0, N, src), N), ops._flat(src, N), ops._flat(dst, N))
+
+    return merge
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="vit_tiny_patch16_224")
@@ -99,13 +155,14 @@ def main() -> None:
     print(f"{args.model}, {len(Y)} calibration images, {args.ratio:.0%} GFLOPs; unreduced calibration top-1 {(base.argmax(-1) == Y).float().mean():.1%}")
     print("| variant | GFLOPs ratio | KL | calib top-1 | agreement |\n|---|---|---|---|---|")
 
-    def row(label: str, s: Schedule, reduce: Callable = _REDUCE, importance: Callable = _IMPORTANCE) -> None:
+    def row(label: str, s: Schedule, reduce: Callable = _REDUCE, importance: Callable = _IMPORTANCE, sdpa: Callable = _SDPA,
+            merge: Callable = _MERGE) -> None:  # fmt: skip
         apply(model, s)
-        engine._reduce, engine._importance = reduce, importance
+        engine._reduce, engine._importance, engine._sdpa, engine.fixed_merge = reduce, importance, sdpa, merge
         try:
             out = forward()
         finally:
-            engine._reduce, engine._importance = _REDUCE, _IMPORTANCE
+            engine._reduce, engine._importance, engine._sdpa, engine.fixed_merge = _REDUCE, _IMPORTANCE, _SDPA, _MERGE
             remove(model)
         kl = (lp.exp() * (lp - F.log_softmax(out, -1))).sum(-1).mean()
         top1, agree = (out.argmax(-1) == Y).float().mean(), (out.argmax(-1) == base.argmax(-1)).float().mean()
@@ -135,6 +192,21 @@ def main() -> None:
     best = rapid_schedule(model, args.ratio, switch=3, protect=0.6)
     row("switch 3, protect 0.6, importance: head max", best, importance=_head_max)
     row("switch 3, protect 0.6, metric: residual stream", best, reduce=_residual_metric)
+    row("switch 3, protect 0.6, importance per patch (divided by size)", best, importance=_per_size)
+    row("switch 3, protect 0.6, no proportional attention", best, sdpa=_no_prop)
+    row("switch 3, protect 0.6, no proportional attention (also in the importance)", best, sdpa=_no_prop, importance=_no_prop_importance)
+    row("switch 3, protect 0.6, destinations: unprotected B only", best, merge=_merge_variant("b-only"))
+    row("switch 3, protect 0.6, sources: least important", best, merge=_merge_variant("least-important"))
+
+    def ramp(lo: float, hi: float) -> Callable:  # protect from lo to hi over the merge blocks
+        n = info.depth - 3
+        return lambda r: [
+            LayerSpec("prune", int(x)) if i < 3 else LayerSpec("merge", int(x), None, round(lo + (hi - lo) * (i - 3) / max(1, n - 1), 3))
+            for i, x in enumerate(r)
+        ]
+
+    for lo, hi in [(0.3, 0.8), (0.4, 0.8), (0.2, 0.9), (0.8, 0.3)]:
+        row(f"switch 3, protect {lo} -> {hi} over the merge blocks", fit(ramp(lo, hi)))
 
 
 if __name__ == "__main__":
