@@ -299,7 +299,7 @@ class _Pessimist(_MacsClock):
 
 def test_latency_search_learns_the_models_error_from_timed_trials(tiny_search, tmp_path, capsys, monkeypatch):
     """Every trial of a latency search is timed on the device, and later trials' projections use the
-    predictions rescaled by measured / predicted: a budget the pessimistic model alone calls out of
+    predicted savings rescaled by measured / predicted: a budget the pessimistic model alone calls out of
     reach is searched, and the written schedule uses it and meets it."""
     from rapid_search.tools import latency
 
@@ -318,6 +318,30 @@ def test_latency_search_learns_the_models_error_from_timed_trials(tiny_search, t
     assert 0.85 * target <= truth._ms(s) <= target and s.budget.achieved["latency_ms"] == pytest.approx(truth._ms(s))
     study = optuna.load_study(study_name="p", storage=open_storage(journal, study_name="p"))
     timed = [t for t in study.trials if "measured_ms" in t.user_attrs]
-    assert len(timed) >= 6 and latency_correction(study) == pytest.approx(np.median([t.user_attrs["measured_ms"] / t.user_attrs["model_ms"] for t in timed]))
+    base = truth._ms(None)
+    savings = [(base - t.user_attrs["measured_ms"]) / (base - t.user_attrs["model_ms"]) for t in timed]
+    assert len(timed) >= 6 and latency_correction(study, base) == pytest.approx(np.median(savings)) == pytest.approx(1 / 0.6)
     over = [t for t in timed if t.user_attrs["measured_ms"] > target]
     assert all(t.state == optuna.trial.TrialState.PRUNED and t.constraints["budget"] > 0 for t in over)  # timed over the target: not scored
+
+
+def test_compiled_latency_search_is_corrected_by_one_compiled_timing(tiny_search, tmp_path, capsys, monkeypatch):
+    """``--compile``: trials are not timed (each would compile), so one compiled timing of the
+    hand-set schedule at the start rescales every prediction: the written schedule still uses the budget."""
+    from rapid_search.tools import latency
+
+    info = rs.model_info(timm.create_model("test_vit"))
+    model, truth = _Pessimist(info), _MacsClock(info)
+    compiled = []
+    monkeypatch.setattr(latency.LatencyModel, "measure", classmethod(lambda cls, *a, **k: model))
+    monkeypatch.setattr(latency, "measure_schedule_ms", lambda m, schedule, **k: compiled.append(k.get("compile")) or truth.timing(schedule))
+    journal = f"journal:{tmp_path / 'c.journal'}"
+    argv = search_argv(tiny_search, "c", "--storage", journal, "--out", str(tmp_path / "c.yaml"), "--rungs", "1", "--compile",
+                       "--progress", "plain", budget="70%latency", trials="6", batch_size="4", calib_images="8")
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "predicted savings are scaled by 1.667" in capsys.readouterr().err  # the stand-in credits 60% of each saving
+    target = 0.7 * truth._ms(None)
+    s = rs.Schedule.load(tmp_path / "c.yaml")
+    assert 0.85 * target <= truth._ms(s) <= target
+    study = optuna.load_study(study_name="c", storage=open_storage(journal, study_name="c"))
+    assert not any("measured_ms" in t.user_attrs for t in study.trials) and all(compiled)  # every timing compiled, no trial timed

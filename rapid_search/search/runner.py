@@ -33,7 +33,7 @@ from ..runtime.presets import make_schedule
 from ..runtime.schedule import Schedule
 from .budget import BudgetError, BudgetSpec, Target, parse_budget
 from .progress import Progress, summarize_search
-from .space import SearchSpace
+from .space import SearchSpace, project
 from .storage import (
     GRACE_PERIOD,
     HEARTBEAT_INTERVAL,
@@ -45,7 +45,7 @@ from .storage import (
     journal_path,
     open_storage,
 )
-from .study import HAND_SET_LEVELS, LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest, export_best, hand_params, latency_correction
+from .study import HAND_SET_LEVELS, LATENCY_CORRECTION, LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest, corrected_ms, export_best, hand_params, latency_correction
 from .workers import FINISHED, run_trials
 
 __all__ = [
@@ -374,6 +374,7 @@ class _Loaded:
     target: Target
     latency_model: Any = None
     margin: float = 0.0
+    correction: float = 1.0  # latency: measured / predicted before any trial is timed (compiled: for every trial)
 
 
 def _check_options(opts: SearchOptions) -> Path:
@@ -478,7 +479,19 @@ def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: 
     margin = min(hi, max(lo, base_t.iqr_ms / base_ms if base_ms > 0 else hi))
     target = Target.of(plan.spec, base_gflops=info.base_gflops, base_latency_ms=base_ms)
     floor, fastest = cheapest(info, plan.space, cost=lambda layers: float(latency_model.predict_ms(layers)))
-    if (target.lo or target.value) < floor * base_ms and not opts.compile:  # predicted out of reach: time it before refusing
+    correction = 1.0
+    if opts.compile:  # trials are not timed compiled: one compiled timing of the hand-set schedule corrects every prediction
+        hand = project(info, {**hand_params(info), "prune_threshold": None, "merge_threshold": None}, target.value * (1 - margin),
+                       cost=lambda layers: float(latency_model.predict_ms(layers)))  # fmt: skip
+        probe = hand[0] if hand else fastest
+        timed = latency.measure_schedule_ms(
+            model, make_schedule(info, probe, method="probe"), device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=True
+        )
+        predicted, (lo_c, hi_c) = float(latency_model.predict_ms(probe)), LATENCY_CORRECTION
+        correction = min(hi_c, max(lo_c, (base_ms - timed.median_ms) / max(base_ms - predicted, 1e-9 * base_ms)))
+        floor = corrected_ms(floor * base_ms, base_ms, correction) / base_ms
+        log(f"compiled: a hand-set schedule predicted at {predicted:.2f} ms ran in {timed.median_ms:.2f} ms; predicted savings are scaled by {correction:.3f}")
+    elif (target.lo or target.value) < floor * base_ms:  # predicted out of reach: time it before refusing
         timed = latency.measure_schedule_ms(
             model, make_schedule(info, fastest, method="fastest"), device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats
         )
@@ -492,7 +505,7 @@ def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: 
         f"unreduced latency {base_ms:.2f} ms per batch of {opts.batch_size}; target {target.value:.2f} ms; "
         f"schedules drawn up to {target.value * (1 - margin):.2f} ms predicted ({margin:.1%} timing-noise margin)"
     )
-    return _Loaded(model, calib, target, latency_model, margin)
+    return _Loaded(model, calib, target, latency_model, margin, correction)
 
 
 def _join_study(plan: _Plan, loaded: _Loaded, log: Callable[[str], None]) -> tuple[optuna.Study, Any]:
@@ -542,6 +555,7 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
             n_rungs=opts.rungs,
             latency_model=loaded.latency_model,
             measure_ms=_trial_timer(plan, loaded),
+            correction=loaded.correction,
             margin=loaded.margin,
             at=loaded.target.cost if plan.within else None,
         )
@@ -618,14 +632,26 @@ def _save_best(study: optuna.Study, plan: _Plan, loaded: _Loaded) -> tuple[str, 
     return wrote, error, finished
 
 
+def _timed_ms(plan: _Plan, loaded: _Loaded, s: Schedule, repeats: int) -> float:
+    """``s``'s latency on the device. A relative budget (``60%latency``) times it in pairs with the
+    unreduced model and scales the median ratio to the search's unreduced timing: this machine
+    switched between a fast and a 1.5x slower state for seconds at a time, and a pair sees one state."""
+    opts, base_ms = plan.opts, loaded.latency_model.base_ms
+    timing = lambda sched, n, w: latency.measure_schedule_ms(  # noqa: E731
+        loaded.model, sched, device=plan.device, batch_size=opts.batch_size, repeats=n, warmup=w, compile=opts.compile
+    ).median_ms
+    if not plan.spec.relative or opts.compile:  # an absolute budget is judged by the clock; compiled, each timing compiles
+        return timing(s, repeats, 2)
+    ratios = [timing(s, 1, 2 if i == 0 else 0) / timing(None, 1, 2 if i == 0 else 0) for i in range(repeats)]
+    return base_ms * statistics.median(ratios)
+
+
 def _trial_timer(plan: _Plan, loaded: _Loaded) -> Optional[Callable[[Schedule], float]]:
-    """Latency budgets: time each trial's schedule on the device (half the export's repeats, at least
-    3); None for FLOPs budgets and compiled timings (each new schedule would compile first)."""
-    opts = plan.opts
-    if plan.spec.kind != "latency" or opts.compile:
+    """Latency budgets: time each trial's schedule on the device (a third of the export's repeats, at
+    least 3); None for FLOPs budgets and compiled timings (each new schedule would compile first)."""
+    if plan.spec.kind != "latency" or plan.opts.compile:
         return None
-    repeats = max(3, opts.latency_repeats // 2)
-    return lambda s: latency.measure_schedule_ms(loaded.model, s, device=plan.device, batch_size=opts.batch_size, repeats=repeats, warmup=1).median_ms
+    return lambda s: _timed_ms(plan, loaded, s, max(3, plan.opts.latency_repeats // 3))
 
 
 def _export(
@@ -640,14 +666,13 @@ def _export(
     if plan.spec.kind == "latency":
 
         def accept(s: Schedule) -> Optional[dict[str, Any]]:
-            t = latency.measure_schedule_ms(
-                loaded.model, s, device=plan.device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=opts.compile
-            )
-            predicted = float(loaded.latency_model.predict_ms(s)) * latency_correction(study)
-            checked.append({"method": s.provenance.get("method", "?"), "predicted_ms": predicted, "measured_ms": t.median_ms})
-            if t.median_ms > target.value:
+            measured = _timed_ms(plan, loaded, s, opts.latency_repeats)
+            lat = loaded.latency_model
+            predicted = corrected_ms(float(lat.predict_ms(s)), lat.base_ms, latency_correction(study, lat.base_ms, loaded.correction))
+            checked.append({"method": s.provenance.get("method", "?"), "predicted_ms": predicted, "measured_ms": measured})
+            if measured > target.value:
                 return None
-            return {"latency_ms": round(t.median_ms, 4), "latency_repeats": opts.latency_repeats, "batch_size": opts.batch_size}
+            return {"latency_ms": round(measured, 4), "latency_repeats": opts.latency_repeats, "batch_size": opts.batch_size}
 
     calib = loaded.calib
     extra = {f"unreduced_{k}": round(v, 6) for k, v in calib.base_scores.items() if k == "top1"}

@@ -34,7 +34,7 @@ from .budget import Target
 from .space import SearchSpace, layers_for, project
 from ..errors import RapidSearchError
 
-__all__ = ["SearchError", "Objective", "Calibration", "cheapest", "LATENCY_MARGIN", "export_best", "feasible_trials", "latency_correction", "trial_schedule"]
+__all__ = ["SearchError", "Objective", "Calibration", "cheapest", "LATENCY_MARGIN", "export_best", "feasible_trials", "latency_correction", "corrected_ms", "trial_schedule"]
 
 
 class SearchError(RapidSearchError, ValueError):
@@ -101,27 +101,32 @@ FIRST_RUNG_SLACK = 0.02
 #: median of repeated runs) lands above it about half the time; the margin keeps it below.
 LATENCY_MARGIN = (0.02, 0.10)
 
-#: Latency budgets: the learned correction (measured / predicted latency) is kept within this range.
+#: Latency budgets: the learned correction (measured / predicted saving) is kept within this range.
 LATENCY_CORRECTION = (0.5, 2.0)
 
 
-def latency_correction(study: optuna.Study) -> float:
-    """Measured over predicted latency, the median over the study's trials timed on the device so far
-    (1 before any; clamped to :data:`LATENCY_CORRECTION`).
+def latency_correction(study: optuna.Study, base_ms: float, default: float = 1.0) -> float:
+    """Measured over predicted *saving* against the unreduced ``base_ms``, the median over the
+    study's trials timed on the device so far (``default`` before any; clamped to :data:`LATENCY_CORRECTION`).
 
-    The latency model's error is mostly systematic for a (model, device, batch size): for example
-    at batch 1 on a loaded 2-core CPU it over-predicted schedules that reduce to a few tokens by
-    about 20%. Every trial of a latency search is timed, and later trials' projections use the
-    predictions rescaled by this factor, so the search learns the error instead of under- or
-    over-using the budget.
+    The latency model is anchored to the measured unreduced time; its error is in what a reduction
+    saves, and mostly systematic for a (model, device, batch size): for example at batch 1 on a
+    loaded 2-core CPU it under-credited schedules that reduce to a few tokens. Every trial of a
+    latency search is timed, and later projections predict ``base - c * (base - predicted)``, so
+    the search learns the error instead of under- or over-using the budget.
     """
     ratios = [
-        t.user_attrs["measured_ms"] / t.user_attrs["model_ms"]
+        (base_ms - t.user_attrs["measured_ms"]) / (base_ms - t.user_attrs["model_ms"])
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-        if t.user_attrs.get("model_ms", 0) > 0 and "measured_ms" in t.user_attrs
+        if "measured_ms" in t.user_attrs and base_ms - t.user_attrs.get("model_ms", base_ms) > 0.02 * base_ms  # a saving to compare
     ]
     lo, hi = LATENCY_CORRECTION
-    return min(hi, max(lo, float(np.median(ratios)))) if ratios else 1.0
+    return min(hi, max(lo, float(np.median(ratios)))) if ratios else default
+
+
+def corrected_ms(predicted_ms: float, base_ms: float, correction: float) -> float:
+    """A prediction with its saving against ``base_ms`` scaled by ``correction`` (see :func:`latency_correction`)."""
+    return base_ms - correction * (base_ms - predicted_ms)
 
 
 #: Range budgets: the hand-set schedule is a warm start at this many budgets spread over the
@@ -156,6 +161,7 @@ class Objective:
         n_rungs: int = 3,
         latency_model: Any = None,
         measure_ms: Optional[Callable[[Schedule], float]] = None,
+        correction: float = 1.0,
         margin: float = 0.0,
         at: Optional[float] = None,
     ) -> None:
@@ -165,15 +171,15 @@ class Objective:
         self.margin = margin
         self.device, self.batch_size = device, batch_size
         # latency budgets: ``measure_ms`` times a trial's schedule on the device (None: predictions
-        # only, e.g. compiled); predictions are rescaled by the study's ``latency_correction``
-        self.latency_model, self.measure_ms, self.correction = latency_model, measure_ms, 1.0
+        # only, e.g. compiled); predictions are rescaled by the study's ``latency_correction`` (``correction`` before any)
+        self.latency_model, self.measure_ms, self.correction, self.first_correction = latency_model, measure_ms, correction, correction
         self.rungs = calib.rungs(n_rungs)
         self.images_forwarded = 0
 
     # cost of a layer list in the budget's units (analytic MACs or predicted ms)
     def cost(self, layers: list[LayerSpec]) -> float:
         if self.cost_kind == "latency":
-            return float(self.latency_model.predict_ms(layers)) * self.correction
+            return corrected_ms(float(self.latency_model.predict_ms(layers)), self.latency_model.base_ms, self.correction)
         return float(schedule_macs(self.info, layers))
 
     def _trial_target(self, trial: optuna.trial.Trial) -> float:
@@ -263,7 +269,7 @@ class Objective:
     def _time_on_device(self, trial: optuna.trial.Trial, schedule: Schedule, target: float) -> Optional[float]:
         """Latency budgets: time the trial's schedule on the device; a trial over the target is pruned."""
         model_ms = float(self.latency_model.predict_ms(schedule))
-        trial.set_user_attr("predicted_ms", model_ms * self.correction)
+        trial.set_user_attr("predicted_ms", corrected_ms(model_ms, self.latency_model.base_ms, self.correction))
         if self.measure_ms is None:
             return None
         measured = float(self.measure_ms(schedule))
@@ -277,7 +283,7 @@ class Objective:
         t0 = time.perf_counter()
         target = self._trial_target(trial)
         if self.cost_kind == "latency":
-            self.correction = latency_correction(trial.study)
+            self.correction = latency_correction(trial.study, self.latency_model.base_ms, self.first_correction)
         schedule, shape = self._schedule(trial, target * (1.0 - self.margin))
         if schedule is None:
             if self.measure_ms is not None and shape is not None:  # predicted out of reach: time its fastest, to learn from
