@@ -345,8 +345,8 @@ def _probes(
     patched = make_schedule(info, [specs["prune"], LayerSpec()] + rest, method="latency-probe")  # block 1 patched, not reducing
     blk1 = model.blocks[1]
 
-    def at(n: int, sized: bool) -> Callable[[], Any]:
-        x, ones = tokens(n), torch.ones(B, n, 1, device=device, dtype=_wide(dtype))  # (B, n, C), (B, n, 1)
+    def at(x: torch.Tensor, sized: bool) -> Callable[[], Any]:
+        ones = torch.ones(B, x.shape[1], 1, device=device, dtype=_wide(dtype))  # (B, n, 1)
 
         def run() -> Any:
             st = blk1._rapid_rt.state  # the patched block's run state (block 0 resets it in a forward)
@@ -358,11 +358,11 @@ def _probes(
         return run
 
     for n in probe:
-        x = tokens(n)
+        x = tokens(n)  # (B, n, C) every probe at n runs on the same tokens
         runs[f"plain@{n}"] = lambda x=x: blk1(x)  # timm's block, unpatched: what each probe at n is paired with
         for op, sched in scheds.items():
-            runs[f"op_{op}@{n}"], around[f"op_{op}@{n}"] = at(n, False), functools.partial(applied, model, sched)
-        runs[f"sized@{n}"], around[f"sized@{n}"] = at(n, True), functools.partial(applied, model, patched)
+            runs[f"op_{op}@{n}"], around[f"op_{op}@{n}"] = at(x, False), functools.partial(applied, model, sched)
+        runs[f"sized@{n}"], around[f"sized@{n}"] = at(x, True), functools.partial(applied, model, patched)
     if calibrate:
         if compile:
             torch._dynamo.reset()
