@@ -45,7 +45,7 @@ from .storage import (
     journal_path,
     open_storage,
 )
-from .study import HAND_SET_LEVELS, LATENCY_CORRECTION, LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest, corrected_ms, export_best, hand_params, latency_correction
+from .study import HAND_SET_LEVELS, LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest, corrected_ms, export_best, hand_params, latency_correction, saving_correction
 from .workers import FINISHED, run_trials
 
 __all__ = [
@@ -478,17 +478,17 @@ def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: 
     lo, hi = LATENCY_MARGIN
     margin = min(hi, max(lo, base_t.iqr_ms / base_ms if base_ms > 0 else hi))
     target = Target.of(plan.spec, base_gflops=info.base_gflops, base_latency_ms=base_ms)
-    floor, fastest = cheapest(info, plan.space, cost=lambda layers: float(latency_model.predict_ms(layers)))
+    predict = lambda layers: float(latency_model.predict_ms(layers))  # noqa: E731
+    floor, fastest = cheapest(info, plan.space, cost=predict)
     correction = 1.0
     if opts.compile:  # trials are not timed compiled: one compiled timing of the hand-set schedule corrects every prediction
-        hand = project(info, {**hand_params(info), "prune_threshold": None, "merge_threshold": None}, target.value * (1 - margin),
-                       cost=lambda layers: float(latency_model.predict_ms(layers)))  # fmt: skip
+        hand = project(info, {**hand_params(info), "prune_threshold": None, "merge_threshold": None}, target.value * (1 - margin), cost=predict)
         probe = hand[0] if hand else fastest
         timed = latency.measure_schedule_ms(
             model, make_schedule(info, probe, method="probe"), device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=True
         )
-        predicted, (lo_c, hi_c) = float(latency_model.predict_ms(probe)), LATENCY_CORRECTION
-        correction = min(hi_c, max(lo_c, (base_ms - timed.median_ms) / max(base_ms - predicted, 1e-9 * base_ms)))
+        predicted = predict(probe)
+        correction = saving_correction(base_ms, [(timed.median_ms, predicted)])
         floor = corrected_ms(floor * base_ms, base_ms, correction) / base_ms
         log(f"compiled: a hand-set schedule predicted at {predicted:.2f} ms ran in {timed.median_ms:.2f} ms; predicted savings are scaled by {correction:.3f}")
     elif (target.lo or target.value) < floor * base_ms:  # predicted out of reach: time it before refusing

@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import optuna
@@ -34,7 +34,7 @@ from .budget import Target
 from .space import SearchSpace, layers_for, project
 from ..errors import RapidSearchError
 
-__all__ = ["SearchError", "Objective", "Calibration", "cheapest", "LATENCY_MARGIN", "export_best", "feasible_trials", "latency_correction", "corrected_ms", "trial_schedule"]
+__all__ = ["SearchError", "Objective", "Calibration", "cheapest", "LATENCY_MARGIN", "export_best", "feasible_trials", "latency_correction", "saving_correction", "corrected_ms", "trial_schedule"]
 
 
 class SearchError(RapidSearchError, ValueError):
@@ -115,11 +115,19 @@ def latency_correction(study: optuna.Study, base_ms: float, default: float = 1.0
     latency search is timed, and later projections predict ``base - c * (base - predicted)``, so
     the search learns the error instead of under- or over-using the budget.
     """
-    ratios = [
-        (base_ms - t.user_attrs["measured_ms"]) / (base_ms - t.user_attrs["model_ms"])
+    timed = [
+        (t.user_attrs["measured_ms"], t.user_attrs["model_ms"])
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-        if "measured_ms" in t.user_attrs and base_ms - t.user_attrs.get("model_ms", base_ms) > 0.02 * base_ms  # a saving to compare
+        if "measured_ms" in t.user_attrs and "model_ms" in t.user_attrs
     ]
+    return saving_correction(base_ms, timed, default)
+
+
+def saving_correction(base_ms: float, timed: Sequence[tuple[float, float]], default: float = 1.0) -> float:
+    """The median of measured / predicted saving against ``base_ms`` over ``(measured_ms, model_ms)``
+    pairs, leaving out those predicted to save under 2% (nothing to compare), clamped to
+    :data:`LATENCY_CORRECTION`; ``default`` when none is left."""
+    ratios = [(base_ms - measured) / (base_ms - model) for measured, model in timed if base_ms - model > 0.02 * base_ms]
     lo, hi = LATENCY_CORRECTION
     return min(hi, max(lo, float(np.median(ratios)))) if ratios else default
 
