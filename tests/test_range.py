@@ -209,17 +209,34 @@ class _MacsClock:
         return type("Timing", (), {"median_ms": ms, "iqr_ms": 0.02 * ms})()
 
 
+def _fake_device(monkeypatch, model, truth, seen=None):
+    """Latency searches use ``model`` as their latency model and ``truth`` as the device clock
+    (``seen``, when given, collects each timing's ``compile`` flag)."""
+    from rapid_search.tools import latency
+
+    def timing(m, schedule, **k):
+        if seen is not None:
+            seen.append(k.get("compile"))
+        return truth.timing(schedule)
+
+    monkeypatch.setattr(latency.LatencyModel, "measure", classmethod(lambda cls, *a, **k: model))
+    monkeypatch.setattr(latency, "measure_schedule_ms", timing)
+
+
+def _latency_argv(tiny_search, tmp_path, name, *extra, **change):
+    """``(argv, journal)`` of a tiny latency search (batch 4, 8 images, one rung) writing ``tmp_path/NAME.yaml``."""
+    journal = f"journal:{tmp_path / (name + '.journal')}"
+    argv = search_argv(tiny_search, name, "--storage", journal, "--out", str(tmp_path / f"{name}.yaml"), "--rungs", "1", *extra,
+                       batch_size="4", calib_images="8", **change)  # fmt: skip
+    return argv, journal
+
+
 def test_latency_range_search_and_export(tiny_search, tmp_path, capsys, monkeypatch):
     """``40%..90%latency``: trials drawn over the measured range, export at a latency inside it takes
     only trials drawn for that target or a tighter one (so they keep the timing margin)."""
-    from rapid_search.tools import latency
-
     clock = _MacsClock(rs.model_info(timm.create_model("test_vit")))
-    monkeypatch.setattr(latency.LatencyModel, "measure", classmethod(lambda cls, *a, **k: clock))
-    monkeypatch.setattr(latency, "measure_schedule_ms", lambda model, schedule, **k: clock.timing(schedule))
-    journal = f"journal:{tmp_path / 'l.journal'}"
-    argv = search_argv(tiny_search, "l", "--storage", journal, "--out", str(tmp_path / "l.yaml"), "--rungs", "1", budget="40%..90%latency",
-                       trials="10", batch_size="4", calib_images="8")
+    _fake_device(monkeypatch, clock, clock)
+    argv, journal = _latency_argv(tiny_search, tmp_path, "l", budget="40%..90%latency", trials="10")
     assert main(argv) == 0, capsys.readouterr().err
     study = optuna.load_study(study_name="l", storage=open_storage(journal, study_name="l"))
     hi = study.user_attrs["target"]  # the creator's 90% of its measured unreduced latency
@@ -269,15 +286,11 @@ class _LoadedCalibration(_MacsClock):
 def test_latency_floor_is_judged_against_the_measured_unreduced(tiny_search, tmp_path, capsys, monkeypatch):
     """A latency model calibrated under other load than the unreduced timing is re-anchored to that
     timing: a reachable budget is searched and met, and the floor named agrees with the measured unreduced latency."""
-    from rapid_search.tools import latency
-
     info = rs.model_info(timm.create_model("test_vit"))
     loaded, truth = _LoadedCalibration(info), _MacsClock(info)
-    monkeypatch.setattr(latency.LatencyModel, "measure", classmethod(lambda cls, *a, **k: loaded))
-    monkeypatch.setattr(latency, "measure_schedule_ms", lambda model, schedule, **k: truth.timing(schedule))
+    _fake_device(monkeypatch, loaded, truth)
     base_ms = truth.timing(None).median_ms
-    argv = search_argv(tiny_search, "f", "--storage", f"journal:{tmp_path / 'f.journal'}", "--out", str(tmp_path / "f.yaml"), "--rungs", "1",
-                       budget="90%latency", trials="1", batch_size="4", calib_images="8")
+    argv, _ = _latency_argv(tiny_search, tmp_path, "f", budget="90%latency", trials="1")
     assert main(argv) == 0, capsys.readouterr().err
     assert loaded.predict_ms(None) == pytest.approx(base_ms) and loaded.base_ms == base_ms
     loaded.scale = 3.0
@@ -301,15 +314,10 @@ def test_latency_search_learns_the_models_error_from_timed_trials(tiny_search, t
     """Every trial of a latency search is timed on the device, and later trials' projections use the
     predicted savings rescaled by measured / predicted: a budget the pessimistic model alone calls out of
     reach is searched, and the written schedule uses it and meets it."""
-    from rapid_search.tools import latency
-
     info = rs.model_info(timm.create_model("test_vit"))
     model, truth = _Pessimist(info), _MacsClock(info)
-    monkeypatch.setattr(latency.LatencyModel, "measure", classmethod(lambda cls, *a, **k: model))
-    monkeypatch.setattr(latency, "measure_schedule_ms", lambda m, schedule, **k: truth.timing(schedule))
-    journal = f"journal:{tmp_path / 'p.journal'}"
-    argv = search_argv(tiny_search, "p", "--storage", journal, "--out", str(tmp_path / "p.yaml"), "--rungs", "1", budget="60%latency",
-                       trials="8", batch_size="4", calib_images="8")
+    _fake_device(monkeypatch, model, truth)
+    argv, journal = _latency_argv(tiny_search, tmp_path, "p", budget="60%latency", trials="8")
     assert main(argv) == 0, capsys.readouterr().err
     target = 0.6 * truth._ms(None)
     hand = {"switch": 2, "prune_weight": 1.0, "decay": 0.0, "protect": 0.5, "prune_threshold": None, "merge_threshold": None}
@@ -328,16 +336,11 @@ def test_latency_search_learns_the_models_error_from_timed_trials(tiny_search, t
 def test_compiled_latency_search_is_corrected_by_one_compiled_timing(tiny_search, tmp_path, capsys, monkeypatch):
     """``--compile``: trials are not timed (each would compile), so one compiled timing of the
     hand-set schedule at the start rescales every prediction: the written schedule still uses the budget."""
-    from rapid_search.tools import latency
-
     info = rs.model_info(timm.create_model("test_vit"))
     model, truth = _Pessimist(info), _MacsClock(info)
-    compiled = []
-    monkeypatch.setattr(latency.LatencyModel, "measure", classmethod(lambda cls, *a, **k: model))
-    monkeypatch.setattr(latency, "measure_schedule_ms", lambda m, schedule, **k: compiled.append(k.get("compile")) or truth.timing(schedule))
-    journal = f"journal:{tmp_path / 'c.journal'}"
-    argv = search_argv(tiny_search, "c", "--storage", journal, "--out", str(tmp_path / "c.yaml"), "--rungs", "1", "--compile",
-                       "--progress", "plain", budget="70%latency", trials="6", batch_size="4", calib_images="8")
+    compiled: list = []
+    _fake_device(monkeypatch, model, truth, seen=compiled)
+    argv, journal = _latency_argv(tiny_search, tmp_path, "c", "--compile", "--progress", "plain", budget="70%latency", trials="6")
     assert main(argv) == 0, capsys.readouterr().err
     assert "predicted savings are scaled by 1.667" in capsys.readouterr().err  # the stand-in credits 60% of each saving
     target = 0.7 * truth._ms(None)
