@@ -31,8 +31,17 @@ _SHARED = os.environ.get("RAPID_SHARED") or os.path.join(os.path.dirname(os.path
 if os.path.isdir(os.path.join(_SHARED, "hf-cache", "hub")):
     os.environ.setdefault("HF_HUB_CACHE", os.path.abspath(os.path.join(_SHARED, "hf-cache", "hub")))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import signal
 import uuid
 from collections.abc import Iterator
+
+# The interrupt tests send SIGINT to this process and to its workers. A shell without job control
+# starts a background command (`make test &`, some job runners) with SIGINT ignored (POSIX), and
+# Python keeps an ignored SIGINT ignored, as rapid-search deliberately does (nohup): the interrupt
+# would be lost and a test would wait out its grace period. Run with the handler a terminal gives,
+# set before any worker process starts so that they inherit it too.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest
 

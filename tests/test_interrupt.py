@@ -74,6 +74,19 @@ def test_ctrl_c_inside_a_storage_write_waits_for_it() -> None:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_an_ignored_ctrl_c_stays_ignored() -> None:
+    """A search started with SIGINT ignored (``nohup``, a background job of a non-interactive shell)
+    is not interrupted by it, and the signal is ignored again afterwards."""
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # a KeyboardInterrupt would be raised in here
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def _journal_study(tmp_path, name: str, **kwargs) -> tuple[str, optuna.Study]:
     spec = f"journal:{tmp_path / (name + '.journal')}"
     return spec, optuna.create_study(study_name=name, storage=open_storage(spec, study_name=name), **kwargs)
