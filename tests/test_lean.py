@@ -275,3 +275,35 @@ def test_measure_schedule_compiled(monkeypatch):
     lat = LatencyModel.measure(model, device="cpu", batch_size=2, repeats=2, calibrate_repeats=2, compile=True)
     assert lat.compiled and lat.base_ms > 0
     assert calls == [{"dynamic": False}] * 2
+
+
+def test_paired_timing_runs_the_schedule_only_in_its_rounds(monkeypatch):
+    """``measure_against_unreduced``: one run of each per round, the schedule applied only around
+    the reduced runs, eager and compiled (both modules compiled, the model left unpatched)."""
+    import functools
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    from rapid_search.runtime import engine
+    from rapid_search.tools.latency import measure_against_unreduced, paired_ratio
+    from rapid_search.tools.measure import Timing
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
+    s = rs.as_schedule([L("prune", 3), L("merge", 3, None, 0.25)], model)
+    reductions = []
+    real_reduce = engine._reduce
+    monkeypatch.setattr(engine, "_reduce", lambda *a: reductions.append(a[3].op) or real_reduce(*a))
+    red, base = measure_against_unreduced(model, s, device="cpu", batch_size=2, repeats=4, warmup=1)
+    assert (red.repeats, base.repeats, len(red.times_ms), len(base.times_ms)) == (4, 4, 4, 4)
+    assert reductions == ["prune", "merge"] * 5  # warm-up + 4 rounds of the reduced forward, none in the unreduced ones
+    assert not rs.is_patched(model)
+
+    calls = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: calls.append((m is model, kw)) or functools.partial(real, backend="aot_eager")(m, **kw))
+    red, base = measure_against_unreduced(model, s, device="cpu", batch_size=2, repeats=3, warmup=0, compile=True)
+    assert calls == [(False, {"dynamic": False}), (True, {"dynamic": False})]  # a copy carries the schedule
+    assert red.repeats == base.repeats == 3 and not rs.is_patched(model)
+
+    assert paired_ratio(Timing.from_times([1.0, 4.0, 3.0]), Timing.from_times([2.0, 8.0, 3.0])) == 0.5  # round by round, not median / median

@@ -15,9 +15,11 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Optional, Sequence, Union
 
@@ -31,9 +33,9 @@ from ..runtime.ops import _wide
 from ..runtime.patch import applied, is_patched
 from ..runtime.presets import DEFAULT_PROTECT, as_schedule, make_schedule
 from ..runtime.schedule import OPS, LayerSpec, Schedule
-from .measure import Timing, measure_model, parse_device, time_rounds
+from .measure import Timing, fixed_batch, measure_model, parse_device, time_rounds
 
-__all__ = ["LatencyModel", "LatencyModelError", "measure_schedule_ms"]
+__all__ = ["LatencyModel", "LatencyModelError", "measure_against_unreduced", "measure_schedule_ms", "paired_ratio"]
 
 _REDUCING_OPS = tuple(op for op in OPS if op != "none")
 _MERGING_OPS = ("merge", "tome")
@@ -406,3 +408,61 @@ def measure_schedule_ms(
         return measure_model(model, **opts)
     with applied(model, as_schedule(schedule, model)):
         return measure_model(model, **opts)
+
+
+def measure_against_unreduced(
+    model: nn.Module,
+    schedule: Any,
+    *,
+    device: DeviceLike,
+    batch_size: int,
+    repeats: int = 10,
+    warmup: int = 2,
+    compile: bool = False,
+) -> tuple[Timing, Timing]:
+    """Time ``model`` under ``schedule`` and unreduced, round-robin in one process (one run of each per round).
+
+    A machine whose speed changes over seconds (shared cores, clock states) shifts both timings of
+    a round alike, so :func:`paired_ratio` of the two stays comparable across calls where the
+    milliseconds do not. Compiled, the schedule runs on a copy of the model, so both compiled
+    modules exist at once; each compiles in its first warm-up run (not timed), Dynamo's caches are
+    reset before and after.
+
+    Args:
+        model: A timm ViT in eval mode on ``device``, with no schedule applied (left so).
+        schedule: Anything :func:`rapid_search.apply` accepts.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
+        batch_size: Images per batch.
+        repeats: Rounds timed.
+        warmup: Untimed runs of each first (at least one when compiled).
+        compile: Time both compiled with ``torch.compile(dynamic=False)``.
+
+    Returns:
+        ``(reduced, unreduced)`` :class:`rapid_search.tools.measure.Timing` per batch, ``times_ms`` in round order.
+
+    Raises:
+        LatencyModelError: The model is patched or on another device.
+    """
+    dev, _ = _checked(model, device)
+    sched = as_schedule(schedule, model)
+    x = fixed_batch(model, device=dev, batch_size=batch_size, input_size=_input_size(model))  # (B, C, H, W)
+    if not compile:
+        runs = {"reduced": lambda: model(x), "unreduced": lambda: model(x)}
+        t = time_rounds(runs, device=dev, repeats=repeats, warmup=warmup, batch_size=batch_size, around={"reduced": functools.partial(applied, model, sched)})
+        return t["reduced"], t["unreduced"]
+    import torch._dynamo as dynamo
+
+    reduced = copy.deepcopy(model)
+    dynamo.reset()
+    try:
+        with applied(reduced, sched):
+            fns = {k: torch.compile(m, dynamic=False) for k, m in (("reduced", reduced), ("unreduced", model))}
+            t = time_rounds({k: functools.partial(f, x) for k, f in fns.items()}, device=dev, repeats=repeats, warmup=max(1, warmup), batch_size=batch_size)
+        return t["reduced"], t["unreduced"]
+    finally:
+        dynamo.reset()
+
+
+def paired_ratio(reduced: Timing, unreduced: Timing) -> float:
+    """Median over rounds of reduced / unreduced time (the timings of :func:`measure_against_unreduced`)."""
+    return statistics.median(a / b for a, b in zip(reduced.times_ms, unreduced.times_ms))

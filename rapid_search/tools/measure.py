@@ -27,7 +27,7 @@ from torch import nn
 from ..argtypes import DTYPES
 
 __all__ = [
-    "DTYPES", "Timing", "measure_model", "median_ci", "parse_device", "parse_dtype", "set_cpu_threads", "time_callable", "time_rounds",
+    "DTYPES", "Timing", "fixed_batch", "measure_model", "median_ci", "parse_device", "parse_dtype", "set_cpu_threads", "time_callable", "time_rounds",
 ]  # fmt: skip
 
 DeviceLike = Union[str, torch.device]
@@ -191,6 +191,26 @@ def time_callable(
     return Timing.from_times(times, batch_size=batch_size)
 
 
+def _like_params(model: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device`` in the dtype of ``model``'s floating-point parameters (float32 without any)."""
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
+    return x.to(device=device, dtype=dtype)
+
+
+def fixed_batch(model: nn.Module, *, device: DeviceLike, batch_size: int, input_size: Sequence[int] = (3, 224, 224)) -> torch.Tensor:
+    """The seeded random batch timings run on: ``(batch_size, *input_size)`` on ``device``, in the model's dtype.
+
+    Raises:
+        ValueError: ``batch_size`` < 1.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((batch_size, *(int(v) for v in input_size)), generator=gen)  # (B, C, H, W)
+    return _like_params(model, x, device if isinstance(device, torch.device) else parse_device(device))
+
+
 def measure_model(
     model: nn.Module,
     *,
@@ -224,16 +244,7 @@ def measure_model(
         The :class:`Timing` (per batch; ``images_per_s`` uses the batch size).
     """
     dev = torch.device(device) if not isinstance(device, torch.device) else device
-    param = next(model.parameters(), None)
-    dtype = param.dtype if param is not None and param.dtype.is_floating_point else torch.float32
-    if inputs is None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be at least 1")
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn((batch_size, *(int(v) for v in input_size)), generator=gen)  # (B, C, H, W)
-    else:
-        x = inputs
-    x = x.to(device=dev, dtype=dtype)
+    x = fixed_batch(model, device=dev, batch_size=batch_size, input_size=input_size) if inputs is None else _like_params(model, inputs, dev)
     if not compile:
         return time_callable(lambda: model(x), device=dev, warmup=warmup, repeats=repeats, batch_size=int(x.shape[0]))
     import torch._dynamo as dynamo
