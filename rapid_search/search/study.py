@@ -15,6 +15,7 @@ so infeasible trials are never chosen.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import math
 import time
 from dataclasses import dataclass, replace
@@ -71,15 +72,10 @@ def cheapest(info: ModelInfo, space: SearchSpace, cost: Optional[Callable[[list[
     """``(ratio, layers)``: the lowest cost, relative to the unreduced model, that the space's extreme
     shapes reach, and the layers reaching it."""
     cost = cost or (lambda layers: float(schedule_macs(info, layers)))
-    base = cost([LayerSpec()] * info.depth)
-    best: tuple[float, list[LayerSpec]] = (math.inf, [])
-    for sw in {space.switch.low, space.switch.high}:
-        for pw in {space.prune_weight.low, space.prune_weight.high, 1.0}:
-            for dc in {space.decay.low, space.decay.high, 0.0}:
-                shape = {"switch": round(sw * info.depth), "prune_weight": pw, "decay": dc, "protect": space.protect.low}
-                layers = layers_for(info, shape, 1e6)  # every count at its cap
-                best = min(best, (cost(layers), layers), key=lambda b: b[0])
-    return best[0] / base, best[1]
+    extremes = itertools.product({space.switch.low, space.switch.high}, {space.prune_weight.low, space.prune_weight.high, 1.0}, {space.decay.low, space.decay.high, 0.0})
+    shapes = [{"switch": round(sw * info.depth), "prune_weight": pw, "decay": dc, "protect": space.protect.low} for sw, pw, dc in extremes]
+    best = min((layers_for(info, shape, 1e6) for shape in shapes), key=cost)  # every count at its cap
+    return cost(best) / cost([LayerSpec()] * info.depth), best
 
 
 def trial_schedule(trial: optuna.trial.FrozenTrial) -> Schedule:
@@ -106,15 +102,9 @@ LATENCY_CORRECTION = (0.5, 2.0)
 
 
 def latency_correction(study: optuna.Study, base_ms: float, default: float = 1.0) -> float:
-    """Measured over predicted *saving* against the unreduced ``base_ms``, the median over the
-    study's trials timed on the device so far (``default`` before any; clamped to :data:`LATENCY_CORRECTION`).
-
-    The latency model is anchored to the measured unreduced time; its error is in what a reduction
-    saves, and mostly systematic for a (model, device, batch size): for example at batch 1 on a
-    loaded 2-core CPU it under-credited schedules that reduce to a few tokens. Every trial of a
-    latency search is timed, and later projections predict ``base - c * (base - predicted)``, so
-    the search learns the error instead of under- or over-using the budget.
-    """
+    """:func:`saving_correction` over the study's trials timed on the device so far: later projections
+    predict ``base_ms - c * (base_ms - predicted)`` and so learn the latency model's error, which is in
+    what a reduction saves and mostly systematic (why: docs/search-design.md, latency model)."""
     timed = [
         (t.user_attrs["measured_ms"], t.user_attrs["model_ms"])
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
@@ -219,7 +209,7 @@ class Objective:
     def _schedule(self, trial: optuna.trial.Trial, aim: float) -> tuple[Optional[Schedule], Optional[dict[str, Any]]]:
         """Sample (or take the warm-start) schedule and project it onto the budget."""
         warm = trial.user_attrs.get("warm_start")
-        if warm in ("tome", "tome-decreasing"):
+        if warm in TOME_INFLECT:
             return tome_fitting(self.info, lambda layers: self.cost(list(layers)) <= aim, inflect=TOME_INFLECT[warm]), None
         shape = self.space.suggest(trial, self.info.depth)
         return self._project(shape, aim, method=warm or "rapid-search"), shape
