@@ -35,16 +35,8 @@ from ..errors import RapidSearchError
 from .storage import HeartbeatMixin
 
 __all__ = [
-    "HEARTBEAT_KEY",
-    "WORKER_KEY",
-    "RETRY_PENDING_KEY",
-    "SURPLUS_KEY",
-    "FAILED_BECAUSE_KEY",
-    "Worker",
-    "count_trials",
-    "deferred_interrupts",
-    "retry_trial",
-    "run_trials",
+    "HEARTBEAT_KEY", "WORKER_KEY", "RETRY_PENDING_KEY", "SURPLUS_KEY", "FAILED_BECAUSE_KEY", "Worker", "count_trials", "deferred_interrupts",
+    "retry_trial", "run_trials",
 ]
 
 HEARTBEAT_KEY = "rapid_search:heartbeat"
@@ -56,6 +48,8 @@ FAILED_BECAUSE_KEY = "rapid_search:failed_because"
 
 #: Trial states that take one of the ``--trials`` slots.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+#: How often one trial's parameters are queued again at most.
+MAX_RETRY = 3
 
 
 @dataclass
@@ -104,12 +98,12 @@ def _what_to_run(trial: FrozenTrial) -> FrozenTrial:
     return lean
 
 
-def retry_trial(study: optuna.Study, trial: FrozenTrial, *, max_retry: Optional[int] = 3) -> None:
+def retry_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     """Queue ``trial``'s parameters again as a WAITING trial (Optuna's retry callback, given only what
-    says what to run, never a partial result); nothing after ``max_retry`` retries."""
+    says what to run, never a partial result); nothing after :data:`MAX_RETRY` retries."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, _what_to_run(trial))
+        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, _what_to_run(trial))
 
 
 #: Code an interrupt must not cut short (see docs/search-design.md, Interrupts).
@@ -229,7 +223,6 @@ class Worker:
         study: The study.
         grace: Seconds without a heartbeat after which a running trial is considered dead.
         interval: Seconds between heartbeats (the study is polled every ``min(1, interval / 2)`` s while waiting).
-        max_retry: How often one trial's parameters are queued again at most.
         log: Where waiting, recoveries and heartbeat trouble are reported.
         beats: Storage for the heartbeat thread's writes (None: the study's); for a journal file a
             separate instance keeps a slow beat from holding the main thread's storage lock.
@@ -242,12 +235,11 @@ class Worker:
         *,
         grace: float,
         interval: int = 10,
-        max_retry: Optional[int] = 3,
         log: Optional[Callable[[str], None]] = None,
         beats: Any = None,
         interrupts: Optional[deferred_interrupts] = None,
     ) -> None:
-        self.study, self.grace, self.interval, self.max_retry = study, float(grace), int(interval), max_retry
+        self.study, self.grace, self.interval = study, float(grace), int(interval)
         self.log = log or (lambda msg: None)
         self.storage = study._storage  # noqa: SLF001 - Optuna's own heartbeat and fail_stale_trials use it the same way
         self.beats = beats if beats is not None else self.storage
@@ -290,7 +282,7 @@ class Worker:
 
     def mark(self, trial: FrozenTrial, because: str, *, retry: bool = True) -> bool:
         """Say why a RUNNING trial is about to be failed and whether it keeps its slot; False: finished meanwhile."""
-        retry = retry and (self.max_retry is None or len(trial.system_attrs.get("retry_history", [])) < self.max_retry)
+        retry = retry and len(trial.system_attrs.get("retry_history", [])) < MAX_RETRY
         try:
             self.storage.set_trial_system_attr(trial._trial_id, FAILED_BECAUSE_KEY, because)
             if retry:  # keeps the slot until the retry is queued (see TrialCounts)
@@ -306,14 +298,14 @@ class Worker:
         self.recovered += 1
         retry = not trial.system_attrs.get(NO_RETRY_KEY)
         if retry:
-            retry_trial(study, trial, max_retry=self.max_retry)
+            retry_trial(study, trial)
         because = trial.system_attrs.get(FAILED_BECAUSE_KEY, "was failed")
         self.log(f"trial {trial.number} {because}: marked failed" + (" and queued again" if retry else ""))
 
     def give_up(self, trial: FrozenTrial, because: str, *, retry: bool = True) -> bool:
         """Mark a RUNNING trial FAIL (only one worker succeeds) and queue it again; an interrupt waits for both.
 
-        With ``retry=False`` (or after ``max_retry`` retries) it is marked ``no_retry`` first: it holds no
+        With ``retry=False`` (or after :data:`MAX_RETRY` retries) it is marked ``no_retry`` first: it holds no
         slot whoever wins the race to fail it. Returns whether this call failed the trial."""
         with self.interrupts.critical():
             try:
