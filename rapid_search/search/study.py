@@ -172,7 +172,6 @@ class Objective:
         # only, e.g. compiled); predictions are rescaled by the study's ``latency_correction`` (``correction`` before any)
         self.latency_model, self.measure_ms, self.correction, self.first_correction = latency_model, measure_ms, correction, correction
         self.rungs = calib.rungs(n_rungs)
-        self.images_forwarded = 0
 
     # cost of a layer list in the budget's units (analytic MACs or predicted ms)
     def cost(self, layers: list[LayerSpec]) -> float:
@@ -220,6 +219,9 @@ class Objective:
             return None
         return make_schedule(self.info, res[0], method=method, **shape)
 
+    def _predict(self, schedule: Schedule, a: int, b: int) -> Any:
+        return predict(self.model, self.calib.images[a:b], schedule, batch_size=self.batch_size, device=self.device, info=self.info)
+
     def _fit_thresholds(self, schedule: Schedule, shape: dict[str, Any], first: tuple[int, int], target: float) -> tuple[Schedule, Any]:
         """Threshold schedules remove fewer tokens than their counts allow, so their measured cost
         exceeds the projection. Measure the first rung, then re-project with the planned reduction
@@ -227,8 +229,7 @@ class Objective:
         base = float(self.info.base_macs)
         a, b = first
         for _ in range(3):
-            p = predict(self.model, self.calib.images[a:b], schedule, batch_size=self.batch_size, device=self.device, info=self.info)
-            self.images_forwarded += b - a
+            p = self._predict(schedule, a, b)
             measured, planned = float(p.macs.mean()), float(schedule_macs(self.info, schedule))
             achieved = (base - measured) / max(base - planned, 1.0)  # fraction of the planned reduction
             if measured <= target or achieved < 0.05:
@@ -245,11 +246,7 @@ class Objective:
         c = self.calib
         reference = self.lo is not None and trial.user_attrs.get("warm_start") == "rapid-hand-set"  # a range's yardstick runs whole
         for step, (a, b) in enumerate(self.rungs):
-            if step == 0 and first is not None:
-                p = first
-            else:
-                p = predict(self.model, c.images[a:b], schedule, batch_size=self.batch_size, device=self.device, info=self.info)
-                self.images_forwarded += b - a
+            p = first if step == 0 and first is not None else self._predict(schedule, a, b)
             trial.set_user_attr("images_forwarded", b)
             logits.append(p.logits)
             macs.append(p.macs)
