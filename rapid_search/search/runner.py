@@ -5,7 +5,6 @@ Nothing is written when the search cannot start; a study with another set-up is 
 
 from __future__ import annotations
 
-import hashlib
 import re
 import secrets
 import statistics
@@ -22,7 +21,7 @@ from optuna.trial import TrialState
 
 from ..outputs import check_output
 from ..redact import safe_reason
-from ..tools.data import DataError, list_images, load_images
+from ..tools.data import DataError, folder_fingerprint, load_images
 from ..tools.evaluate import fidelity, predict
 from ..runtime.flops import ModelInfo
 from ..tools import latency  # a module: tests replace its timing functions
@@ -106,27 +105,14 @@ def _runtime_setup(opts: SearchOptions) -> dict[str, Any]:
     return {k: v for k, v in (("dtype", opts.dtype), ("compile", opts.compile)) if v not in ("float32", False)}
 
 
-def _calib_fingerprint(data: Path, calib_images: int, seed: int) -> str:
-    """The calibration set by content (relative names, sizes, count, seed), not path: workers keeping
-    the images in different folders share a study."""
-    files, _ = list_images(data)
-    h = hashlib.sha256()
-    for f in files:
-        try:
-            size = f.stat().st_size
-        except OSError:
-            size = -1
-        h.update(f"{f.relative_to(data).as_posix()}\0{size}\n".encode("utf-8", "surrogateescape"))  # any file name
-    return f"{len(files)} files {h.hexdigest()[:16]}|{calib_images}|{seed}"
-
-
 def _setup_attrs(opts: SearchOptions, info: ModelInfo, space: SearchSpace, metric: str, device: torch.device) -> dict[str, Any]:
     return {
         "model": info.name,
         "budget": opts.budget,
         "space": space.fingerprint(),
         "metric": metric,
-        "calib": _calib_fingerprint(Path(opts.data), opts.calib_images, opts.seed) if opts.data else None,
+        # by content, not path: workers keeping the images in different folders share a study
+        "calib": f"{folder_fingerprint(opts.data)}|{opts.calib_images}|{opts.seed}" if opts.data else None,
         "device_kind": device.type,
         **_runtime_setup(opts),
     }
