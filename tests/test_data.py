@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageFile
 
 import rapid_search.tools.data as data_mod
-from rapid_search.tools.data import DataError, ImageSet, imagenet_class_index, imagenet_label_names, list_images, load_images
+from rapid_search.tools.data import DataError, ImageSet, folder_fingerprint, imagenet_class_index, imagenet_label_names, list_images, load_images
 
 #: Small eval transform so that the synthetic tests stay fast.
 CFG: dict[str, Any] = {
@@ -93,6 +93,25 @@ def test_non_wnid_subfolders_are_an_unlabelled_tree(tmp_path: Path) -> None:
     s = load_images(tmp_path, data_config=CFG)
     assert s.labels is None and len(s) == 3
     assert [Path(p).relative_to(tmp_path).as_posix() for p in s.paths] == ["cats/x.jpg", "dogs/deep/y.png", "z.jpg"]
+
+
+def test_folder_fingerprint_is_by_content_not_path(tmp_path: Path) -> None:
+    """Two copies of one image set in different folders match (the search's workers share a study by
+    it); a file renamed, resized or added changes it; other files do not count."""
+    for root in (tmp_path / "a", tmp_path / "elsewhere" / "b"):
+        _img(root / "cats" / "x.jpg")
+        _img(root / "y.png", seed=1)
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    first = folder_fingerprint(tmp_path / "a")
+    assert first.startswith("2 files ") and first == folder_fingerprint(tmp_path / "elsewhere" / "b")
+    (tmp_path / "a" / "y.png").rename(tmp_path / "a" / "z.png")
+    renamed = folder_fingerprint(tmp_path / "a")
+    _img(tmp_path / "a" / "z.png", size=(41, 30), seed=1)
+    resized = folder_fingerprint(tmp_path / "a")
+    _img(tmp_path / "a" / "w.jpg")
+    assert len({first, renamed, resized, folder_fingerprint(tmp_path / "a")}) == 4
+    with pytest.raises(DataError, match="does not exist"):
+        folder_fingerprint(tmp_path / "missing")
 
 
 def test_model_data_config_sets_the_transform(tmp_path: Path) -> None:

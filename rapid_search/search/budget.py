@@ -132,29 +132,20 @@ def resolve(spec: Union[BudgetSpec, str], *, base_gflops: float, base_latency_ms
         spec = parse_budget(spec)
     if not (isinstance(base_gflops, (int, float)) and math.isfinite(base_gflops) and base_gflops > 0):
         raise BudgetError(f"base_gflops = {base_gflops!r} must be the unreduced model's positive GFLOPs (ModelInfo.base_gflops)")
-    if spec.kind == "gflops":
-        if spec.relative:
-            return spec.value * base_gflops
-        if spec.value >= base_gflops:
-            raise BudgetError(
-                f"budget {spec.text!r} is at or above the unreduced model's {base_gflops:.4g} GFLOPs, so it reduces nothing — "
-                f"use less, e.g. {base_gflops * 0.5:.3g}GFLOPs or 50%GFLOPs"
-            )
-        return spec.value
-    if base_latency_ms is not None and not (math.isfinite(base_latency_ms) and base_latency_ms > 0):
+    latency = spec.kind == "latency"
+    if latency and base_latency_ms is not None and not (math.isfinite(base_latency_ms) and base_latency_ms > 0):
         raise BudgetError(f"base_latency_ms = {base_latency_ms!r} must be the unreduced model's positive measured latency")
-    if spec.relative:
-        if base_latency_ms is None:
-            raise BudgetError(
-                f"budget {spec.text!r} is relative to the unreduced latency — pass base_latency_ms "
-                "(measure it with rapid_search.tools.latency.measure_schedule_ms(model, None, ...))"
-            )
-        return spec.value * base_latency_ms
-    if base_latency_ms is not None and spec.value >= base_latency_ms:
+    if latency and spec.relative and base_latency_ms is None:
         raise BudgetError(
-            f"budget {spec.text!r} is at or above the unreduced model's measured {base_latency_ms:.4g} ms, so it reduces nothing — "
-            f"use less, e.g. {base_latency_ms * 0.6:.3g}ms or 60%latency"
+            f"budget {spec.text!r} is relative to the unreduced latency — pass base_latency_ms "
+            "(measure it with rapid_search.tools.latency.measure_schedule_ms(model, None, ...))"
         )
+    base = base_latency_ms if latency else base_gflops
+    if spec.relative:
+        return spec.value * base
+    if base is not None and spec.value >= base:  # an absolute latency is checked only against a measurement
+        what, less = (f"measured {base:.4g} ms", f"{base * 0.6:.3g}ms") if latency else (f"{base:.4g} GFLOPs", f"{base * 0.5:.3g}GFLOPs")
+        raise BudgetError(f"budget {spec.text!r} is at or above the unreduced model's {what}, so it reduces nothing — use less, e.g. {less} or {_EXAMPLES[spec.kind, True]}")
     return spec.value
 
 

@@ -5,7 +5,6 @@ Nothing is written when the search cannot start; a study with another set-up is 
 
 from __future__ import annotations
 
-import hashlib
 import re
 import secrets
 import statistics
@@ -22,7 +21,7 @@ from optuna.trial import TrialState
 
 from ..outputs import check_output
 from ..redact import safe_reason
-from ..tools.data import DataError, list_images, load_images
+from ..tools.data import DataError, folder_fingerprint, load_images
 from ..tools.evaluate import fidelity, predict
 from ..runtime.flops import ModelInfo
 from ..tools import latency  # a module: tests replace its timing functions
@@ -34,30 +33,11 @@ from ..runtime.schedule import Schedule
 from .budget import BudgetError, BudgetSpec, Target, parse_budget
 from .progress import Progress, summarize_search
 from .space import SearchSpace, project
-from .storage import (
-    GRACE_PERIOD,
-    HEARTBEAT_INTERVAL,
-    JOURNAL_LOCK_GRACE,
-    JournalWriteError,
-    check_journal_path,
-    check_study_name,
-    describe_storage,
-    journal_path,
-    open_storage,
-)
+from .storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, JOURNAL_LOCK_GRACE, JournalWriteError, check_journal_path, check_study_name, describe_storage, journal_path, open_storage
 from .study import HAND_SET_LEVELS, LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest, corrected_ms, export_best, hand_params, latency_correction, saving_correction
 from .workers import FINISHED, run_trials
 
-__all__ = [
-    "SearchOptions",
-    "SearchResult",
-    "SearchInterrupted",
-    "run_search",
-    "default_study_name",
-    "share_setup",
-    "heartbeat_timing",
-    "canonical_setup_value",
-]
+__all__ = ["SearchOptions", "SearchResult", "SearchInterrupted", "run_search", "default_study_name", "share_setup", "heartbeat_timing", "canonical_setup_value"]
 
 #: Default score for ranking trials, chosen by measurement (README "Which calibration score?").
 DEFAULT_METRIC = "kl"
@@ -125,27 +105,14 @@ def _runtime_setup(opts: SearchOptions) -> dict[str, Any]:
     return {k: v for k, v in (("dtype", opts.dtype), ("compile", opts.compile)) if v not in ("float32", False)}
 
 
-def _calib_fingerprint(data: Path, calib_images: int, seed: int) -> str:
-    """The calibration set by content (relative names, sizes, count, seed), not path: workers keeping
-    the images in different folders share a study."""
-    files, _ = list_images(data)
-    h = hashlib.sha256()
-    for f in files:
-        try:
-            size = f.stat().st_size
-        except OSError:
-            size = -1
-        h.update(f"{f.relative_to(data).as_posix()}\0{size}\n".encode("utf-8", "surrogateescape"))  # any file name
-    return f"{len(files)} files {h.hexdigest()[:16]}|{calib_images}|{seed}"
-
-
 def _setup_attrs(opts: SearchOptions, info: ModelInfo, space: SearchSpace, metric: str, device: torch.device) -> dict[str, Any]:
     return {
         "model": info.name,
         "budget": opts.budget,
         "space": space.fingerprint(),
         "metric": metric,
-        "calib": _calib_fingerprint(Path(opts.data), opts.calib_images, opts.seed) if opts.data else None,
+        # by content, not path: workers keeping the images in different folders share a study
+        "calib": f"{folder_fingerprint(opts.data)}|{opts.calib_images}|{opts.seed}" if opts.data else None,
         "device_kind": device.type,
         **_runtime_setup(opts),
     }
@@ -472,7 +439,8 @@ def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: 
     opts, device, info = plan.opts, plan.device, plan.info
     log(f"measuring per-block latency on {device} at batch {opts.batch_size} ...")
     latency_model = latency.LatencyModel.measure(model, device=device, batch_size=opts.batch_size, compile=opts.compile)
-    base_t = latency.measure_schedule_ms(model, None, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=opts.compile)
+    timing = lambda s: latency.measure_schedule_ms(model, s, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=opts.compile)  # noqa: E731
+    base_t = timing(None)
     base_ms = base_t.median_ms
     latency_model.anchor(base_ms)  # predictions and the target on one scale
     lo, hi = LATENCY_MARGIN
@@ -484,18 +452,13 @@ def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: 
     if opts.compile:  # trials are not timed compiled: one compiled timing of the hand-set schedule corrects every prediction
         hand = project(info, {**hand_params(info), "prune_threshold": None, "merge_threshold": None}, target.value * (1 - margin), cost=predict)
         probe = hand[0] if hand else fastest
-        timed = latency.measure_schedule_ms(
-            model, make_schedule(info, probe, method="probe"), device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=True
-        )
+        timed = timing(make_schedule(info, probe, method="probe"))
         predicted = predict(probe)
         correction = saving_correction(base_ms, [(timed.median_ms, predicted)])
         floor = corrected_ms(floor * base_ms, base_ms, correction) / base_ms
         log(f"compiled: a hand-set schedule predicted at {predicted:.2f} ms ran in {timed.median_ms:.2f} ms; predicted savings are scaled by {correction:.3f}")
     elif (target.lo or target.value) < floor * base_ms:  # predicted out of reach: time it before refusing
-        timed = latency.measure_schedule_ms(
-            model, make_schedule(info, fastest, method="fastest"), device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats
-        )
-        floor = timed.median_ms / base_ms
+        floor = timing(make_schedule(info, fastest, method="fastest")).median_ms / base_ms
     if (target.lo or target.value) < floor * base_ms:
         raise SearchError(
             f"budget {opts.budget} ({target.lo or target.value:.2f} ms) is below the fastest schedule the search space allows "
@@ -573,10 +536,8 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
                     callbacks=[prog],
                     log=prog.log,
                 )
-            except KeyboardInterrupt:
-                raise _interrupted(study, plan, loaded, prog) from None
-            except _STORAGE_FAILURES as e:  # disk full under the journal, the database server gone
-                raise _storage_failed(e, study, plan, loaded) from None
+            except (KeyboardInterrupt, *_STORAGE_FAILURES) as e:  # Ctrl-C; disk full under the journal, the database server gone
+                raise _cut_short(e, study, plan, loaded, prog.log) from None
         schedule, trial = _export(study, plan=plan, loaded=loaded, log=prog.log)
         stats = search_stats(study, len(loaded.calib.images))
         stats["calib_seconds_unreduced"] = round(loaded.calib.base_seconds, 3)
@@ -584,23 +545,33 @@ def run_search(opts: SearchOptions, *, progress: Optional[Progress] = None) -> S
         return SearchResult(schedule=schedule, path=plan.out, study_name=plan.study_name, trial_number=trial.number, stats=stats)
 
 
-def _interrupted(study: optuna.Study, plan: _Plan, loaded: _Loaded, prog: Progress) -> SearchInterrupted:
-    """After Ctrl-C: write the best schedule so far (a failure is logged, never raised)."""
-    prog.log("interrupted: the study is kept; the trial in flight is queued again; writing the best schedule so far")
-    wrote, failed, finished = _save_best(study, plan, loaded)
-    if failed:
-        prog.log(f"could not write the best schedule so far to {plan.out}: {failed}")
-    kept = f"study {plan.study_name!r} is kept ({finished}/{plan.opts.trials} trials finished)"
-    return SearchInterrupted(f"interrupted — {kept}; {wrote}; re-run the same command to resume")
-
-
 #: A failed journal append (disk full, I/O) and any database error (Optuna wraps SQLAlchemy's).
 _STORAGE_FAILURES = (JournalWriteError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError)
 
 
-def _storage_failed(e: BaseException, study: optuna.Study, plan: _Plan, loaded: _Loaded) -> SearchError:
-    """The one-line error for a storage failing mid-search, after writing the best schedule so far."""
-    opts = plan.opts
+def _cut_short(e: BaseException, study: optuna.Study, plan: _Plan, loaded: _Loaded, log: Callable[[str], None]) -> BaseException:
+    """The one-line error ending trials cut short by Ctrl-C (:class:`SearchInterrupted`) or a failing
+    storage (:class:`SearchError`), after writing the best schedule so far: failing to write it is
+    reported in that line, never raised, as what cut the trials short decides the exit."""
+    opts, interrupted = plan.opts, isinstance(e, KeyboardInterrupt)
+    if interrupted:
+        log("interrupted: the study is kept; the trial in flight is queued again; writing the best schedule so far")
+    try:
+        _export(study, plan=plan, loaded=loaded)
+        wrote = f"best schedule so far written to {plan.out}"
+    except SearchError:
+        wrote = "no finished trial meets the budget yet, no schedule written"
+    except Exception as failed:  # noqa: BLE001
+        reason = safe_reason(failed, opts.storage)
+        wrote = f"the best schedule so far could not be written ({reason})"
+        if interrupted:
+            log(f"could not write the best schedule so far to {plan.out}: {reason}")
+    try:
+        finished = str(_finished(study))
+    except Exception:  # noqa: BLE001 - the storage went away
+        finished = "?"
+    if interrupted:
+        return SearchInterrupted(f"interrupted — study {plan.study_name!r} is kept ({finished}/{opts.trials} trials finished); {wrote}; re-run the same command to resume")
     if isinstance(e, JournalWriteError):
         what = str(e)
     else:
@@ -609,27 +580,7 @@ def _storage_failed(e: BaseException, study: optuna.Study, plan: _Plan, loaded: 
             f"storage {describe_storage(opts.storage, plan.study_name, STUDIES_DIR)} failed during the search ({safe_reason(cause, opts.storage)}) — "
             "check that the server runs and re-run the same command to resume"
         )
-    wrote, _, finished = _save_best(study, plan, loaded)
     return SearchError(f"{what}; study {plan.study_name!r} kept ({finished}/{opts.trials} trials finished); {wrote}")
-
-
-def _save_best(study: optuna.Study, plan: _Plan, loaded: _Loaded) -> tuple[str, Optional[str], str]:
-    """Write the best schedule so far after the trials were cut short; never raises, as what cut them
-    short decides the exit. Returns what was written, the error writing it and the finished trials."""
-    error = None
-    try:
-        _export(study, plan=plan, loaded=loaded)
-        wrote = f"best schedule so far written to {plan.out}"
-    except SearchError:
-        wrote = "no finished trial meets the budget yet, no schedule written"
-    except Exception as e:  # noqa: BLE001
-        error = safe_reason(e, plan.opts.storage)
-        wrote = f"the best schedule so far could not be written ({error})"
-    try:
-        finished = str(_finished(study))
-    except Exception:  # noqa: BLE001 - the storage went away
-        finished = "?"
-    return wrote, error, finished
 
 
 def _timed_ms(plan: _Plan, loaded: _Loaded, s: Schedule, repeats: int) -> float:

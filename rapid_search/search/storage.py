@@ -42,18 +42,8 @@ from ..redact import has_scheme, mask_url, safe_reason
 from ..termsafe import printable
 
 __all__ = [
-    "StorageError",
-    "JournalWriteError",
-    "HeartbeatMixin",
-    "check_journal",
-    "check_journal_path",
-    "check_study_name",
-    "open_storage",
-    "describe_storage",
-    "journal_path",
-    "HEARTBEAT_INTERVAL",
-    "GRACE_PERIOD",
-    "JOURNAL_LOCK_GRACE",
+    "StorageError", "JournalWriteError", "HeartbeatMixin", "check_journal", "check_journal_path", "check_study_name", "open_storage",
+    "describe_storage", "journal_path", "HEARTBEAT_INTERVAL", "GRACE_PERIOD", "JOURNAL_LOCK_GRACE",
 ]
 
 #: Default seconds between heartbeats of a running trial (``--heartbeat-interval``).
@@ -215,17 +205,12 @@ def _open_journal(path: Path, *, create: bool, log: Optional[Callable[[str], Non
 
 def _open_rdb(spec: str, *, create: bool, allow_sqlite: bool) -> Any:
     """An RDB URL's storage (for reading: only a database that has Optuna's tables, none created)."""
+    forms = "use journal:PATH (several processes, one machine) or postgresql+psycopg2://user@host:port/db (several machines)"
     if not has_scheme(spec):  # not shown: it may hold a password (user:pw@host/db without its scheme)
-        raise StorageError(
-            "--storage is neither a journal file (journal:PATH, PATH.journal) nor a URL with a scheme (value not shown) — "
-            "use journal:PATH (several processes, one machine) or postgresql+psycopg2://user@host:port/db (several machines)"
-        )
+        raise StorageError(f"--storage is neither a journal file (journal:PATH, PATH.journal) nor a URL with a scheme (value not shown) — {forms}")
     sqlite = spec.lower().startswith("sqlite")
     if sqlite and not allow_sqlite:
-        raise StorageError(
-            "SQLite storage is not safe for concurrent workers and is not offered for searches — "
-            "use journal:PATH (several processes, one machine) or postgresql+psycopg2://user@host:port/db (several machines)"
-        )
+        raise StorageError(f"SQLite storage is not safe for concurrent workers and is not offered for searches — {forms}")
     if sqlite and not create:
         _check_sqlite_file(spec)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}

@@ -15,6 +15,7 @@ so infeasible trials are never chosen.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import math
 import time
 from dataclasses import dataclass, replace
@@ -71,15 +72,10 @@ def cheapest(info: ModelInfo, space: SearchSpace, cost: Optional[Callable[[list[
     """``(ratio, layers)``: the lowest cost, relative to the unreduced model, that the space's extreme
     shapes reach, and the layers reaching it."""
     cost = cost or (lambda layers: float(schedule_macs(info, layers)))
-    base = cost([LayerSpec()] * info.depth)
-    best: tuple[float, list[LayerSpec]] = (math.inf, [])
-    for sw in {space.switch.low, space.switch.high}:
-        for pw in {space.prune_weight.low, space.prune_weight.high, 1.0}:
-            for dc in {space.decay.low, space.decay.high, 0.0}:
-                shape = {"switch": round(sw * info.depth), "prune_weight": pw, "decay": dc, "protect": space.protect.low}
-                layers = layers_for(info, shape, 1e6)  # every count at its cap
-                best = min(best, (cost(layers), layers), key=lambda b: b[0])
-    return best[0] / base, best[1]
+    extremes = itertools.product({space.switch.low, space.switch.high}, {space.prune_weight.low, space.prune_weight.high, 1.0}, {space.decay.low, space.decay.high, 0.0})
+    shapes = [{"switch": round(sw * info.depth), "prune_weight": pw, "decay": dc, "protect": space.protect.low} for sw, pw, dc in extremes]
+    best = min((layers_for(info, shape, 1e6) for shape in shapes), key=cost)  # every count at its cap
+    return cost(best) / cost([LayerSpec()] * info.depth), best
 
 
 def trial_schedule(trial: optuna.trial.FrozenTrial) -> Schedule:
@@ -106,15 +102,9 @@ LATENCY_CORRECTION = (0.5, 2.0)
 
 
 def latency_correction(study: optuna.Study, base_ms: float, default: float = 1.0) -> float:
-    """Measured over predicted *saving* against the unreduced ``base_ms``, the median over the
-    study's trials timed on the device so far (``default`` before any; clamped to :data:`LATENCY_CORRECTION`).
-
-    The latency model is anchored to the measured unreduced time; its error is in what a reduction
-    saves, and mostly systematic for a (model, device, batch size): for example at batch 1 on a
-    loaded 2-core CPU it under-credited schedules that reduce to a few tokens. Every trial of a
-    latency search is timed, and later projections predict ``base - c * (base - predicted)``, so
-    the search learns the error instead of under- or over-using the budget.
-    """
+    """:func:`saving_correction` over the study's trials timed on the device so far: later projections
+    predict ``base_ms - c * (base_ms - predicted)`` and so learn the latency model's error, which is in
+    what a reduction saves and mostly systematic (why: docs/search-design.md, latency model)."""
     timed = [
         (t.user_attrs["measured_ms"], t.user_attrs["model_ms"])
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
@@ -182,7 +172,6 @@ class Objective:
         # only, e.g. compiled); predictions are rescaled by the study's ``latency_correction`` (``correction`` before any)
         self.latency_model, self.measure_ms, self.correction, self.first_correction = latency_model, measure_ms, correction, correction
         self.rungs = calib.rungs(n_rungs)
-        self.images_forwarded = 0
 
     # cost of a layer list in the budget's units (analytic MACs or predicted ms)
     def cost(self, layers: list[LayerSpec]) -> float:
@@ -219,7 +208,7 @@ class Objective:
     def _schedule(self, trial: optuna.trial.Trial, aim: float) -> tuple[Optional[Schedule], Optional[dict[str, Any]]]:
         """Sample (or take the warm-start) schedule and project it onto the budget."""
         warm = trial.user_attrs.get("warm_start")
-        if warm in ("tome", "tome-decreasing"):
+        if warm in TOME_INFLECT:
             return tome_fitting(self.info, lambda layers: self.cost(list(layers)) <= aim, inflect=TOME_INFLECT[warm]), None
         shape = self.space.suggest(trial, self.info.depth)
         return self._project(shape, aim, method=warm or "rapid-search"), shape
@@ -230,6 +219,9 @@ class Objective:
             return None
         return make_schedule(self.info, res[0], method=method, **shape)
 
+    def _predict(self, schedule: Schedule, a: int, b: int) -> Any:
+        return predict(self.model, self.calib.images[a:b], schedule, batch_size=self.batch_size, device=self.device, info=self.info)
+
     def _fit_thresholds(self, schedule: Schedule, shape: dict[str, Any], first: tuple[int, int], target: float) -> tuple[Schedule, Any]:
         """Threshold schedules remove fewer tokens than their counts allow, so their measured cost
         exceeds the projection. Measure the first rung, then re-project with the planned reduction
@@ -237,8 +229,7 @@ class Objective:
         base = float(self.info.base_macs)
         a, b = first
         for _ in range(3):
-            p = predict(self.model, self.calib.images[a:b], schedule, batch_size=self.batch_size, device=self.device, info=self.info)
-            self.images_forwarded += b - a
+            p = self._predict(schedule, a, b)
             measured, planned = float(p.macs.mean()), float(schedule_macs(self.info, schedule))
             achieved = (base - measured) / max(base - planned, 1.0)  # fraction of the planned reduction
             if measured <= target or achieved < 0.05:
@@ -255,11 +246,7 @@ class Objective:
         c = self.calib
         reference = self.lo is not None and trial.user_attrs.get("warm_start") == "rapid-hand-set"  # a range's yardstick runs whole
         for step, (a, b) in enumerate(self.rungs):
-            if step == 0 and first is not None:
-                p = first
-            else:
-                p = predict(self.model, c.images[a:b], schedule, batch_size=self.batch_size, device=self.device, info=self.info)
-                self.images_forwarded += b - a
+            p = first if step == 0 and first is not None else self._predict(schedule, a, b)
             trial.set_user_attr("images_forwarded", b)
             logits.append(p.logits)
             macs.append(p.macs)

@@ -35,16 +35,8 @@ from ..errors import RapidSearchError
 from .storage import HeartbeatMixin
 
 __all__ = [
-    "HEARTBEAT_KEY",
-    "WORKER_KEY",
-    "RETRY_PENDING_KEY",
-    "SURPLUS_KEY",
-    "FAILED_BECAUSE_KEY",
-    "Worker",
-    "count_trials",
-    "deferred_interrupts",
-    "retry_trial",
-    "run_trials",
+    "HEARTBEAT_KEY", "WORKER_KEY", "RETRY_PENDING_KEY", "SURPLUS_KEY", "FAILED_BECAUSE_KEY", "Worker", "count_trials", "deferred_interrupts",
+    "retry_trial", "run_trials",
 ]
 
 HEARTBEAT_KEY = "rapid_search:heartbeat"
@@ -56,6 +48,8 @@ FAILED_BECAUSE_KEY = "rapid_search:failed_because"
 
 #: Trial states that take one of the ``--trials`` slots.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+#: How often one trial's parameters are queued again at most.
+MAX_RETRY = 3
 
 
 @dataclass
@@ -104,12 +98,12 @@ def _what_to_run(trial: FrozenTrial) -> FrozenTrial:
     return lean
 
 
-def retry_trial(study: optuna.Study, trial: FrozenTrial, *, max_retry: Optional[int] = 3) -> None:
+def retry_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     """Queue ``trial``'s parameters again as a WAITING trial (Optuna's retry callback, given only what
-    says what to run, never a partial result); nothing after ``max_retry`` retries."""
+    says what to run, never a partial result); nothing after :data:`MAX_RETRY` retries."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, _what_to_run(trial))
+        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, _what_to_run(trial))
 
 
 #: Code an interrupt must not cut short (see docs/search-design.md, Interrupts).
@@ -229,7 +223,6 @@ class Worker:
         study: The study.
         grace: Seconds without a heartbeat after which a running trial is considered dead.
         interval: Seconds between heartbeats (the study is polled every ``min(1, interval / 2)`` s while waiting).
-        max_retry: How often one trial's parameters are queued again at most.
         log: Where waiting, recoveries and heartbeat trouble are reported.
         beats: Storage for the heartbeat thread's writes (None: the study's); for a journal file a
             separate instance keeps a slow beat from holding the main thread's storage lock.
@@ -242,14 +235,14 @@ class Worker:
         *,
         grace: float,
         interval: int = 10,
-        max_retry: Optional[int] = 3,
         log: Optional[Callable[[str], None]] = None,
         beats: Any = None,
         interrupts: Optional[deferred_interrupts] = None,
     ) -> None:
-        self.study, self.grace, self.interval, self.max_retry = study, float(grace), int(interval), max_retry
+        self.study, self.grace, self.interval = study, float(grace), int(interval)
         self.log = log or (lambda msg: None)
-        self.beats = beats if beats is not None else study._storage  # noqa: SLF001 - as Optuna's own heartbeat does
+        self.storage = study._storage  # noqa: SLF001 - Optuna's own heartbeat and fail_stale_trials use it the same way
+        self.beats = beats if beats is not None else self.storage
         self.interrupts = interrupts or deferred_interrupts()  # never entered
         self.refused: set[int] = set()  # trial ids whose beats were refused: another worker gave them up
         self.recovered = self.done = 0  # trials this worker failed (and queued again); finished
@@ -289,14 +282,13 @@ class Worker:
 
     def mark(self, trial: FrozenTrial, because: str, *, retry: bool = True) -> bool:
         """Say why a RUNNING trial is about to be failed and whether it keeps its slot; False: finished meanwhile."""
-        storage = self.study._storage  # noqa: SLF001
-        retry = retry and (self.max_retry is None or len(trial.system_attrs.get("retry_history", [])) < self.max_retry)
+        retry = retry and len(trial.system_attrs.get("retry_history", [])) < MAX_RETRY
         try:
-            storage.set_trial_system_attr(trial._trial_id, FAILED_BECAUSE_KEY, because)
+            self.storage.set_trial_system_attr(trial._trial_id, FAILED_BECAUSE_KEY, because)
             if retry:  # keeps the slot until the retry is queued (see TrialCounts)
-                storage.set_trial_system_attr(trial._trial_id, RETRY_PENDING_KEY, time.time())
+                self.storage.set_trial_system_attr(trial._trial_id, RETRY_PENDING_KEY, time.time())
             else:  # a retry_pending written by a worker racing to give it up as stale must not keep its slot
-                storage.set_trial_system_attr(trial._trial_id, NO_RETRY_KEY, True)
+                self.storage.set_trial_system_attr(trial._trial_id, NO_RETRY_KEY, True)
         except UpdateFinishedTrialError:
             return False
         return True
@@ -306,30 +298,28 @@ class Worker:
         self.recovered += 1
         retry = not trial.system_attrs.get(NO_RETRY_KEY)
         if retry:
-            retry_trial(study, trial, max_retry=self.max_retry)
+            retry_trial(study, trial)
         because = trial.system_attrs.get(FAILED_BECAUSE_KEY, "was failed")
         self.log(f"trial {trial.number} {because}: marked failed" + (" and queued again" if retry else ""))
 
     def give_up(self, trial: FrozenTrial, because: str, *, retry: bool = True) -> bool:
         """Mark a RUNNING trial FAIL (only one worker succeeds) and queue it again; an interrupt waits for both.
 
-        With ``retry=False`` (or after ``max_retry`` retries) it is marked ``no_retry`` first: it holds no
+        With ``retry=False`` (or after :data:`MAX_RETRY` retries) it is marked ``no_retry`` first: it holds no
         slot whoever wins the race to fail it. Returns whether this call failed the trial."""
-        storage = self.study._storage  # noqa: SLF001 - Optuna's own fail_stale_trials uses the storage the same way
         with self.interrupts.critical():
             try:
-                if not self.mark(trial, because, retry=retry) or not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                if not self.mark(trial, because, retry=retry) or not self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
                     return False
             except UpdateFinishedTrialError:
                 return False
-            self.requeue(self.study, copy.deepcopy(storage.get_trial(trial._trial_id)))
+            self.requeue(self.study, copy.deepcopy(self.storage.get_trial(trial._trial_id)))
         return True
 
     @contextlib.contextmanager
     def _attached(self) -> Iterator[None]:
         """Attach this policy to the study's storage (behind Optuna's cache for a database) within the block."""
-        storage = self.study._storage  # noqa: SLF001 - Optuna's own fail_stale_trials reads it the same way
-        storage = storage._backend if isinstance(storage, _CachedStorage) else storage  # noqa: SLF001
+        storage = self.storage._backend if isinstance(self.storage, _CachedStorage) else self.storage  # noqa: SLF001
         if not isinstance(storage, HeartbeatMixin):
             raise TypeError("the study's storage has no heartbeat: open it with rapid_search.search.storage.open_storage")
         before, storage.liveness = storage.liveness, self
@@ -387,7 +377,7 @@ class Worker:
 
     def lost(self, trial: optuna.trial.Trial) -> bool:
         """Whether another worker gave ``trial`` up (it is FAIL with a reason); logs it."""
-        frozen = self.study._storage.get_trial(trial._trial_id)  # noqa: SLF001
+        frozen = self.storage.get_trial(trial._trial_id)
         if frozen.state == TrialState.FAIL and FAILED_BECAUSE_KEY in frozen.system_attrs:
             self.log(f"trial {trial.number} was given up by another worker (no heartbeat for {self.grace:.0f} s); its result is discarded")
             return True
@@ -396,11 +386,10 @@ class Worker:
     def run_one(self, trial: optuna.trial.Trial) -> float:
         """The objective ``optimize`` runs: the surplus check, then the search's objective."""
         self.trial = trial
-        storage = self.study._storage  # noqa: SLF001
         if sum(t.number < trial.number for t in count_trials(self.study, pending_window=self.grace).claiming) >= self.n_trials:
-            storage.set_trial_system_attr(trial._trial_id, SURPLUS_KEY, True)  # another worker asked at the same moment and won
+            self.storage.set_trial_system_attr(trial._trial_id, SURPLUS_KEY, True)  # another worker asked at the same moment and won
             raise Surplus(f"trials numbered below {trial.number} claim all {self.n_trials} slots")
-        storage.set_trial_system_attr(trial._trial_id, WORKER_KEY, f"{socket.gethostname()}:{os.getpid()}")
+        self.storage.set_trial_system_attr(trial._trial_id, WORKER_KEY, f"{socket.gethostname()}:{os.getpid()}")
         pruned: Optional[optuna.TrialPruned] = None
         try:
             with self.interrupts.interruptible():  # a Ctrl-C during ask is raised here: this trial is queued again
@@ -413,7 +402,7 @@ class Worker:
         except Exception:
             if self.lost(trial):  # a storage write was refused: another worker gave it up
                 raise _Abandoned(interrupted=False) from None
-            self.mark(storage.get_trial(trial._trial_id), "raised an error", retry=False)
+            self.mark(self.storage.get_trial(trial._trial_id), "raised an error", retry=False)
             raise
         if trial._trial_id in self.refused and self.lost(trial):  # its beats were refused: given up meanwhile
             raise _Abandoned(interrupted=False)
@@ -426,7 +415,7 @@ class Worker:
         is logged and a second interrupt ends the clean-up, never replacing the KeyboardInterrupt handled."""
         later = f"its heartbeat has stopped, so another worker or the resumed search takes it over after {self.grace:.0f} s"
         try:
-            frozen = self.study._storage.get_trial(trial._trial_id)  # noqa: SLF001
+            frozen = self.storage.get_trial(trial._trial_id)
             if frozen.state == TrialState.RUNNING:
                 self.give_up(frozen, "was interrupted")
         except KeyboardInterrupt:

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import stat
@@ -44,6 +45,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "DataError",
     "ImageSet",
+    "folder_fingerprint",
     "imagenet_class_index",
     "imagenet_label_names",
     "list_images",
@@ -292,6 +294,25 @@ def list_images(root: Union[str, os.PathLike]) -> tuple[list[Path], Optional[lis
         paths.extend(per_dir[d])
         labels.extend([index[d.name]] * len(per_dir[d]))
     return paths, labels
+
+
+def folder_fingerprint(root: Union[str, os.PathLike]) -> str:
+    """``"<count> files <hash>"``: the images :func:`list_images` finds under ``root``, by content
+    (relative names and sizes), not by path: two copies of one image set in different folders match.
+
+    Raises:
+        DataError: As :func:`list_images`.
+    """
+    root = Path(root)
+    files, _ = list_images(root)
+    h = hashlib.sha256()
+    for f in files:
+        try:
+            size = f.stat().st_size
+        except OSError:
+            size = -1
+        h.update(f"{f.relative_to(root).as_posix()}\0{size}\n".encode("utf-8", "surrogateescape"))  # any file name
+    return f"{len(files)} files {h.hexdigest()[:16]}"
 
 
 # ---- selection ---------------------------------------------------------------------------------
