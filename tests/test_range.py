@@ -206,7 +206,7 @@ class _MacsClock:
 
     def timing(self, schedule):
         ms = self._ms(schedule)
-        return type("Timing", (), {"median_ms": ms, "iqr_ms": 0.02 * ms})()
+        return type("Timing", (), {"median_ms": ms, "iqr_ms": 0.02 * ms, "times_ms": (ms,)})()
 
 
 def _fake_device(monkeypatch, model, truth, seen=None):
@@ -221,6 +221,7 @@ def _fake_device(monkeypatch, model, truth, seen=None):
 
     monkeypatch.setattr(latency.LatencyModel, "measure", classmethod(lambda cls, *a, **k: model))
     monkeypatch.setattr(latency, "measure_schedule_ms", timing)
+    monkeypatch.setattr(latency, "measure_against_unreduced", lambda m, schedule, **k: (timing(m, schedule, **k), truth.timing(None)))
 
 
 def _latency_argv(tiny_search, tmp_path, name, *extra, **change):

@@ -439,9 +439,10 @@ def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: 
     opts, device, info = plan.opts, plan.device, plan.info
     log(f"measuring per-block latency on {device} at batch {opts.batch_size} ...")
     latency_model = latency.LatencyModel.measure(model, device=device, batch_size=opts.batch_size, compile=opts.compile)
-    timing = lambda s: latency.measure_schedule_ms(model, s, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=opts.compile)  # noqa: E731
-    base_t = timing(None)
+    kw = dict(device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=opts.compile)
+    base_t = latency.measure_schedule_ms(model, None, **kw)
     base_ms = base_t.median_ms
+    paired_ms = lambda s: base_ms * latency.paired_ratio(*latency.measure_against_unreduced(model, s, **kw))  # noqa: E731 on the unreduced scale
     latency_model.anchor(base_ms)  # predictions and the target on one scale
     lo, hi = LATENCY_MARGIN
     margin = min(hi, max(lo, base_t.iqr_ms / base_ms if base_ms > 0 else hi))
@@ -452,13 +453,12 @@ def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: 
     if opts.compile:  # trials are not timed compiled: one compiled timing of the hand-set schedule corrects every prediction
         hand = project(info, {**hand_params(info), "prune_threshold": None, "merge_threshold": None}, target.value * (1 - margin), cost=predict)
         probe = hand[0] if hand else fastest
-        timed = timing(make_schedule(info, probe, method="probe"))
-        predicted = predict(probe)
-        correction = saving_correction(base_ms, [(timed.median_ms, predicted)])
+        timed, predicted = paired_ms(make_schedule(info, probe, method="probe")), predict(probe)
+        correction = saving_correction(base_ms, [(timed, predicted)])
         floor = corrected_ms(floor * base_ms, base_ms, correction) / base_ms
-        log(f"compiled: a hand-set schedule predicted at {predicted:.2f} ms ran in {timed.median_ms:.2f} ms; predicted savings are scaled by {correction:.3f}")
+        log(f"compiled: a hand-set schedule predicted at {predicted:.2f} ms ran in {timed:.2f} ms; predicted savings are scaled by {correction:.3f}")
     elif (target.lo or target.value) < floor * base_ms:  # predicted out of reach: time it before refusing
-        floor = timing(make_schedule(info, fastest, method="fastest")).median_ms / base_ms
+        floor = paired_ms(make_schedule(info, fastest, method="fastest")) / base_ms
     if (target.lo or target.value) < floor * base_ms:
         raise SearchError(
             f"budget {opts.budget} ({target.lo or target.value:.2f} ms) is below the fastest schedule the search space allows "
@@ -585,16 +585,13 @@ def _cut_short(e: BaseException, study: optuna.Study, plan: _Plan, loaded: _Load
 
 def _timed_ms(plan: _Plan, loaded: _Loaded, s: Schedule, repeats: int) -> float:
     """``s``'s latency on the device. A relative budget (``60%latency``) times it in pairs with the
-    unreduced model and scales the median ratio to the search's unreduced timing: this machine
-    switched between a fast and a 1.5x slower state for seconds at a time, and a pair sees one state."""
+    unreduced model (compiled too) and scales the median ratio to the search's unreduced timing: this
+    machine switched between a fast and a 1.5x slower state for seconds at a time, and a pair sees one state."""
     opts, base_ms = plan.opts, loaded.latency_model.base_ms
-    timing = lambda sched, n, w: latency.measure_schedule_ms(  # noqa: E731
-        loaded.model, sched, device=plan.device, batch_size=opts.batch_size, repeats=n, warmup=w, compile=opts.compile
-    ).median_ms
-    if not plan.spec.relative or opts.compile:  # an absolute budget is judged by the clock; compiled, each timing compiles
-        return timing(s, repeats, 2)
-    ratios = [timing(s, 1, 2 if i == 0 else 0) / timing(None, 1, 2 if i == 0 else 0) for i in range(repeats)]
-    return base_ms * statistics.median(ratios)
+    if not plan.spec.relative:  # an absolute budget is judged by the clock
+        return latency.measure_schedule_ms(loaded.model, s, device=plan.device, batch_size=opts.batch_size, repeats=repeats, compile=opts.compile).median_ms
+    pair = latency.measure_against_unreduced(loaded.model, s, device=plan.device, batch_size=opts.batch_size, repeats=repeats, compile=opts.compile)
+    return base_ms * latency.paired_ratio(*pair)
 
 
 def _trial_timer(plan: _Plan, loaded: _Loaded) -> Optional[Callable[[Schedule], float]]:
