@@ -439,10 +439,9 @@ def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: 
     opts, device, info = plan.opts, plan.device, plan.info
     log(f"measuring per-block latency on {device} at batch {opts.batch_size} ...")
     latency_model = latency.LatencyModel.measure(model, device=device, batch_size=opts.batch_size, compile=opts.compile)
-    kw = dict(device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=opts.compile)
-    base_t = latency.measure_schedule_ms(model, None, **kw)
+    base_t = latency.measure_schedule_ms(model, None, device=device, batch_size=opts.batch_size, repeats=opts.latency_repeats, compile=opts.compile)
     base_ms = base_t.median_ms
-    paired_ms = lambda s: base_ms * latency.paired_ratio(*latency.measure_against_unreduced(model, s, **kw))  # noqa: E731 on the unreduced scale
+    paired_ms = lambda s: _paired_ms(plan, model, s, base_ms, opts.latency_repeats)  # noqa: E731
     latency_model.anchor(base_ms)  # predictions and the target on one scale
     lo, hi = LATENCY_MARGIN
     margin = min(hi, max(lo, base_t.iqr_ms / base_ms if base_ms > 0 else hi))
@@ -587,10 +586,16 @@ def _timed_ms(plan: _Plan, loaded: _Loaded, s: Schedule, repeats: int) -> float:
     """``s``'s latency on the device. A relative budget (``60%latency``) times it in pairs with the
     unreduced model (compiled too) and scales the median ratio to the search's unreduced timing: this
     machine switched between a fast and a 1.5x slower state for seconds at a time, and a pair sees one state."""
-    opts, base_ms = plan.opts, loaded.latency_model.base_ms
+    opts = plan.opts
     if not plan.spec.relative:  # an absolute budget is judged by the clock
         return latency.measure_schedule_ms(loaded.model, s, device=plan.device, batch_size=opts.batch_size, repeats=repeats, compile=opts.compile).median_ms
-    pair = latency.measure_against_unreduced(loaded.model, s, device=plan.device, batch_size=opts.batch_size, repeats=repeats, compile=opts.compile)
+    return _paired_ms(plan, loaded.model, s, loaded.latency_model.base_ms, repeats)
+
+
+def _paired_ms(plan: _Plan, model: torch.nn.Module, s: Schedule, base_ms: float, repeats: int) -> float:
+    """``s`` timed in ``repeats`` rounds with the unreduced model, on the scale of the search's unreduced timing ``base_ms``."""
+    opts = plan.opts
+    pair = latency.measure_against_unreduced(model, s, device=plan.device, batch_size=opts.batch_size, repeats=repeats, compile=opts.compile)
     return base_ms * latency.paired_ratio(*pair)
 
 
