@@ -117,7 +117,8 @@ cmd_start() {
     if ((EUID == 0)) && ! id postgres >/dev/null 2>&1; then
         die "running as root but there is no 'postgres' user to own the server (the postgresql package creates it)"
     fi
-    local version; version=$("$BIN/postgres" --version | grep -oE '[0-9]+' | head -n 1)
+    # The major version, read without a pipeline into head (under pipefail that can fail on SIGPIPE).
+    local version=""; [[ $("$BIN/postgres" --version) =~ ([0-9]+) ]] && version=${BASH_REMATCH[1]}
 
     if is_running; then
         local running_port; running_port=$(sed -n 4p "$PG_DIR/postmaster.pid" 2>/dev/null || true)

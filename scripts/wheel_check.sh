@@ -22,8 +22,11 @@ say "building the wheel"
 "$PYTHON" -m pip wheel -q --no-deps -w "$tmp/dist" "$repo"
 whl=$(ls "$tmp"/dist/rapid_search-*.whl)
 say "built $(basename "$whl")"
+# List the wheel into a file first: under pipefail, `unzip -l | grep -q` fails whenever grep exits
+# on its match before unzip has written the rest (SIGPIPE), a race that once failed CI.
+unzip -l "$whl" > "$tmp/wheel-files.txt"
 for f in rapid_search/search/spaces/default.yaml rapid_search/py.typed; do
-    unzip -l "$whl" | grep -q " $f\$" || { say "ERROR: $f is not in the wheel"; exit 1; }
+    grep -q " $f\$" "$tmp/wheel-files.txt" || { say "ERROR: $f is not in the wheel"; exit 1; }
 done
 
 say "fresh venv, runtime dependencies only (pip install rapid-search)"
