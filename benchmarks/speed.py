@@ -38,10 +38,15 @@ FLAG_SPREAD = 0.15  # IQR above 15 % of the median: too noisy to compare
 
 
 def _official_tome(path: Path, tmp: str) -> Any:
-    """Import ``tome`` from a checkout (a work tree, or a bare git directory: its HEAD is extracted)."""
+    """Import ``tome`` from a checkout (a work tree, or a git directory, also the ``repo`` folder inside
+    a fetched snapshot: its HEAD is extracted)."""
     src = path
     if not (path / "tome" / "__init__.py").exists():
-        subprocess.run(f"git --git-dir {path} archive HEAD tome | tar -x -C {tmp}", shell=True, check=True)
+        git_dir = next((d for d in (path, path / "repo", path / ".git") if (d / "HEAD").is_file()), None)
+        if git_dir is None:
+            sys.exit(f"speed.py: error: --tome {path} is neither a checkout of facebookresearch/ToMe (no tome/__init__.py) nor a git directory")
+        archive = subprocess.run(["git", "--git-dir", str(git_dir), "archive", "HEAD", "tome"], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
         src = Path(tmp)
     sys.path.insert(0, str(src))
     import tome  # noqa: PLC0415
