@@ -136,20 +136,26 @@ def load_yaml(text: str) -> Any:
     """
     if len(text) > MAX_BYTES:
         raise YAMLInputError(f"larger than {MAX_BYTES // 1024} KB")
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)  # PyYAML's reader refuses non-printable characters here, before any parsing
         node = loader.get_single_node()
         if node is None:
             return None
         _check_expansion(node)
         return loader.construct_document(node)
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        raise YAMLInputError(f"not valid YAML: it holds the non-printable character U+{code:04X} (is it a text file?)", line=line, syntax=True) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise YAMLInputError("not valid YAML", line=mark.line + 1 if mark is not None else None, syntax=True) from None
     except RecursionError:  # pragma: no cover - the depth limit comes first
         raise YAMLInputError(f"nested deeper than {MAX_DEPTH} levels") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_yaml(path: Union[str, "os.PathLike[str]"]) -> str:
@@ -159,8 +165,7 @@ def read_yaml(path: Union[str, "os.PathLike[str]"]) -> str:
         FileNotFoundError: No such file.
         IsADirectoryError: A directory.
         OSError: Not readable.
-        UnicodeDecodeError: Not UTF-8.
-        YAMLInputError: Larger than :data:`MAX_BYTES`.
+        YAMLInputError: Larger than :data:`MAX_BYTES`, or not UTF-8 text.
     """
     p = Path(path)
     if p.is_dir():
@@ -169,4 +174,7 @@ def read_yaml(path: Union[str, "os.PathLike[str]"]) -> str:
         data = f.read(MAX_BYTES + 1)
     if len(data) > MAX_BYTES:
         raise YAMLInputError(f"larger than {MAX_BYTES // 1024} KB")
-    return data.decode("utf-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise YAMLInputError(f"not UTF-8 text (byte {e.start} cannot be decoded; is it a text file?)") from None

@@ -426,6 +426,10 @@ YAML_CASES = {
     "recursive-alias": (lambda: "a: &a [*a]\n", "recursive alias"),
     "duplicate-layers": (lambda: _schedule_text() + "layers: []\n", "duplicate key 'layers'"),
     "too-large": (lambda: _schedule_text() + "# " + "x" * (1 << 20) + "\n", "larger than 1024 KB"),
+    # PyYAML's reader refuses these before parsing: a binary file, a control character mid-file
+    "nul-bytes": (lambda: "\x00\x01\x02", "non-printable character U+0000"),
+    "bell-in-line-2": (lambda: _schedule_text().replace("\n", "\n\n", 1).replace("\n\n", "\n\x07\n", 1), "non-printable character U+0007 (is it a text file?)"),
+    "utf-16": (lambda: _schedule_text().encode("utf-16"), "not UTF-8 text"),
 }
 
 
@@ -438,7 +442,7 @@ def test_yaml_limits_in_every_reader(case, tiny_search, tmp_path, monkeypatch, c
     if case == "alias-bomb":
         assert len(_alias_bomb()) < 1600
     f = tmp_path / "in.yaml"
-    f.write_text(text)
+    f.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
     image = tmp_path / "img.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
     monkeypatch.chdir(tmp_path)
@@ -452,6 +456,17 @@ def test_yaml_limits_in_every_reader(case, tiny_search, tmp_path, monkeypatch, c
         line = _one_line(main(argv), capsys.readouterr().err, expect)
         assert "in.yaml" in line and "— " in line
     assert _listing(tmp_path) == listing
+
+
+def test_yaml_reader_errors_carry_their_line() -> None:
+    """PyYAML's reader (which refuses non-printable characters before parsing) gives a position, not a
+    line: the error names the character and its 1-based line; undecodable bytes are refused by read_yaml."""
+    from rapid_search.yamlsafe import YAMLInputError, load_yaml, read_yaml
+
+    with pytest.raises(YAMLInputError) as e:
+        load_yaml("a: 1\nb: 2\nc: \x1b[31m\n")
+    assert (e.value.line, e.value.syntax) == (3, True) and "U+001B" in e.value.reason
+    assert load_yaml("a: 1\n") == {"a": 1}
 
 
 def test_search_space_log_must_be_a_boolean(tiny_search, tmp_path, monkeypatch, capsys) -> None:

@@ -340,7 +340,7 @@ class Schedule:
             text = read_yaml(p)
         except YAMLInputError as e:
             raise ScheduleError(f"{p}: {e.reason} — pass a schedule written by rapid-search") from None
-        except (OSError, UnicodeDecodeError) as e:
+        except OSError as e:
             raise ScheduleError(f"cannot read schedule {p}: {e.__class__.__name__} — pass a readable YAML file") from None
         return cls.from_yaml(text, source=str(p))
 

@@ -176,7 +176,7 @@ class SearchSpace:
         except YAMLInputError as e:
             at = f" at line {e.line}" if e.line and not e.syntax else ""
             raise SearchSpaceError(f"{p}: {e.reason}{at} — fix it (see {DEFAULT_SPACE})") from None
-        except (OSError, UnicodeDecodeError) as e:
+        except OSError as e:
             raise SearchSpaceError(f"cannot read search space {p}: {e.__class__.__name__}") from None
         return cls.from_dict(data, source=str(p))
 
