@@ -18,7 +18,9 @@ counts data-dependent):
 * which tokens merge: destinations only the unprotected B tokens (not the protected ones), or
   sources the least important unprotected tokens instead of every other one;
 * per-block protection: the protected fraction rising or falling linearly over the merge blocks
-  (counts re-fitted to the budget).
+  (counts re-fitted to the budget);
+* the strength of proportional attention: ``alpha * log(size)`` added to the logits instead of
+  ``log(size)`` (ToMe's choice, alpha 1), in the attention and the importance alike.
 
     python benchmarks/levers.py --model vit_tiny_patch16_224   # ~15 min on one core
 """
@@ -96,6 +98,18 @@ def _no_prop_importance(q, k, scale, size, *, rows, num_prefix, bias):
 def _per_size(q, k, scale, size, *, rows, num_prefix, bias):
     imp = _IMPORTANCE(q, k, scale, size, rows=rows, num_prefix=num_prefix, bias=bias)  # (B, T)
     return imp if size is None else imp / size[:, num_prefix:, 0]
+
+
+def _scaled_prop(alpha: float) -> tuple[Callable, Callable]:
+    """``(sdpa, importance)`` with proportional attention ``alpha * log(size)`` (the mask is that bias)."""
+
+    def sdpa(attn, q, k, v, mask):
+        return _SDPA(attn, q, k, v, None if mask is None else mask * alpha)
+
+    def importance(q, k, scale, size, *, rows, num_prefix, bias):
+        return _IMPORTANCE(q, k, scale, size, rows=rows, num_prefix=num_prefix, bias=None if bias is None else bias * alpha)
+
+    return sdpa, importance
 
 
 def _merge_variant(sources: str) -> Callable:
@@ -195,6 +209,9 @@ def main() -> None:
     row("switch 3, protect 0.6, importance per patch (divided by size)", best, importance=_per_size)
     row("switch 3, protect 0.6, no proportional attention", best, sdpa=_no_prop)
     row("switch 3, protect 0.6, no proportional attention (also in the importance)", best, sdpa=_no_prop, importance=_no_prop_importance)
+    for alpha in (0.5, 0.75, 1.25, 1.5):
+        sdpa, importance = _scaled_prop(alpha)
+        row(f"switch 3, protect 0.6, proportional attention x {alpha}", best, sdpa=sdpa, importance=importance)
     row("switch 3, protect 0.6, destinations: unprotected B only", best, merge=_merge_variant("b-only"))
     row("switch 3, protect 0.6, sources: least important", best, merge=_merge_variant("least-important"))
 
