@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("front", help="print and draw a study's calibration front (score against cost)")
     f.add_argument("--study-name", required=True, help="the study")
     f.add_argument("--storage", default=None, help="the study's storage (default: studies/<study>.journal)")
-    f.add_argument("--out", required=True, type=Path, help="PNG to write (score against cost, the front and the exported schedules)")
+    f.add_argument("--out", required=True, type=Path, help="figure to write, format from its ending: .png, .pdf, .svg, ... (score against cost, the front and the exported schedules)")
 
     sh = sub.add_parser("show", help="print a schedule")
     sh.add_argument("schedule", type=Path, help="schedule YAML")
@@ -307,12 +307,12 @@ def _record_export(study: Any, budget: str, final: Any, trial: Any, out: Path) -
 def _cmd_front(args: argparse.Namespace) -> int:
     import optuna
 
-    from .outputs import check_output
+    from .outputs import FIGURE_FORMATS, check_output
     from .search.runner import STUDIES_DIR
     from .search.study import SearchError
     from .tools.front import front_table, pareto_front, plot_front, study_points
 
-    check_output(args.out, option="--out", example="front.png", reads=_storage_files(args.storage, args.study_name, STUDIES_DIR))
+    check_output(args.out, option="--out", example="front.png", reads=_storage_files(args.storage, args.study_name, STUDIES_DIR), formats=FIGURE_FORMATS)
     old = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:

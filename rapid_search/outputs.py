@@ -10,28 +10,36 @@ any work, a path that must not be replaced:
 * a file the same command reads (``--space``, ``--schedule``, ``--image``, ``--checkpoint``), or
   the study's storage (the journal file, an SQLite database), also when reached by another
   spelling of the path or a link; an image file inside a ``--data`` folder;
-* a place where no file can be created.
+* a place where no file can be created;
+* for a figure (``formats=FIGURE_FORMATS``), a name whose ending names no format it can be drawn in.
 
-:func:`atomic_write_text` checks the target again right before replacing it. Needs only the
-standard library.
+:func:`atomic_write_text` checks the target again right before replacing it; :func:`save_figure`
+draws a figure in the format its name ends with, in memory, then writes it the same way. Needs
+only the standard library.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 from .errors import RapidSearchError
 
-__all__ = ["OutputError", "check_output", "input_problem", "writable_ancestor", "atomic_write_text"]
+__all__ = ["OutputError", "FIGURE_FORMATS", "check_output", "input_problem", "writable_ancestor", "atomic_write_text", "save_figure"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: Image endings that a data folder's listing picks up (kept in step with rapid_search.tools.data).
 _IMAGE_ENDINGS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+#: Formats a figure (``front``, ``visualize``, ``bench``) is written in, named by the file's ending:
+#: matplotlib's Agg formats that need neither LaTeX nor a backend beyond Pillow.
+FIGURE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "webp", "tif", "tiff", "eps", "ps")
 
 
 class OutputError(RapidSearchError, ValueError):
@@ -105,6 +113,7 @@ def check_output(
     reads: Iterable[tuple[str, Optional[PathLike]]] = (),
     data: Iterable[Optional[PathLike]] = (),
     example: str = "out.yaml",
+    formats: Optional[Sequence[str]] = None,
 ) -> Path:
     """Refuse an output path that must not be replaced (see the module docstring).
 
@@ -116,13 +125,15 @@ def check_output(
             are ignored.
         data: Image folders the command reads: an image file inside one is refused.
         example: A file name for the message about a directory.
+        formats: The endings (without the dot, any case) the file may have, e.g. :data:`FIGURE_FORMATS`;
+            None: any.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
-        OutputError: Not a regular file, one of ``reads``, an image inside ``data``, or not
-            creatable.
+        OutputError: Not a regular file, one of ``reads``, an image inside ``data``, not
+            creatable, or an ending not in ``formats``.
     """
     p = Path(path)
     try:
@@ -142,6 +153,9 @@ def check_output(
         for folder in data:
             if folder is not None and _inside(p, Path(folder)):
                 raise OutputError(f"{option} {p} is inside the data folder {folder}: it would become one of its images — pass another {option}")
+    if formats is not None and p.suffix[1:].lower() not in formats:
+        what = f"ends with {p.suffix!r}, not a format it can be written in" if p.suffix else "has no ending to name its format"
+        raise OutputError(f"{option} {p} {what} — end the name with one of: {', '.join('.' + f for f in formats)} (e.g. {p.stem or 'out'}.png)")
     where = writable_ancestor(p)
     if where is not None:
         raise OutputError(f"cannot write {option} {p}: {where} — pass {option} with a writable path")
@@ -180,3 +194,19 @@ def atomic_write_text(path: PathLike, text: Union[str, bytes]) -> Path:
             pass
         raise
     return p
+
+
+def save_figure(fig: Any, path: PathLike, *, dpi: int = 150) -> Path:
+    """Draw a matplotlib figure in the format ``path`` ends with (one of :data:`FIGURE_FORMATS`) and
+    write it atomically to exactly ``path``: a figure that fails to draw leaves the old file as it was.
+
+    Raises:
+        OutputError: An ending not in :data:`FIGURE_FORMATS`, or ``path`` is not a regular file.
+    """
+    p = Path(path)
+    fmt = p.suffix[1:].lower()
+    if fmt not in FIGURE_FORMATS:
+        raise OutputError(f"{p}: a figure is written as one of {', '.join('.' + f for f in FIGURE_FORMATS)} — name the file with one of those endings")
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=dpi)
+    return atomic_write_text(p, buf.getvalue())

@@ -332,6 +332,14 @@ OUTPUT_CASES = {
         lambda f, t: ["visualize", "--model", "test_vit", "--no-pretrained", "--schedule", "rapid@50", "--image", str(f["image"]), "--out", str(f["null"])],
         "is a character device",
     ),
+    "visualize-out-has-no-ending": (  # matplotlib would write patches.png and the command say it wrote patches
+        lambda f, t: ["visualize", "--model", "test_vit", "--no-pretrained", "--schedule", "rapid@50", "--image", str(f["image"]), "--out", "patches"],
+        "--out patches has no ending to name its format — end the name with one of: .png, .pdf",
+    ),
+    "visualize-out-ends-txt": (
+        lambda f, t: ["visualize", "--model", "test_vit", "--no-pretrained", "--schedule", "rapid@50", "--image", str(f["image"]), "--out", "v.txt"],
+        "ends with '.txt', not a format it can be written in",
+    ),
     "bench-output-is-a-searched-schedule": (
         lambda f, t: ["bench", "--model", "test_vit", "--no-pretrained", "--data", str(t.data), "--searched", str(f["schedule"].parent / "table.md"),
                       "--out-dir", str(f["schedule"].parent), "--quiet"],

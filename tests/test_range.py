@@ -185,6 +185,18 @@ def test_front_bad_input_is_one_line(range_study, tmp_path, capsys):
     assert main(["front", "--study-name", "r", "--storage", journal, "--out", str(tmp_path)]) == 2  # a directory
     err = capsys.readouterr().err
     assert "--out" in err and err.count("\n") == 1
+    for name in ("front.txt", "front"):  # was a PNG under that name
+        assert main(["front", "--study-name", "r", "--storage", journal, "--out", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert "end the name with one of: .png, .pdf, .svg" in err and err.count("\n") == 1 and not (tmp_path / name).exists()
+
+
+def test_front_writes_the_format_its_name_ends_with(range_study, tmp_path, capsys):
+    root, journal, _ = range_study
+    for name, magic in (("front.pdf", b"%PDF"), ("front.svg", b"<?xml")):
+        assert main(["front", "--study-name", "r", "--storage", journal, "--out", str(tmp_path / name)]) == 0
+        assert (tmp_path / name).read_bytes().startswith(magic)
+    capsys.readouterr()
 
 
 class _MacsClock:

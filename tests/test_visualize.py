@@ -107,6 +107,50 @@ def test_render_writes_png(model: torch.nn.Module, image_file: Path, tmp_path: P
         render(model, image_file, None, layers=(9,), out=tmp_path / "bad.png")
 
 
+@pytest.mark.parametrize("name, magic", [("t.pdf", b"%PDF"), ("t.svg", b"<?xml"), ("T.JPG", b"\xff\xd8\xff")])
+def test_render_writes_the_format_its_name_ends_with(model: torch.nn.Module, image_file: Path, tmp_path: Path, name: str, magic: bytes) -> None:
+    """The format follows the ending (any case), written to exactly that path."""
+    out = render(model, image_file, rs.rapid_schedule(model, 0.4), layers=(1,), out=tmp_path / name, dpi=40)
+    assert out == tmp_path / name and out.read_bytes().startswith(magic)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["img.jpg", name])  # no temporary file left, no second file
+
+
+def test_a_figure_that_fails_to_draw_leaves_the_old_file(tmp_path: Path) -> None:
+    """save_figure draws in memory first: a failing draw never truncates or replaces the file."""
+    from rapid_search.outputs import OutputError, save_figure
+
+    class Broken:
+        def savefig(self, buf, **kw):
+            buf.write(b"\x89PNG half")
+            raise RuntimeError("renderer died")
+
+    old = tmp_path / "fig.png"
+    old.write_bytes(b"old figure")
+    with pytest.raises(RuntimeError, match="renderer died"):
+        save_figure(Broken(), old)
+    assert old.read_bytes() == b"old figure" and [p.name for p in tmp_path.iterdir()] == ["fig.png"]
+    with pytest.raises(OutputError, match="name the file with one of those endings"):
+        save_figure(Broken(), tmp_path / "fig.txt")
+
+
+def test_every_figure_format_offered_can_be_written(tmp_path: Path) -> None:
+    """FIGURE_FORMATS is what the error messages offer: matplotlib must write each here."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rapid_search.outputs import FIGURE_FORMATS, save_figure
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [1, 0])
+    try:
+        for fmt in FIGURE_FORMATS:
+            assert save_figure(fig, tmp_path / f"f.{fmt}", dpi=30).stat().st_size > 100, fmt
+    finally:
+        plt.close(fig)
+
+
 def test_cli_main(image_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     p = argparse.ArgumentParser()
     add_arguments(p)

@@ -774,7 +774,7 @@ _STYLE: dict[str, tuple[str, str, str]] = {  # colour, marker, line style
 
 
 def plot_pareto(result: dict[str, Any], path: Union[str, Path], *, dpi: int = 150) -> Path:
-    """Plot top-1 (or agreement) against achieved GFLOPs, one line per method, as a PNG.
+    """Plot top-1 (or agreement) against achieved GFLOPs, one line per method, to ``path`` (atomically, in the format of its ending).
 
     The unreduced model is a horizontal reference line (and a point at its GFLOPs); methods
     that do not reach a ratio simply have no point there.
@@ -783,6 +783,8 @@ def plot_pareto(result: dict[str, Any], path: Union[str, Path], *, dpi: int = 15
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from ..outputs import save_figure
 
     metric = result["setup"]["stats"]["metric"]
     base = result["base"]
@@ -818,11 +820,10 @@ def plot_pareto(result: dict[str, Any], path: Union[str, Path], *, dpi: int = 15
     if caption:
         fig.text(0.01, 0.01, "   |   ".join(caption), fontsize=7.5, color="0.3")
     fig.tight_layout(rect=(0, 0.03 if caption else 0, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path, dpi=dpi)
+    finally:
+        plt.close(fig)
 
 
 def write_outputs(result: dict[str, Any], out_dir: Union[str, Path]) -> dict[str, Path]:

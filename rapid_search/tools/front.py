@@ -12,7 +12,6 @@ the PNG is drawn.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -93,13 +92,14 @@ def plot_front(
     title: str,
     dpi: int = 130,
 ) -> Path:
-    """Draw score against cost (all trials faint, the front as a step line, exports marked) to a PNG (atomically)."""
+    """Draw score against cost (all trials faint, the front as a step line, exports marked) to ``out``
+    (atomically, in the format of its ending: .png, .pdf, .svg, ...)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..outputs import atomic_write_text
+    from ..outputs import save_figure
 
     fig, ax = plt.subplots(figsize=(7.0, 4.6))
     ax.scatter([p.cost for p in points], [_shown(p.score, metric) for p in points], s=14, color="0.6", alpha=0.45, label="finished trials")
@@ -116,7 +116,7 @@ def plot_front(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    return atomic_write_text(out, buf.getvalue())
+    try:
+        return save_figure(fig, out, dpi=dpi)
+    finally:
+        plt.close(fig)

@@ -254,7 +254,7 @@ def render(
     title: Optional[str] = None,
     dpi: int = 150,
 ) -> Path:
-    """Write a PNG: the image plus one panel per chosen block.
+    """Write a figure (atomically, in the format of ``out``'s ending: .png, .pdf, .svg, ...): the image plus one panel per chosen block.
 
     Args:
         model: A timm ViT with its weights.
@@ -273,6 +273,8 @@ def render(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+
+    from ..outputs import save_figure
 
     sched: Schedule = as_schedule(schedule, model)
     layers = default_layers(len(model.blocks)) if layers is None else tuple(int(k) for k in layers)
@@ -311,11 +313,10 @@ def render(
         frameon=False,
     )
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, out, dpi=dpi)
+    finally:
+        plt.close(fig)
 
 
 def _parse_layers(text: str) -> tuple[int, ...]:
@@ -334,7 +335,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a YAML schedule, or METHOD@PERCENT with METHOD in rapid, tome, tome-decreasing (the paper's (r, -1)), tome-inflect-0.5, tofu, evit (e.g. rapid@50)",
     )
     parser.add_argument("--image", required=True, type=Path, help="image file to show")
-    parser.add_argument("--out", required=True, type=Path, help="output PNG")
+    parser.add_argument("--out", required=True, type=Path, help="figure to write, format from its ending: .png, .pdf, .svg, ...")
     parser.add_argument("--layers", type=_parse_layers, default=None, help="blocks to show, 0-based (default: 4 spread over the depth)")
     parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="load timm's pretrained weights")
     parser.add_argument("--checkpoint", type=Path, default=None, help="local weights file instead of the pretrained ones")
@@ -345,10 +346,10 @@ def main(args: argparse.Namespace) -> int:
     from .bench import schedule_for_spec
     from .loading import load_model
 
-    from ..outputs import check_output
+    from ..outputs import FIGURE_FORMATS, check_output
 
-    check_output(  # before the model is loaded: never an input of this command, never a device
-        args.out, option="--out", example="patches.png",
+    check_output(  # before the model is loaded: never an input of this command, never a device, a format it can draw
+        args.out, option="--out", example="patches.png", formats=FIGURE_FORMATS,
         reads=[("the --image file", args.image), ("the --schedule file", Path(args.schedule)), ("the --checkpoint file", args.checkpoint)],
     )
     model = load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
