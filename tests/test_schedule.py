@@ -386,7 +386,7 @@ def test_missing_file(tmp_path):
 
 def test_unreadable_file(tmp_path):
     (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(ScheduleError, match="cannot read"):
+    with pytest.raises(ScheduleError, match=r"bin\.yaml: not UTF-8 text \(byte 0 cannot be decoded; is it a text file\?\) — pass a schedule"):
         Schedule.load(tmp_path / "bin.yaml")
     with pytest.raises(ScheduleError, match="is a directory, not a file"):
         Schedule.load(tmp_path)  # a directory
