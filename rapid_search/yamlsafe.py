@@ -145,9 +145,8 @@ def load_yaml(text: str) -> Any:
         _check_expansion(node)
         return loader.construct_document(node)
     except yaml.reader.ReaderError as e:
-        line = text.count("\n", 0, e.position) + 1
-        code = e.character if isinstance(e.character, int) else ord(e.character)
-        raise YAMLInputError(f"not valid YAML: it holds the non-printable character U+{code:04X} (is it a text file?)", line=line, syntax=True) from None
+        line = text.count("\n", 0, e.position) + 1  # the reader gives a character offset (and, for text, the code point)
+        raise YAMLInputError(f"not valid YAML: it holds the non-printable character U+{e.character:04X} (is it a text file?)", line=line, syntax=True) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise YAMLInputError("not valid YAML", line=mark.line + 1 if mark is not None else None, syntax=True) from None

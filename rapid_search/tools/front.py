@@ -1,4 +1,4 @@
-"""``rapid-search front``: a study's calibration front, as a table and a PNG.
+"""``rapid-search front``: a study's calibration front, as a table and a figure (PNG, PDF, SVG, ...).
 
 The front is the set of finished trials that meet their budget and that no other such trial
 beats at the same or a lower cost (non-dominated in (cost, calibration score)). Cost is the
@@ -7,7 +7,7 @@ or for a latency study the milliseconds per batch (timed on the device when the 
 export`` wrote from the study are marked (``export`` records them in the study).
 
 Works on a study read from its storage only (no model, no images); matplotlib is imported when
-the PNG is drawn.
+the figure is drawn.
 """
 
 from __future__ import annotations
