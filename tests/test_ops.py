@@ -14,6 +14,7 @@ from rapid_search.runtime.ops import (
     importance_prune,
     merge_source,
     merge_wavg,
+    peak_norm,
     protected_count,
     redundancy_prune,
 )
@@ -151,6 +152,42 @@ def test_merge_wavg_preserves_weighted_mean_and_total_size(P):
         out1, new1 = merge_wavg(red, x, None)
         assert torch.equal(new1.sum(1), torch.full((B, 1), float(N), dtype=x.dtype))
         torch.testing.assert_close((out1 * new1).sum(1), x.sum(1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("P", [0, 1, 2])
+def test_peak_norm_gives_merged_tokens_the_largest_norm_in_the_direction_of_their_average(P):
+    """MLERP: each output token points where the size-weighted average points, with the largest
+    norm among the input tokens merged into it; a token merged with nothing is unchanged."""
+    B, N, C = 3, 24, 5
+    x, size = _rand(B, N, C, seed=7), _sizes(B, N, seed=7)
+    for name, red in _merge_reductions(B, N, 6, P, seed=P):
+        avg, new = merge_wavg(red, x, size)
+        out = peak_norm(red, x, avg)
+        assert out.shape == avg.shape and out.dtype == x.dtype, name
+        covers = merge_source(red, x, None)  # (B, L, N) 0/1: which input tokens each output token is
+        norms = x.norm(dim=-1)  # (B, N)
+        for b in range(B):
+            rows = range(int(red.n_keep[b])) if red.ragged else range(out.shape[1])  # padding rows are masked later
+            for j in rows:
+                members = covers[b, j].bool()
+                assert members.any(), name
+                peak = norms[b][members].max()
+                torch.testing.assert_close(out[b, j].norm(), peak, rtol=1e-12, atol=1e-12, msg=name)
+                cos = F.cosine_similarity(out[b, j], avg[b, j], dim=0)
+                torch.testing.assert_close(cos, torch.ones((), dtype=x.dtype), rtol=1e-12, atol=1e-12, msg=name)
+                if int(members.sum()) == 1:
+                    torch.testing.assert_close(out[b, j], x[b][members][0], rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_peak_norm_is_computed_wide_and_returned_in_the_features_dtype():
+    B, N, C, P = 2, 16, 8, 1
+    x = _rand(B, N, C, seed=9).float() * 30
+    red = importance_merge(_rand(B, N, C, seed=10).float(), _rand(B, N - P, seed=11).abs().float(), 5, num_prefix=P, protect=0.25)
+    ref = peak_norm(red, x, merge_wavg(red, x, None)[0])
+    low = x.bfloat16()
+    out = peak_norm(red, low, merge_wavg(red, low, None)[0])
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float().norm(dim=-1), ref.norm(dim=-1), rtol=1e-2, atol=0)
 
 
 # ---- redundancy_prune ---------------------------------------------------------------------------------

@@ -125,3 +125,23 @@ def test_deit_tiny_half_gflops(deit, deit_base, make):
     hits = _top1(model, images, labels, s)
     assert hits >= deit_base - 40, f"{hits / 5:.1f}% vs unreduced {deit_base / 5:.1f}%"  # within 8 points
     assert not rs.is_patched(model)
+
+
+@torch.inference_mode()
+def _kl(model, images, schedule, base_logits):
+    with rs.applied(model, schedule):
+        out = torch.cat([model(images[i : i + BATCH]) for i in range(0, len(images), BATCH)])
+    lp = base_logits.log_softmax(-1)
+    return float((lp.exp() * (lp - out.log_softmax(-1))).sum(-1).mean())
+
+
+def test_mlerp_keeps_deit_tiny_closer_to_the_unreduced_model(deit):
+    """The hand-set default ``merged_norm: max`` (chosen on calibration images) also lowers the KL
+    divergence from the unreduced predictions on the held-out images, at 50% and 35% GFLOPs
+    (measured: 0.0787 -> 0.0745 and 0.3538 -> 0.2970)."""
+    model, images, _ = deit
+    with torch.inference_mode():
+        base = torch.cat([model(images[i : i + BATCH]) for i in range(0, len(images), BATCH)])
+    for ratio in (0.5, 0.35):
+        mean, mlerp = (_kl(model, images, rs.rapid_schedule(model, ratio, merged_norm=n), base) for n in ("mean", "max"))
+        assert mlerp < 0.97 * mean, f"{ratio:.0%}: KL {mlerp:.4f} with max, {mean:.4f} with mean"

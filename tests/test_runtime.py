@@ -71,7 +71,7 @@ def threshold_schedule(model, kind: str, thr: float) -> rs.Schedule:
     elif kind == "merge_thr":
         layers = [L("merge", T, thr, 0.25), L("merge", r, thr - 0.2, 0.5), L("evit", r), L("merge", T, thr, 0.25)]
     elif kind == "mixed_thr":
-        layers = [L("evit", r), L("prune", T, thr), L("merge", T, thr - 0.1, 0.25), L("evit", r)]
+        layers = [L("evit", r), L("prune", T, thr), L("merge", T, thr - 0.1, 0.25, "max"), L("evit", r)]  # MLERP on a padded batch
     # prune after a threshold layer (batch dependence bug)
     elif kind == "prune_after_prune_thr":
         layers = [L("prune", T, thr), L("prune", T // 10)]

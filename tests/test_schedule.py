@@ -35,7 +35,7 @@ def sched(model):
         LayerSpec("prune", 20, 0.75),
         LayerSpec("prune", 10),
         LayerSpec("merge", 8, 0.125, 0.25),
-        LayerSpec("merge", 6, None, 0.5),
+        LayerSpec("merge", 6, None, 0.5, "max"),
         LayerSpec("evit", 4),
         LayerSpec(),
     ]
@@ -242,6 +242,36 @@ def test_protect_on_other_op(model, op):
     d["layers"][2] = {"block": 2, "op": op, "r": 3, "protect": 0.25}
     msg = _err(d)
     assert "layers[2].protect" in msg and op in msg
+
+
+def test_merged_norm_is_written_only_when_set(model, sched):
+    """``merged_norm: max`` round-trips; a merge layer without the key (every file written before it
+    existed) reads as ``mean`` and is written back without it, byte for byte."""
+    text = sched.to_yaml()
+    assert text.count("merged_norm: max") == 1 and "merged_norm: mean" not in text
+    assert [l.merged_norm for l in Schedule.from_yaml(text).layers] == ["mean", "mean", "mean", "max", "mean", "mean"]
+    d = _base(model)
+    d["layers"][2] = {"block": 2, "op": "merge", "r": 3, "threshold": None, "protect": 0.25}
+    s = Schedule.from_dict(d)
+    assert s.layers[2].merged_norm == "mean" and s.to_dict()["layers"][2] == d["layers"][2]
+    assert {l.merged_norm for l in rs.rapid_schedule(model, 0.5).layers if l.op == "merge"} == {"max"}  # the hand-set default
+    assert {l.merged_norm for l in rs.rapid_schedule(model, 0.5, merged_norm="mean").layers} == {"mean"}
+
+
+@pytest.mark.parametrize("bad", ["avg", "MAX", 1, None, True])
+def test_merged_norm_unknown_value(model, bad):
+    d = _base(model)
+    d["layers"][2] = {"block": 2, "op": "merge", "r": 3, "threshold": None, "protect": 0.25, "merged_norm": bad}
+    msg = _err(d)
+    assert "layers[2].merged_norm" in msg and "mean, max" in msg
+
+
+@pytest.mark.parametrize("op", ["prune", "tome", "evit", "none"])
+def test_merged_norm_on_other_op(model, op):
+    d = _base(model)
+    d["layers"][2] = {"block": 2, "op": op, "merged_norm": "max", **({} if op == "none" else {"r": 3})}
+    msg = _err(d)
+    assert "layers[2].merged_norm" in msg and op in msg and "merge only" in msg
 
 
 @pytest.mark.parametrize("blocks", [[0, 2, 1, 3, 4, 5], [1, 2, 3, 4, 5, 6], [0, 0, 1, 2, 3, 4]])

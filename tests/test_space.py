@@ -83,6 +83,30 @@ def test_fixed_values_and_fingerprint(tmp_path):
     assert "protect" not in t.params
 
 
+def test_merged_norm_fixed_searched_or_refused(tmp_path, info):
+    """The default space fixes MLERP (``max``); a list searches it; absent means the default."""
+    assert SearchSpace.load().merged_norm == ("max",)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    t = study.ask()
+    shape = SearchSpace.load().suggest(t, 12)
+    assert shape["merged_norm"] == "max" and "merged_norm" not in t.params
+    assert {l.merged_norm for l in project(info, shape, 0.5 * info.base_macs)[0] if l.op == "merge"} == {"max"}
+    both = SearchSpace.load(_write(tmp_path, GOOD.replace("merged_norm: max", "merged_norm: [mean, max]")))
+    seen = set()
+    for _ in range(12):
+        t = study.ask()
+        seen.add(both.suggest(t, 12)["merged_norm"])
+        assert t.params["merged_norm"] in ("mean", "max")
+    assert seen == {"mean", "max"}
+    mean = SearchSpace.load(_write(tmp_path, GOOD.replace("merged_norm: max", "merged_norm: mean")))
+    assert len({s.fingerprint() for s in (SearchSpace.load(), both, mean)}) == 3
+    absent = SearchSpace.load(_write(tmp_path, GOOD.replace("merged_norm: max", "")))
+    assert absent.merged_norm == ("max",) and absent.fingerprint() == SearchSpace.load().fingerprint()
+    for bad in ("avg", "[max, max]", "[]", "1"):
+        with pytest.raises(SearchSpaceError, match="merged_norm .* must be one of mean, max"):
+            SearchSpace.load(_write(tmp_path, GOOD.replace("merged_norm: max", f"merged_norm: {bad}")))
+
+
 @pytest.mark.parametrize("ratio", [0.7, 0.5, 0.35])
 def test_projection_meets_and_uses_the_budget(info, ratio):
     space = SearchSpace.load().without_thresholds()

@@ -32,6 +32,7 @@ from .ops import (
     importance_prune,
     merge_source,
     merge_wavg,
+    peak_norm,
     redundancy_prune,
 )
 from .ops import _as, _wide
@@ -179,7 +180,8 @@ def _reduce_fixed(x: torch.Tensor, metric: torch.Tensor, importance: Optional[to
     if st.pos is not None:  # positions follow tokens (RoPE / relative-bias families)
         st.pos = follow_positions(red, st.pos)
     if layer.op == "merge":
-        x, st.size = red.merge(x, st.size)
+        merged, st.size = red.merge(x, st.size)
+        x = peak_norm(red, x, merged) if layer.merged_norm == "max" else merged
         st.merged = True
     else:
         x = red(x)
@@ -216,7 +218,8 @@ def _reduce(x: torch.Tensor, metric: torch.Tensor, importance: Optional[torch.Te
     if st.trace_source:
         st.source = merge_source(red, x, st.source)
     if merging:
-        x, st.size = merge_wavg(red, x, st.size)
+        merged, st.size = merge_wavg(red, x, st.size)
+        x = peak_norm(red, x, merged) if layer.merged_norm == "max" else merged
         st.merged = True
     else:
         x = red(x)

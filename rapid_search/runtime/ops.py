@@ -34,6 +34,7 @@ __all__ = [
     "importance_prune",
     "merge_wavg",
     "merge_source",
+    "peak_norm",
     "follow_positions",
     "protected_count",
     "FixedReduction",
@@ -418,6 +419,25 @@ def merge_wavg(reduce: ReduceFn, x: torch.Tensor, size: Optional[torch.Tensor]) 
     out = reduce(x.to(wide) * size, mode="sum")  # (B, L, C)
     size = reduce(size, mode="sum")  # (B, L, 1)
     return (out / size.clamp_min(1e-6)).to(x.dtype), size
+
+
+def peak_norm(reduce: ReduceFn, x: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+    """MLERP (ToFu, Kim et al., WACV 2024): give each merged token the largest norm among the
+    tokens merged into it, keeping the direction of their average (which is shorter than its
+    parts when they differ). Tokens merged with nothing are unchanged.
+
+    Args:
+        reduce: The reduction that turned ``x`` into ``merged``.
+        x: ``(B, N, C)`` tokens before the merge.
+        merged: ``(B, L, C)`` their (size-weighted) averages.
+
+    Returns:
+        ``(B, L, C)`` in ``merged``'s dtype (norms taken in float32 or wider).
+    """
+    wide = _wide(x.dtype)
+    peak = reduce(_as(x, wide).norm(dim=-1, keepdim=True), mode="amax")  # (B, L, 1) largest norm merged into each token
+    m = _as(merged, wide)  # (B, L, C)
+    return _as(m * (peak / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)), merged.dtype)  # (B, L, C)
 
 
 def merge_source(reduce: ReduceFn, x: torch.Tensor, source: Optional[torch.Tensor]) -> torch.Tensor:

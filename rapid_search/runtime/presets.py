@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from dataclasses import replace
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from torch import nn
@@ -36,6 +37,7 @@ __all__ = [
     "make_schedule",
     "DEFAULT_PROTECT",
     "DEFAULT_SWITCH_FRACTION",
+    "DEFAULT_MERGED_NORM",
     "TOME_DECREASING",
     "tome_method",
 ]
@@ -44,6 +46,9 @@ __all__ = [
 #: the depth, chosen on calibration images (``python benchmarks/ablate_handset.py``, README).
 DEFAULT_PROTECT = 0.5
 DEFAULT_SWITCH_FRACTION = 0.25
+#: Norm of merged tokens in hand-set merge layers: ``max`` (MLERP), chosen on calibration images
+#: (``python benchmarks/levers.py``, README "Levers at moderate budgets").
+DEFAULT_MERGED_NORM = "max"
 
 #: ToMe's decreasing schedule as its ``parse_r`` documents it, ``(r, -1)``: ``2r`` down to 0.
 TOME_DECREASING = -1.0
@@ -68,7 +73,7 @@ def _clamped(info: ModelInfo, layers: Sequence[LayerSpec]) -> list[LayerSpec]:
         if layer.op == "none" or (r == 0 and layer.threshold is None):
             out.append(LayerSpec())
         else:
-            out.append(LayerSpec(layer.op, max(r, 1) if layer.threshold is not None else r, layer.threshold, layer.protect))
+            out.append(replace(layer, r=max(r, 1) if layer.threshold is not None else r))
         n -= r
     return out
 
@@ -109,6 +114,7 @@ def rapid_layers(
     protect: float = DEFAULT_PROTECT,
     prune_threshold: Optional[float] = None,
     merge_threshold: Optional[float] = None,
+    merged_norm: str = DEFAULT_MERGED_NORM,
 ) -> list[LayerSpec]:
     """RAPID layers from per-block counts: prune before ``switch``, merge from ``switch`` on."""
     layers = []
@@ -118,7 +124,7 @@ def rapid_layers(
         elif i < switch:
             layers.append(LayerSpec("prune", int(ri), prune_threshold))
         else:
-            layers.append(LayerSpec("merge", int(ri), merge_threshold, protect))
+            layers.append(LayerSpec("merge", int(ri), merge_threshold, protect, merged_norm))
     return layers
 
 
@@ -149,6 +155,7 @@ def rapid_schedule(
     protect: float = DEFAULT_PROTECT,
     prune_threshold: Optional[float] = None,
     merge_threshold: Optional[float] = None,
+    merged_norm: str = DEFAULT_MERGED_NORM,
 ) -> Schedule:
     """The hand-set RAPID schedule meeting ``ratio`` of the unreduced GFLOPs.
 
@@ -164,6 +171,7 @@ def rapid_schedule(
         protect: Protected fraction in merge blocks.
         prune_threshold: Similarity threshold of prune blocks (None = fixed counts).
         merge_threshold: Similarity threshold of merge blocks (None = fixed counts).
+        merged_norm: Norm of merged tokens, ``max`` (MLERP) or ``mean`` (see :class:`LayerSpec`).
 
     Raises:
         UnreachableBudget: Even the largest counts do not reach ``ratio``.
@@ -182,7 +190,7 @@ def rapid_schedule(
     target = _check_ratio(ratio) * info.base_macs
 
     def build(r: Sequence[int]) -> list[LayerSpec]:
-        return rapid_layers(info, r, switch=switch, protect=protect)
+        return rapid_layers(info, r, switch=switch, protect=protect, merged_norm=merged_norm)
 
     try:
         counts = _fit_two_level(info, build, target, info.num_tokens)
@@ -191,7 +199,9 @@ def rapid_schedule(
             f"{ratio:.0%} GFLOPs is below the cheapest hand-set RAPID schedule for {info.name} "
             f"({min_ratio(info, build):.0%}) — raise the budget"
         ) from None
-    layers = rapid_layers(info, counts, switch=switch, protect=protect, prune_threshold=prune_threshold, merge_threshold=merge_threshold)
+    layers = rapid_layers(
+        info, counts, switch=switch, protect=protect, prune_threshold=prune_threshold, merge_threshold=merge_threshold, merged_norm=merged_norm
+    )
     return make_schedule(info, layers, method="rapid-hand-set", ratio=ratio, switch=switch, protect=protect)
 
 
@@ -258,7 +268,7 @@ def tome_for_ratio(model: ModelLike, ratio: float, *, inflect: float = 0.0) -> S
 def variant_schedule(base: Schedule, model: ModelLike, *, kind: str) -> Schedule:
     """Baselines at the same per-block counts as ``base`` (a hand-set RAPID schedule).
 
-    ``kind="tofu"``: prune then merge as in ``base`` but without importance protection
+    ``kind="tofu"``: prune then merge as in ``base`` (merged norms too) but without importance protection
     (``protect = 0``). ``kind="evit"``: importance-only pruning (keep the most attended tokens)
     in every reducing block.
     """
@@ -268,7 +278,7 @@ def variant_schedule(base: Schedule, model: ModelLike, *, kind: str) -> Schedule
         if not layer.reduces:
             layers.append(LayerSpec())
         elif kind == "tofu":
-            layers.append(LayerSpec(layer.op, layer.r, layer.threshold, 0.0 if layer.op == "merge" else None))
+            layers.append(replace(layer, protect=0.0) if layer.op == "merge" else layer)
         elif kind == "evit":
             layers.append(LayerSpec("evit", layer.r))
         else:

@@ -8,7 +8,7 @@ made for, the budget it was tuned for (with the cost it achieved) and provenance
     budget: {spec: 50%GFLOPs, kind: gflops, target: 0.627, achieved: {gflops: 0.621}}
     layers:
     - {block: 0, op: prune, r: 14, threshold: null}
-    - {block: 6, op: merge, r: 9, threshold: 0.55, protect: 0.25}
+    - {block: 6, op: merge, r: 9, threshold: 0.55, protect: 0.25, merged_norm: max}
     - {block: 11, op: none}
     scores: {calib_top1: 0.79}
     provenance: {tool: rapid-search 0.1.0, method: hand-set}
@@ -16,7 +16,10 @@ made for, the budget it was tuned for (with the cost it achieved) and provenance
 Operations: ``none``; ``prune`` (redundancy-aware dropping); ``merge`` (importance-aware,
 size-weighted merging, ``protect`` = protected fraction); ``tome`` (ToMe's bipartite merge, the
 baseline); ``evit`` (importance-only pruning, the EViT-style baseline). ``threshold`` is a cosine
-similarity in ``[-1, 1]`` or ``null`` (off: reduce exactly ``r`` tokens).
+similarity in ``[-1, 1]`` or ``null`` (off: reduce exactly ``r`` tokens). ``merged_norm``
+(``merge`` only, optional): ``mean`` (the default: a merged token is the size-weighted average,
+with that average's norm) or ``max`` (the average's direction with the largest norm among the
+tokens merged into it: MLERP, from ToFu, Kim et al., WACV 2024).
 
 Loading validates every field (``rapid_search.yamlsafe``: safe, bounded, duplicate keys refused) and raises :class:`ScheduleError` with a
 message naming the field and the fix. ``save`` writes atomically; load/save round-trips exactly.
@@ -39,6 +42,7 @@ from ..outputs import atomic_write_text
 __all__ = [
     "FORMAT",
     "OPS",
+    "MERGED_NORMS",
     "ScheduleError",
     "LayerSpec",
     "ModelFingerprint",
@@ -52,6 +56,8 @@ __all__ = [
 
 FORMAT = "rapid-schedule/v1"
 OPS = ("none", "prune", "merge", "tome", "evit")
+#: How a ``merge`` layer sets a merged token's norm (see the module docstring).
+MERGED_NORMS = ("mean", "max")
 _THRESHOLD_OPS = ("prune", "merge")
 
 
@@ -89,12 +95,15 @@ class LayerSpec:
         r: Maximum tokens removed in this block (0 for ``none``).
         threshold: Cosine-similarity threshold for ``prune``/``merge`` (None = off, fixed count).
         protect: Fraction of patch tokens protected from merging (``merge`` only).
+        merged_norm: Norm of a merged token (``merge`` only): ``mean`` (the size-weighted
+            average's) or ``max`` (the largest among the tokens merged into it, MLERP).
     """
 
     op: str = "none"
     r: int = 0
     threshold: Optional[float] = None
     protect: Optional[float] = None
+    merged_norm: str = "mean"
 
     def validate(self, where: str = "layer") -> "LayerSpec":
         """Check types and ranges; returns self."""
@@ -118,6 +127,10 @@ class LayerSpec:
                 raise ScheduleError(f"{where}.protect = {self.protect!r} must be a fraction in [0, 1)")
         elif self.protect is not None:
             raise ScheduleError(f"{where}.protect is set for op {self.op!r} — it applies to merge only; remove it")
+        if self.merged_norm not in MERGED_NORMS:
+            raise ScheduleError(f"{where}.merged_norm = {self.merged_norm!r} is unknown — use one of: {', '.join(MERGED_NORMS)}")
+        if self.op != "merge" and self.merged_norm != "mean":
+            raise ScheduleError(f"{where}.merged_norm is set for op {self.op!r} — it applies to merge only; remove it")
         return self
 
     @property
@@ -132,11 +145,13 @@ class LayerSpec:
             d["threshold"] = None if self.threshold is None else float(self.threshold)
         if self.op == "merge":
             d["protect"] = float(self.protect)  # type: ignore[arg-type]
+            if self.merged_norm != "mean":  # written only when set: older files stay byte-identical
+                d["merged_norm"] = self.merged_norm
         return d
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> tuple[int, "LayerSpec"]:
-        _check_keys(where, d, ["block", "op"], ["r", "threshold", "protect"])
+        _check_keys(where, d, ["block", "op"], ["r", "threshold", "protect", "merged_norm"])
         op = d["op"]
         if not isinstance(op, str):
             raise ScheduleError(f"{where}.op = {op!r} must be a string — use one of: {', '.join(OPS)}")
@@ -149,7 +164,10 @@ class LayerSpec:
         prot = d.get("protect")
         if prot is not None and _is_num(prot):
             prot = float(prot)
-        spec = cls(op=op, r=r, threshold=thr, protect=prot).validate(where)
+        norm = d.get("merged_norm", "mean")
+        if not isinstance(norm, str):
+            raise ScheduleError(f"{where}.merged_norm = {norm!r} must be one of: {', '.join(MERGED_NORMS)}")
+        spec = cls(op=op, r=r, threshold=thr, protect=prot, merged_norm=norm).validate(where)
         return d["block"], spec
 
 

@@ -10,6 +10,8 @@ schedule that cannot meet it. Parameters (see ``rapid_search/search/spaces/defau
                    decreasing schedule), < 0 more late.
 ``protect``        protected fraction of important tokens in merge blocks.
 ``prune_threshold``/``merge_threshold``  similarity thresholds; each may be off, on, or searched.
+``merged_norm``    (optional, default ``max``) norm of merged tokens: ``max`` (MLERP), ``mean``,
+                   or the list ``[mean, max]`` to search it.
 
 Per-block count: ``r_l = round(s * w_l)`` with ``w_l = (prune_weight if l < switch else 1) *
 (1 + decay * (1 - 2 l / (L - 1)))``; ``s`` is the largest scale whose cost meets the budget.
@@ -26,8 +28,8 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 from ..outputs import input_problem
 from ..runtime.flops import ModelInfo, schedule_macs
-from ..runtime.presets import rapid_layers
-from ..runtime.schedule import LayerSpec
+from ..runtime.presets import DEFAULT_MERGED_NORM, rapid_layers
+from ..runtime.schedule import MERGED_NORMS, LayerSpec
 from ..errors import RapidSearchError
 from ..yamlsafe import YAMLInputError, load_yaml, read_yaml
 
@@ -128,6 +130,13 @@ def _threshold_range(where: str, v: Any) -> ThresholdRange:
     return ThresholdRange(tuple(modes), 0.0, 0.0)
 
 
+def _merged_norms(v: Any) -> tuple[str, ...]:
+    norms = v if isinstance(v, list) else [v]
+    if not norms or any(not isinstance(n, str) or n not in MERGED_NORMS for n in norms) or len(set(norms)) != len(norms):
+        raise SearchSpaceError(f"merged_norm = {v!r} must be one of {', '.join(MERGED_NORMS)}, or a list of them to search (e.g. [mean, max])")
+    return tuple(norms)
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """A validated search space (see module docstring)."""
@@ -139,13 +148,14 @@ class SearchSpace:
     prune_threshold: ThresholdRange
     merge_threshold: ThresholdRange
     source: str = "<default>"
+    merged_norm: tuple[str, ...] = (DEFAULT_MERGED_NORM,)  # one: fixed; several: searched
 
     @classmethod
     def from_dict(cls, d: Any, *, source: str = "<dict>") -> "SearchSpace":
         if not isinstance(d, Mapping):
             raise SearchSpaceError(f"{source}: a search space must be a YAML mapping — see {DEFAULT_SPACE}")
         keys = {"format", "switch", "prune_weight", "decay", "protect", "prune_threshold", "merge_threshold"}
-        _check_keys(source, d, keys, f"allowed: {', '.join(sorted(keys))}")
+        _check_keys(source, d, keys | {"merged_norm"}, f"allowed: {', '.join(sorted(keys | {'merged_norm'}))}")
         if d.get("format") != _FORMAT:
             raise SearchSpaceError(f"{source}: format must be {_FORMAT!r}, got {d.get('format')!r}")
         missing = sorted(keys - {"format"} - set(d))
@@ -160,6 +170,7 @@ class SearchSpace:
                 prune_threshold=_threshold_range("prune_threshold", d["prune_threshold"]),
                 merge_threshold=_threshold_range("merge_threshold", d["merge_threshold"]),
                 source=source,
+                merged_norm=_merged_norms(d.get("merged_norm", DEFAULT_MERGED_NORM)),
             )
         except SearchSpaceError as e:
             raise SearchSpaceError(f"{source}: {e}") from None
@@ -183,11 +194,12 @@ class SearchSpace:
     def without_thresholds(self) -> "SearchSpace":
         """The same space with thresholds off (latency budgets search fixed-count schedules)."""
         off = ThresholdRange(("off",), 0.0, 0.0)
-        return SearchSpace(self.switch, self.prune_weight, self.decay, self.protect, off, off, self.source)
+        return SearchSpace(self.switch, self.prune_weight, self.decay, self.protect, off, off, self.source, self.merged_norm)
 
     def fingerprint(self) -> str:
         """Stable hash of the space, stored with the study to refuse mixing spaces."""
-        d = {k: getattr(self, k).__dict__ for k in ("switch", "prune_weight", "decay", "protect", "prune_threshold", "merge_threshold")}
+        d: dict[str, Any] = {k: getattr(self, k).__dict__ for k in ("switch", "prune_weight", "decay", "protect", "prune_threshold", "merge_threshold")}
+        d["merged_norm"] = list(self.merged_norm)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
     def suggest(self, trial: Any, depth: int) -> dict[str, Any]:
@@ -200,6 +212,7 @@ class SearchSpace:
             "protect": self.protect.suggest(trial, "protect"),
             "prune_threshold": self.prune_threshold.suggest(trial, "prune_threshold"),
             "merge_threshold": self.merge_threshold.suggest(trial, "merge_threshold"),
+            "merged_norm": self.merged_norm[0] if len(self.merged_norm) == 1 else trial.suggest_categorical("merged_norm", list(self.merged_norm)),
         }
 
 
@@ -225,6 +238,7 @@ def _layers_from_counts(info: ModelInfo, shape: Mapping[str, Any], r: list[int])
         protect=float(shape["protect"]),
         prune_threshold=shape.get("prune_threshold"),
         merge_threshold=shape.get("merge_threshold"),
+        merged_norm=shape.get("merged_norm", DEFAULT_MERGED_NORM),
     )
 
 

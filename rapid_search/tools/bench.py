@@ -180,7 +180,7 @@ def _fit_counts(info: ModelInfo, schedule: Schedule, ratio: float) -> Schedule:
         UnreachableBudget: No such refit meets the ratio.
     """
     from ..runtime.presets import make_schedule
-    from ..runtime.schedule import LayerSpec
+    from dataclasses import replace
 
     target = ratio * info.base_macs
     idx = [i for i, layer in enumerate(schedule.layers) if layer.reduces]
@@ -189,7 +189,7 @@ def _fit_counts(info: ModelInfo, schedule: Schedule, ratio: float) -> Schedule:
             layers = list(schedule.layers)
             for i in idx[:k]:
                 layer = layers[i]
-                layers[i] = LayerSpec(layer.op, layer.r + extra, layer.threshold, layer.protect)
+                layers[i] = replace(layer, r=layer.r + extra)
             if schedule_macs(info, layers) <= target:
                 prov = dict(schedule.provenance)
                 method = prov.pop("method", "custom")
