@@ -133,6 +133,7 @@ def main() -> None:
         "unpatched": None,
         "empty schedule": rs.empty_schedule(info),
         f"RAPID hand-set {args.ratio:.0%}": rs.rapid_schedule(info, args.ratio),
+        f"RAPID hand-set {args.ratio:.0%}, merged_norm mean": rs.rapid_schedule(info, args.ratio, merged_norm="mean"),
         f"ToMe r={tome_r} (this project)": tome_sched,
     }
     for p in args.schedule:

@@ -199,7 +199,8 @@ class SearchSpace:
     def fingerprint(self) -> str:
         """Stable hash of the space, stored with the study to refuse mixing spaces."""
         d: dict[str, Any] = {k: getattr(self, k).__dict__ for k in ("switch", "prune_weight", "decay", "protect", "prune_threshold", "merge_threshold")}
-        d["merged_norm"] = list(self.merged_norm)
+        if self.merged_norm != ("mean",):  # plain averages were all there was before: older studies' fingerprints match
+            d["merged_norm"] = list(self.merged_norm)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
     def suggest(self, trial: Any, depth: int) -> dict[str, Any]:
