@@ -256,6 +256,8 @@ def test_merged_norm_is_written_only_when_set(model, sched):
     assert s.layers[2].merged_norm == "mean" and s.to_dict()["layers"][2] == d["layers"][2]
     assert {l.merged_norm for l in rs.rapid_schedule(model, 0.5).layers if l.op == "merge"} == {"max"}  # the hand-set default
     assert {l.merged_norm for l in rs.rapid_schedule(model, 0.5, merged_norm="mean").layers} == {"mean"}
+    shown = sched.describe().splitlines()
+    assert shown[3].endswith("protect=0.50 merged_norm=max") and "merged_norm" not in shown[2]
 
 
 @pytest.mark.parametrize("bad", ["avg", "MAX", 1, None, True])

@@ -386,6 +386,8 @@ class Schedule:
                 s += f" thr={layer.threshold:.3f}"
             if layer.protect is not None:
                 s += f" protect={layer.protect:.2f}"
+            if layer.merged_norm != "mean":
+                s += f" merged_norm={layer.merged_norm}"
             rows.append(s)
         return "\n".join(rows)
 
