@@ -34,6 +34,7 @@ from rapid_search.runtime.schedule import Schedule
 from rapid_search.tools.data import load_images
 from rapid_search.tools.loading import load_model
 
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="deit_tiny_patch16_224,vit_tiny_patch16_224")

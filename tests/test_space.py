@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import optuna
@@ -103,8 +106,6 @@ def test_merged_norm_fixed_searched_or_refused(tmp_path, info):
     absent = SearchSpace.load(_write(tmp_path, GOOD.replace("merged_norm: max", "")))
     assert absent.merged_norm == ("max",) and absent.fingerprint() == SearchSpace.load().fingerprint()
     # a study made before merged_norm existed (plain averages) is joined with merged_norm: mean
-    import dataclasses, hashlib, json
-
     old = {k: getattr(mean, k).__dict__ for k in ("switch", "prune_weight", "decay", "protect", "prune_threshold", "merge_threshold")}
     assert mean.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True, default=list).encode()).hexdigest()[:16]
     assert dataclasses.replace(mean, merged_norm=("max",)).fingerprint() == SearchSpace.load().fingerprint()

@@ -13,8 +13,8 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from torch import nn
@@ -47,7 +47,7 @@ __all__ = [
 DEFAULT_PROTECT = 0.5
 DEFAULT_SWITCH_FRACTION = 0.25
 #: Norm of merged tokens in hand-set merge layers: ``max`` (MLERP), chosen on calibration images
-#: (``python benchmarks/levers.py``, README "Levers at moderate budgets").
+#: (``python benchmarks/merged_norm.py``, README "Levers at moderate budgets").
 DEFAULT_MERGED_NORM = "max"
 
 #: ToMe's decreasing schedule as its ``parse_r`` documents it, ``(r, -1)``: ``2r`` down to 0.

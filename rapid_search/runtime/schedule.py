@@ -164,10 +164,7 @@ class LayerSpec:
         prot = d.get("protect")
         if prot is not None and _is_num(prot):
             prot = float(prot)
-        norm = d.get("merged_norm", "mean")
-        if not isinstance(norm, str):
-            raise ScheduleError(f"{where}.merged_norm = {norm!r} must be one of: {', '.join(MERGED_NORMS)}")
-        spec = cls(op=op, r=r, threshold=thr, protect=prot, merged_norm=norm).validate(where)
+        spec = cls(op=op, r=r, threshold=thr, protect=prot, merged_norm=d.get("merged_norm", "mean")).validate(where)
         return d["block"], spec
 
 

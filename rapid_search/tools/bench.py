@@ -34,6 +34,7 @@ import math
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -180,7 +181,6 @@ def _fit_counts(info: ModelInfo, schedule: Schedule, ratio: float) -> Schedule:
         UnreachableBudget: No such refit meets the ratio.
     """
     from ..runtime.presets import make_schedule
-    from dataclasses import replace
 
     target = ratio * info.base_macs
     idx = [i for i, layer in enumerate(schedule.layers) if layer.reduces]
