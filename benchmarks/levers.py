@@ -22,8 +22,9 @@ counts data-dependent):
 * the strength of proportional attention: ``alpha * log(size)`` added to the logits instead of
   ``log(size)`` (ToMe's choice, alpha 1), in the attention and the importance alike.
 
-Every row here merges with ``merged_norm: mean`` (the levers were measured before MLERP became the
-default; ``benchmarks/merged_norm.py`` measures that lever). The "searched" rows load
+Every hand-set row here merges with ``merged_norm: mean`` and compares ``similarity: keys`` (the
+levers were measured before MLERP and the residual-stream similarity became the defaults;
+``benchmarks/merged_norm.py`` measures those two levers). The "searched" rows load
 ``studies/MODEL-50pct.yaml``: the tables in ``benchmarks/levers/`` were made with the schedules
 shipped before MLERP (git 97f644f).
 
@@ -196,19 +197,19 @@ def main() -> None:
     pct = round(args.ratio * 100)
     searched = Schedule.load(args.searched or f"studies/{args.model}-{pct}pct.yaml")
     fixed = make_schedule(info, [dataclasses.replace(l, threshold=None) for l in searched.layers], method="searched-fixed")
-    hand = rapid_schedule(model, args.ratio, merged_norm="mean")
+    hand = rapid_schedule(model, args.ratio, merged_norm="mean", similarity="keys")
     row("searched (shipped)", searched)
     row("searched, fixed counts", fixed)
     row("searched, fixed counts, fold", fixed, reduce=_fold_reduce)
     row("hand-set", hand)
     row("hand-set, fold", hand, reduce=_fold_reduce)
     for sw, p in [(0, 0.25), (0, 0.5), (2, 0.0), (2, 0.25), (2, 0.5), (2, 0.6), (3, 0.6), (4, 0.5), (6, 0.5)]:
-        row(f"hand-set switch {sw}, protect {p}", rapid_schedule(model, args.ratio, merged_norm="mean", switch=sw, protect=p))
+        row(f"hand-set switch {sw}, protect {p}", rapid_schedule(model, args.ratio, merged_norm="mean", similarity="keys", switch=sw, protect=p))
     row("prune 3 blocks, then ToMe merge", fit(deep("tome")))
     row("prune 3 blocks, then EViT pruning", fit(deep("evit")))
-    row("prune every block", rapid_schedule(model, args.ratio, merged_norm="mean", switch=info.depth, protect=0.0))
+    row("prune every block", rapid_schedule(model, args.ratio, merged_norm="mean", similarity="keys", switch=info.depth, protect=0.0))
     row("ToMe, constant r", tome_for_ratio(model, args.ratio))
-    best = rapid_schedule(model, args.ratio, merged_norm="mean", switch=3, protect=0.6)
+    best = rapid_schedule(model, args.ratio, merged_norm="mean", similarity="keys", switch=3, protect=0.6)
     row("switch 3, protect 0.6, importance: head max", best, importance=_head_max)
     row("switch 3, protect 0.6, metric: residual stream", best, reduce=_residual_metric)
     row("switch 3, protect 0.6, importance per patch (divided by size)", best, importance=_per_size)

@@ -1,4 +1,7 @@
-"""What norm should a merged token have? Measured on calibration images only (issue 12).
+"""What norm should a merged token have, and what should tokens be compared by? Two per-layer levers,
+measured on calibration images only (issue 12).
+
+``--lever merged_norm`` (the default):
 
 A merge layer replaces its members by their size-weighted average, whose norm is smaller than
 theirs whenever they point in different directions. Two choices, each scored by the search's
@@ -9,10 +12,23 @@ is better), with calibration top-1 and agreement alongside:
 * ``max``: the average's direction with the largest norm among the members (MLERP, from ToFu,
   Kim et al., WACV 2024; ``merged_norm: max``, the default since this measurement).
 
-Each is applied to the hand-set schedule and to the shipped searched schedule (fixed counts: its
-thresholds dropped) at the same per-block counts, so the GFLOPs are the same within a row group.
+Each is applied to the hand-set schedule (``similarity: keys``, as when this was measured) and to the
+shipped searched schedule (fixed counts: its thresholds dropped) at the same per-block counts, so the
+GFLOPs are the same within a row group.
 
-    python benchmarks/merged_norm.py > benchmarks/merged_norm.md     # ~10 min on 2 cores
+``--lever similarity``: what prune and merge layers compare tokens by (cosine similarity), with
+merged tokens at their members' largest norm (MLERP) throughout:
+
+* ``keys``: the attention's head-averaged keys (ToMe's metric; ``similarity: keys``);
+* ``tokens``: the residual stream the block reduces (``similarity: tokens``, the default since this
+  measurement).
+
+The hand-set rows are each fitted to the budget (the wider similarity matmul of ``tokens`` costs a
+little, so its counts may be a token lower somewhere); the searched rows keep the shipped schedule's
+counts (``tokens`` then costs slightly more GFLOPs: the ratio column shows it).
+
+    python benchmarks/merged_norm.py > benchmarks/merged_norm.md     # ~10 min on 2 cores (with the studies of d352438)
+    python benchmarks/merged_norm.py --lever similarity --searched-dir /tmp/mlerp > benchmarks/similarity.md
     # the first-generation schedules (searched with plain averages):
     mkdir -p /tmp/gen1 && for f in studies/*_tiny_patch16_224-{50,35}pct.yaml; do git show 97f644f:$f > /tmp/gen1/${f#studies/}; done
     python benchmarks/merged_norm.py --searched-dir /tmp/gen1 > benchmarks/merged_norm-gen1.md
@@ -43,10 +59,11 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=750)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--searched-dir", default="studies", help="folder of the searched MODEL-XXpct.yaml schedules")
+    ap.add_argument("--lever", choices=("merged_norm", "similarity"), default="merged_norm")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.images} calibration images from {args.data} (seed 0); searched schedules from {args.searched_dir}/, their thresholds dropped\n")
-    print("| model | GFLOPs | schedule | merged norm | GFLOPs ratio | KL | calib top-1 | agreement |")
+    print(f"| model | GFLOPs | schedule | {args.lever.replace('_', ' ')} | GFLOPs ratio | KL | calib top-1 | agreement |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         model = load_model(name)
@@ -64,19 +81,25 @@ def main() -> None:
             pct = round(ratio * 100)
             shipped = Schedule.load(os.path.join(args.searched_dir, f"{name}-{pct}pct.yaml"))
             fixed = [dataclasses.replace(l, threshold=None) for l in shipped.layers]
-            groups = {"hand-set": list(rapid_schedule(model, ratio).layers), "searched (fixed counts)": fixed}
-            for label, layers in groups.items():
-                for norm in ("mean", "max"):
-                    s = make_schedule(info, [dataclasses.replace(l, merged_norm=norm) if l.op == "merge" else l for l in layers], method="variant")
-                    apply(model, s)
-                    try:
-                        out = forward()
-                    finally:
-                        remove(model)
-                    kl = (lp.exp() * (lp - F.log_softmax(out, -1))).sum(-1).mean()
-                    top1, agree = (out.argmax(-1) == Y).float().mean(), (out.argmax(-1) == base.argmax(-1)).float().mean()
-                    ratio_s = schedule_macs(info, s.layers) / info.base_macs
-                    print(f"| {name} | {pct}% | {label} | {norm} | {ratio_s:.4f} | {kl:.4f} | {top1:.1%} | {agree:.1%} |", flush=True)
+            if args.lever == "merged_norm":
+                hand = list(rapid_schedule(model, ratio, similarity="keys").layers)
+                rows = [("hand-set", n, [dataclasses.replace(l, merged_norm=n) if l.op == "merge" else l for l in hand]) for n in ("mean", "max")]
+            else:
+                rows = [("hand-set", v, list(rapid_schedule(model, ratio, similarity=v).layers)) for v in ("keys", "tokens")]
+            values = ("mean", "max") if args.lever == "merged_norm" else ("keys", "tokens")
+            ops = ("merge",) if args.lever == "merged_norm" else ("prune", "merge")
+            rows += [("searched (fixed counts)", v, [dataclasses.replace(l, **{args.lever: v}) if l.op in ops else l for l in fixed]) for v in values]
+            for label, value, layers in rows:
+                s = make_schedule(info, layers, method="variant")
+                apply(model, s)
+                try:
+                    out = forward()
+                finally:
+                    remove(model)
+                kl = (lp.exp() * (lp - F.log_softmax(out, -1))).sum(-1).mean()
+                top1, agree = (out.argmax(-1) == Y).float().mean(), (out.argmax(-1) == base.argmax(-1)).float().mean()
+                ratio_s = schedule_macs(info, s.layers) / info.base_macs
+                print(f"| {name} | {pct}% | {label} | {value} | {ratio_s:.4f} | {kl:.4f} | {top1:.1%} | {agree:.1%} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def _schedules(model):
     cycle = [L("prune", r), L("tome", r), L("merge", r, None, 0.5), L("evit", r), L()]
     return {
         "unreduced": rs.empty_schedule(model),
-        "rapid": rapid,
+        "rapid": rapid,  # similarity: tokens (embed_dim-wide similarity matmuls)
+        "rapid_keys": rs.rapid_schedule(model, 0.5, similarity="keys"),
         "tome": rs.tome_for_ratio(model, 0.5),
         "tome_decreasing": rs.tome_for_ratio(model, 0.5, inflect=-1.0),
         "evit": rs.variant_schedule(rapid, model, kind="evit"),

@@ -336,7 +336,7 @@ def test_latency_search_learns_the_models_error_from_timed_trials(tiny_search, t
     hand = {"switch": 2, "prune_weight": 1.0, "decay": 0.0, "protect": 0.5, "prune_threshold": None, "merge_threshold": None}
     assert project(info, hand, target * 0.98, cost=model.predict_ms) is None  # by the model alone: out of reach
     s = rs.Schedule.load(tmp_path / "p.yaml")
-    assert 0.85 * target <= truth._ms(s) <= target and s.budget.achieved["latency_ms"] == pytest.approx(truth._ms(s))
+    assert 0.85 * target <= truth._ms(s) <= target and s.budget.achieved["latency_ms"] == pytest.approx(truth._ms(s), abs=5e-5)  # recorded to 4 decimals
     study = optuna.load_study(study_name="p", storage=open_storage(journal, study_name="p"))
     timed = [t for t in study.trials if "measured_ms" in t.user_attrs]
     base = truth._ms(None)

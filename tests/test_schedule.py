@@ -276,6 +276,43 @@ def test_merged_norm_on_other_op(model, op):
     assert "layers[2].merged_norm" in msg and op in msg and "merge only" in msg
 
 
+def test_similarity_is_written_only_when_set(model):
+    """``similarity: tokens`` round-trips on prune and merge layers; a layer without the key (every
+    file written before it existed) reads as ``keys`` and is written back without it, byte for byte."""
+    layers = [LayerSpec("prune", 10, similarity="tokens"), LayerSpec("prune", 5), LayerSpec("merge", 6, None, 0.5, "max", "tokens"),
+              LayerSpec("merge", 4, None, 0.5), LayerSpec("tome", 2), LayerSpec()]
+    s = make_schedule(rs.ModelInfo.from_model(model), layers, method="hand")
+    text = s.to_yaml()
+    assert text.count("similarity: tokens") == 2 and "similarity: keys" not in text
+    assert [l.similarity for l in Schedule.from_yaml(text).layers] == ["tokens", "keys", "tokens", "keys", "keys", "keys"]
+    assert Schedule.from_yaml(text).to_yaml() == text
+    d = _base(model)
+    d["layers"][2] = {"block": 2, "op": "prune", "r": 3, "threshold": None}
+    assert Schedule.from_dict(d).layers[2].similarity == "keys" and Schedule.from_dict(d).to_dict()["layers"][2] == d["layers"][2]
+    hand = rs.rapid_schedule(model, 0.5)
+    assert {l.similarity for l in hand.layers if l.reduces} == {"tokens"}  # the hand-set default
+    assert {l.similarity for l in rs.rapid_schedule(model, 0.5, similarity="keys").layers} == {"keys"}
+    shown = s.describe().splitlines()
+    assert shown[0].endswith("similarity=tokens") and "similarity" not in shown[1]
+    assert shown[2].endswith("protect=0.50 merged_norm=max similarity=tokens")
+
+
+@pytest.mark.parametrize("bad", ["values", "TOKENS", 1, None, True])
+def test_similarity_unknown_value(model, bad):
+    d = _base(model)
+    d["layers"][2] = {"block": 2, "op": "prune", "r": 3, "threshold": None, "similarity": bad}
+    msg = _err(d)
+    assert "layers[2].similarity" in msg and "keys, tokens" in msg
+
+
+@pytest.mark.parametrize("op", ["tome", "evit", "none"])
+def test_similarity_on_other_op(model, op):
+    d = _base(model)
+    d["layers"][2] = {"block": 2, "op": op, "similarity": "tokens", **({} if op == "none" else {"r": 3})}
+    msg = _err(d)
+    assert "layers[2].similarity" in msg and op in msg and "prune and merge only" in msg
+
+
 @pytest.mark.parametrize("blocks", [[0, 2, 1, 3, 4, 5], [1, 2, 3, 4, 5, 6], [0, 0, 1, 2, 3, 4]])
 def test_block_out_of_order(model, blocks):
     d = _base(model)

@@ -105,13 +105,36 @@ def test_merged_norm_fixed_searched_or_refused(tmp_path, info):
     assert len({s.fingerprint() for s in (SearchSpace.load(), both, mean)}) == 3
     absent = SearchSpace.load(_write(tmp_path, GOOD.replace("merged_norm: max", "")))
     assert absent.merged_norm == ("max",) and absent.fingerprint() == SearchSpace.load().fingerprint()
-    # a study made before merged_norm existed (plain averages) is joined with merged_norm: mean
-    old = {k: getattr(mean, k).__dict__ for k in ("switch", "prune_weight", "decay", "protect", "prune_threshold", "merge_threshold")}
-    assert mean.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True, default=list).encode()).hexdigest()[:16]
+    # a study made before merged_norm and similarity existed (plain averages, keys) is joined with merged_norm: mean, similarity: keys
+    before = SearchSpace.load(_write(tmp_path, GOOD.replace("merged_norm: max", "merged_norm: mean").replace("similarity: tokens", "similarity: keys")))
+    old = {k: getattr(before, k).__dict__ for k in ("switch", "prune_weight", "decay", "protect", "prune_threshold", "merge_threshold")}
+    assert before.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True, default=list).encode()).hexdigest()[:16]
     assert dataclasses.replace(mean, merged_norm=("max",)).fingerprint() == SearchSpace.load().fingerprint()
     for bad in ("avg", "[max, max]", "[]", "1"):
         with pytest.raises(SearchSpaceError, match="merged_norm .* must be one of mean, max"):
             SearchSpace.load(_write(tmp_path, GOOD.replace("merged_norm: max", f"merged_norm: {bad}")))
+
+
+def test_similarity_fixed_searched_or_refused(tmp_path, info):
+    """The default space compares prune and merge layers' tokens by the residual stream; a list searches it."""
+    assert SearchSpace.load().similarity == ("tokens",)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    t = study.ask()
+    shape = SearchSpace.load().suggest(t, 12)
+    assert shape["similarity"] == "tokens" and "similarity" not in t.params
+    layers = project(info, shape, 0.5 * info.base_macs)[0]
+    assert {l.similarity for l in layers if l.op in ("prune", "merge")} == {"tokens"}
+    both = SearchSpace.load(_write(tmp_path, GOOD.replace("similarity: tokens", "similarity: [keys, tokens]")))
+    seen = {both.suggest(study.ask(), 12)["similarity"] for _ in range(12)}
+    assert seen == {"keys", "tokens"}
+    keys = SearchSpace.load(_write(tmp_path, GOOD.replace("similarity: tokens", "similarity: keys")))
+    assert len({s.fingerprint() for s in (SearchSpace.load(), both, keys)}) == 3
+    assert {l.similarity for l in project(info, keys.suggest(study.ask(), 12), 0.5 * info.base_macs)[0] if l.reduces} == {"keys"}
+    absent = SearchSpace.load(_write(tmp_path, GOOD.replace("similarity: tokens", "")))
+    assert absent.similarity == ("tokens",) and absent.fingerprint() == SearchSpace.load().fingerprint()
+    for bad in ("values", "[keys, keys]", "[]", "1"):
+        with pytest.raises(SearchSpaceError, match="similarity .* must be one of keys, tokens"):
+            SearchSpace.load(_write(tmp_path, GOOD.replace("similarity: tokens", f"similarity: {bad}")))
 
 
 @pytest.mark.parametrize("ratio", [0.7, 0.5, 0.35])

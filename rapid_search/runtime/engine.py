@@ -193,6 +193,8 @@ def _reduce_fixed(x: torch.Tensor, metric: torch.Tensor, importance: Optional[to
 def _reduce(x: torch.Tensor, metric: torch.Tensor, importance: Optional[torch.Tensor], layer: LayerSpec, rt: _Runtime) -> torch.Tensor:
     """Apply one block's reduction to ``x`` ``(B, N, C)`` and update the shared state."""
     st, P = rt.state, rt.num_prefix
+    if layer.similarity == "tokens":
+        metric = x  # (B, N, C) the residual stream itself (LayerSpec.similarity)
     if rt.lean and layer.threshold is None and st.n_valid is None and layer.op in ("prune", "merge", "evit"):
         return _reduce_fixed(x, metric, importance, layer, rt)
     if layer.op == "tome":

@@ -4,7 +4,8 @@ Convention: **multiply-accumulates (MACs)**, reported as "GFLOPs" = MACs x 1e-9,
 token-reduction papers do (DeiT-Tiny at 224 px: 1.25 G). ``torch.utils.flop_counter`` counts
 2 FLOPs per MAC. Counted: the patch-embedding convolution, every ``nn.Linear`` (qkv, proj, MLP,
 head), the two attention matmuls ``2 N^2 A`` per block, and the cost of the reduction itself
-(the similarity matmul and the class-token attention row). Not counted, as in fvcore's ViT
+(the similarity matmul, ``head_dim`` or ``embed_dim`` wide as the layer's ``similarity``, and the
+class-token attention row). Not counted, as in fvcore's ViT
 numbers: normalisation, softmax, GELU, residual adds, gathers and sorts.
 
 A block ``l`` sees ``N_l`` tokens in attention and ``N_{l+1}`` in its MLP (tokens are reduced
@@ -144,12 +145,17 @@ def token_counts(info: ModelInfo, schedule: Union[Schedule, Sequence[LayerSpec]]
     return counts
 
 
+def _similarity_width(info: ModelInfo, layer: LayerSpec) -> int:
+    """Width of the features a layer compares: ``embed_dim`` (``similarity: tokens``) or ``head_dim`` (keys)."""
+    return info.embed_dim if layer.similarity == "tokens" else info.head_dim
+
+
 def _reduction_macs(info: ModelInfo, layer: LayerSpec, n: int) -> int:
     """MACs of computing the reduction of a block with ``n`` input tokens."""
     if not layer.reduces:
         return 0
     T = n - info.num_prefix_tokens
-    hd = info.head_dim
+    hd = _similarity_width(info, layer)
     if layer.op == "prune":
         return ((T + 1) // 2) * (T // 2) * hd
     if layer.op == "merge":
@@ -201,12 +207,12 @@ def macs_from_counts(info: ModelInfo, schedule: Union[Schedule, Sequence[LayerSp
     c = counts.to(torch.float64)  # (B, L + 1)
     total = torch.full((c.shape[0],), float(info.patch_macs + info.head_macs + info.const_macs), dtype=torch.float64)
     total += info.pool_token_macs * (c[:, -1] - info.pool_skip)
-    P, hd, A = info.num_prefix_tokens, info.head_dim, info.attn_dim
+    P, A = info.num_prefix_tokens, info.attn_dim
     for i, layer in enumerate(layers):
         n, n_out = c[:, i], c[:, i + 1]
         total += n * info.attn_linear_macs + 2 * n * n * A + n_out * info.mlp_macs
         if layer.reduces:
-            T = n - P
+            T, hd = n - P, _similarity_width(info, layer)
             if layer.op == "prune":
                 total += torch.ceil(T / 2) * torch.floor(T / 2) * hd
             elif layer.op == "merge":

@@ -38,6 +38,7 @@ __all__ = [
     "DEFAULT_PROTECT",
     "DEFAULT_SWITCH_FRACTION",
     "DEFAULT_MERGED_NORM",
+    "DEFAULT_SIMILARITY",
     "TOME_DECREASING",
     "tome_method",
 ]
@@ -49,6 +50,9 @@ DEFAULT_SWITCH_FRACTION = 0.25
 #: Norm of merged tokens in hand-set merge layers: ``max`` (MLERP), chosen on calibration images
 #: (``python benchmarks/merged_norm.py``, README "Levers at moderate budgets").
 DEFAULT_MERGED_NORM = "max"
+#: What hand-set prune and merge layers compare tokens by: ``tokens`` (the residual stream),
+#: chosen on calibration images (``python benchmarks/similarity.py``, README "Levers at moderate budgets").
+DEFAULT_SIMILARITY = "tokens"
 
 #: ToMe's decreasing schedule as its ``parse_r`` documents it, ``(r, -1)``: ``2r`` down to 0.
 TOME_DECREASING = -1.0
@@ -115,6 +119,7 @@ def rapid_layers(
     prune_threshold: Optional[float] = None,
     merge_threshold: Optional[float] = None,
     merged_norm: str = DEFAULT_MERGED_NORM,
+    similarity: str = DEFAULT_SIMILARITY,
 ) -> list[LayerSpec]:
     """RAPID layers from per-block counts: prune before ``switch``, merge from ``switch`` on."""
     layers = []
@@ -122,9 +127,9 @@ def rapid_layers(
         if ri <= 0:
             layers.append(LayerSpec())
         elif i < switch:
-            layers.append(LayerSpec("prune", int(ri), prune_threshold))
+            layers.append(LayerSpec("prune", int(ri), prune_threshold, similarity=similarity))
         else:
-            layers.append(LayerSpec("merge", int(ri), merge_threshold, protect, merged_norm))
+            layers.append(LayerSpec("merge", int(ri), merge_threshold, protect, merged_norm, similarity))
     return layers
 
 
@@ -156,6 +161,7 @@ def rapid_schedule(
     prune_threshold: Optional[float] = None,
     merge_threshold: Optional[float] = None,
     merged_norm: str = DEFAULT_MERGED_NORM,
+    similarity: str = DEFAULT_SIMILARITY,
 ) -> Schedule:
     """The hand-set RAPID schedule meeting ``ratio`` of the unreduced GFLOPs.
 
@@ -172,6 +178,7 @@ def rapid_schedule(
         prune_threshold: Similarity threshold of prune blocks (None = fixed counts).
         merge_threshold: Similarity threshold of merge blocks (None = fixed counts).
         merged_norm: Norm of merged tokens, ``max`` (MLERP) or ``mean`` (see :class:`LayerSpec`).
+        similarity: What prune and merge layers compare tokens by, ``tokens`` or ``keys`` (see :class:`LayerSpec`).
 
     Raises:
         UnreachableBudget: Even the largest counts do not reach ``ratio``.
@@ -190,7 +197,7 @@ def rapid_schedule(
     target = _check_ratio(ratio) * info.base_macs
 
     def build(r: Sequence[int]) -> list[LayerSpec]:
-        return rapid_layers(info, r, switch=switch, protect=protect, merged_norm=merged_norm)
+        return rapid_layers(info, r, switch=switch, protect=protect, merged_norm=merged_norm, similarity=similarity)
 
     try:
         counts = _fit_two_level(info, build, target, info.num_tokens)
@@ -200,7 +207,8 @@ def rapid_schedule(
             f"({min_ratio(info, build):.0%}) — raise the budget"
         ) from None
     layers = rapid_layers(
-        info, counts, switch=switch, protect=protect, prune_threshold=prune_threshold, merge_threshold=merge_threshold, merged_norm=merged_norm
+        info, counts, switch=switch, protect=protect, prune_threshold=prune_threshold, merge_threshold=merge_threshold, merged_norm=merged_norm,
+        similarity=similarity,
     )
     return make_schedule(info, layers, method="rapid-hand-set", ratio=ratio, switch=switch, protect=protect)
 

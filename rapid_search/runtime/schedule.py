@@ -19,7 +19,9 @@ baseline); ``evit`` (importance-only pruning, the EViT-style baseline). ``thresh
 similarity in ``[-1, 1]`` or ``null`` (off: reduce exactly ``r`` tokens). ``merged_norm``
 (``merge`` only, optional): ``mean`` (the default: a merged token is the size-weighted average,
 with that average's norm) or ``max`` (the average's direction with the largest norm among the
-tokens merged into it: MLERP, from ToFu, Kim et al., WACV 2024).
+tokens merged into it: MLERP, from ToFu, Kim et al., WACV 2024). ``similarity`` (``prune`` and
+``merge``, optional): what near-duplicates are found by, ``keys`` (the default: the attention's
+head-averaged keys, as ToMe) or ``tokens`` (the residual stream the block reduces).
 
 Loading validates every field (``rapid_search.yamlsafe``: safe, bounded, duplicate keys refused) and raises :class:`ScheduleError` with a
 message naming the field and the fix. ``save`` writes atomically; load/save round-trips exactly.
@@ -43,6 +45,7 @@ __all__ = [
     "FORMAT",
     "OPS",
     "MERGED_NORMS",
+    "SIMILARITIES",
     "ScheduleError",
     "LayerSpec",
     "ModelFingerprint",
@@ -58,6 +61,8 @@ FORMAT = "rapid-schedule/v1"
 OPS = ("none", "prune", "merge", "tome", "evit")
 #: How a ``merge`` layer sets a merged token's norm (see the module docstring).
 MERGED_NORMS = ("mean", "max")
+#: What ``prune`` and ``merge`` layers compare tokens by (see the module docstring).
+SIMILARITIES = ("keys", "tokens")
 _THRESHOLD_OPS = ("prune", "merge")
 
 
@@ -97,6 +102,9 @@ class LayerSpec:
         protect: Fraction of patch tokens protected from merging (``merge`` only).
         merged_norm: Norm of a merged token (``merge`` only): ``mean`` (the size-weighted
             average's) or ``max`` (the largest among the tokens merged into it, MLERP).
+        similarity: What ``prune``/``merge`` compare tokens by (cosine similarity): ``keys`` (the
+            attention's head-averaged keys, ``head_dim`` wide) or ``tokens`` (the block's residual
+            stream after attention, ``embed_dim`` wide).
     """
 
     op: str = "none"
@@ -104,6 +112,7 @@ class LayerSpec:
     threshold: Optional[float] = None
     protect: Optional[float] = None
     merged_norm: str = "mean"
+    similarity: str = "keys"
 
     def validate(self, where: str = "layer") -> "LayerSpec":
         """Check types and ranges; returns self."""
@@ -131,6 +140,10 @@ class LayerSpec:
             raise ScheduleError(f"{where}.merged_norm = {self.merged_norm!r} is unknown — use one of: {', '.join(MERGED_NORMS)}")
         if self.op != "merge" and self.merged_norm != "mean":
             raise ScheduleError(f"{where}.merged_norm is set for op {self.op!r} — it applies to merge only; remove it")
+        if self.similarity not in SIMILARITIES:
+            raise ScheduleError(f"{where}.similarity = {self.similarity!r} is unknown — use one of: {', '.join(SIMILARITIES)}")
+        if self.op not in _THRESHOLD_OPS and self.similarity != "keys":
+            raise ScheduleError(f"{where}.similarity is set for op {self.op!r} — it applies to prune and merge only; remove it")
         return self
 
     @property
@@ -143,6 +156,8 @@ class LayerSpec:
             d["r"] = self.r
         if self.op in _THRESHOLD_OPS:
             d["threshold"] = None if self.threshold is None else float(self.threshold)
+            if self.similarity != "keys":  # written only when set: older files stay byte-identical
+                d["similarity"] = self.similarity
         if self.op == "merge":
             d["protect"] = float(self.protect)  # type: ignore[arg-type]
             if self.merged_norm != "mean":  # written only when set: older files stay byte-identical
@@ -151,7 +166,7 @@ class LayerSpec:
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> tuple[int, "LayerSpec"]:
-        _check_keys(where, d, ["block", "op"], ["r", "threshold", "protect", "merged_norm"])
+        _check_keys(where, d, ["block", "op"], ["r", "threshold", "protect", "merged_norm", "similarity"])
         op = d["op"]
         if not isinstance(op, str):
             raise ScheduleError(f"{where}.op = {op!r} must be a string — use one of: {', '.join(OPS)}")
@@ -164,7 +179,8 @@ class LayerSpec:
         prot = d.get("protect")
         if prot is not None and _is_num(prot):
             prot = float(prot)
-        spec = cls(op=op, r=r, threshold=thr, protect=prot, merged_norm=d.get("merged_norm", "mean")).validate(where)
+        spec = cls(op=op, r=r, threshold=thr, protect=prot, merged_norm=d.get("merged_norm", "mean"),
+                   similarity=d.get("similarity", "keys")).validate(where)
         return d["block"], spec
 
 
@@ -385,6 +401,8 @@ class Schedule:
                 s += f" protect={layer.protect:.2f}"
             if layer.merged_norm != "mean":
                 s += f" merged_norm={layer.merged_norm}"
+            if layer.similarity != "keys":
+                s += f" similarity={layer.similarity}"
             rows.append(s)
         return "\n".join(rows)
 

@@ -12,6 +12,8 @@ schedule that cannot meet it. Parameters (see ``rapid_search/search/spaces/defau
 ``prune_threshold``/``merge_threshold``  similarity thresholds; each may be off, on, or searched.
 ``merged_norm``    (optional, default ``max``) norm of merged tokens: ``max`` (MLERP), ``mean``,
                    or the list ``[mean, max]`` to search it.
+``similarity``     (optional, default ``tokens``) what prune and merge layers compare tokens by:
+                   ``tokens`` (the residual stream), ``keys``, or ``[keys, tokens]`` to search it.
 
 Per-block count: ``r_l = round(s * w_l)`` with ``w_l = (prune_weight if l < switch else 1) *
 (1 + decay * (1 - 2 l / (L - 1)))``; ``s`` is the largest scale whose cost meets the budget.
@@ -22,14 +24,14 @@ from __future__ import annotations
 import hashlib
 from importlib import resources
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
 from ..outputs import input_problem
 from ..runtime.flops import ModelInfo, schedule_macs
-from ..runtime.presets import DEFAULT_MERGED_NORM, rapid_layers
-from ..runtime.schedule import MERGED_NORMS, LayerSpec
+from ..runtime.presets import DEFAULT_MERGED_NORM, DEFAULT_SIMILARITY, rapid_layers
+from ..runtime.schedule import MERGED_NORMS, SIMILARITIES, LayerSpec
 from ..errors import RapidSearchError
 from ..yamlsafe import YAMLInputError, load_yaml, read_yaml
 
@@ -130,11 +132,12 @@ def _threshold_range(where: str, v: Any) -> ThresholdRange:
     return ThresholdRange(tuple(modes), 0.0, 0.0)
 
 
-def _merged_norms(v: Any) -> tuple[str, ...]:
-    norms = v if isinstance(v, list) else [v]
-    if not norms or any(not isinstance(n, str) or n not in MERGED_NORMS for n in norms) or len(set(norms)) != len(norms):
-        raise SearchSpaceError(f"merged_norm = {v!r} must be one of {', '.join(MERGED_NORMS)}, or a list of them to search (e.g. [mean, max])")
-    return tuple(norms)
+def _choices(name: str, v: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """A categorical entry: one of ``allowed`` (fixed) or a list of them (searched)."""
+    got = v if isinstance(v, list) else [v]
+    if not got or any(not isinstance(n, str) or n not in allowed for n in got) or len(set(got)) != len(got):
+        raise SearchSpaceError(f"{name} = {v!r} must be one of {', '.join(allowed)}, or a list of them to search (e.g. [{', '.join(allowed)}])")
+    return tuple(got)
 
 
 @dataclass(frozen=True)
@@ -149,13 +152,15 @@ class SearchSpace:
     merge_threshold: ThresholdRange
     source: str = "<default>"
     merged_norm: tuple[str, ...] = (DEFAULT_MERGED_NORM,)  # one: fixed; several: searched
+    similarity: tuple[str, ...] = (DEFAULT_SIMILARITY,)
 
     @classmethod
     def from_dict(cls, d: Any, *, source: str = "<dict>") -> "SearchSpace":
         if not isinstance(d, Mapping):
             raise SearchSpaceError(f"{source}: a search space must be a YAML mapping — see {DEFAULT_SPACE}")
         keys = {"format", "switch", "prune_weight", "decay", "protect", "prune_threshold", "merge_threshold"}
-        _check_keys(source, d, keys | {"merged_norm"}, f"allowed: {', '.join(sorted(keys | {'merged_norm'}))}")
+        optional = {"merged_norm", "similarity"}
+        _check_keys(source, d, keys | optional, f"allowed: {', '.join(sorted(keys | optional))}")
         if d.get("format") != _FORMAT:
             raise SearchSpaceError(f"{source}: format must be {_FORMAT!r}, got {d.get('format')!r}")
         missing = sorted(keys - {"format"} - set(d))
@@ -170,7 +175,8 @@ class SearchSpace:
                 prune_threshold=_threshold_range("prune_threshold", d["prune_threshold"]),
                 merge_threshold=_threshold_range("merge_threshold", d["merge_threshold"]),
                 source=source,
-                merged_norm=_merged_norms(d.get("merged_norm", DEFAULT_MERGED_NORM)),
+                merged_norm=_choices("merged_norm", d.get("merged_norm", DEFAULT_MERGED_NORM), MERGED_NORMS),
+                similarity=_choices("similarity", d.get("similarity", DEFAULT_SIMILARITY), SIMILARITIES),
             )
         except SearchSpaceError as e:
             raise SearchSpaceError(f"{source}: {e}") from None
@@ -194,13 +200,15 @@ class SearchSpace:
     def without_thresholds(self) -> "SearchSpace":
         """The same space with thresholds off (latency budgets search fixed-count schedules)."""
         off = ThresholdRange(("off",), 0.0, 0.0)
-        return SearchSpace(self.switch, self.prune_weight, self.decay, self.protect, off, off, self.source, self.merged_norm)
+        return replace(self, prune_threshold=off, merge_threshold=off)
 
     def fingerprint(self) -> str:
         """Stable hash of the space, stored with the study to refuse mixing spaces."""
         d: dict[str, Any] = {k: getattr(self, k).__dict__ for k in ("switch", "prune_weight", "decay", "protect", "prune_threshold", "merge_threshold")}
         if self.merged_norm != ("mean",):  # plain averages were all there was before: older studies' fingerprints match
             d["merged_norm"] = list(self.merged_norm)
+        if self.similarity != ("keys",):  # the same for what came after: keys were all there was
+            d["similarity"] = list(self.similarity)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
     def suggest(self, trial: Any, depth: int) -> dict[str, Any]:
@@ -213,8 +221,13 @@ class SearchSpace:
             "protect": self.protect.suggest(trial, "protect"),
             "prune_threshold": self.prune_threshold.suggest(trial, "prune_threshold"),
             "merge_threshold": self.merge_threshold.suggest(trial, "merge_threshold"),
-            "merged_norm": self.merged_norm[0] if len(self.merged_norm) == 1 else trial.suggest_categorical("merged_norm", list(self.merged_norm)),
+            "merged_norm": _categorical(trial, "merged_norm", self.merged_norm),
+            "similarity": _categorical(trial, "similarity", self.similarity),
         }
+
+
+def _categorical(trial: Any, name: str, choices: tuple[str, ...]) -> str:
+    return choices[0] if len(choices) == 1 else trial.suggest_categorical(name, list(choices))
 
 
 def _weights(depth: int, shape: Mapping[str, Any]) -> list[float]:
@@ -240,6 +253,7 @@ def _layers_from_counts(info: ModelInfo, shape: Mapping[str, Any], r: list[int])
         prune_threshold=shape.get("prune_threshold"),
         merge_threshold=shape.get("merge_threshold"),
         merged_norm=shape.get("merged_norm", DEFAULT_MERGED_NORM),
+        similarity=shape.get("similarity", DEFAULT_SIMILARITY),
     )
 
 

@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 
 from ..tools.evaluate import fidelity, metric_value, predict
 from ..runtime.flops import ModelInfo, schedule_macs
-from ..runtime.presets import DEFAULT_MERGED_NORM, DEFAULT_PROTECT, DEFAULT_SWITCH_FRACTION, TOME_DECREASING, make_schedule, tome_fitting
+from ..runtime.presets import DEFAULT_MERGED_NORM, DEFAULT_PROTECT, DEFAULT_SIMILARITY, DEFAULT_SWITCH_FRACTION, TOME_DECREASING, make_schedule, tome_fitting
 from ..runtime.schedule import Budget, LayerSpec, Schedule
 from .budget import Target
 from .space import SearchSpace, layers_for, project
@@ -138,7 +138,8 @@ TOME_INFLECT = {"tome": 0.0, "tome-decreasing": TOME_DECREASING}
 def hand_params(info: ModelInfo) -> dict[str, Any]:
     """The hand-set RAPID schedule as trial parameters (a warm start, and the range baseline)."""
     return {"switch": round(info.depth * DEFAULT_SWITCH_FRACTION), "prune_weight": 1.0, "decay": 0.0, "protect": DEFAULT_PROTECT,
-            "prune_threshold_mode": "off", "merge_threshold_mode": "off", "merged_norm": DEFAULT_MERGED_NORM}
+            "prune_threshold_mode": "off", "merge_threshold_mode": "off", "merged_norm": DEFAULT_MERGED_NORM,
+            "similarity": DEFAULT_SIMILARITY}
 
 
 class Objective:

@@ -31,7 +31,7 @@ from ..errors import RapidSearchError
 from ..runtime.flops import ModelInfo, effective_r, token_counts
 from ..runtime.ops import _wide
 from ..runtime.patch import applied, is_patched
-from ..runtime.presets import DEFAULT_MERGED_NORM, DEFAULT_PROTECT, as_schedule, make_schedule
+from ..runtime.presets import DEFAULT_MERGED_NORM, DEFAULT_PROTECT, DEFAULT_SIMILARITY, as_schedule, make_schedule
 from ..runtime.schedule import OPS, LayerSpec, Schedule
 from .measure import Timing, fixed_batch, measure_model, parse_device, time_rounds
 
@@ -201,8 +201,12 @@ class LatencyModel:
         P, N = info.num_prefix_tokens, info.num_tokens
         grid = sorted({int(round(v)) for v in np.linspace(P + 1, N, grid_points)}) if N > P + 1 else [N]
         r_ref = max(1, round(0.08 * (N - P)))
-        # merge probed as the hand-set one runs (MLERP): a ``merged_norm: mean`` layer costs a little less
-        specs = {op: LayerSpec(op, r_ref, None, DEFAULT_PROTECT, DEFAULT_MERGED_NORM) if op == "merge" else LayerSpec(op, r_ref) for op in _REDUCING_OPS}
+        # prune and merge probed as the hand-set ones run (MLERP, residual-stream similarity): other settings cost a little less
+        specs = {
+            op: LayerSpec(op, r_ref, None, DEFAULT_PROTECT if op == "merge" else None, DEFAULT_MERGED_NORM if op == "merge" else "mean",
+                          DEFAULT_SIMILARITY if op in ("prune", "merge") else "keys")
+            for op in _REDUCING_OPS
+        }
         probe = (N, P + max(2, (N - P) // 2))  # the overheads' two token counts
         runs, around = _probes(model, info, grid, specs, probe, B=batch_size, device=dev, dtype=dtype, calibrate=calibrate, compile=compile)
         reps = {k: calibrate_repeats if k == "full" else repeats for k in runs}
