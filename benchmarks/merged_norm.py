@@ -27,7 +27,9 @@ The hand-set rows are each fitted to the budget (the wider similarity matmul of 
 little, so its counts may be a token lower somewhere); the searched rows keep the shipped schedule's
 counts (``tokens`` then costs slightly more GFLOPs: the ratio column shows it).
 
-    python benchmarks/merged_norm.py > benchmarks/merged_norm.md     # ~10 min on 2 cores (with the studies of d352438)
+    # the schedules searched with MLERP and keys, shipped at git d352438:
+    mkdir -p /tmp/mlerp && for f in studies/*_tiny_patch16_224-{50,35}pct.yaml; do git show d352438:$f > /tmp/mlerp/${f#studies/}; done
+    python benchmarks/merged_norm.py --searched-dir /tmp/mlerp > benchmarks/merged_norm.md     # ~10 min on 2 cores
     python benchmarks/merged_norm.py --lever similarity --searched-dir /tmp/mlerp > benchmarks/similarity.md
     # the first-generation schedules (searched with plain averages):
     mkdir -p /tmp/gen1 && for f in studies/*_tiny_patch16_224-{50,35}pct.yaml; do git show 97f644f:$f > /tmp/gen1/${f#studies/}; done

@@ -307,3 +307,35 @@ def test_paired_timing_runs_the_schedule_only_in_its_rounds(monkeypatch):
     assert red.repeats == base.repeats == 3 and not rs.is_patched(model)
 
     assert paired_ratio(Timing.from_times([1.0, 4.0, 3.0]), Timing.from_times([2.0, 8.0, 3.0])) == 0.5  # round by round, not median / median
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_similarity_picks_what_prune_and_merge_compare(models64, family, monkeypatch):
+    """``similarity: tokens`` hands the ops the residual stream (``embed_dim`` wide, the tokens being
+    reduced), ``keys`` the head-averaged keys (``head_dim`` wide); both paths, every family."""
+    from rapid_search.runtime import engine
+
+    model = models64[family]
+    info = rs.ModelInfo.from_model(model)
+    x = images(model, 2, dtype=torch.float64)
+    r = (info.num_tokens - info.num_prefix_tokens) // 8
+    seen: list = []
+
+    def spy(name, mod):
+        real = getattr(mod, name)
+
+        def wrapped(metric, *args, **kwargs):
+            seen.append(metric)
+            return real(metric, *args, **kwargs)
+
+        monkeypatch.setattr(mod, name, wrapped)
+
+    for name in ("fixed_prune", "fixed_merge", "redundancy_prune", "importance_merge"):
+        spy(name, engine)
+    for similarity in ("keys", "tokens"):
+        s = rs.as_schedule([L("prune", r, similarity=similarity), L("merge", r, None, 0.25, "max", similarity)] + [L()] * (info.depth - 2), model)
+        for lean in (True, False):
+            seen.clear()
+            _run(model, x, s, lean=lean)
+            width = info.embed_dim if similarity == "tokens" else info.head_dim
+            assert [m.shape[-1] for m in seen] == [width, width], (similarity, lean)

@@ -2,15 +2,17 @@
 the per-block reduction (lean fixed-count path or general path) and size-aware pooling.
 
 Reducing blocks run code adapted from timm 1.0.31: :func:`_attention` re-states
-``timm.layers.Attention.forward`` (gate, qkv, q/k norm, SDPA or softmax attention, norm, proj)
-and adds ToMe's proportional attention (``log(size)`` bias), the head-averaged keys and the
-class-token importance row (computed separately at O(N) cost, only where a merge or EViT needs
-it); :func:`_block_forward` re-states ``timm.models.vision_transformer.Block.forward`` (pre-norm,
-LayerScale, drop-path) with the reduction between attention and MLP. Both use the block's own
-modules, and ``tests/test_parity.py`` checks them against timm's forward on every supported
-family (a reducing schedule that removes nothing must give timm's output), so a change in timm
-fails a test. The model families (:mod:`rapid_search.runtime.families`) build on these pieces;
-:mod:`rapid_search.runtime.patch` binds them to a model.
+``timm.layers.Attention.forward`` (gate, qkv, q/k norm, SDPA or softmax attention, norm, proj) and
+adds ToMe's proportional attention (``log(size)`` bias), the head-averaged keys (the similarity
+metric of ``similarity: keys`` and ``tome`` layers; ``similarity: tokens`` layers compare the
+residual stream instead, in :func:`_reduce`) and the class-token importance row (computed separately
+at O(N) cost, only where a merge or EViT needs it); :func:`_block_forward` re-states
+``timm.models.vision_transformer.Block.forward`` (pre-norm, LayerScale, drop-path) with the
+reduction between attention and MLP. Both use the block's own modules, and ``tests/test_parity.py``
+checks them against timm's forward on every supported family (a reducing schedule that removes
+nothing must give timm's output), so a change in timm fails a test. The model families
+(:mod:`rapid_search.runtime.families`) build on these pieces; :mod:`rapid_search.runtime.patch`
+binds them to a model.
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ def redundancy_prune(
     a pair are never removed together.
 
     Args:
-        metric: ``(B, N, C)`` similarity features (head-averaged keys).
+        metric: ``(B, N, C)`` similarity features (head-averaged keys, or the tokens themselves: ``LayerSpec.similarity``).
         r: Maximum number of tokens to drop per image (capped at ``ceil(T / 2)``, T patch tokens).
         num_prefix: Leading tokens never touched.
         threshold: Minimum similarity for a token to be dropped; None = fixed count ``r``.
