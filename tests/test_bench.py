@@ -135,7 +135,10 @@ def test_comparisons_against_best_tome(result: dict) -> None:
     comps = {(c["ratio"], c["method"]): c for c in result["comparisons"] if c["kind"] == "vs-best-tome"}
     assert set(comps) == {(0.9, "rapid"), (0.5, "rapid"), (0.5, "searched")}
     pairs = {(c["ratio"], c["method"], c["reference"]) for c in result["comparisons"] if c["kind"] == "pair"}
-    assert pairs == {(q, "rapid", m) for q in (0.9, 0.5) for m in ("tofu", "evit")} | {(0.5, "searched", "rapid")}
+    assert pairs == {(q, "rapid", m) for q in (0.9, 0.5) for m in ("tofu", "evit", "unreduced")} | {
+        (0.5, "searched", "rapid"),
+        (0.5, "searched", "unreduced"),
+    }
     labels = np.asarray(result["labels"])
     by = {(r["ratio"], r["method"]): r for r in result["rows"]}
     for (ratio, method), c in comps.items():
@@ -147,6 +150,12 @@ def test_comparisons_against_best_tome(result: dict) -> None:
         assert c["diff"] == pytest.approx(a.mean() - b.mean())
         assert (c["b"], c["c"]) == (int((a & ~b).sum()), int((~a & b).sum()))
         assert c["ci_low"] <= c["diff"] <= c["ci_high"] and 0.0 <= c["p_value"] <= 1.0
+    # what the reduction loses: against the unreduced predictions, on the true labels
+    base = np.asarray(result["base"]["pred"]) == labels
+    for c in (c for c in result["comparisons"] if c["reference"] == "unreduced"):
+        a = np.asarray(by[(c["ratio"], c["method"])]["pred"]) == labels
+        assert c["diff"] == pytest.approx(a.mean() - base.mean())
+        assert (c["b"], c["c"]) == (int((a & ~base).sum()), int((~a & base).sum()))
 
 
 def test_writers(result: dict, tmp_path: Path) -> None:
@@ -154,7 +163,7 @@ def test_writers(result: dict, tmp_path: Path) -> None:
     md = paths["table"].read_text()
     assert "unreachable" in md and "not run" in md and "ToMe (constant r)" in md and "| 100% | **unreduced**" in md
     assert md.count("\n| 30% |") == len(METHODS)  # unreachable rows, no pairs at 30%
-    assert "RAPID (hand-set) vs ToFu-style" in md
+    assert "RAPID (hand-set) vs ToFu-style" in md and "RAPID (hand-set) vs unreduced" in md
     data = json.loads(paths["json"].read_text())
     assert data["rows"] == result["rows"]
     with Image.open(paths["plot"]) as im:

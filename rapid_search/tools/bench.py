@@ -100,8 +100,14 @@ METHOD_LABELS: dict[str, str] = {
 #: Methods compared against the best ToMe at each ratio.
 COMPARED: tuple[str, ...] = ("rapid", "searched")
 
-#: Further paired comparisons at each ratio (method, reference).
-PAIRS: tuple[tuple[str, str], ...] = (("rapid", "tofu"), ("rapid", "evit"), ("searched", "rapid"))
+#: Further paired comparisons at each ratio (method, reference); ``unreduced``: what the reduction costs.
+PAIRS: tuple[tuple[str, str], ...] = (
+    ("rapid", "tofu"),
+    ("rapid", "evit"),
+    ("searched", "rapid"),
+    ("rapid", "unreduced"),
+    ("searched", "unreduced"),
+)
 
 #: Tolerance when matching a searched schedule's achieved ratio to a benchmark ratio.
 SEARCHED_TOLERANCE = 0.01
@@ -497,7 +503,7 @@ def run_bench(
         flag = timing_flag(t, t_base, 1.0 / row["achieved_ratio"]) if row is not base_row else timing_flag(t, t_base, None)
         if flag:
             row["timing_flag"] = flag
-    comparisons = _compare(rows, labels, base_top, n_boot=n_boot, seed=seed)
+    comparisons = _compare(rows, labels, base_row, n_boot=n_boot, seed=seed)
     metric = "top1" if labels is not None else "agreement"
     return {
         "format": FORMAT,
@@ -577,15 +583,16 @@ def _best_tome(rows: Sequence[dict[str, Any]], ratio: float, metric: str) -> Opt
 
 
 def _compare(
-    rows: Sequence[dict[str, Any]], labels: Optional[torch.Tensor], base_top: torch.Tensor, *, n_boot: int, seed: int
+    rows: Sequence[dict[str, Any]], labels: Optional[torch.Tensor], base: dict[str, Any], *, n_boot: int, seed: int
 ) -> list[dict[str, Any]]:
     """Paired statistics over the same images at each ratio.
 
     ``kind = "vs-best-tome"``: each :data:`COMPARED` method against the better ToMe variant.
     ``kind = "pair"``: each pair in :data:`PAIRS` (what importance protection, merging and the
-    search add).
+    search add, and what is lost against the unreduced model; that pair only with labels, since
+    without them the unreduced predictions are the truth).
     """
-    truth = (labels if labels is not None else base_top).numpy()
+    truth = np.asarray(labels.numpy() if labels is not None else base["pred"])
     metric = "top1" if labels is not None else "agreement"
     out: list[dict[str, Any]] = []
 
@@ -595,6 +602,8 @@ def _compare(
 
     for ratio in sorted({r["ratio"] for r in rows}, reverse=True):
         at = {r["method"]: r for r in rows if r["ratio"] == ratio and "pred" in r}
+        if labels is not None:
+            at["unreduced"] = base
         ref = _best_tome(rows, ratio, metric)
         if ref is not None:
             for m in COMPARED:
