@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--study-name", default=None, help="study name (default: derived from model, budget, device, images and seed)")
     s.add_argument("--progress", choices=("auto", "rich", "plain", "quiet"), default="auto", help="progress display (default: rich on a terminal, plain lines otherwise)")
     s.add_argument("--quiet", action="store_true", help="print only the result line and errors")
+    s.add_argument(
+        "--fixed-counts", action="store_true",
+        help="search fixed-count schedules only (thresholds off: the fast path, compiles with fullgraph=True); latency budgets and --compile always do",
+    )
     s.add_argument("--rungs", type=_rungs_int, default=3, help="early-stopping rungs over the calibration set (default: 3)")
     s.add_argument("--heartbeat-interval", type=_seconds_int, default=None, metavar="S", help="seconds between a running trial's heartbeats (default: 10)")
     s.add_argument(
@@ -189,6 +193,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         threads=args.threads,
         dtype=args.dtype,
         compile=args.compile,
+        fixed_counts=args.fixed_counts,
     )
     if args.heartbeat_interval is not None:
         opts.heartbeat_interval = args.heartbeat_interval

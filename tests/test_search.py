@@ -191,3 +191,47 @@ def test_threshold_schedule_over_budget_is_stopped_on_the_first_rung(tiny, tmp_p
         assert t.user_attrs["images_forwarded"] == 6  # the first rung: a quarter of 24 images
         assert "kl" not in t.user_attrs  # never scored
     assert res.schedule.provenance["method"] in ("tome", "tome-decreasing")  # the only feasible trials
+
+
+def test_fixed_counts_turns_every_threshold_off(tiny, tmp_path):
+    """``fixed_counts`` (``--fixed-counts``; ``--compile`` implies it) searches the space with its
+    thresholds off: a space whose thresholds are always on yields only fixed-count schedules (the
+    lean path, compilable with ``fullgraph=True``), and the study records a different space than
+    the same search without it, so the two never mix in one study."""
+    from rapid_search.search.runner import default_study_name
+    from rapid_search.search.storage import open_storage
+    from rapid_search.search.study import trial_schedule
+
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "format: rapid-search-space/v1\nswitch: {low: 0.0, high: 1.0}\nprune_weight: {low: 0.25, high: 4.0, log: true}\n"
+        "decay: {low: -0.9, high: 0.9}\nprotect: {low: 0.0, high: 0.6}\nprune_threshold: 0.6\nmerge_threshold: 0.5\n"
+    )
+    runs = {}
+    for fixed in (False, True):
+        journal = tmp_path / f"study-{fixed}.journal"
+        res = run_search(_opts(tiny, tmp_path, trials=5, space=space, fixed_counts=fixed, storage=f"journal:{journal}", out=tmp_path / f"s-{fixed}.yaml"))
+        study = optuna.load_study(study_name="t", storage=open_storage(f"journal:{journal}", study_name="t"))
+        scheds = [trial_schedule(t) for t in study.trials if "schedule" in t.user_attrs]
+        sampled = [s for s in scheds if s.provenance.get("method") not in ("tome", "tome-decreasing")]
+        assert sampled
+        runs[fixed] = (res.schedule, sampled, study.user_attrs["setup"]["space"])
+    assert all(s.has_threshold for s in runs[False][1])  # the space as written: thresholds always on
+    assert not any(s.has_threshold for s in runs[True][1]) and not runs[True][0].has_threshold
+    assert runs[True][2] != runs[False][2]
+    assert default_study_name(_opts(tiny, tmp_path, fixed_counts=True)).endswith("-fixed")
+
+
+def test_fixed_counts_flag_reaches_the_search(monkeypatch):
+    """``rapid-search search --fixed-counts`` sets ``SearchOptions.fixed_counts``."""
+    import rapid_search.search.runner as runner
+
+    seen = {}
+
+    def fake(opts, **kw):
+        seen["opts"] = opts
+        raise runner.SearchError("stop here")
+
+    monkeypatch.setattr(runner, "run_search", fake)
+    assert main(["search", "--model", "test_vit", "--data", ".", "--fixed-counts", "--quiet"]) == 2
+    assert seen["opts"].fixed_counts is True

@@ -70,7 +70,11 @@ class SearchOptions:
     #: Precision the model is scored and timed in (``float32``, ``bfloat16``, ``float16``).
     dtype: str = "float32"
     #: Latency budgets: time the model compiled with ``torch.compile(dynamic=False)``, as deployed.
+    #: Any budget: search fixed counts only (threshold schedules do not compile with ``fullgraph=True``).
     compile: bool = False
+    #: Search fixed-count schedules only (the space's thresholds off): the lean reduction path, no
+    #: host synchronisation, compiles with ``fullgraph=True``. Latency budgets always do.
+    fixed_counts: bool = False
     heartbeat_interval: int = HEARTBEAT_INTERVAL
     #: None: ``GRACE_PERIOD``, raised where a journal file needs more (see :func:`heartbeat_timing`).
     grace_period: Optional[int] = None
@@ -97,7 +101,8 @@ def default_study_name(opts: SearchOptions) -> str:
     budget = re.sub(r"[^A-Za-z0-9.]+", "", opts.budget.replace("%", "pct"))
     device = opts.device.replace(":", "")
     runtime = "".join(f"-{v}" if k == "dtype" else "-compiled" for k, v in _runtime_setup(opts).items())  # none for the defaults
-    return f"{opts.model}-{budget}-{device}-n{opts.calib_images}-s{opts.seed}{runtime}"
+    fixed = "-fixed" if opts.fixed_counts else ""
+    return f"{opts.model}-{budget}-{device}-n{opts.calib_images}-s{opts.seed}{runtime}{fixed}"
 
 
 def _runtime_setup(opts: SearchOptions) -> dict[str, Any]:
@@ -369,7 +374,7 @@ def _plan(opts: SearchOptions) -> _Plan:
     spec = parse_budget(parse_budget(opts.budget).canonical)
     opts = replace(opts, budget=spec.text, device=str(opts.device).strip().lower())
     space = SearchSpace.load(opts.space)
-    if spec.kind == "latency":
+    if spec.kind == "latency" or opts.compile or opts.fixed_counts:
         space = space.without_thresholds()
     device = parse_device(opts.device)
     parse_dtype(opts.dtype)
