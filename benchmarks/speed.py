@@ -84,6 +84,21 @@ def _table(
                 return times
 
 
+def _print_ratios(times: dict[str, list[float]], ref: str) -> None:
+    """Per-round time ratios to configuration ``ref``: median and bootstrap 95 % interval of the median."""
+    if ref not in times:
+        raise SystemExit(f"--ratio-to {ref!r} is not a configuration; these are: {', '.join(times)}")
+    base = np.asarray(times[ref])
+    print(f"\nper-round time ratio to {ref!r} (median [95% CI]; > 1 = slower):")
+    rng = np.random.default_rng(0)
+    for name, v in times.items():
+        if name != ref:
+            r = np.asarray(v) / base  # (rounds,)
+            boots = np.median(rng.choice(r, size=(2000, r.size)), axis=1)
+            lo, hi = np.percentile(boots, [2.5, 97.5])
+            print(f"- {name}: {np.median(r):.3f} [{lo:.3f}, {hi:.3f}]")
+
+
 class _Oracle(torch.nn.Module):
     """The unpatched blocks fed the token counts of a schedule by slicing (no reduction work at all):
     the speed a reduction with zero cost would reach."""
@@ -121,6 +136,11 @@ def main() -> None:
     ap.add_argument("--tome", type=Path, default=None, help="checkout of facebookresearch/ToMe (work tree or git dir)")
     ap.add_argument("--schedule", type=Path, action="append", default=[], help="extra schedule YAMLs to time")
     ap.add_argument("--oracle", action="store_true", help="add the unpatched blocks fed RAPID's token counts by slicing (a zero-cost reduction)")
+    ap.add_argument(
+        "--ratio-to", default=None, metavar="NAME",
+        help="also print each configuration's per-round time ratio to configuration NAME (median, bootstrap 95%% CI): "
+        "both timed in the same round, so a machine switching between fast and slow states cancels out",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -134,6 +154,7 @@ def main() -> None:
         "empty schedule": rs.empty_schedule(info),
         f"RAPID hand-set {args.ratio:.0%}": rs.rapid_schedule(info, args.ratio),
         f"RAPID hand-set {args.ratio:.0%}, merged_norm mean": rs.rapid_schedule(info, args.ratio, merged_norm="mean"),
+        f"RAPID hand-set {args.ratio:.0%}, similarity keys": rs.rapid_schedule(info, args.ratio, similarity="keys"),
         f"ToMe r={tome_r} (this project)": tome_sched,
     }
     for p in args.schedule:
@@ -189,6 +210,8 @@ def main() -> None:
                          "iqr_frac": iqr, "ci_frac": ci, "speedup": speed, "ideal": ideal, "of_ideal": speed / ideal,
                          "flagged": bool(flag), "rounds": len(v)}
                     )
+                if args.ratio_to:
+                    _print_ratios(times, args.ratio_to)
                 sys.stdout.flush()
     if args.json:
         meta = {"model": args.model, "threads": torch.get_num_threads(), "clock": args.clock, "command": " ".join(sys.argv)}

@@ -66,7 +66,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, default=None, help="local weights (state dict or .safetensors) instead of timm's pretrained weights")
     p.add_argument("--threads", type=_threads_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="precision the model runs (and is timed) in (default: float32)")
-    p.add_argument("--compile", action="store_true", help="time the model compiled with torch.compile (as deployed); latency budgets and timings only")
+    p.add_argument("--compile", action="store_true", help="time the model compiled with torch.compile (as deployed): latency budgets and timings; search: fixed-count schedules only (they compile with fullgraph=True)")
 
 
 def build_parser() -> argparse.ArgumentParser:
