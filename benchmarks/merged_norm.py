@@ -23,6 +23,11 @@ merged tokens at their members' largest norm (MLERP) throughout:
 * ``tokens``: the residual stream the block reduces (``similarity: tokens``, the default since this
   measurement).
 
+``--lever similarity_per_op``: the same two choices made separately for prune and merge layers
+(``prune keys / merge tokens`` and the reverse, against both ``tokens`` and both ``keys``), on the
+hand-set schedule (fitted with ``tokens``) and the shipped searched schedule (``--searched-dir
+studies``: the third generation, searched with ``tokens``), at the same counts.
+
 The hand-set rows are each fitted to the budget (the wider similarity matmul of ``tokens`` costs a
 little, so its counts may be a token lower somewhere); the searched rows keep the shipped schedule's
 counts (``tokens`` then costs slightly more GFLOPs: the ratio column shows it).
@@ -31,6 +36,7 @@ counts (``tokens`` then costs slightly more GFLOPs: the ratio column shows it).
     mkdir -p /tmp/mlerp && for f in studies/*_tiny_patch16_224-{50,35}pct.yaml; do git show d352438:$f > /tmp/mlerp/${f#studies/}; done
     python benchmarks/merged_norm.py --searched-dir /tmp/mlerp > benchmarks/merged_norm.md     # ~10 min on 2 cores
     python benchmarks/merged_norm.py --lever similarity --searched-dir /tmp/mlerp > benchmarks/similarity.md
+    python benchmarks/merged_norm.py --lever similarity_per_op > benchmarks/similarity-per-op.md
     # the first-generation schedules (searched with plain averages):
     mkdir -p /tmp/gen1 && for f in studies/*_tiny_patch16_224-{50,35}pct.yaml; do git show 97f644f:$f > /tmp/gen1/${f#studies/}; done
     python benchmarks/merged_norm.py --searched-dir /tmp/gen1 > benchmarks/merged_norm-gen1.md
@@ -61,11 +67,11 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=750)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--searched-dir", default="studies", help="folder of the searched MODEL-XXpct.yaml schedules")
-    ap.add_argument("--lever", choices=("merged_norm", "similarity"), default="merged_norm")
+    ap.add_argument("--lever", choices=("merged_norm", "similarity", "similarity_per_op"), default="merged_norm")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.images} calibration images from {args.data} (seed 0); searched schedules from {args.searched_dir}/, their thresholds dropped\n")
-    print(f"| model | GFLOPs | schedule | {args.lever.replace('_', ' ')} | GFLOPs ratio | KL | calib top-1 | agreement |")
+    print(f"| model | GFLOPs | schedule | {args.lever.replace('_', ' ')} | GFLOPs ratio | KL | calib top-1 | agreement |".replace(" per op |", " (prune / merge) |"))
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         model = load_model(name)
@@ -83,14 +89,19 @@ def main() -> None:
             pct = round(ratio * 100)
             shipped = Schedule.load(os.path.join(args.searched_dir, f"{name}-{pct}pct.yaml"))
             fixed = [dataclasses.replace(l, threshold=None) for l in shipped.layers]
-            if args.lever == "merged_norm":
+            if args.lever == "similarity_per_op":
+                pairs = [("tokens", "tokens"), ("keys", "tokens"), ("tokens", "keys"), ("keys", "keys")]
+                per_op = lambda ls, p, m: [dataclasses.replace(l, similarity={"prune": p, "merge": m}[l.op]) if l.op in ("prune", "merge") else l for l in ls]  # noqa: E731
+                hand = list(rapid_schedule(model, ratio).layers)
+                rows = [(label, f"{p} / {m}", per_op(ls, p, m)) for label, ls in (("hand-set", hand), ("searched (fixed counts)", fixed)) for p, m in pairs]
+            elif args.lever == "merged_norm":
                 hand = list(rapid_schedule(model, ratio, similarity="keys").layers)
                 rows = [("hand-set", n, [dataclasses.replace(l, merged_norm=n) if l.op == "merge" else l for l in hand]) for n in ("mean", "max")]
             else:
                 rows = [("hand-set", v, list(rapid_schedule(model, ratio, similarity=v).layers)) for v in ("keys", "tokens")]
             values = ("mean", "max") if args.lever == "merged_norm" else ("keys", "tokens")
             ops = ("merge",) if args.lever == "merged_norm" else ("prune", "merge")
-            rows += [("searched (fixed counts)", v, [dataclasses.replace(l, **{args.lever: v}) if l.op in ops else l for l in fixed]) for v in values]
+            rows += [] if args.lever == "similarity_per_op" else [("searched (fixed counts)", v, [dataclasses.replace(l, **{args.lever: v}) if l.op in ops else l for l in fixed]) for v in values]
             for label, value, layers in rows:
                 s = make_schedule(info, layers, method="variant")
                 apply(model, s)
