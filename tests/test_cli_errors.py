@@ -226,6 +226,7 @@ def test_study_with_another_setup_is_refused(bad, tiny_search, tmp_path, monkeyp
     for argv, expect in (
         (_search(tiny_search, model="vit_tiny_patch16_224", checkpoint=None), "was started with model = 'test_vit'"),
         (_search(tiny_search, "--space", str(bad / "space_narrow.yaml")), "was started with space = "),
+        (_search(tiny_search, "--fixed-counts"), "(the search space's fingerprint: --space or --fixed-counts differ)"),
         (_search(tiny_search, budget="60%GFLOPs"), "was started with budget = '50%GFLOPs'"),
     ):
         line = _one_error_line(main(argv), capsys.readouterr().err, expect)

@@ -130,8 +130,9 @@ def _check_setup(study: optuna.Study, attrs: dict[str, Any], have: Optional[dict
         return
     for k, v in attrs.items():
         if canonical_setup_value(k, have.get(k)) != canonical_setup_value(k, v):
+            what = " (the search space's fingerprint: --space or --fixed-counts differ)" if k == "space" else ""
             raise SearchError(
-                f"study {study.study_name!r} was started with {k} = {have.get(k)!r}, not {v!r} — "
+                f"study {study.study_name!r} was started with {k} = {have.get(k)!r}, not {v!r}{what} — "
                 "use another --study-name or the original settings"
             )
 
