@@ -71,7 +71,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.images} calibration images from {args.data} (seed 0); searched schedules from {args.searched_dir}/, their thresholds dropped\n")
-    print(f"| model | GFLOPs | schedule | {args.lever.replace('_', ' ')} | GFLOPs ratio | KL | calib top-1 | agreement |".replace(" per op |", " (prune / merge) |"))
+    column = "similarity (prune / merge)" if args.lever == "similarity_per_op" else args.lever.replace("_", " ")
+    print(f"| model | GFLOPs | schedule | {column} | GFLOPs ratio | KL | calib top-1 | agreement |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         model = load_model(name)
@@ -94,14 +95,15 @@ def main() -> None:
                 per_op = lambda ls, p, m: [dataclasses.replace(l, similarity={"prune": p, "merge": m}[l.op]) if l.op in ("prune", "merge") else l for l in ls]  # noqa: E731
                 hand = list(rapid_schedule(model, ratio).layers)
                 rows = [(label, f"{p} / {m}", per_op(ls, p, m)) for label, ls in (("hand-set", hand), ("searched (fixed counts)", fixed)) for p, m in pairs]
-            elif args.lever == "merged_norm":
-                hand = list(rapid_schedule(model, ratio, similarity="keys").layers)
-                rows = [("hand-set", n, [dataclasses.replace(l, merged_norm=n) if l.op == "merge" else l for l in hand]) for n in ("mean", "max")]
             else:
-                rows = [("hand-set", v, list(rapid_schedule(model, ratio, similarity=v).layers)) for v in ("keys", "tokens")]
-            values = ("mean", "max") if args.lever == "merged_norm" else ("keys", "tokens")
-            ops = ("merge",) if args.lever == "merged_norm" else ("prune", "merge")
-            rows += [] if args.lever == "similarity_per_op" else [("searched (fixed counts)", v, [dataclasses.replace(l, **{args.lever: v}) if l.op in ops else l for l in fixed]) for v in values]
+                if args.lever == "merged_norm":
+                    hand = list(rapid_schedule(model, ratio, similarity="keys").layers)
+                    rows = [("hand-set", n, [dataclasses.replace(l, merged_norm=n) if l.op == "merge" else l for l in hand]) for n in ("mean", "max")]
+                else:
+                    rows = [("hand-set", v, list(rapid_schedule(model, ratio, similarity=v).layers)) for v in ("keys", "tokens")]
+                values = ("mean", "max") if args.lever == "merged_norm" else ("keys", "tokens")
+                ops = ("merge",) if args.lever == "merged_norm" else ("prune", "merge")
+                rows += [("searched (fixed counts)", v, [dataclasses.replace(l, **{args.lever: v}) if l.op in ops else l for l in fixed]) for v in values]
             for label, value, layers in rows:
                 s = make_schedule(info, layers, method="variant")
                 apply(model, s)

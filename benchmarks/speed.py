@@ -54,14 +54,19 @@ def _official_tome(path: Path, tmp: str) -> Any:
     return tome
 
 
+def _median_ci(a: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
+    """Bootstrap 95 % interval of the median of ``a`` (``n_boot`` resamples)."""
+    boots = np.median(rng.choice(a, size=(n_boot, a.size)), axis=1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def _stats(v: list[float]) -> tuple[float, float, float]:
     """median, IQR / median, bootstrap 95 % half-width of the median / median."""
     a = np.asarray(v)
     med = float(np.median(a))
     q25, q75 = np.percentile(a, [25, 75])
-    rng = np.random.default_rng(0)
-    boots = np.median(rng.choice(a, size=(300, a.size)), axis=1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
+    lo, hi = _median_ci(a, 300, np.random.default_rng(0))
     return med, float(q75 - q25) / med, float(hi - lo) / 2 / med
 
 
@@ -94,8 +99,7 @@ def _print_ratios(times: dict[str, list[float]], ref: str) -> None:
     for name, v in times.items():
         if name != ref:
             r = np.asarray(v) / base  # (rounds,)
-            boots = np.median(rng.choice(r, size=(2000, r.size)), axis=1)
-            lo, hi = np.percentile(boots, [2.5, 97.5])
+            lo, hi = _median_ci(r, 2000, rng)
             print(f"- {name}: {np.median(r):.3f} [{lo:.3f}, {hi:.3f}]")
 
 
