@@ -366,9 +366,6 @@ def run_bench(
         ``(ratio, method)``, with ``status`` ``ok``/``over-budget``/``unreachable``/``not run``),
         ``comparisons`` (paired statistics) and ``labels``.
     """
-    from .evaluate import fidelity, predict
-    from .measure import measure_model
-
     log = log or (lambda _m: None)
     device = torch.device(device)
     unknown = [m for m in methods if m not in METHODS]
@@ -376,135 +373,16 @@ def run_bench(
         raise BenchError(f"unknown method(s) {', '.join(unknown)} — choose from {', '.join(METHODS)}")
     if images.ndim != 4 or len(images) == 0:
         raise BenchError(f"no evaluation images (got shape {tuple(images.shape)}) — pass --data with an image folder")
-    info = ModelInfo.from_model(model)
-    base_macs = info.base_macs
-    input_size = tuple(int(v) for v in images.shape[1:])
-    searched = searched or {}
-    t_start = time.perf_counter()
-    load_start = _loadavg()
-
-    def time_all(schedules: dict[tuple[Any, ...], Optional[Schedule]]) -> dict[tuple[Any, ...], Any]:
-        """Every schedule's batch timed round-robin (:func:`~rapid_search.tools.measure.time_rounds`)."""
-        import copy
-
-        from .measure import time_rounds
-        from ..runtime.patch import apply
-
-        x = torch.randn((batch_size, *input_size), generator=torch.Generator().manual_seed(0))
-        x = x.to(device=device, dtype=next(model.parameters()).dtype)  # (B, C, H, W)
-        runs: dict[tuple[Any, ...], Callable[[], Any]] = {}
-        for k, sched in schedules.items():
-            if compile:
-                m = copy.deepcopy(model)
-                if sched is not None and sched.reduces:
-                    apply(m, sched)
-                runs[k] = (lambda c=torch.compile(m, dynamic=False): c(x))
-            else:
-                runs[k] = _eager_run(model, sched, x)
-        try:
-            return time_rounds(
-                runs, device=device, repeats=repeats, warmup=max(1, warmup) if compile else warmup, batch_size=batch_size,
-                time_limit=time_limit, stable=stable, log=log,
-            )  # fmt: skip
-        finally:
-            if compile:
-                torch._dynamo.reset()
-
-    # unreduced reference: predictions once, reused for agreement
-    t0 = time.perf_counter()
-    base_pred = predict(model, images, None, batch_size=batch_size, device=device, info=info)
-    base_top = base_pred.logits.argmax(-1)  # (N,)
-    base_scores = fidelity(base_pred.logits, base_pred.logits, labels)
-    base_row: dict[str, Any] = {
-        "method": "unreduced",
-        "label": METHOD_LABELS["unreduced"],
-        "ratio": 1.0,
-        "status": "ok",
-        "gflops": _round(base_macs / 1e9),
-        "achieved_ratio": 1.0,
-        "top1": _round(base_scores.get("top1")),
-        "agreement": 1.0,
-        "kl": 0.0,
-        "ideal_speedup": 1.0,
-        "pred": base_top.tolist(),
-    }
-    log(f"unreduced: top-1 {_pct(base_row['top1'])} ({time.perf_counter() - t0:.1f} s)")
-
-    cache: dict[tuple[Any, ...], dict[str, Any]] = {}
-    to_time: dict[tuple[Any, ...], Optional[Schedule]] = {("unreduced",): None}
-    rows: list[dict[str, Any]] = []
-    for ratio in ratios:
-        for method in methods:
-            row: dict[str, Any] = {"method": method, "label": METHOD_LABELS[method], "ratio": float(ratio)}
-            if method == "searched":
-                if ratio not in searched:
-                    row.update(status="not run", reason="no --searched file for this ratio")
-                    rows.append(row)
-                    continue
-                path, sched = searched[ratio]
-                row["file"] = str(path)
-            else:
-                try:
-                    sched = method_schedule(method, info, ratio)
-                except UnreachableBudget as e:
-                    row.update(status="unreachable", reason=str(e).split(" — ")[0])
-                    rows.append(row)
-                    continue
-            if sched.provenance.get("refit"):
-                row["note"] = f"{METHOD_LABELS[method]} at {ratio:.0%}: the hand-set RAPID counts exceed the ratio for this method; {sched.provenance['refit']}"
-            key = _schedule_key(sched)
-            if key in cache:
-                measured = cache[key]
-            else:
-                t0 = time.perf_counter()
-                pred = predict(model, images, sched, batch_size=batch_size, device=device, info=info)
-                scores = fidelity(pred.logits, base_pred.logits, labels)
-                to_time[key] = sched
-                macs = float(pred.macs.mean())  # executed; equals the analytic cost for fixed counts
-                measured = {
-                    "gflops": _round(macs / 1e9),
-                    "analytic_gflops": _round(schedule_macs(info, sched) / 1e9),
-                    "achieved_ratio": _round(macs / base_macs),
-                    "top1": _round(scores.get("top1")),
-                    "agreement": _round(scores["agreement"]),
-                    "kl": _round(scores["kl"]),
-                    "tokens": [round(float(v), 2) for v in pred.counts.double().mean(0)],
-                    "pred": pred.logits.argmax(-1).tolist(),
-                    "seconds": round(time.perf_counter() - t0, 2),
-                }
-                cache[key] = measured
-            row.update(measured)
-            ach = row["achieved_ratio"]
-            row["status"] = "ok" if ach <= ratio + 1e-9 else "over-budget"
-            if row["status"] == "over-budget":
-                row["reason"] = f"achieves {ach:.1%} GFLOPs, above {ratio:.0%}"
-            row["ideal_speedup"] = _round(1.0 / ach, 4)
-            row["_key"] = key
-            row["schedule"] = sched.to_dict()
-            rows.append(row)
-            log(
-                f"{ratio:.0%} {METHOD_LABELS[method]}: top-1 {_pct(row['top1'])}, {row['gflops']:.3f} GFLOPs "
-                f"({ach:.1%}) ({measured['seconds']:.1f} s)"
-            )
-
-    timings = time_all(to_time) if repeats > 0 else {}
-    t_base = timings.get(("unreduced",))
-    for row in [base_row, *rows]:
-        key = row.pop("_key", ("unreduced",) if row is base_row else None)
-        t = timings.get(key) if key is not None else None
-        if t is None or t_base is None or "achieved_ratio" not in row:
-            continue
-        row["median_ms"] = _round(t.median_ms, 3)
-        row["iqr_ms"] = _round(t.iqr_ms, 3)
-        row["images_per_s"] = _round(t.images_per_s, 2)
-        row["speedup"] = _round(t_base.median_ms / t.median_ms, 4)
-        row["speedup_of_ideal"] = _round(row["speedup"] * row["achieved_ratio"], 4)
-        row["rounds"] = t.repeats
-        flag = timing_flag(t, t_base, 1.0 / row["achieved_ratio"]) if row is not base_row else timing_flag(t, t_base, None)
-        if flag:
-            row["timing_flag"] = flag
-    comparisons = _compare(rows, labels, base_row, n_boot=n_boot, seed=seed)
+    t_start, load_start = time.perf_counter(), _loadavg()
+    ev = _Evaluation(model, images, labels, device=device, batch_size=batch_size, log=log)
+    rows = [ev.row(method, float(ratio), (searched or {}).get(ratio)) for ratio in ratios for method in methods]
+    timings = _time_schedules(
+        model, ev.to_time, tuple(images.shape[1:]), device=device, batch_size=batch_size, warmup=warmup, repeats=repeats,
+        compile=compile, time_limit=time_limit, stable=stable, log=log,
+    ) if repeats > 0 else {}  # fmt: skip
+    _add_timings(ev.base, rows, timings)
     metric = "top1" if labels is not None else "agreement"
+    info = ev.info
     return {
         "format": FORMAT,
         "model": info.name,
@@ -512,12 +390,12 @@ def run_bench(
             "depth": info.depth,
             "num_tokens": info.num_tokens,
             "num_prefix_tokens": info.num_prefix_tokens,
-            "base_gflops": _round(base_macs / 1e9),
+            "base_gflops": _round(info.base_macs / 1e9),
             "cost_model": "analytic MACs (rapid_search.runtime.flops), reported as GFLOPs = MACs x 1e-9",
         },
         "setup": {
             "images": int(len(images)),
-            "input_size": list(input_size),
+            "input_size": [int(v) for v in images.shape[1:]],
             "device": str(device),
             "batch_size": batch_size,
             "warmup": warmup,
@@ -536,11 +414,167 @@ def run_bench(
             "load_average_end": _loadavg(),
             **(setup or {}),
         },
-        "base": base_row,
+        "base": ev.base,
         "rows": rows,
-        "comparisons": comparisons,
+        "comparisons": _compare(rows, labels, ev.base, n_boot=n_boot, seed=seed),
         "labels": None if labels is None else [int(v) for v in labels.tolist()],
     }
+
+
+_UNREDUCED = ("unreduced",)  # the unreduced model's key among the timed schedules
+
+
+class _Evaluation:
+    """The accuracy half of :func:`run_bench`: the unreduced reference (predictions once, reused for
+    agreement), then one row per ``(method, ratio)``, each distinct schedule evaluated once.
+
+    Attributes:
+        base: The unreduced model's row.
+        to_time: Every evaluated schedule by its key (``("unreduced",)``: None), for the timing rounds.
+    """
+
+    def __init__(
+        self, model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor], *, device: torch.device, batch_size: int, log: Log
+    ) -> None:
+        from .evaluate import fidelity, predict
+
+        self.model, self.images, self.labels, self.device, self.batch_size, self.log = model, images, labels, device, batch_size, log
+        self.info = ModelInfo.from_model(model)
+        self._fidelity, self._predict = fidelity, predict
+        t0 = time.perf_counter()
+        pred = predict(model, images, None, batch_size=batch_size, device=device, info=self.info)
+        self.base_logits = pred.logits  # (N, K)
+        scores = fidelity(pred.logits, pred.logits, labels)
+        self.base: dict[str, Any] = {
+            "method": "unreduced",
+            "label": METHOD_LABELS["unreduced"],
+            "ratio": 1.0,
+            "status": "ok",
+            "gflops": _round(self.info.base_macs / 1e9),
+            "achieved_ratio": 1.0,
+            "top1": _round(scores.get("top1")),
+            "agreement": 1.0,
+            "kl": 0.0,
+            "ideal_speedup": 1.0,
+            "pred": pred.logits.argmax(-1).tolist(),
+            "_key": _UNREDUCED,
+        }
+        self.to_time: dict[tuple[Any, ...], Optional[Schedule]] = {_UNREDUCED: None}
+        self._cache: dict[tuple[Any, ...], dict[str, Any]] = {}
+        log(f"unreduced: top-1 {_pct(self.base['top1'])} ({time.perf_counter() - t0:.1f} s)")
+
+    def row(self, method: str, ratio: float, searched: Optional[tuple[Path, Schedule]]) -> dict[str, Any]:
+        """``method``'s row at ``ratio`` (``searched``: the ``--searched`` file matched to it, if any)."""
+        row: dict[str, Any] = {"method": method, "label": METHOD_LABELS[method], "ratio": ratio}
+        if method == "searched":
+            if searched is None:
+                return {**row, "status": "not run", "reason": "no --searched file for this ratio"}
+            path, sched = searched
+            row["file"] = str(path)
+        else:
+            try:
+                sched = method_schedule(method, self.info, ratio)
+            except UnreachableBudget as e:
+                return {**row, "status": "unreachable", "reason": str(e).split(" — ")[0]}
+        if sched.provenance.get("refit"):
+            row["note"] = f"{METHOD_LABELS[method]} at {ratio:.0%}: the hand-set RAPID counts exceed the ratio for this method; {sched.provenance['refit']}"
+        key = _schedule_key(sched)
+        if key not in self._cache:
+            self._cache[key] = self._measure(sched)
+            self.to_time[key] = sched
+        row.update(self._cache[key])
+        ach = row["achieved_ratio"]
+        row["status"] = "ok" if ach <= ratio + 1e-9 else "over-budget"
+        if row["status"] == "over-budget":
+            row["reason"] = f"achieves {ach:.1%} GFLOPs, above {ratio:.0%}"
+        row["ideal_speedup"] = _round(1.0 / ach, 4)
+        row["_key"] = key
+        row["schedule"] = sched.to_dict()
+        self.log(
+            f"{ratio:.0%} {METHOD_LABELS[method]}: top-1 {_pct(row['top1'])}, {row['gflops']:.3f} GFLOPs "
+            f"({ach:.1%}) ({row['seconds']:.1f} s)"
+        )
+        return row
+
+    def _measure(self, sched: Schedule) -> dict[str, Any]:
+        """Accuracy and cost of one schedule on the images."""
+        t0 = time.perf_counter()
+        pred = self._predict(self.model, self.images, sched, batch_size=self.batch_size, device=self.device, info=self.info)
+        scores = self._fidelity(pred.logits, self.base_logits, self.labels)
+        macs = float(pred.macs.mean())  # executed; equals the analytic cost for fixed counts
+        return {
+            "gflops": _round(macs / 1e9),
+            "analytic_gflops": _round(schedule_macs(self.info, sched) / 1e9),
+            "achieved_ratio": _round(macs / self.info.base_macs),
+            "top1": _round(scores.get("top1")),
+            "agreement": _round(scores["agreement"]),
+            "kl": _round(scores["kl"]),
+            "tokens": [round(float(v), 2) for v in pred.counts.double().mean(0)],
+            "pred": pred.logits.argmax(-1).tolist(),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+
+
+def _time_schedules(
+    model: nn.Module,
+    schedules: dict[tuple[Any, ...], Optional[Schedule]],
+    input_size: tuple[int, ...],
+    *,
+    device: torch.device,
+    batch_size: int,
+    warmup: int,
+    repeats: int,
+    compile: bool,
+    time_limit: float,
+    stable: float,
+    log: Log,
+) -> dict[tuple[Any, ...], Any]:
+    """Every schedule's batch timed round-robin (:func:`~rapid_search.tools.measure.time_rounds`);
+    compiled: each on its own copy of the model, compiled once before the rounds."""
+    import copy
+
+    from .measure import time_rounds
+    from ..runtime.patch import apply
+
+    x = torch.randn((batch_size, *input_size), generator=torch.Generator().manual_seed(0))
+    x = x.to(device=device, dtype=next(model.parameters()).dtype)  # (B, C, H, W)
+    runs: dict[tuple[Any, ...], Callable[[], Any]] = {}
+    for k, sched in schedules.items():
+        if compile:
+            m = copy.deepcopy(model)
+            if sched is not None and sched.reduces:
+                apply(m, sched)
+            runs[k] = (lambda c=torch.compile(m, dynamic=False): c(x))
+        else:
+            runs[k] = _eager_run(model, sched, x)
+    try:
+        return time_rounds(
+            runs, device=device, repeats=repeats, warmup=max(1, warmup) if compile else warmup, batch_size=batch_size,
+            time_limit=time_limit, stable=stable, log=log,
+        )  # fmt: skip
+    finally:
+        if compile:
+            torch._dynamo.reset()
+
+
+def _add_timings(base: dict[str, Any], rows: Sequence[dict[str, Any]], timings: dict[tuple[Any, ...], Any]) -> None:
+    """Write each row's timing, speed-up over the unreduced model, fraction of the ideal and flag
+    (:func:`timing_flag`) into it, taking out its schedule key."""
+    t_base = timings.get(_UNREDUCED)
+    for row in [base, *rows]:
+        key = row.pop("_key", None)
+        t = timings.get(key) if key is not None else None
+        if t is None or t_base is None or "achieved_ratio" not in row:
+            continue
+        row["median_ms"] = _round(t.median_ms, 3)
+        row["iqr_ms"] = _round(t.iqr_ms, 3)
+        row["images_per_s"] = _round(t.images_per_s, 2)
+        row["speedup"] = _round(t_base.median_ms / t.median_ms, 4)
+        row["speedup_of_ideal"] = _round(row["speedup"] * row["achieved_ratio"], 4)
+        row["rounds"] = t.repeats
+        flag = timing_flag(t, t_base, None if row is base else 1.0 / row["achieved_ratio"])
+        if flag:
+            row["timing_flag"] = flag
 
 
 def timing_flag(t: Any, base: Any, ideal: Optional[float]) -> Optional[str]:
