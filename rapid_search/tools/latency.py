@@ -220,23 +220,7 @@ class LatencyModel:
             if compile and calibrate:
                 torch._dynamo.reset()
         med = {k: t.median_ms for k, t in timings.items()}
-        attn_fit = _fit_nonneg_quadratic(grid, [med[f"attn{n}"] for n in grid])
-        mlp_fit = _fit_nonneg_quadratic(grid, [med[f"mlp{n}"] for n in grid])
-        halves = _poly(attn_fit, N) + _poly(mlp_fit, N)
-        glue = med["block"] / halves if halves > 0 else 1.0  # the plain block at N, anchored to the measured whole block
-
-        def extra(key: str, n: int) -> float:  # median over rounds of (probe - plain block at n), both timed in each round
-            paired = np.subtract(timings[f"{key}@{n}"].times_ms, timings[f"plain@{n}"].times_ms)
-            return float(np.median(paired))
-
-        def line(over: Callable[[int], float]) -> tuple[float, float]:
-            return _fixed_and_per_token(probe, (over(probe[0]), over(probe[1])))
-
-        def op_line(op: str, spec: LayerSpec) -> tuple[float, float]:  # the op block's MLP sees fewer tokens: add that back
-            return line(lambda n: extra(f"op_{op}", n) + glue * (_poly(mlp_fit, n) - _poly(mlp_fit, n - effective_r(spec, n, P))))
-
-        overhead = {op: op_line(op, spec) for op, spec in specs.items()}
-        sized = line(lambda n: extra("sized", n))
+        attn_fit, mlp_fit, glue, overhead, sized = _fit_parts(timings, grid, specs, probe, N, P)
         lat = cls(
             info=info,
             device=str(dev),
@@ -300,6 +284,31 @@ class LatencyModel:
         if measured_ms > 0 and own > 0:
             self.scale *= measured_ms / own
             self.base_ms = measured_ms
+
+
+def _fit_parts(
+    timings: dict[str, Any], grid: list[int], specs: dict[str, LayerSpec], probe: tuple[int, int], N: int, P: int
+) -> tuple[Any, Any, float, dict[str, tuple[float, float]], tuple[float, float]]:
+    """From :func:`_probes`' timings: the attention and MLP halves' quadratic fits over ``grid``,
+    the glue factor that anchors their sum to the whole plain block at ``N``, each op's overhead
+    and the size-aware attention's, as ``(fixed ms, ms per token)`` lines through the two ``probe`` counts."""
+    med = {k: t.median_ms for k, t in timings.items()}
+    attn_fit = _fit_nonneg_quadratic(grid, [med[f"attn{n}"] for n in grid])
+    mlp_fit = _fit_nonneg_quadratic(grid, [med[f"mlp{n}"] for n in grid])
+    halves = _poly(attn_fit, N) + _poly(mlp_fit, N)
+    glue = med["block"] / halves if halves > 0 else 1.0  # the plain block at N, anchored to the measured whole block
+
+    def extra(key: str, n: int) -> float:  # median over rounds of (probe - plain block at n), both timed in each round
+        paired = np.subtract(timings[f"{key}@{n}"].times_ms, timings[f"plain@{n}"].times_ms)
+        return float(np.median(paired))
+
+    def line(over: Callable[[int], float]) -> tuple[float, float]:
+        return _fixed_and_per_token(probe, (over(probe[0]), over(probe[1])))
+
+    def op_line(op: str, spec: LayerSpec) -> tuple[float, float]:  # the op block's MLP sees fewer tokens: add that back
+        return line(lambda n: extra(f"op_{op}", n) + glue * (_poly(mlp_fit, n) - _poly(mlp_fit, n - effective_r(spec, n, P))))
+
+    return attn_fit, mlp_fit, glue, {op: op_line(op, spec) for op, spec in specs.items()}, line(lambda n: extra("sized", n))
 
 
 def _probes(
