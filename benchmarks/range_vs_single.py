@@ -27,7 +27,7 @@ import optuna
 
 from rapid_search.search import study as study_mod
 from rapid_search.search.runner import SearchOptions, run_search
-from rapid_search.search.storage import open_storage
+from rapid_search.storage import open_storage
 from rapid_search.search.study import feasible_trials
 
 

@@ -236,7 +236,7 @@ def _load_study(args: argparse.Namespace) -> "optuna.Study":  # noqa: F821
     import optuna
 
     from .search.runner import STUDIES_DIR
-    from .search.storage import check_study_name, open_storage
+    from .storage import check_study_name, open_storage
     from .search.study import SearchError
 
     check_study_name(args.study_name)
@@ -339,7 +339,7 @@ def _cmd_front(args: argparse.Namespace) -> int:
 
 def _storage_files(spec: Optional[str], study_name: str, studies_dir: Path) -> list[tuple[str, Optional[Path]]]:
     """``(what, path)`` of the file a study lives in: its journal file or SQLite database."""
-    from .search.storage import journal_path
+    from .storage import journal_path
 
     files: list[tuple[str, Optional[Path]]] = [("the study's journal file", journal_path(spec, study_name, studies_dir))]
     if spec and spec.lower().startswith("sqlite:///"):

@@ -297,7 +297,7 @@ def test_password_masked_in_storage_errors(form, tmp_path) -> None:
     malformed one), it is in no message, no masked URL and no storage description (the progress
     header's), and the message stays readable (no fragment replaced blindly)."""
     from rapid_search.redact import mask_url
-    from rapid_search.search.storage import StorageError, describe_storage, open_storage
+    from rapid_search.storage import StorageError, describe_storage, open_storage
 
     spec, secrets = LEAKY_SPECS[form]
     for create in (True, False):
@@ -397,7 +397,7 @@ def test_password_never_printed_or_stored(form, pg_fresh_url, tiny_search, tmp_p
     assert header and all("***" in line for line in header), err  # the storage is named, masked
     assert main(["export", "--study-name", "bad", "--storage", spec, "--out", str(tmp_path / "e.yaml")]) == 0
     out2, err2 = capsys.readouterr()
-    from rapid_search.search.storage import open_storage
+    from rapid_search.storage import open_storage
 
     study = optuna.load_study(study_name="bad", storage=open_storage(spec, study_name="bad"))
     stored = json.dumps([study.user_attrs] + [[t.user_attrs, t.system_attrs] for t in study.trials], default=str)

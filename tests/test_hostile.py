@@ -102,7 +102,7 @@ def test_any_error_line_is_scrubbed(tiny_search, tmp_path, monkeypatch, capsys) 
 def test_postgresql_url_without_a_driver_names_the_installed_one() -> None:
     """``postgresql://`` makes SQLAlchemy look for psycopg (v3); the extra installs psycopg2."""
     pytest.importorskip("psycopg2")
-    from rapid_search.search.storage import StorageError, open_storage
+    from rapid_search.storage import StorageError, open_storage
 
     try:
         import psycopg  # noqa: F401
@@ -170,7 +170,7 @@ def _journal_study(tiny_search, tmp_path, monkeypatch, capsys, trials: str = "2"
 def _finished(journal: Path, name: str = "h") -> int:
     import optuna
 
-    from rapid_search.search.storage import open_storage
+    from rapid_search.storage import open_storage
 
     study = optuna.load_study(study_name=name, storage=open_storage(str(journal), study_name=name, create=False, log=lambda m: None))
     return sum(t.state.is_finished() and t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
@@ -202,7 +202,7 @@ def test_damaged_journal_tail_is_repaired_with_a_backup(damage, tiny_search, tmp
     backups = list(journal.parent.glob("h.journal.damaged-*"))
     assert len(backups) == 1 and backups[0].read_bytes() == damaged and f"studies/{backups[0].name}" in notes[0]
     assert _finished(journal) >= 3
-    from rapid_search.search.storage import check_journal
+    from rapid_search.storage import check_journal
 
     assert check_journal(journal, repair=False) is None  # clean now
 
@@ -227,7 +227,7 @@ def test_disk_full_during_a_search(tiny_search, tmp_path, monkeypatch, capsys) -
     """The disk fills up after 2 finished trials, in the middle of a journal write: one line naming
     the journal and the fix, the best schedule so far written, the journal still ending with a
     complete record, and the same command resumes once there is space."""
-    import rapid_search.search.storage as storage
+    import rapid_search.storage as storage
 
     monkeypatch.chdir(tmp_path)
     real = storage._write_all
@@ -247,7 +247,7 @@ def test_disk_full_during_a_search(tiny_search, tmp_path, monkeypatch, capsys) -
     assert "journal file studies/h.journal:" in line
     assert "free space" in line and "re-run the same command" in line and f"best schedule so far written to {out}" in line
     assert rs.Schedule.load(out).budget is not None
-    from rapid_search.search.storage import check_journal
+    from rapid_search.storage import check_journal
 
     assert journal.read_bytes().endswith(b"\n") and check_journal(journal, repair=False) is None
     monkeypatch.setattr(storage, "_write_all", real)

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from rapid_search.cli import main
 from rapid_search.runtime.schedule import Schedule
-from rapid_search.search.storage import open_storage
+from rapid_search.storage import open_storage
 from test_distributed import freeze
 
 from rapid_search.search.workers import (

@@ -101,13 +101,16 @@ def test_every_error_of_the_project_has_one_root() -> None:
 
 
 def test_layers_import_downwards_only() -> None:
-    """The runtime (what ships to inference machines) imports nothing of the tools, the search or
-    the command line; the tools import nothing of the search or the command line."""
+    """The runtime (what ships to inference machines) imports nothing of the tools, the study
+    storage, the search or the command line; the tools import nothing of the storage, the search or
+    the command line; the storage (as ``optuna.storages`` beside ``optuna.study``) imports nothing
+    of the runtime, the tools, the search or the command line."""
     mods = _modules()
     known = set(mods)
     above = {
-        "rapid_search.runtime": ("rapid_search.tools", "rapid_search.search", "rapid_search.cli"),
-        "rapid_search.tools": ("rapid_search.search", "rapid_search.cli"),
+        "rapid_search.runtime": ("rapid_search.tools", "rapid_search.storage", "rapid_search.search", "rapid_search.cli"),
+        "rapid_search.tools": ("rapid_search.storage", "rapid_search.search", "rapid_search.cli"),
+        "rapid_search.storage": ("rapid_search.runtime", "rapid_search.tools", "rapid_search.search", "rapid_search.cli"),
     }
     bad = []
     for name, path in mods.items():
@@ -115,7 +118,7 @@ def test_layers_import_downwards_only() -> None:
             if name == layer or name.startswith(layer + "."):
                 bad += [f"{name} -> {m}" for m in sorted(_imports(name, path, known)) if m.startswith(forbidden)]
     assert bad == []
-    assert {"rapid_search.runtime.patch", "rapid_search.tools.bench", "rapid_search.search.runner"} <= known
+    assert {"rapid_search.runtime.patch", "rapid_search.tools.bench", "rapid_search.storage", "rapid_search.search.runner"} <= known
 
 
 def test_public_names_resolve_lazily() -> None:

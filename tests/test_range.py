@@ -11,7 +11,7 @@ import rapid_search as rs
 from rapid_search.cli import main
 from rapid_search.search.budget import BudgetError, parse_budget
 from rapid_search.search.space import project
-from rapid_search.search.storage import open_storage
+from rapid_search.storage import open_storage
 from rapid_search.search.study import latency_correction
 from rapid_search.tools.latency import LatencyModel
 from rapid_search.tools.front import FrontPoint, pareto_front

@@ -60,7 +60,7 @@ def _opts(tiny, tmp_path, **kw) -> SearchOptions:
 
 def test_resume_keeps_trials(tiny, tmp_path):
     r1 = run_search(_opts(tiny, tmp_path, trials=4))
-    from rapid_search.search.storage import open_storage
+    from rapid_search.storage import open_storage
 
     study = optuna.load_study(study_name="t", storage=open_storage(f"journal:{tmp_path / 'study.journal'}", study_name="t"))
     first = {t.number: (t.state, t.value, t.params) for t in study.trials}
@@ -76,7 +76,7 @@ def test_resume_keeps_trials(tiny, tmp_path):
 
 def test_warm_start_and_budget(tiny, tmp_path):
     res = run_search(_opts(tiny, tmp_path, trials=5))
-    from rapid_search.search.storage import open_storage
+    from rapid_search.storage import open_storage
 
     study = optuna.load_study(study_name="t", storage=open_storage(f"journal:{tmp_path / 'study.journal'}", study_name="t"))
     warm = [t.user_attrs.get("warm_start") for t in study.trials[:3]]
@@ -180,7 +180,7 @@ def test_threshold_schedule_over_budget_is_stopped_on_the_first_rung(tiny, tmp_p
         "decay: {low: -0.9, high: 0.9}\nprotect: {low: 0.0, high: 0.6}\nprune_threshold: 0.999\nmerge_threshold: 0.999\n"
     )
     res = run_search(_opts(tiny, tmp_path, trials=5, space=space))
-    from rapid_search.search.storage import open_storage
+    from rapid_search.storage import open_storage
 
     study = optuna.load_study(study_name="t", storage=open_storage(f"journal:{tmp_path / 'study.journal'}", study_name="t"))
     sampled = [t for t in study.trials if t.user_attrs.get("warm_start") in (None, "rapid-hand-set")]
@@ -199,7 +199,7 @@ def test_fixed_counts_turns_every_threshold_off(tiny, tmp_path):
     lean path, compilable with ``fullgraph=True``), and the study records a different space than
     the same search without it, so the two never mix in one study."""
     from rapid_search.search.runner import default_study_name
-    from rapid_search.search.storage import open_storage
+    from rapid_search.storage import open_storage
     from rapid_search.search.study import trial_schedule
 
     space = tmp_path / "space.yaml"

@@ -18,7 +18,7 @@ import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from rapid_search.search.storage import open_storage
+from rapid_search.storage import open_storage
 from rapid_search.search.workers import FAILED_BECAUSE_KEY, HEARTBEAT_KEY, SURPLUS_KEY, WORKER_KEY, count_trials
 from test_distributed import FAST_JOURNAL, check_study, export_ok, freeze
 

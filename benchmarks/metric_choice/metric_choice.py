@@ -34,7 +34,7 @@ from rapid_search.tools.loading import load_model
 from rapid_search.tools.measure import set_cpu_threads
 from rapid_search.runtime.presets import make_schedule, rapid_schedule, tome_for_ratio
 from rapid_search.search.space import SearchSpace, project
-from rapid_search.search.storage import open_storage
+from rapid_search.storage import open_storage
 from rapid_search.search.study import trial_schedule
 
 METRICS = ("top1", "agreement", "kl")

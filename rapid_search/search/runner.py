@@ -33,7 +33,7 @@ from ..runtime.schedule import Schedule
 from .budget import BudgetError, BudgetSpec, Target, parse_budget
 from .progress import Progress, summarize_search
 from .space import SearchSpace, project
-from .storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, JOURNAL_LOCK_GRACE, JournalWriteError, check_journal_path, check_study_name, describe_storage, journal_path, open_storage
+from ..storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, JOURNAL_LOCK_GRACE, JournalWriteError, check_journal_path, check_study_name, describe_storage, journal_path, open_storage
 from .study import HAND_SET_LEVELS, LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest, corrected_ms, export_best, hand_params, latency_correction, saving_correction
 from .workers import FINISHED, run_trials
 

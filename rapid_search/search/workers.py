@@ -32,7 +32,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import RapidSearchError
-from .storage import HeartbeatMixin
+from ..storage import HeartbeatMixin
 
 __all__ = [
     "HEARTBEAT_KEY", "WORKER_KEY", "RETRY_PENDING_KEY", "SURPLUS_KEY", "FAILED_BECAUSE_KEY", "Worker", "count_trials", "deferred_interrupts",
@@ -321,7 +321,7 @@ class Worker:
         """Attach this policy to the study's storage (behind Optuna's cache for a database) within the block."""
         storage = self.storage._backend if isinstance(self.storage, _CachedStorage) else self.storage  # noqa: SLF001
         if not isinstance(storage, HeartbeatMixin):
-            raise TypeError("the study's storage has no heartbeat: open it with rapid_search.search.storage.open_storage")
+            raise TypeError("the study's storage has no heartbeat: open it with rapid_search.storage.open_storage")
         before, storage.liveness = storage.liveness, self
         try:
             yield
@@ -472,7 +472,7 @@ def run_trials(
     (SIGINT, SIGTERM) also queues it again.
 
     Args:
-        study: The (shared) study; its storage from :func:`~rapid_search.search.storage.open_storage`.
+        study: The (shared) study; its storage from :func:`~rapid_search.storage.open_storage`.
         objective: ``trial -> value``; may raise ``optuna.TrialPruned``.
         n_trials: Finished trials wanted in the study, all workers together.
         interval, grace, heartbeat_storage, log: See :class:`Worker` (``interval``, ``grace``, ``beats``, ``log``).

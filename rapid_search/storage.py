@@ -36,10 +36,10 @@ from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import FrozenTrial
 from sqlalchemy.engine import make_url
 
-from ..errors import RapidSearchError
-from ..outputs import writable_ancestor
-from ..redact import has_scheme, mask_url, safe_reason
-from ..termsafe import printable
+from .errors import RapidSearchError
+from .outputs import writable_ancestor
+from .redact import has_scheme, mask_url, safe_reason
+from .termsafe import printable
 
 __all__ = [
     "StorageError", "JournalWriteError", "HeartbeatMixin", "check_journal", "check_journal_path", "check_study_name", "open_storage",
