@@ -339,3 +339,39 @@ def test_similarity_picks_what_prune_and_merge_compare(models64, family, monkeyp
             _run(model, x, s, lean=lean)
             width = info.embed_dim if similarity == "tokens" else info.head_dim
             assert [m.shape[-1] for m in seen] == [width, width], (similarity, lean)
+
+
+class _KeyMeans(TorchDispatchMode):
+    """Counts head averages of ``(B, H, N, hd)`` keys (``mean`` over dim 1 of a 4-D tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten.mean.dim and args[0].ndim == 4 and list(args[1]) == [1]:
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_keys_are_averaged_only_for_layers_that_compare_by_them(models64, family):
+    """The head-averaged keys cost a pass over ``(B, H, N, hd)`` per block (milliseconds at batch 32):
+    they are computed for ``similarity: keys`` and ``tome`` layers, never for ``similarity: tokens``
+    or ``evit`` ones; both paths, every family."""
+    model = models64[family]
+    info = rs.ModelInfo.from_model(model)
+    x = images(model, 2, dtype=torch.float64)
+    r = (info.num_tokens - info.num_prefix_tokens) // 8
+
+    def means(layers, lean):
+        spy = _KeyMeans()
+        with spy:
+            _run(model, x, rs.as_schedule(layers + [L()] * (info.depth - len(layers)), model), lean=lean)
+        return spy.count
+
+    for lean in (True, False):
+        assert means([L("prune", r, similarity="tokens"), L("merge", r, None, 0.25, "max", "tokens"), L("evit", r)], lean) == 0
+        assert means([L("prune", r, similarity="keys"), L("merge", r, None, 0.25, "max", "keys")], lean) >= 2
+        assert means([L("tome", r)], lean) >= 1

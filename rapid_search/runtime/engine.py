@@ -17,7 +17,7 @@ binds them to a model.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ from .ops import _as, _wide
 from .schedule import LayerSpec, Schedule, ScheduleError
 
 _ATTR = "_rapid_runtime"
+
+#: The attention's similarity metric, computed on demand: ``() -> (B, N, hd)`` head-averaged keys.
+Metric = Callable[[], torch.Tensor]
 
 
 class _State:
@@ -91,8 +94,8 @@ def _attention(
     importance_rows: int,
     need_importance: bool,
     num_prefix: int,
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """timm 1.0.31 ``Attention.forward`` with proportional attention, also returning the metric and importance.
+) -> tuple[torch.Tensor, Metric, Optional[torch.Tensor]]:
+    """timm 1.0.31 ``Attention.forward`` with proportional attention, also returning the keys' metric and the importance.
 
     Args:
         attn: The block's timm ``Attention`` module (its own layers are used).
@@ -103,8 +106,9 @@ def _attention(
         num_prefix: Prefix tokens.
 
     Returns:
-        Output ``(B, N, C)``, metric ``(B, N, head_dim)`` (head-averaged keys) and importance
-        ``(B, N - num_prefix)`` or None.
+        Output ``(B, N, C)``, the metric as a function that computes it on demand (the
+        head-averaged keys ``(B, N, head_dim)``, needed only by ``similarity: keys`` and ``tome``
+        layers) and importance ``(B, N - num_prefix)`` or None.
     """
     B, N, _ = x.shape
     H, hd = attn.num_heads, attn.head_dim
@@ -118,9 +122,8 @@ def _attention(
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))  # (B, N, C)
-    metric = k.mean(dim=1)  # (B, N, hd) head-averaged keys, as ToMe
     importance = _importance(q, k, attn.scale, size, rows=importance_rows, num_prefix=num_prefix, bias=bias) if need_importance else None
-    return out, metric, importance
+    return out, lambda: k.mean(dim=1), importance  # metric: (B, N, hd) head-averaged keys, as ToMe
 
 
 def _sdpa(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -164,7 +167,7 @@ def _importance(
     return _as(logits, _wide(logits.dtype)).softmax(dim=-1).mean(dim=(1, 2))[:, num_prefix:]  # (B, T)
 
 
-def _reduce_fixed(x: torch.Tensor, metric: torch.Tensor, importance: Optional[torch.Tensor], layer: LayerSpec, rt: _Runtime) -> torch.Tensor:
+def _reduce_fixed(x: torch.Tensor, metric: Optional[torch.Tensor], importance: Optional[torch.Tensor], layer: LayerSpec, rt: _Runtime) -> torch.Tensor:
     """The lean path: a fixed-count layer on a batch without padding (every shape from the schedule,
     no host synchronisation; see :class:`rapid_search.runtime.ops.FixedReduction`)."""
     st, P = rt.state, rt.num_prefix
@@ -192,11 +195,16 @@ def _reduce_fixed(x: torch.Tensor, metric: torch.Tensor, importance: Optional[to
     return x
 
 
-def _reduce(x: torch.Tensor, metric: torch.Tensor, importance: Optional[torch.Tensor], layer: LayerSpec, rt: _Runtime) -> torch.Tensor:
-    """Apply one block's reduction to ``x`` ``(B, N, C)`` and update the shared state."""
+def _reduce(x: torch.Tensor, keys: Metric, importance: Optional[torch.Tensor], layer: LayerSpec, rt: _Runtime) -> torch.Tensor:
+    """Apply one block's reduction to ``x`` ``(B, N, C)`` and update the shared state (``keys``: the
+    attention's metric, computed only for the layers that compare tokens by it)."""
     st, P = rt.state, rt.num_prefix
-    if layer.similarity == "tokens":
+    if layer.op == "evit":
+        metric = None  # importance only
+    elif layer.similarity == "tokens":
         metric = x  # (B, N, C) the residual stream itself (LayerSpec.similarity)
+    else:
+        metric = keys()  # (B, N, hd)
     if rt.lean and layer.threshold is None and st.n_valid is None and layer.op in ("prune", "merge", "evit"):
         return _reduce_fixed(x, metric, importance, layer, rt)
     if layer.op == "tome":

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import _importance, _pool, _reduce, _Runtime, _sdpa
+from .engine import Metric, _importance, _pool, _reduce, _Runtime, _sdpa
 from ..errors import RapidSearchError
 from .schedule import ScheduleError
 
@@ -161,7 +161,7 @@ def attention(
     importance_rows: int,
     need_importance: bool,
     num_prefix: int,
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, Metric, Optional[torch.Tensor]]:
     """Self-attention of a timm attention module with proportional attention and a position bias.
 
     Args:
@@ -176,13 +176,13 @@ def attention(
         num_prefix: Prefix tokens.
 
     Returns:
-        Output ``(B, N, C)``, metric ``(B, N, hd)`` (head-averaged keys before RoPE: content, not
-        position) and importance ``(B, N - num_prefix)`` or None.
+        Output ``(B, N, C)``, the metric as a function that computes it on demand (head-averaged
+        keys ``(B, N, hd)`` before RoPE: content, not position) and importance ``(B, N - num_prefix)`` or None.
     """
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     q, k, v = _qkv(attn, x)
-    metric = k.mean(dim=1)  # (B, N, hd) head-averaged keys, as ToMe
+    metric = lambda k=k: k.mean(dim=1)  # noqa: E731 - (B, N, hd) head-averaged keys, as ToMe (the keys before RoPE)
     rope_prefix = int(getattr(attn, "num_prefix_tokens", num_prefix))
     q, k = _rotate(attn, q, rope, rope_prefix).type_as(v), _rotate(attn, k, rope, rope_prefix).type_as(v)
     groups = q.shape[1] // k.shape[1]
@@ -360,7 +360,7 @@ class _VitBlocks(Adapter):
                 ms.append(m)
                 imps.append(imp)
             imp = None if imps[0] is None else torch.stack(imps).mean(0)  # (B, T) mean over parallel attentions
-            return torch.stack(ys).sum(0), torch.stack(ms).mean(0), imp  # metric: mean head-averaged keys
+            return torch.stack(ys).sum(0), lambda: torch.stack([m() for m in ms]).mean(0), imp  # metric: mean head-averaged keys
         if isinstance(blk, ResPostBlock):
             y, m, imp = attention(blk.attn, x, size, **kw)
             return blk.drop_path1(blk.norm1(y)), m, imp
