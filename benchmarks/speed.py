@@ -2,7 +2,8 @@
 
 Every configuration is its own copy of the model (so that each can be compiled for what it runs);
 within one table (batch size x dtype) the configurations are timed round-robin, one forward each
-per round, so load from other processes on a shared machine hits them alike. Rounds continue
+per round, so load from other processes on a shared machine hits them alike, in an order that
+rotates from round to round (of two identical forwards in a fixed order the second reads faster). Rounds continue
 until the median of every configuration is stable (its bootstrap 95 % interval within
 ``--stable`` of the median) or ``--seconds`` have passed. Reported: median ms per batch, IQR in %
 of the median, speed-up over the unpatched model in the same mode, the FLOPs-ideal speed-up
@@ -79,10 +80,11 @@ def _table(
     with torch.inference_mode():
         for fn, _ in configs.values():  # warm-up (and compilation)
             fn(), fn(), fn()
+        names = list(configs)
         while True:
-            for name, (fn, _) in configs.items():
+            for name in names[rounds % len(names) :] + names[: rounds % len(names)]:  # rotating: no position bias
                 t0 = clock()
-                fn()
+                configs[name][0]()
                 times[name].append((clock() - t0) * 1e3)
             rounds += 1
             if rounds >= min_rounds and (time.perf_counter() > t_end or all(_stats(v)[2] <= stable for v in times.values())):
@@ -119,6 +121,18 @@ class _Oracle(torch.nn.Module):
             t = t[:, : self.counts[i + 1]]  # (B, N_{l+1}, C)
             t = t + blk.ls2(blk.mlp(blk.norm2(t)))
         return m.forward_head(m.norm(t))
+
+
+def _cpu_name() -> str:
+    """The processor's model name and its widest vector extension (what the CPU timings depend on)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "unknown")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    isa = "AVX-512" + (" BF16" if "avx512_bf16" in flags else "") if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name} ({isa})"
 
 
 def main() -> None:
@@ -169,7 +183,7 @@ def main() -> None:
     if tome is not None:
         gflops[f"official ToMe r={tome_r}"] = rs.schedule_macs(info, tome_sched) / 1e9
     print(
-        f"{args.model}, CPU threads {torch.get_num_threads()}, torch {torch.__version__}, {args.clock} clock; round-robin, medians; "
+        f"{args.model}, CPU {_cpu_name()}, threads {torch.get_num_threads()}, torch {torch.__version__}, {args.clock} clock; round-robin, medians; "
         f"IQR in % of the median; ! = flagged (speed-up above ideal beyond noise, or IQR > {FLAG_SPREAD:.0%})"
     )
     out: list[dict[str, Any]] = []

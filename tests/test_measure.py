@@ -106,14 +106,15 @@ def test_set_cpu_threads() -> None:
 
 
 def test_time_rounds_interleaves_and_honours_per_piece_counts() -> None:
-    """One run of every piece per round (round-robin), each after its own warm-up, for its own
-    number of rounds; with a time limit, rounds go on until the medians are stable."""
+    """One run of every piece per round (round-robin, the order rotating from round to round), each
+    after its own warm-up, for its own number of rounds; with a time limit, rounds go on until the
+    medians are stable."""
     from rapid_search.tools.measure import time_rounds
 
     calls: list[str] = []
     runs = {k: (lambda k=k: calls.append(k)) for k in "abc"}
     out = time_rounds(runs, device=CPU, repeats={"a": 3, "b": 1, "c": 2}, warmup={"a": 1, "b": 0, "c": 2}, batch_size=4)
-    assert calls == ["a", "a", "b", "c", "c", "c", "a", "c", "a"]
+    assert calls == ["a", "a", "b", "c", "c", "c", "c", "a", "a"]  # rounds a b c, (b) c a, (c) a: b and c are done
     assert {k: t.repeats for k, t in out.items()} == {"a": 3, "b": 1, "c": 2} and out["a"].batch_size == 4
     rounds: list[str] = []
     slow = time_rounds({"x": lambda: time.sleep(0.001)}, device=CPU, repeats=2, time_limit=0.05, stable=0.0, log=rounds.append)
@@ -130,5 +131,8 @@ def test_time_rounds_interleaves_and_honours_per_piece_counts() -> None:
 
     t = time_rounds({"x": lambda: entered.append("run")}, device=CPU, repeats=3, warmup=1, around={"x": slow_setup})
     assert entered == ["setup", "run", "run", "setup", "run", "setup", "run"] and t["x"].max_ms < 40
+    calls.clear()
+    time_rounds(runs, device=CPU, repeats=3)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # each piece first once, last once
     with pytest.raises(ValueError, match="repeats >= 1"):
         time_rounds(runs, device=CPU, repeats=0)
