@@ -220,7 +220,7 @@ class LatencyModel:
             if compile and calibrate:
                 torch._dynamo.reset()
         med = {k: t.median_ms for k, t in timings.items()}
-        attn_fit, mlp_fit, glue, overhead, sized = _fit_parts(timings, grid, specs, probe, N, P)
+        attn_fit, mlp_fit, glue, overhead, sized = _fit_parts(timings, med, grid, specs, probe, N, P)
         lat = cls(
             info=info,
             device=str(dev),
@@ -287,12 +287,12 @@ class LatencyModel:
 
 
 def _fit_parts(
-    timings: dict[str, Any], grid: list[int], specs: dict[str, LayerSpec], probe: tuple[int, int], N: int, P: int
+    timings: dict[str, Any], med: dict[str, float], grid: list[int], specs: dict[str, LayerSpec], probe: tuple[int, int], N: int, P: int
 ) -> tuple[Any, Any, float, dict[str, tuple[float, float]], tuple[float, float]]:
-    """From :func:`_probes`' timings: the attention and MLP halves' quadratic fits over ``grid``,
-    the glue factor that anchors their sum to the whole plain block at ``N``, each op's overhead
-    and the size-aware attention's, as ``(fixed ms, ms per token)`` lines through the two ``probe`` counts."""
-    med = {k: t.median_ms for k, t in timings.items()}
+    """From :func:`_probes`' timings (``med``: their medians): the attention and MLP halves' quadratic
+    fits over ``grid``, the glue factor that anchors their sum to the whole plain block at ``N``, each
+    op's overhead and the size-aware attention's, as ``(fixed ms, ms per token)`` lines through the
+    two ``probe`` counts."""
     attn_fit = _fit_nonneg_quadratic(grid, [med[f"attn{n}"] for n in grid])
     mlp_fit = _fit_nonneg_quadratic(grid, [med[f"mlp{n}"] for n in grid])
     halves = _poly(attn_fit, N) + _poly(mlp_fit, N)
