@@ -4,10 +4,9 @@ The other revision's ``rapid_search`` package is extracted (``git archive``) int
 under another name and imported from there, so both runtimes live in one process. Its modules are
 imported by their own paths (``<name>.runtime.patch``): the package's lazy top-level names resolve to
 ``rapid_search.*``, which is this checkout. Each round times the unpatched model, the revision's
-runtime and this checkout's, one forward each, in an order that rotates from round to round (the
-second of two identical forwards in a round runs a few percent faster on a warm cache, which a fixed
-order would book as a speed-up). Reported: medians, and the median per-round ratio this / revision with
-a bootstrap 95 % interval. The two outputs must agree; the largest difference is printed.
+runtime and this checkout's, one forward each, in an order that rotates from round to round
+(``speed.py``'s round-robin loop, CPU clock). Reported: medians, and the median per-round ratio this /
+revision with a bootstrap 95 % interval. The two outputs must agree; the largest difference is printed.
 
     python benchmarks/against.py --rev HEAD~1 --batch-sizes 1,32 --rounds 400,30 --threads 1
 """
@@ -28,6 +27,7 @@ import timm
 import torch
 
 import rapid_search as rs
+from speed import _cpu_name, _median_ci, _table  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,12 +41,6 @@ def _import_revision(rev: str, folder: str) -> tuple[object, object]:
     (Path(folder) / "rapid_search").rename(Path(folder) / "rapid_search_rev")
     sys.path.insert(0, folder)
     return importlib.import_module("rapid_search_rev.runtime.patch"), importlib.import_module("rapid_search_rev.runtime.presets")
-
-
-def _median_ci(a: np.ndarray, rng: np.random.Generator, n_boot: int = 2000) -> tuple[float, float]:
-    boots = np.median(rng.choice(a, size=(n_boot, a.size)), axis=1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return float(lo), float(hi)
 
 
 def main() -> None:
@@ -70,26 +64,18 @@ def main() -> None:
     models = {"unpatched": base, args.rev: copy.deepcopy(base), "this checkout": copy.deepcopy(base)}
     patch_rev.apply(models[args.rev], presets_rev.rapid_schedule(base, args.ratio))
     rs.apply(models["this checkout"], rs.rapid_schedule(base, args.ratio))
-    names = list(models)
     rng = np.random.default_rng(0)
-    print(f"{args.model}, hand-set RAPID {args.ratio:.0%}, threads {torch.get_num_threads()}, torch {torch.__version__}, CPU clock; "
-          f"this checkout against {args.rev}, rotating round-robin")
+    print(f"{args.model}, hand-set RAPID {args.ratio:.0%}, CPU {_cpu_name()}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
+          f"CPU clock; this checkout against {args.rev}, rotating round-robin")
     for B, n in zip(sizes, rounds):
         x = torch.randn(B, 3, *base.pretrained_cfg["input_size"][1:], generator=torch.Generator().manual_seed(0))
-        times: dict[str, list[float]] = {k: [] for k in names}
         with torch.inference_mode():
             out = {k: m(x) for k, m in models.items()}
-            for _ in range(2):
-                for m in models.values():
-                    m(x)
-            for i in range(n):
-                for k in names[i % 3 :] + names[: i % 3]:
-                    t0 = time.thread_time()
-                    models[k](x)
-                    times[k].append((time.thread_time() - t0) * 1e3)
+        runs = {k: ((lambda m=m: m(x)), 0.0) for k, m in models.items()}
+        times = _table(runs, min_rounds=n, seconds=0.0, stable=0.0, clock=time.thread_time)  # exactly n rounds
         t = {k: np.asarray(v) for k, v in times.items()}
         ratio = t["this checkout"] / t[args.rev]
-        lo, hi = _median_ci(ratio, rng)
+        lo, hi = _median_ci(ratio, 2000, rng)
         diff = float((out["this checkout"] - out[args.rev]).abs().max())
         print(f"batch {B}, {n} rounds: " + ", ".join(f"{k} {np.median(v):.2f} ms" for k, v in t.items()) + f"; outputs differ by at most {diff:.3g}")
         print(f"  this checkout / {args.rev}: median per-round ratio {np.median(ratio):.4f} [{lo:.4f}, {hi:.4f}]; speed-up over unpatched "
