@@ -47,6 +47,7 @@ from ..runtime.flops import ModelInfo, schedule_macs
 from .provenance import versions
 from ..runtime.presets import TOME_DECREASING, UnreachableBudget, as_schedule, rapid_schedule, tome_for_ratio, variant_schedule
 from ..runtime.schedule import Schedule, atomic_write_text
+from .evaluate import fidelity, predict
 from .measure import median_ci
 from .stats import compare_paired
 from ..errors import RapidSearchError
@@ -436,11 +437,8 @@ class _Evaluation:
     def __init__(
         self, model: nn.Module, images: torch.Tensor, labels: Optional[torch.Tensor], *, device: torch.device, batch_size: int, log: Log
     ) -> None:
-        from .evaluate import fidelity, predict
-
         self.model, self.images, self.labels, self.device, self.batch_size, self.log = model, images, labels, device, batch_size, log
         self.info = ModelInfo.from_model(model)
-        self._fidelity, self._predict = fidelity, predict
         t0 = time.perf_counter()
         pred = predict(model, images, None, batch_size=batch_size, device=device, info=self.info)
         self.base_logits = pred.logits  # (N, K)
@@ -499,8 +497,8 @@ class _Evaluation:
     def _measure(self, sched: Schedule) -> dict[str, Any]:
         """Accuracy and cost of one schedule on the images."""
         t0 = time.perf_counter()
-        pred = self._predict(self.model, self.images, sched, batch_size=self.batch_size, device=self.device, info=self.info)
-        scores = self._fidelity(pred.logits, self.base_logits, self.labels)
+        pred = predict(self.model, self.images, sched, batch_size=self.batch_size, device=self.device, info=self.info)
+        scores = fidelity(pred.logits, self.base_logits, self.labels)
         macs = float(pred.macs.mean())  # executed; equals the analytic cost for fixed counts
         return {
             "gflops": _round(macs / 1e9),
