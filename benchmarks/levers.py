@@ -146,7 +146,7 @@ def _merge_variant(sources: str) -> Callable:
             dst_all = j + P
         chosen = score.topk(r, dim=1).indices  # (B, r)
         src, dst = a.gather(1, chosen), dst_all.gather(1, chosen)  # (B, r) each
-        return ops.FixedReduction(B, N, ops._flat(ops._ascending(0, N, src), N), ops._flat(src, N), ops._flat(dst, N))
+        return ops.FixedReduction(B, N, ops._kept_rows(B, N, src), ops._flat(src, N), ops._flat(dst, N))
 
     return merge
 

@@ -19,6 +19,7 @@ from rapid_search.runtime.ops import (
     importance_prune,
     merge_source,
     merge_wavg,
+    peak_norm,
     redundancy_prune,
 )
 from rapid_search.runtime.patch import _runtime
@@ -110,7 +111,28 @@ def test_fixed_ops_select_what_the_general_ops_select(P, r):
         torch.testing.assert_close(got_x, want_x, rtol=1e-12, atol=1e-12)
         assert torch.equal(got_s, want_s)
         assert torch.equal(got_s.sum(1), size.sum(1))  # nothing lost
+        # MLERP fused into the merge = the general path's peak_norm after merge_wavg
+        peaked, peaked_s = lean.merge(x, size, peak=True)
+        torch.testing.assert_close(peaked, peak_norm(general, x, want_x), rtol=1e-12, atol=1e-12)
+        assert torch.equal(peaked_s, want_s)
+        assert not torch.allclose(peaked, got_x)  # the peak norms did change the averages
         torch.testing.assert_close(merge_source(lean, x, None), merge_source(general, x, None), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fused_mlerp_reuses_the_metric_norms_when_the_metric_is_the_tokens(dtype):
+    """``similarity: tokens``: the merge's MLERP takes the norms ``fixed_merge`` already computed for the
+    similarity; the result equals computing them again, in every dtype, and comes back in ``x``'s dtype."""
+    B, N, C, P = 2, 29, 16, 1
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(B, N, C, generator=g, dtype=torch.float64) * 3).to(dtype)
+    imp = torch.rand(B, N - P, generator=g, dtype=torch.float64).to(dtype)
+    size = torch.randint(1, 4, (B, N, 1), generator=g).to(dtype)
+    red = fixed_merge(x, imp, 6, num_prefix=P, protect=0.25)
+    assert red.metric_norm.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)
+    shared, s1 = red.merge(x, size, peak=True, norm=red.metric_norm)
+    own, s2 = red.merge(x, size, peak=True)
+    assert shared.dtype == dtype and torch.equal(shared, own) and torch.equal(s1, s2)
 
 
 def test_fixed_ops_identity_when_nothing_to_do():

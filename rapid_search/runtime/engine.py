@@ -184,9 +184,8 @@ def _reduce_fixed(x: torch.Tensor, metric: Optional[torch.Tensor], importance: O
         st.source = merge_source(red, x, st.source)
     if st.pos is not None:  # positions follow tokens (RoPE / relative-bias families)
         st.pos = follow_positions(red, st.pos)
-    if layer.op == "merge":
-        merged, st.size = red.merge(x, st.size)
-        x = peak_norm(red, x, merged) if layer.merged_norm == "max" else merged
+    if layer.op == "merge":  # MLERP fused into the merge, reusing the metric's norms when the metric is x itself
+        x, st.size = red.merge(x, st.size, peak=layer.merged_norm == "max", norm=red.metric_norm if metric is x else None)
         st.merged = True
     else:
         x = red(x)

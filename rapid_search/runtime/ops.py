@@ -436,14 +436,7 @@ def peak_norm(reduce: ReduceFn, x: torch.Tensor, merged: torch.Tensor) -> torch.
         token's group, the token itself included).
     """
     wide = _wide(x.dtype)
-    B, N, C = x.shape
-    if isinstance(reduce, FixedReduction):  # the lean path: flat 1-D norms, no (B, N, 1) expand/scatter (fewer ops)
-        norm = torch.linalg.vector_norm(_as(x, wide).reshape(B * N, C), dim=-1)  # (B * N,)
-        if reduce.src is not None:
-            norm = norm.scatter_reduce(0, reduce.dst, norm.index_select(0, reduce.src), reduce="amax")  # (B * N,)
-        peak = norm.index_select(0, reduce.keep).view(B, reduce.num_out, 1)  # (B, L, 1)
-    else:
-        peak = reduce(torch.linalg.vector_norm(_as(x, wide), dim=-1, keepdim=True), mode="amax")  # (B, L, 1)
+    peak = reduce(torch.linalg.vector_norm(_as(x, wide), dim=-1, keepdim=True), mode="amax")  # (B, L, 1)
     m = _as(merged, wide)  # (B, L, C)
     return _as(m * (peak / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(1e-12)), merged.dtype)  # (B, L, C)
 
@@ -484,6 +477,8 @@ class FixedReduction:
         keep: ``(B * L,)`` rows of the flattened ``(B * N, C)`` input kept, in sequence order.
         src: ``(B * R,)`` rows merged away (None: pruning).
         dst: ``(B * R,)`` the rows they are added into (never removed; None: pruning).
+        metric_norm: ``(B, N, 1)`` norms of the similarity metric, float32 or wider (merges only): the
+            tokens' own norms when they are compared by the residual stream, reused by MLERP.
     """
 
     batch: int
@@ -491,6 +486,7 @@ class FixedReduction:
     keep: torch.Tensor
     src: Optional[torch.Tensor] = None
     dst: Optional[torch.Tensor] = None
+    metric_norm: Optional[torch.Tensor] = None
     ragged = False
 
     @property
@@ -510,11 +506,22 @@ class FixedReduction:
                 flat = flat.scatter_reduce(0, index, rows, reduce=mode, include_self=True)  # (B * N, C)
         return flat.index_select(0, self.keep).view(B, self.num_out, C)  # (B, L, C)
 
-    def merge(self, x: torch.Tensor, size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def merge(
+        self, x: torch.Tensor, size: Optional[torch.Tensor], *, peak: bool = False, norm: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Size-weighted average merge of ``x`` ``(B, N, C)`` in one pass over a fused buffer.
 
         Features and sizes travel together as ``(B * N, C + 1)`` rows in float32 (float64 inputs
         stay float64), so the weighted sums and the token counts are exact to that precision.
+
+        Args:
+            x: ``(B, N, C)`` tokens.
+            size: ``(B, N, 1)`` their sizes, or None (all 1).
+            peak: MLERP (:func:`peak_norm`): each merged token keeps its average's direction and takes
+                the largest norm among its members, computed here before the result is rounded to
+                ``x``'s dtype.
+            norm: ``(B, N, 1)`` norms of ``x`` in float32 (or wider) when already known (the
+                reduction's ``metric_norm`` when the metric is ``x`` itself); computed when None.
 
         Returns:
             ``(B, L, C)`` merged features in ``x``'s dtype and ``(B, L, 1)`` sizes.
@@ -530,25 +537,40 @@ class FixedReduction:
             flat.index_add_(0, self.dst, flat.index_select(0, self.src))  # (B * N, C + 1)
         out = flat.index_select(0, self.keep).view(B, self.num_out, C + 1)  # (B, L, C + 1)
         size = out[..., C:]  # (B, L, 1) >= 1: no padding on this path
-        return _as(out[..., :C] / size, x.dtype), size
+        merged = out[..., :C] / size  # (B, L, C) wide
+        if peak:
+            n = (_norm(x) if norm is None else norm).view(B * N)  # (B * N,)
+            if self.src is not None:
+                n = n.scatter_reduce(0, self.dst, n.index_select(0, self.src), reduce="amax")  # (B * N,) peak of each group
+            p = n.index_select(0, self.keep).view(B, self.num_out, 1)  # (B, L, 1)
+            merged = merged * (p / torch.linalg.vector_norm(merged, dim=-1, keepdim=True).clamp_min(1e-12))  # (B, L, C)
+        return _as(merged, x.dtype), size
 
     def valid_mask(self) -> None:
         return None
 
 
+def _norm(metric: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm of every token's metric in float32 (or wider): ``(B, N, C)`` -> ``(B, N, 1)``."""
+    return torch.linalg.vector_norm(_as(metric, _wide(metric.dtype)), dim=-1, keepdim=True)  # (B, N, 1)
+
+
 def _unit(metric: torch.Tensor) -> torch.Tensor:
     """Unit-norm metric of every token in float32 (or wider), as ``F.normalize``: ``(B, N, C)``."""
-    m = _as(metric, _wide(metric.dtype))  # (B, N, C)
-    return m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (B, N, C)
+    norm = _norm(metric)  # (B, N, 1)
+    return _as(metric, norm.dtype) / norm.clamp_min(1e-12)  # (B, N, C)
 
 
-def _ascending(start: int, stop: int, removed: torch.Tensor) -> torch.Tensor:
-    """Positions ``start..stop-1`` except ``removed`` ``(B, R)`` (given relative to ``start``),
-    in increasing order: ``(B, stop - start - R)``."""
-    B, R = removed.shape
-    n = stop - start
-    key = torch.arange(start, stop, device=removed.device).expand(B, n).scatter(1, removed, stop)  # (B, n) removed last
-    return key.topk(n - R, dim=1, largest=False, sorted=True).values  # (B, n - R)
+def _kept_rows(batch: int, n: int, removed: torch.Tensor, *, offset: int = 0, step: int = 1) -> torch.Tensor:
+    """Rows of the flattened ``(batch * n, C)`` tokens that remain when every image removes the positions
+    ``offset + step * removed`` (``removed``: ``(B, R)``), in sequence order: ``(B * (n - R),)``.
+
+    One pass: number the rows, mark the removed ones past the end, keep the ``n - R`` smallest per image.
+    """
+    R = removed.shape[1]
+    key = torch.arange(batch * n, device=removed.device).view(batch, n)  # (B, n) flat row of every token
+    (key[:, offset::step] if offset or step != 1 else key).scatter_(1, removed, batch * n)  # removed rows sort last
+    return key.topk(n - R, dim=1, largest=False, sorted=True).values.view(-1)  # (B * (n - R),)
 
 
 def fixed_prune(metric: torch.Tensor, r: int, *, num_prefix: int) -> Optional[FixedReduction]:
@@ -570,8 +592,8 @@ def fixed_prune(metric: torch.Tensor, r: int, *, num_prefix: int) -> Optional[Fi
         return None
     m = _unit(metric)  # (B, N, C)
     score = (m[:, P::2] @ m[:, P + 1 :: 2].transpose(1, 2)).amax(dim=-1)  # (B, Ta) redundancy of each A token
-    drop = score.topk(r, dim=1).indices * 2  # (B, r) dropped A tokens, as patch positions
-    return FixedReduction(B, N, _flat(_ascending(0, N, drop + P if P else drop), N))
+    drop = score.topk(r, dim=1).indices  # (B, r) dropped A tokens (A token j is sequence position P + 2j)
+    return FixedReduction(B, N, _kept_rows(B, N, drop, offset=P, step=2))
 
 
 def fixed_merge(metric: torch.Tensor, importance: torch.Tensor, r: int, *, num_prefix: int, protect: float) -> Optional[FixedReduction]:
@@ -601,7 +623,8 @@ def fixed_merge(metric: torch.Tensor, importance: torch.Tensor, r: int, *, num_p
         unp = torch.arange(P, N, device=metric.device).expand(B, T)  # (B, T)
     a_seq = unp[:, ::2]  # (B, Ta) sources: every other unprotected token
     a_rows = _flat(a_seq, N)  # (B * Ta,)
-    m = _unit(metric)  # (B, N, C)
+    norm = _norm(metric)  # (B, N, 1)
+    m = _as(metric, norm.dtype) / norm.clamp_min(1e-12)  # (B, N, C) unit metric, as F.normalize
     ma = m.view(B * N, C).index_select(0, a_rows).view(B, ta, C)  # (B, Ta, C)
     sim = m[:, P:] @ ma.transpose(1, 2)  # (B, T, Ta): patch tokens (the only destinations) x sources
     sim.view(B * T, ta).index_fill_(0, _flat(a_seq - P, T), _NEG_INF)  # sources are no destinations
@@ -609,7 +632,7 @@ def fixed_merge(metric: torch.Tensor, importance: torch.Tensor, r: int, *, num_p
     chosen = score.topk(r, dim=1).indices  # (B, r) into the sources
     src = a_seq.gather(1, chosen)  # (B, r) sequence positions
     dst = dst_a.gather(1, chosen) + P  # (B, r) sequence positions
-    return FixedReduction(B, N, _flat(_ascending(0, N, src), N), _flat(src, N), _flat(dst, N))
+    return FixedReduction(B, N, _kept_rows(B, N, src), _flat(src, N), _flat(dst, N), metric_norm=norm)
 
 
 def fixed_evit(importance: torch.Tensor, r: int, *, num_prefix: int) -> Optional[FixedReduction]:
@@ -620,8 +643,7 @@ def fixed_evit(importance: torch.Tensor, r: int, *, num_prefix: int) -> Optional
     if r <= 0:
         return None
     drop = importance.topk(r, dim=1, largest=False).indices  # (B, r) patch positions
-    N = T + num_prefix
-    return FixedReduction(B, N, _flat(_ascending(0, N, drop + num_prefix if num_prefix else drop), N))
+    return FixedReduction(B, T + num_prefix, _kept_rows(B, T + num_prefix, drop, offset=num_prefix))
 
 
 def follow_positions(reduce: ReduceFn, pos: torch.Tensor) -> torch.Tensor:
