@@ -133,6 +133,8 @@ def test_fused_mlerp_reuses_the_metric_norms_when_the_metric_is_the_tokens(dtype
     shared, s1 = red.merge(x, size, peak=True, norm=red.metric_norm)
     own, s2 = red.merge(x, size, peak=True)
     assert shared.dtype == dtype and torch.equal(shared, own) and torch.equal(s1, s2)
+    general = importance_merge(x, imp, 6, num_prefix=P, protect=0.25)  # same tokens, same rounding as the general path
+    torch.testing.assert_close(shared, peak_norm(general, x, merge_wavg(general, x, size)[0]), rtol=0, atol=0)
 
 
 def test_fixed_ops_identity_when_nothing_to_do():

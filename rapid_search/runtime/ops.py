@@ -518,8 +518,9 @@ class FixedReduction:
             x: ``(B, N, C)`` tokens.
             size: ``(B, N, 1)`` their sizes, or None (all 1).
             peak: MLERP (:func:`peak_norm`): each merged token keeps its average's direction and takes
-                the largest norm among its members, computed here before the result is rounded to
-                ``x``'s dtype.
+                the largest norm among its members; in reduced precision the average is rounded to
+                ``x``'s dtype first, as the general path (:func:`merge_wavg`, then :func:`peak_norm`) does,
+                so that both paths give the same tokens in every dtype.
             norm: ``(B, N, 1)`` norms of ``x`` in float32 (or wider) when already known (the
                 reduction's ``metric_norm`` when the metric is ``x`` itself); computed when None.
 
@@ -539,6 +540,8 @@ class FixedReduction:
         size = out[..., C:]  # (B, L, 1) >= 1: no padding on this path
         merged = out[..., :C] / size  # (B, L, C) wide
         if peak:
+            if wide != x.dtype:
+                merged = _as(merged, x.dtype).to(wide)  # the general path's rounding (see ``peak``)
             n = (_norm(x) if norm is None else norm).view(B * N)  # (B * N,)
             if self.src is not None:
                 n = n.scatter_reduce(0, self.dst, n.index_select(0, self.src), reduce="amax")  # (B * N,) peak of each group
