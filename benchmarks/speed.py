@@ -15,6 +15,7 @@ fetched copy; its code is never part of this repository) and patched onto its ow
 with the same constant ``r`` as the project's ToMe row.
 
     python benchmarks/speed.py --threads 1 --batch-sizes 1,32 --modes eager,compiled --dtypes float32
+    python benchmarks/speed.py --threads 1 --batch-sizes 1 --modes compiled-cpp --dtypes float32
 """
 
 from __future__ import annotations
@@ -140,7 +141,11 @@ def main() -> None:
     ap.add_argument("--model", default="deit_tiny_patch16_224")
     ap.add_argument("--batch-sizes", default="1,32")
     ap.add_argument("--ratio", type=float, default=0.5)
-    ap.add_argument("--modes", default="eager,compiled", help="eager and/or compiled (torch.compile, inductor, dynamic=False)")
+    ap.add_argument(
+        "--modes", default="eager,compiled",
+        help="eager, compiled (torch.compile, inductor, dynamic=False) and/or compiled-cpp (the same with inductor's C++ "
+        "wrapper, options={'cpp_wrapper': True}: the compiled graph's kernels are called from C++ instead of Python)",
+    )
     ap.add_argument("--dtypes", default="float32", help="float32, bfloat16, float16 (comma-separated)")
     ap.add_argument("--seconds", type=float, default=120.0, help="time limit per table (default 120)")
     ap.add_argument("--min-rounds", type=int, default=15)
@@ -161,6 +166,9 @@ def main() -> None:
     )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    bad = [m for m in args.modes.split(",") if m not in ("eager", "compiled", "compiled-cpp")]
+    if bad:
+        sys.exit(f"speed.py: error: unknown mode {bad[0]!r} — use eager, compiled or compiled-cpp")
     if args.threads:
         torch.set_num_threads(args.threads)
     base_model = timm.create_model(args.model).eval()  # random weights: speed does not depend on them
@@ -206,9 +214,10 @@ def main() -> None:
                     tome.patch.timm(m)
                     m.r = tome_r
                     configs[f"official ToMe r={tome_r}"] = (m, gflops[f"official ToMe r={tome_r}"])
-                if mode == "compiled":
+                if mode in ("compiled", "compiled-cpp"):
                     torch._dynamo.reset()
-                    configs = {k: (torch.compile(m, dynamic=False), g) for k, (m, g) in configs.items()}
+                    opts = {"cpp_wrapper": True} if mode == "compiled-cpp" else None
+                    configs = {k: (torch.compile(m, dynamic=False, options=opts), g) for k, (m, g) in configs.items()}
                 t0 = time.perf_counter()
                 fns = {k: ((lambda m=m: m(x)), g) for k, (m, g) in configs.items()}
                 clock = time.perf_counter if args.clock == "wall" else time.process_time
