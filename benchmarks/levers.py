@@ -69,17 +69,18 @@ _REDUCE = engine._reduce
 _IMPORTANCE = engine._importance
 
 
-def _fold_reduce(x, metric, importance, layer, rt):
+def _fold_reduce(x, keys, importance, layer, rt):
+    """``engine._reduce`` with folding prune blocks (``keys``: the attention's metric, computed on demand)."""
     if layer.op != "prune":
-        return _REDUCE(x, metric, importance, layer, rt)
-    red = _fold(metric, layer.r, num_prefix=rt.num_prefix)
+        return _REDUCE(x, keys, importance, layer, rt)
+    red = _fold(x if layer.similarity == "tokens" else keys(), layer.r, num_prefix=rt.num_prefix)
     x, rt.state.size = ops.merge_wavg(red, x, rt.state.size)
     rt.state.merged = True
     return x
 
 
-def _residual_metric(x, metric, importance, layer, rt):
-    return _REDUCE(x, x, importance, layer, rt)
+def _residual_metric(x, keys, importance, layer, rt):
+    return _REDUCE(x, lambda: x, importance, layer, rt)  # the residual stream in place of the keys
 
 
 def _head_max(q, k, scale, size, *, rows, num_prefix, bias):
