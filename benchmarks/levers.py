@@ -11,8 +11,9 @@ counts data-dependent):
 * the hand-set schedule over a grid of switch depth and protected fraction;
 * other ops in the deep blocks: ToMe's bipartite merge, EViT-style importance pruning, or
   pruning everywhere;
-* the importance signal: class attention with the head *maximum* instead of the mean, or divided
-  by the token's size (importance per patch);
+* the importance signal: class attention with the head *maximum* instead of the mean, divided
+  by the token's size (importance per patch), or the attention a token receives from every token
+  instead of from the class token;
 * the similarity metric: the residual stream instead of the head-averaged keys;
 * proportional attention off (in the attention only, or also in the importance);
 * which tokens merge: destinations only the unprotected B tokens (not the protected ones), or
@@ -102,6 +103,17 @@ def _no_prop_importance(q, k, scale, size, *, rows, num_prefix, bias):
     return _IMPORTANCE(q, k, scale, size, rows=rows, num_prefix=num_prefix, bias=None)
 
 
+def _received(q, k, scale, size, *, rows, num_prefix, bias):
+    """Importance = the attention each token receives from every query (size-weighted mean over the
+    queries, head-averaged) instead of from the class token: O(N^2), an experiment only."""
+    logits = (q * scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+    if bias is not None:
+        logits = logits + bias
+    a = logits.float().softmax(-1)  # (B, H, N, N)
+    w = (torch.ones_like(q[:, 0, :, :1]) if size is None else size).float()[:, None]  # (B, 1, N, 1) query weights
+    return ((a * w).sum(2) / w.sum(2)).mean(1)[:, num_prefix:]  # (B, T)
+
+
 def _per_size(q, k, scale, size, *, rows, num_prefix, bias):
     imp = _IMPORTANCE(q, k, scale, size, rows=rows, num_prefix=num_prefix, bias=bias)  # (B, T)
     return imp if size is None else imp / size[:, num_prefix:, 0]
@@ -160,6 +172,7 @@ def main() -> None:
     ap.add_argument("--searched", default=None, help="searched schedule to compare (default studies/MODEL-50pct.yaml)")
     ap.add_argument("--images", type=int, default=750)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", action="append", default=[], metavar="TEXT", help="run only the rows whose label contains TEXT (repeatable)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
@@ -178,6 +191,8 @@ def main() -> None:
 
     def row(label: str, s: Schedule, reduce: Callable = _REDUCE, importance: Callable = _IMPORTANCE, sdpa: Callable = _SDPA,
             merge: Callable = _MERGE) -> None:  # fmt: skip
+        if args.only and not any(t in label for t in args.only):
+            return
         apply(model, s)
         engine._reduce, engine._importance, engine._sdpa, engine.fixed_merge = reduce, importance, sdpa, merge
         try:
@@ -212,6 +227,8 @@ def main() -> None:
     row("ToMe, constant r", tome_for_ratio(model, args.ratio))
     best = rapid_schedule(model, args.ratio, merged_norm="mean", similarity="keys", switch=3, protect=0.6)
     row("switch 3, protect 0.6, importance: head max", best, importance=_head_max)
+    row("switch 3, protect 0.6, importance: attention received from every token", best, importance=_received)
+    row("searched (shipped), importance: attention received from every token", searched, importance=_received)
     row("switch 3, protect 0.6, metric: residual stream", best, reduce=_residual_metric)
     row("switch 3, protect 0.6, importance per patch (divided by size)", best, importance=_per_size)
     row("switch 3, protect 0.6, no proportional attention", best, sdpa=_no_prop)
