@@ -19,14 +19,16 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import levers  # benchmarks/ is on sys.path when run as a script
 
 from rapid_search.cli import main as cli_main
 from rapid_search.runtime import engine
 
-LEVERS = {"received": ("_importance", levers._received), "head-max": ("_importance", levers._head_max)}
+def _importance(fn: Callable[..., Any]) -> Callable[[], None]:
+    """A lever that replaces the runtime's importance signal with ``fn`` (one of ``levers.py``'s)."""
+    return lambda: setattr(engine, "_importance", fn)
 
 
 def _protect_ramp() -> None:
@@ -55,21 +57,21 @@ def _protect_ramp() -> None:
     runner.hand_params = lambda info: {**hand(info), "protect_end": hand(info)["protect"]}
 
 
+#: Each lever patches the runtime or the search in this process before the search runs.
+LEVERS: dict[str, Callable[[], None]] = {"received": _importance(levers._received), "head-max": _importance(levers._head_max), "protect-ramp": _protect_ramp}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="vit_tiny_patch16_224")
-    ap.add_argument("--lever", choices=sorted([*LEVERS, "protect-ramp"]), required=True)
+    ap.add_argument("--lever", choices=sorted(LEVERS), required=True)
     ap.add_argument("--budget", default="50%GFLOPs")
     ap.add_argument("--data", default=os.path.join(os.environ.get("RAPID_SHARED", "../shared"), "data/imagenet-calib"))
     ap.add_argument("--trials", type=int, default=40)
     ap.add_argument("--storage", required=True, help="e.g. journal:/tmp/lever.journal (not the shipped studies)")
     ap.add_argument("--out", required=True, help="schedule YAML to write (outside studies/)")
     args = ap.parse_args()
-    if args.lever == "protect-ramp":
-        _protect_ramp()
-    else:
-        name, fn = LEVERS[args.lever]
-        setattr(engine, name, fn)
+    LEVERS[args.lever]()
     return cli_main([
         "search", "--model", args.model, "--data", args.data, "--budget", args.budget, "--trials", str(args.trials),
         "--calib-images", "750", "--seed", "0", "--metric", "kl", "--progress", "plain", "--threads", "1",

@@ -14,23 +14,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Callable
 
 import torch
 
 from rapid_search.runtime.ops import _flat
+from rapid_search.tools.measure import time_callable
 
 
 def _median_us(f: Callable[[], object], rounds: int) -> float:
-    for _ in range(10):
-        f()
-    ts = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e6
+    return time_callable(f, device="cpu", warmup=10, repeats=rounds).median_ms * 1e3
 
 
 def main() -> None:

@@ -558,9 +558,10 @@ def _norm(metric: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(_as(metric, _wide(metric.dtype)), dim=-1, keepdim=True)  # (B, N, 1)
 
 
-def _unit(metric: torch.Tensor) -> torch.Tensor:
-    """Unit-norm metric of every token in float32 (or wider), as ``F.normalize``: ``(B, N, C)``."""
-    norm = _norm(metric)  # (B, N, 1)
+def _unit(metric: torch.Tensor, norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Unit-norm metric of every token in float32 (or wider), as ``F.normalize``: ``(B, N, C)``
+    (``norm``: its :func:`_norm` when the caller keeps it; computed when None)."""
+    norm = _norm(metric) if norm is None else norm  # (B, N, 1)
     return _as(metric, norm.dtype) / norm.clamp_min(1e-12)  # (B, N, C)
 
 
@@ -626,8 +627,8 @@ def fixed_merge(metric: torch.Tensor, importance: torch.Tensor, r: int, *, num_p
         unp = torch.arange(P, N, device=metric.device).expand(B, T)  # (B, T)
     a_seq = unp[:, ::2]  # (B, Ta) sources: every other unprotected token
     a_rows = _flat(a_seq, N)  # (B * Ta,)
-    norm = _norm(metric)  # (B, N, 1)
-    m = _as(metric, norm.dtype) / norm.clamp_min(1e-12)  # (B, N, C) unit metric, as F.normalize
+    norm = _norm(metric)  # (B, N, 1) kept for MLERP (FixedReduction.metric_norm)
+    m = _unit(metric, norm)  # (B, N, C)
     ma = m.view(B * N, C).index_select(0, a_rows).view(B, ta, C)  # (B, Ta, C)
     sim = m[:, P:] @ ma.transpose(1, 2)  # (B, T, Ta): patch tokens (the only destinations) x sources
     sim.view(B * T, ta).index_fill_(0, _flat(a_seq - P, T), _NEG_INF)  # sources are no destinations

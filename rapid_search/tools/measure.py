@@ -286,10 +286,11 @@ def time_rounds(
     Load from other processes drifts over minutes; interleaving spreads it evenly over the pieces,
     so their times stay comparable. The order rotates from round to round (round ``r`` starts with
     the ``r``-th piece): of two identical forwards in a fixed order, the second read 1.5–2% faster
-    at batch 1 on this project's CPU (a warm cache), which a fixed order would book as a speed-up. The first run of a piece is preceded by its ``warmup`` untimed
-    runs. A piece is timed in its first ``repeats`` rounds; after the longest of them, rounds of
-    every piece go on until each median is stable (:func:`median_ci` at most ``stable``) or
-    ``time_limit`` seconds have passed since the end of the first round (0: no more rounds).
+    at batch 1 on this project's CPU (a warm cache), which a fixed order would book as a speed-up.
+    The first run of a piece is preceded by its ``warmup`` untimed runs. A piece is timed in its
+    first ``repeats`` rounds; after the longest of them, rounds of every piece go on until each
+    median is stable (:func:`median_ci` at most ``stable``) or ``time_limit`` seconds have passed
+    since the end of the first round (0: no more rounds).
 
     Args:
         runs: ``key -> fn``; ``fn()`` is one run (e.g. one batch).
