@@ -23,6 +23,16 @@ counts data-dependent):
 * the strength of proportional attention: ``alpha * log(size)`` added to the logits instead of
   ``log(size)`` (ToMe's choice, alpha 1), in the attention and the importance alike.
 
+On the current defaults (MLERP, residual-stream similarity; the hand-set schedule and the shipped
+searched one, same counts), rows labelled "hand-set (MLERP, tokens)" / "searched (shipped)":
+
+* the similarity computed on a transformed metric: centred (minus the size-weighted mean patch
+  token), layer-normed without affine, both, or standardised per channel;
+* a size-aware merge: pair score = cosine similarity - ``beta * (log size_src + log size_dst)``;
+* an importance-weighted merge: averages weighted by ``size * (1 + gamma * T * importance)``;
+* protection by PiToMe's energy (the most distinct tokens protected instead of the most attended),
+  or by the mean of the importance and energy ranks.
+
 Every hand-set row here merges with ``merged_norm: mean`` and compares ``similarity: keys`` (the
 levers were measured before MLERP and the residual-stream similarity became the defaults;
 ``benchmarks/merged_norm.py`` measures those two levers). The "searched" rows load
@@ -93,6 +103,117 @@ def _head_max(q, k, scale, size, *, rows, num_prefix, bias):
 
 _SDPA = engine._sdpa
 _MERGE = engine.fixed_merge
+_REDUCE_FIXED = engine._reduce_fixed
+_SIZE: list[Optional[torch.Tensor]] = [None]  # the sizes of the layer being reduced, for the size-aware merge
+
+
+def _centre(m: torch.Tensor, rt) -> torch.Tensor:
+    """The metric minus the size-weighted mean of the patch tokens (cosine then compares deviations)."""
+    P, size = rt.num_prefix, rt.state.size
+    w = torch.ones_like(m[:, P:, :1]) if size is None else size[:, P:].to(m.dtype)  # (B, T, 1)
+    return m - (m[:, P:] * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)  # (B, N, C)
+
+
+def _standardise(m: torch.Tensor, rt) -> torch.Tensor:
+    """Per-channel standardisation over the patch tokens (centred, divided by each channel's spread)."""
+    c = _centre(m, rt)
+    return c / c[:, rt.num_prefix :].std(1, keepdim=True).clamp_min(1e-6)  # (B, N, C)
+
+
+_METRIC_TRANSFORMS: dict[str, Callable] = {
+    "centred": _centre,
+    "layer-normed (no affine)": lambda m, rt: F.layer_norm(m, (m.shape[-1],)),
+    "centred and layer-normed": lambda m, rt: F.layer_norm(_centre(m, rt), (m.shape[-1],)),
+    "standardised per channel": _standardise,
+}
+
+
+def _transformed_metric(transform: Callable) -> Callable:
+    """``engine._reduce_fixed`` comparing tokens by ``transform(metric, rt)`` (MLERP then takes the
+    tokens' own norms, the metric no longer being the tokens)."""
+
+    def reduce_fixed(x, metric, importance, layer, rt):
+        return _REDUCE_FIXED(x, None if metric is None else transform(metric, rt), importance, layer, rt)
+
+    return reduce_fixed
+
+
+def _with_size(x, metric, importance, layer, rt):
+    """``engine._reduce_fixed`` that hands the layer's sizes to :func:`_size_aware` (through ``_SIZE``)."""
+    _SIZE[0] = rt.state.size
+    return _REDUCE_FIXED(x, metric, importance, layer, rt)
+
+
+def _size_aware(beta: float) -> Callable:
+    """``ops.fixed_merge`` whose pair score is the cosine similarity minus ``beta * (log size_src +
+    log size_dst)``: large tokens are less likely to grow further (run with :func:`_with_size`)."""
+
+    def merge(metric, importance, r, *, num_prefix, protect):
+        B, N, C = metric.shape
+        P, T = num_prefix, N - num_prefix
+        k = ops.protected_count(T, protect)
+        ta = (T - k + 1) // 2
+        r = min(r, ta)
+        if T < 2 or r <= 0:
+            return None
+        unp = importance.topk(T - k, dim=1, largest=False).indices.sort(dim=1).values + P  # (B, T - k)
+        a = unp[:, ::2]  # (B, Ta) sources
+        m = ops._unit(metric)  # (B, N, C)
+        sim = m[:, P:] @ m.gather(1, a[..., None].expand(B, ta, C)).transpose(1, 2)  # (B, T, Ta)
+        if _SIZE[0] is not None:
+            ls = _SIZE[0][:, P:, 0].float().log()  # (B, T)
+            sim = sim - beta * (ls[:, :, None] + ls.gather(1, a - P)[:, None, :])
+        sim = sim.masked_fill(torch.zeros(B, T, dtype=torch.bool).scatter(1, a - P, True)[..., None], float("-inf"))
+        score, j = sim.max(dim=1)  # (B, Ta)
+        chosen = score.topk(r, dim=1).indices  # (B, r)
+        src, dst = a.gather(1, chosen), j.gather(1, chosen) + P  # (B, r) each
+        return ops.FixedReduction(B, N, ops._kept_rows(B, N, src), ops._flat(src, N), ops._flat(dst, N))
+
+    return merge
+
+
+def _importance_weighted(gamma: float) -> Callable:
+    """``engine._reduce_fixed`` whose merges average with weights ``size * (1 + gamma * T * importance)``
+    (the merged token leans towards its more important members; sizes tracked as usual), MLERP kept."""
+
+    def reduce_fixed(x, metric, importance, layer, rt):
+        if layer.op != "merge":
+            return _REDUCE_FIXED(x, metric, importance, layer, rt)
+        st, P = rt.state, rt.num_prefix
+        red = ops.fixed_merge(metric, importance, layer.r, num_prefix=P, protect=float(layer.protect))
+        if red is None:
+            return x
+        B, N, C = x.shape
+        size = torch.ones(B, N, 1) if st.size is None else st.size.float()  # (B, N, 1)
+        w = torch.ones(B, N, 1)
+        w[:, P:, 0] += gamma * (N - P) * importance.float()  # 1 + gamma at the mean importance
+        buf = torch.cat([x.float() * size * w, size * w, size], -1).view(B * N, C + 2)
+        buf.index_add_(0, red.dst, buf.index_select(0, red.src))
+        out = buf.index_select(0, red.keep).view(B, -1, C + 2)  # (B, L, C + 2)
+        merged = out[..., :C] / out[..., C : C + 1]  # (B, L, C)
+        if layer.merged_norm == "max":
+            merged = ops.peak_norm(red, x, merged)
+        st.size, st.merged = out[..., C + 1 :], True
+        return merged.to(x.dtype)
+
+    return reduce_fixed
+
+
+def _energy_protect(margin: float, mix: Optional[float] = None) -> Callable:
+    """``ops.fixed_merge`` protecting by PiToMe's energy (mean over the patch tokens of the cosine
+    similarity, ``exp(s - margin) - 1`` below ``margin``): the lowest-energy (most distinct) tokens
+    are protected instead of the most attended; ``mix``: protect by ``mix * rank(importance) + (1 -
+    mix) * rank(-energy)``."""
+
+    def merge(metric, importance, r, *, num_prefix, protect):
+        u = ops._unit(metric[:, num_prefix:])  # (B, T, C)
+        s = u @ u.transpose(1, 2)  # (B, T, T)
+        low = -torch.where(s >= margin, s, torch.exp(s - margin) - 1).mean(-1)  # (B, T): high = distinct
+        if mix is not None:
+            low = mix * importance.argsort(1).argsort(1).float() + (1 - mix) * low.argsort(1).argsort(1).float()
+        return _MERGE(metric, low, r, num_prefix=num_prefix, protect=protect)
+
+    return merge
 
 
 def _no_prop(attn, q, k, v, mask):
@@ -190,15 +311,17 @@ def main() -> None:
     print("| variant | GFLOPs ratio | KL | calib top-1 | agreement |\n|---|---|---|---|---|")
 
     def row(label: str, s: Schedule, reduce: Callable = _REDUCE, importance: Callable = _IMPORTANCE, sdpa: Callable = _SDPA,
-            merge: Callable = _MERGE) -> None:  # fmt: skip
+            merge: Callable = _MERGE, reduce_fixed: Callable = _REDUCE_FIXED) -> None:  # fmt: skip
         if args.only and not any(t in label for t in args.only):
             return
         apply(model, s)
-        engine._reduce, engine._importance, engine._sdpa, engine.fixed_merge = reduce, importance, sdpa, merge
+        engine._reduce, engine._importance, engine._sdpa, engine.fixed_merge, engine._reduce_fixed = reduce, importance, sdpa, merge, reduce_fixed
         try:
             out = forward()
         finally:
-            engine._reduce, engine._importance, engine._sdpa, engine.fixed_merge = _REDUCE, _IMPORTANCE, _SDPA, _MERGE
+            engine._reduce, engine._importance, engine._sdpa, engine.fixed_merge, engine._reduce_fixed = (
+                _REDUCE, _IMPORTANCE, _SDPA, _MERGE, _REDUCE_FIXED
+            )
             remove(model)
         kl = (lp.exp() * (lp - F.log_softmax(out, -1))).sum(-1).mean()
         top1, agree = (out.argmax(-1) == Y).float().mean(), (out.argmax(-1) == base.argmax(-1)).float().mean()
@@ -248,6 +371,20 @@ def main() -> None:
 
     for lo, hi in [(0.3, 0.8), (0.4, 0.8), (0.2, 0.9), (0.8, 0.3)]:
         row(f"switch 3, protect {lo} -> {hi} over the merge blocks", fit(ramp(lo, hi)))
+
+    # levers on the current defaults (MLERP, residual-stream similarity): the hand-set schedule and the shipped one
+    current = {"hand-set (MLERP, tokens)": rapid_schedule(model, args.ratio), "searched (shipped)": searched}
+    for name, s in current.items():
+        row(f"{name}, reference", s)
+        for label, transform in _METRIC_TRANSFORMS.items():
+            row(f"{name}, similarity on the {label} metric", s, reduce_fixed=_transformed_metric(transform))
+        for beta in (0.02, 0.05, 0.1):
+            row(f"{name}, size-aware merge, beta {beta}", s, merge=_size_aware(beta), reduce_fixed=_with_size)
+        for gamma in (0.5, 1.0, 2.0):
+            row(f"{name}, importance-weighted merge, gamma {gamma}", s, reduce_fixed=_importance_weighted(gamma))
+        for margin in (0.3, 0.5, 0.7):
+            row(f"{name}, energy protection, margin {margin}", s, merge=_energy_protect(margin))
+        row(f"{name}, protection by importance and energy ranks, margin 0.5", s, merge=_energy_protect(0.5, mix=0.5))
 
 
 if __name__ == "__main__":

@@ -162,3 +162,17 @@ def test_cheapest_ratio_is_a_floor(info):
     assert 0.05 < floor < 0.35
     shape = {"switch": 0, "prune_weight": 1.0, "decay": 0.0, "protect": 0.0}
     assert project(info, shape, (floor - 0.01) * info.base_macs) is None
+
+
+def test_a_shape_may_give_its_own_per_block_weights(info):
+    """``weights`` in a shape replace the linear profile (benchmarks/free_counts.py searches them)."""
+    w = [0.0] * info.depth
+    w[2], w[7] = 3.0, 1.0  # reduce in two blocks only, three times as many in the first
+    shape = {"switch": 3, "protect": 0.0, "weights": w}
+    layers, cost = project(info, shape, 0.8 * info.base_macs)
+    r = [l.r if l.reduces else 0 for l in layers]
+    assert [i for i, c in enumerate(r) if c] == [2, 7] and cost <= 0.8 * info.base_macs
+    assert abs(r[2] - 3 * r[7]) <= 2  # proportional up to the rounding and the give-back of one token per block
+    assert [l.op for l in layers][2] == "prune" and layers[7].op == "merge"
+    with pytest.raises(ValueError, match="one weight per block"):
+        project(info, {**shape, "weights": w[:-1]}, 0.8 * info.base_macs)

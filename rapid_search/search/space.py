@@ -231,6 +231,13 @@ def _categorical(trial: Any, name: str, choices: tuple[str, ...]) -> str:
 
 
 def _weights(depth: int, shape: Mapping[str, Any]) -> list[float]:
+    """Relative per-block counts of a shape: linear over depth (``prune_weight`` before ``switch``,
+    slope ``decay``), or the shape's own ``weights`` (one per block) where it gives them."""
+    if "weights" in shape:
+        w = [max(0.0, float(v)) for v in shape["weights"]]
+        if len(w) != depth:
+            raise ValueError(f"a shape's weights give {len(w)} blocks for a model of depth {depth} — give one weight per block")
+        return w
     w = []
     for i in range(depth):
         t = 1.0 - 2.0 * i / (depth - 1) if depth > 1 else 0.0
