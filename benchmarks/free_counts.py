@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--images", type=int, default=750)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="write the best schedule (chosen on the search part) to this YAML file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
@@ -64,6 +65,9 @@ def main() -> None:
         d = (lp.exp() * (lp - F.log_softmax(out, -1))).sum(-1)  # (n,)
         return d[~check].mean().item(), d[check].mean().item(), d.mean().item()
 
+    def counts(layers) -> list[int]:  # as applied: a merge block removes at most half its unprotected tokens
+        return [l.r for l in make_schedule(info, layers, method="free-counts").layers]
+
     start = Schedule.load(args.schedule or f"studies/{args.model}-{round(args.ratio * 100)}pct.yaml")
     merges = [l for l in start.layers if l.op == "merge"]
     shape = {
@@ -78,7 +82,7 @@ def main() -> None:
     best = kl(layers)
     print(f"{args.model}, {args.ratio:.0%} GFLOPs, {n} calibration images: search part {(~check).sum()}, check part {check.sum()}")
     print("| step | counts | protect | KL search part | KL check part | KL all |\n|---|---|---|---|---|---|")
-    print(f"| start | {[l.r for l in layers]} | {shape['protect']:.2f} | {best[0]:.4f} | {best[1]:.4f} | {best[2]:.4f} |", flush=True)
+    print(f"| start | {counts(layers)} | {shape['protect']:.2f} | {best[0]:.4f} | {best[1]:.4f} | {best[2]:.4f} |", flush=True)
     rng = random.Random(args.seed)
     for step in range(args.steps):
         cand = {**shape, "weights": [max(0.0, w * (1 + rng.gauss(0, args.sigma))) for w in shape["weights"]]}
@@ -92,8 +96,11 @@ def main() -> None:
         if kept:
             shape, layers, best = cand, res[0], s
         mark = " (kept)" if kept else ""
-        print(f"| {step}{mark} | {[l.r for l in res[0]]} | {cand['protect']:.2f} | {s[0]:.4f} | {s[1]:.4f} | {s[2]:.4f} |", flush=True)
-    print(f"\nbest on the search part: {[l.r for l in layers]}, protect {shape['protect']:.3f}: KL {best[0]:.4f} (search) / {best[1]:.4f} (check) / {best[2]:.4f} (all)")
+        print(f"| {step}{mark} | {counts(res[0])} | {cand['protect']:.2f} | {s[0]:.4f} | {s[1]:.4f} | {s[2]:.4f} |", flush=True)
+    print(f"\nbest on the search part: {counts(layers)}, protect {shape['protect']:.3f}: KL {best[0]:.4f} (search) / {best[1]:.4f} (check) / {best[2]:.4f} (all)")
+    if args.out:
+        make_schedule(info, layers, method="free-counts", ratio=args.ratio, start=start.provenance.get("study", "?"), seed=args.seed).save(args.out)
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -139,37 +139,9 @@ def _transformed_metric(transform: Callable) -> Callable:
 
 
 def _with_size(x, metric, importance, layer, rt):
-    """``engine._reduce_fixed`` that hands the layer's sizes to :func:`_size_aware` (through ``_SIZE``)."""
+    """``engine._reduce_fixed`` that hands the layer's sizes to the size-aware merge (through ``_SIZE``)."""
     _SIZE[0] = rt.state.size
     return _REDUCE_FIXED(x, metric, importance, layer, rt)
-
-
-def _size_aware(beta: float) -> Callable:
-    """``ops.fixed_merge`` whose pair score is the cosine similarity minus ``beta * (log size_src +
-    log size_dst)``: large tokens are less likely to grow further (run with :func:`_with_size`)."""
-
-    def merge(metric, importance, r, *, num_prefix, protect):
-        B, N, C = metric.shape
-        P, T = num_prefix, N - num_prefix
-        k = ops.protected_count(T, protect)
-        ta = (T - k + 1) // 2
-        r = min(r, ta)
-        if T < 2 or r <= 0:
-            return None
-        unp = importance.topk(T - k, dim=1, largest=False).indices.sort(dim=1).values + P  # (B, T - k)
-        a = unp[:, ::2]  # (B, Ta) sources
-        m = ops._unit(metric)  # (B, N, C)
-        sim = m[:, P:] @ m.gather(1, a[..., None].expand(B, ta, C)).transpose(1, 2)  # (B, T, Ta)
-        if _SIZE[0] is not None:
-            ls = _SIZE[0][:, P:, 0].float().log()  # (B, T)
-            sim = sim - beta * (ls[:, :, None] + ls.gather(1, a - P)[:, None, :])
-        sim = sim.masked_fill(torch.zeros(B, T, dtype=torch.bool).scatter(1, a - P, True)[..., None], float("-inf"))
-        score, j = sim.max(dim=1)  # (B, Ta)
-        chosen = score.topk(r, dim=1).indices  # (B, r)
-        src, dst = a.gather(1, chosen), j.gather(1, chosen) + P  # (B, r) each
-        return ops.FixedReduction(B, N, ops._kept_rows(B, N, src), ops._flat(src, N), ops._flat(dst, N))
-
-    return merge
 
 
 def _importance_weighted(gamma: float) -> Callable:
@@ -252,10 +224,12 @@ def _scaled_prop(alpha: float) -> tuple[Callable, Callable]:
     return sdpa, importance
 
 
-def _merge_variant(sources: str) -> Callable:
-    """``ops.fixed_merge`` with other sources or destinations: ``"b-only"`` (every other unprotected
-    token merges into the unprotected rest only) or ``"least-important"`` (the least important
-    unprotected tokens merge into any other patch token)."""
+def _merge_variant(sources: str, beta: float = 0.0) -> Callable:
+    """``ops.fixed_merge`` with other sources, destinations or pair scores: ``"b-only"`` (every other
+    unprotected token merges into the unprotected rest only), ``"least-important"`` (the least
+    important unprotected tokens merge into any other patch token) or ``"size-aware"`` (sources and
+    destinations as usual, pair score = cosine similarity - ``beta * (log size_src + log size_dst)``,
+    so that large tokens are less likely to grow further; run with :func:`_with_size`)."""
 
     def merge(metric, importance, r, *, num_prefix, protect):
         B, N, C = metric.shape
@@ -273,8 +247,14 @@ def _merge_variant(sources: str) -> Callable:
             score, j = sim.max(-1)  # (B, Ta)
             dst_all = b.gather(1, j)  # (B, Ta)
         else:
-            a = importance.topk(ta, dim=1, largest=False).indices + P  # (B, Ta) least important
+            if sources == "size-aware":
+                a = importance.topk(T - k, dim=1, largest=False).indices.sort(dim=1).values[:, ::2] + P  # (B, Ta) every other unprotected
+            else:
+                a = importance.topk(ta, dim=1, largest=False).indices + P  # (B, Ta) least important
             sim = m[:, P:] @ m.gather(1, a[..., None].expand(B, ta, C)).transpose(1, 2)  # (B, T, Ta)
+            if sources == "size-aware" and _SIZE[0] is not None:
+                ls = _SIZE[0][:, P:, 0].float().log()  # (B, T)
+                sim = sim - beta * (ls[:, :, None] + ls.gather(1, a - P)[:, None, :])
             sim = sim.masked_fill(torch.zeros(B, T, dtype=torch.bool).scatter(1, a - P, True)[..., None], float("-inf"))
             score, j = sim.max(dim=1)  # (B, Ta)
             dst_all = j + P
@@ -379,7 +359,7 @@ def main() -> None:
         for label, transform in _METRIC_TRANSFORMS.items():
             row(f"{name}, similarity on the {label} metric", s, reduce_fixed=_transformed_metric(transform))
         for beta in (0.02, 0.05, 0.1):
-            row(f"{name}, size-aware merge, beta {beta}", s, merge=_size_aware(beta), reduce_fixed=_with_size)
+            row(f"{name}, size-aware merge, beta {beta}", s, merge=_merge_variant("size-aware", beta), reduce_fixed=_with_size)
         for gamma in (0.5, 1.0, 2.0):
             row(f"{name}, importance-weighted merge, gamma {gamma}", s, reduce_fixed=_importance_weighted(gamma))
         for margin in (0.3, 0.5, 0.7):
