@@ -31,7 +31,9 @@ searched one, same counts), rows labelled "hand-set (MLERP, tokens)" / "searched
 * a size-aware merge: pair score = cosine similarity - ``beta * (log size_src + log size_dst)``;
 * an importance-weighted merge: averages weighted by ``size * (1 + gamma * T * importance)``;
 * protection by PiToMe's energy (the most distinct tokens protected instead of the most attended),
-  or by the mean of the importance and energy ranks.
+  or by the mean of the importance and energy ranks;
+* protection by the token's norm (the residual stream's high-norm tokens), or by a mix of the
+  importance and norm ranks.
 
 Every hand-set row here merges with ``merged_norm: mean`` and compares ``similarity: keys`` (the
 levers were measured before MLERP and the residual-stream similarity became the defaults;
@@ -265,6 +267,20 @@ def _merge_variant(sources: str, beta: float = 0.0) -> Callable:
     return merge
 
 
+def _norm_protect(mix: Optional[float] = None) -> Callable:
+    """``ops.fixed_merge`` protecting the tokens of largest metric norm (the residual stream's
+    high-norm tokens) instead of the most attended; ``mix``: protect by ``mix * rank(importance) +
+    (1 - mix) * rank(norm)``."""
+
+    def merge(metric, importance, r, *, num_prefix, protect):
+        n = torch.linalg.vector_norm(metric[:, num_prefix:].float(), dim=-1)  # (B, T)
+        if mix is not None:
+            n = mix * importance.argsort(1).argsort(1).float() + (1 - mix) * n.argsort(1).argsort(1).float()
+        return _MERGE(metric, n, r, num_prefix=num_prefix, protect=protect)
+
+    return merge
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="vit_tiny_patch16_224")
@@ -365,6 +381,9 @@ def main() -> None:
         for margin in (0.3, 0.5, 0.7):
             row(f"{name}, energy protection, margin {margin}", s, merge=_energy_protect(margin))
         row(f"{name}, protection by importance and energy ranks, margin 0.5", s, merge=_energy_protect(0.5, mix=0.5))
+        row(f"{name}, protection by norm", s, merge=_norm_protect())
+        for mix in (0.5, 0.8):
+            row(f"{name}, protection by importance and norm ranks, {mix} / {1 - mix:.1f}", s, merge=_norm_protect(mix))
 
 
 if __name__ == "__main__":
