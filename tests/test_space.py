@@ -174,5 +174,5 @@ def test_a_shape_may_give_its_own_per_block_weights(info):
     assert [i for i, c in enumerate(r) if c] == [2, 7] and cost <= 0.8 * info.base_macs
     assert abs(r[2] - 3 * r[7]) <= 2  # proportional up to the rounding and the give-back of one token per block
     assert [l.op for l in layers][2] == "prune" and layers[7].op == "merge"
-    with pytest.raises(ValueError, match="one weight per block"):
+    with pytest.raises(SearchSpaceError, match="one weight per block"):
         project(info, {**shape, "weights": w[:-1]}, 0.8 * info.base_macs)

@@ -236,7 +236,7 @@ def _weights(depth: int, shape: Mapping[str, Any]) -> list[float]:
     if "weights" in shape:
         w = [max(0.0, float(v)) for v in shape["weights"]]
         if len(w) != depth:
-            raise ValueError(f"a shape's weights give {len(w)} blocks for a model of depth {depth} — give one weight per block")
+            raise SearchSpaceError(f"a shape's weights give {len(w)} blocks for a model of depth {depth} — give one weight per block")
         return w
     w = []
     for i in range(depth):
