@@ -20,13 +20,12 @@ import os
 import random
 
 import torch
-import torch.nn.functional as F
 
-from rapid_search import apply, remove
 from rapid_search.runtime.presets import make_schedule, model_info
 from rapid_search.runtime.schedule import Schedule
 from rapid_search.search.space import project
 from rapid_search.tools.data import load_images
+from rapid_search.tools.evaluate import per_image_scores, predict
 from rapid_search.tools.loading import load_model
 
 
@@ -49,20 +48,11 @@ def main() -> None:
     X = load_images(args.data, model=model, limit=args.images, seed=0)
     n = len(X.images)
     check = torch.arange(n) % 3 == 2  # every third image: never used to choose
-
-    def forward() -> torch.Tensor:
-        with torch.no_grad():
-            return torch.cat([model(X.images[i : i + 50]) for i in range(0, n, 50)])  # (n, 1000)
-
-    lp = F.log_softmax(forward(), -1)
+    base = predict(model, X.images, batch_size=50).logits  # (n, 1000)
 
     def kl(layers) -> tuple[float, float, float]:
-        apply(model, make_schedule(info, layers, method="free-counts"))
-        try:
-            out = forward()
-        finally:
-            remove(model)
-        d = (lp.exp() * (lp - F.log_softmax(out, -1))).sum(-1)  # (n,)
+        out = predict(model, X.images, make_schedule(info, layers, method="free-counts"), batch_size=50, info=info).logits
+        d = per_image_scores(out, base)["kl"]  # (n,)
         return d[~check].mean().item(), d[check].mean().item(), d.mean().item()
 
     def counts(layers) -> list[int]:  # as applied: a merge block removes at most half its unprotected tokens

@@ -173,21 +173,34 @@ def _importance_weighted(gamma: float) -> Callable:
     return reduce_fixed
 
 
-def _energy_protect(margin: float, mix: Optional[float] = None) -> Callable:
-    """``ops.fixed_merge`` protecting by PiToMe's energy (mean over the patch tokens of the cosine
-    similarity, ``exp(s - margin) - 1`` below ``margin``): the lowest-energy (most distinct) tokens
-    are protected instead of the most attended; ``mix``: protect by ``mix * rank(importance) + (1 -
-    mix) * rank(-energy)``."""
+def _protect_by(score: Callable[[torch.Tensor], torch.Tensor], mix: Optional[float] = None) -> Callable:
+    """``ops.fixed_merge`` protecting the patch tokens of highest ``score(patch_metric)`` ``(B, T)``
+    instead of the most attended; ``mix``: by ``mix * rank(importance) + (1 - mix) * rank(score)``."""
 
     def merge(metric, importance, r, *, num_prefix, protect):
-        u = ops._unit(metric[:, num_prefix:])  # (B, T, C)
-        s = u @ u.transpose(1, 2)  # (B, T, T)
-        low = -torch.where(s >= margin, s, torch.exp(s - margin) - 1).mean(-1)  # (B, T): high = distinct
+        s = score(metric[:, num_prefix:])  # (B, T)
         if mix is not None:
-            low = mix * importance.argsort(1).argsort(1).float() + (1 - mix) * low.argsort(1).argsort(1).float()
-        return _MERGE(metric, low, r, num_prefix=num_prefix, protect=protect)
+            s = mix * importance.argsort(1).argsort(1).float() + (1 - mix) * s.argsort(1).argsort(1).float()
+        return _MERGE(metric, s, r, num_prefix=num_prefix, protect=protect)
 
     return merge
+
+
+def _distinctness(margin: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Minus PiToMe's energy of every patch token ``(B, T, C) -> (B, T)``: the mean over the patch
+    tokens of the cosine similarity, ``exp(s - margin) - 1`` below ``margin`` (high = distinct)."""
+
+    def score(m: torch.Tensor) -> torch.Tensor:
+        u = ops._unit(m)  # (B, T, C)
+        s = u @ u.transpose(1, 2)  # (B, T, T)
+        return -torch.where(s >= margin, s, torch.exp(s - margin) - 1).mean(-1)  # (B, T)
+
+    return score
+
+
+def _token_norm(m: torch.Tensor) -> torch.Tensor:
+    """Norm of every patch token's metric ``(B, T, C) -> (B, T)`` (the residual stream's high-norm tokens)."""
+    return torch.linalg.vector_norm(m.float(), dim=-1)
 
 
 def _no_prop(attn, q, k, v, mask):
@@ -263,20 +276,6 @@ def _merge_variant(sources: str, beta: float = 0.0) -> Callable:
         chosen = score.topk(r, dim=1).indices  # (B, r)
         src, dst = a.gather(1, chosen), dst_all.gather(1, chosen)  # (B, r) each
         return ops.FixedReduction(B, N, ops._kept_rows(B, N, src), ops._flat(src, N), ops._flat(dst, N))
-
-    return merge
-
-
-def _norm_protect(mix: Optional[float] = None) -> Callable:
-    """``ops.fixed_merge`` protecting the tokens of largest metric norm (the residual stream's
-    high-norm tokens) instead of the most attended; ``mix``: protect by ``mix * rank(importance) +
-    (1 - mix) * rank(norm)``."""
-
-    def merge(metric, importance, r, *, num_prefix, protect):
-        n = torch.linalg.vector_norm(metric[:, num_prefix:].float(), dim=-1)  # (B, T)
-        if mix is not None:
-            n = mix * importance.argsort(1).argsort(1).float() + (1 - mix) * n.argsort(1).argsort(1).float()
-        return _MERGE(metric, n, r, num_prefix=num_prefix, protect=protect)
 
     return merge
 
@@ -379,11 +378,11 @@ def main() -> None:
         for gamma in (0.5, 1.0, 2.0):
             row(f"{name}, importance-weighted merge, gamma {gamma}", s, reduce_fixed=_importance_weighted(gamma))
         for margin in (0.3, 0.5, 0.7):
-            row(f"{name}, energy protection, margin {margin}", s, merge=_energy_protect(margin))
-        row(f"{name}, protection by importance and energy ranks, margin 0.5", s, merge=_energy_protect(0.5, mix=0.5))
-        row(f"{name}, protection by norm", s, merge=_norm_protect())
+            row(f"{name}, energy protection, margin {margin}", s, merge=_protect_by(_distinctness(margin)))
+        row(f"{name}, protection by importance and energy ranks, margin 0.5", s, merge=_protect_by(_distinctness(0.5), mix=0.5))
+        row(f"{name}, protection by norm", s, merge=_protect_by(_token_norm))
         for mix in (0.5, 0.8):
-            row(f"{name}, protection by importance and norm ranks, {mix} / {1 - mix:.1f}", s, merge=_norm_protect(mix))
+            row(f"{name}, protection by importance and norm ranks, {mix} / {1 - mix:.1f}", s, merge=_protect_by(_token_norm, mix))
 
 
 if __name__ == "__main__":
