@@ -24,6 +24,8 @@ def test_fidelity_warning_only_when_far_below_unreduced():
     msg = fidelity_warning({"calib_top1": 0.047, "calib_agreement": 0.05}, base)
     assert msg is not None and "4.7% vs 76.6%" in msg and "too tight" in msg and "\n" not in msg
     assert fidelity_warning({"calib_top1": 0.70, "calib_agreement": 0.85}, base) is None
+    low_agree = fidelity_warning({"calib_top1": 0.70, "calib_agreement": 0.30}, base)  # says what is low
+    assert low_agree is not None and "30.0% agreement with the unreduced model" in low_agree and "top-1" not in low_agree
     assert fidelity_warning({"calib_agreement": MIN_AGREEMENT - 0.01}, {"agreement": 1.0}) is not None  # unlabelled
     assert fidelity_warning({"calib_agreement": MIN_AGREEMENT + 0.01}, {"agreement": 1.0}) is None
 

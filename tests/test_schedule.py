@@ -576,3 +576,25 @@ def test_layerspec_validate_direct():
 def test_as_schedule_validates_layerspec_lists(model, bad, field):
     with pytest.raises(ScheduleError, match=rf"layers\[0\]\.{field}"):
         rs.as_schedule([bad] + [LayerSpec()] * 5, model)
+
+
+def test_hand_set_prunes_in_the_first_block_and_merges_from_the_switch(model, info):
+    """``rapid_schedule``: one prune block, nothing until the switch, merges after; a budget one prune
+    block cannot reach takes more prune blocks (up to the switch) instead of being refused."""
+    deit = rs.ModelInfo.from_model(timm.create_model("deit_tiny_patch16_224"))
+    for ratio in (0.7, 0.5, 0.35):
+        s = rs.rapid_schedule(deit, ratio)
+        assert [l.op for l in s.layers][:4] == ["prune", "none", "none", "merge"], ratio
+        assert s.provenance["prune_blocks"] == 1 and s.budget.achieved["ratio"] <= ratio
+    old = rs.rapid_schedule(deit, 0.5, prune_blocks=3)
+    assert [l.op for l in old.layers][:4] == ["prune", "prune", "prune", "merge"]
+    assert [l.op for l in rs.rapid_schedule(deit, 0.7, prune_blocks=0).layers][:4] == ["none", "none", "none", "merge"]
+    assert rs.rapid_schedule(info, 0.5).provenance["prune_blocks"] == 1  # test_vit: depth 6, switch 2
+    tight = rs.rapid_schedule(info, 0.4)  # below one prune block's reach on test_vit
+    assert tight.provenance["prune_blocks"] == 2 and [l.op for l in tight.layers][:2] == ["prune", "prune"]
+    assert tight.budget.achieved["ratio"] <= 0.4
+    with pytest.raises(rs.UnreachableBudget, match="raise the budget"):
+        rs.rapid_schedule(info, 0.4, prune_blocks=1)  # an explicit count is kept
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="prune_blocks"):
+            rs.rapid_schedule(info, 0.5, prune_blocks=bad)

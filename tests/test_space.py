@@ -36,6 +36,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 GOOD = DEFAULT_SPACE.read_text()
+SPAN_LINE = "prune_span: {low: 0.0, high: 1.0}\n"
 
 
 @pytest.mark.parametrize(
@@ -106,7 +107,9 @@ def test_merged_norm_fixed_searched_or_refused(tmp_path, info):
     absent = SearchSpace.load(_write(tmp_path, GOOD.replace("merged_norm: max", "")))
     assert absent.merged_norm == ("max",) and absent.fingerprint() == SearchSpace.load().fingerprint()
     # a study made before merged_norm and similarity existed (plain averages, keys) is joined with merged_norm: mean, similarity: keys
-    before = SearchSpace.load(_write(tmp_path, GOOD.replace("merged_norm: max", "merged_norm: mean").replace("similarity: tokens", "similarity: keys")))
+    before = SearchSpace.load(
+        _write(tmp_path, GOOD.replace("merged_norm: max", "merged_norm: mean").replace("similarity: tokens", "similarity: keys").replace(SPAN_LINE, ""))
+    )
     old = {k: getattr(before, k).__dict__ for k in ("switch", "prune_weight", "decay", "protect", "prune_threshold", "merge_threshold")}
     assert before.fingerprint() == hashlib.sha256(json.dumps(old, sort_keys=True, default=list).encode()).hexdigest()[:16]
     assert dataclasses.replace(mean, merged_norm=("max",)).fingerprint() == SearchSpace.load().fingerprint()
@@ -176,3 +179,50 @@ def test_a_shape_may_give_its_own_per_block_weights(info):
     assert [l.op for l in layers][2] == "prune" and layers[7].op == "merge"
     with pytest.raises(SearchSpaceError, match="one weight per block"):
         project(info, {**shape, "weights": w[:-1]}, 0.8 * info.base_macs)
+
+
+def test_prune_span_searched_absent_or_refused(tmp_path, info):
+    """``prune_span``: the default space searches where pruning stops; blocks from there to the switch
+    reduce nothing; a space without the key prunes in every block before the switch, as before it existed."""
+    space = SearchSpace.load()
+    assert (space.prune_span.low, space.prune_span.high) == (0.0, 1.0)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(40):
+        t = study.ask()
+        shape = space.suggest(t, 12)
+        assert 0.0 <= t.params["prune_span"] <= 1.0
+        fit = project(info, {**shape, "prune_threshold": None, "merge_threshold": None}, 0.7 * info.base_macs)
+        if fit is None:  # e.g. switch at the end and no prune block: nothing reduces
+            continue
+        layers = fit[0]
+        stop = round(shape["prune_span"] * shape["switch"])
+        ops = [l.op for l in layers]
+        assert all(o in ("prune", "none") for o in ops[:stop]) and set(ops[stop : shape["switch"]]) <= {"none"}
+        assert all(o in ("merge", "none") for o in ops[shape["switch"] :])
+        seen.add(stop < shape["switch"])
+    assert seen == {True, False}  # both gaps and no gaps are drawn
+    absent = SearchSpace.load(_write(tmp_path, GOOD.replace(SPAN_LINE, "")))
+    assert absent.prune_span == dataclasses.replace(space.prune_span, low=1.0, high=1.0)
+    assert absent.fingerprint() != space.fingerprint()
+    t = study.ask()
+    shape = absent.suggest(t, 12)
+    assert "prune_span" not in t.params and shape["prune_span"] == 1.0
+    shape.update(switch=3, decay=0.0, prune_weight=1.0, prune_threshold=None, merge_threshold=None)
+    assert [l.op for l in layers_for(info, shape, 5.0)][:4] == ["prune", "prune", "prune", "merge"]
+    for bad in ("{low: 0.0, high: 1.5}", "{low: -0.1, high: 1.0}", "often"):
+        with pytest.raises(SearchSpaceError, match="prune_span"):
+            SearchSpace.load(_write(tmp_path, GOOD.replace(SPAN_LINE, f"prune_span: {bad}\n")))
+
+
+@pytest.mark.parametrize("ratio", [0.7, 0.5, 0.35])
+def test_hand_set_warm_start_is_the_hand_set_schedule(info, ratio):
+    """The search's hand-set warm start (trial parameters) projects onto exactly ``rapid_schedule``."""
+    from rapid_search import rapid_schedule
+    from rapid_search.runtime.presets import make_schedule
+    from rapid_search.search.study import hand_params
+
+    layers, _ = project(info, {**hand_params(info), "prune_threshold": None, "merge_threshold": None}, ratio * info.base_macs)
+    hand = rapid_schedule(info, ratio)
+    assert make_schedule(info, layers, method="x").layers == hand.layers
+    assert [l.op for l in hand.layers][:4] == ["prune", "none", "none", "merge"]

@@ -1,7 +1,8 @@
 """Hand-set schedules and the one function that normalises every accepted schedule form.
 
-* :func:`rapid_schedule` — the hand-set RAPID default: redundancy pruning in the first
-  ``switch`` blocks, importance-aware merging after, counts set to meet a GFLOPs ratio.
+* :func:`rapid_schedule` — the hand-set RAPID default: redundancy pruning in the first block,
+  importance-aware merging from the ``switch`` block on (the blocks between reduce nothing), one
+  count for every reducing block set to meet a GFLOPs ratio.
 * :func:`tome_schedule` / :func:`tome_for_ratio` — ToMe baselines: constant ``r``, the paper's
   decreasing schedule ``(r, -1)`` (``2r`` in the first block down to 0 in the last), or any
   ``(r, inflect)`` of ToMe's ``parse_r``.
@@ -37,6 +38,7 @@ __all__ = [
     "make_schedule",
     "DEFAULT_PROTECT",
     "DEFAULT_SWITCH_FRACTION",
+    "DEFAULT_PRUNE_BLOCKS",
     "DEFAULT_MERGED_NORM",
     "DEFAULT_SIMILARITY",
     "TOME_DECREASING",
@@ -47,6 +49,11 @@ __all__ = [
 #: the depth, chosen on calibration images (``python benchmarks/ablate_handset.py``, README).
 DEFAULT_PROTECT = 0.5
 DEFAULT_SWITCH_FRACTION = 0.25
+#: Leading blocks of the hand-set schedule that prune; the blocks from there to the switch reduce
+#: nothing. One, chosen on calibration images (``python benchmarks/handset_structure.py``, README
+#: "Levers at moderate budgets"): pruning only in the first block lowered the calibration KL at
+#: 35%, 50% and 70% GFLOPs on both tiny models against pruning in every block before the switch.
+DEFAULT_PRUNE_BLOCKS = 1
 #: Norm of merged tokens in hand-set merge layers: ``max`` (MLERP), chosen on calibration images
 #: (``python benchmarks/merged_norm.py``, README "Levers at moderate budgets").
 DEFAULT_MERGED_NORM = "max"
@@ -157,6 +164,7 @@ def rapid_schedule(
     ratio: float,
     *,
     switch: Optional[int] = None,
+    prune_blocks: Optional[int] = None,
     protect: float = DEFAULT_PROTECT,
     prune_threshold: Optional[float] = None,
     merge_threshold: Optional[float] = None,
@@ -165,15 +173,19 @@ def rapid_schedule(
 ) -> Schedule:
     """The hand-set RAPID schedule meeting ``ratio`` of the unreduced GFLOPs.
 
-    Blocks before ``switch`` (default: a quarter of the depth) prune redundant tokens, later blocks
-    merge unimportant ones with the top ``protect`` fraction protected. The per-block count is
-    the smallest constant ``r`` that meets the ratio, lowered by one in the last blocks while the
-    ratio still holds (so the budget is used, not exceeded).
+    The first ``prune_blocks`` blocks prune redundant tokens, blocks from ``switch`` (default: a
+    quarter of the depth) merge unimportant ones with the top ``protect`` fraction protected, and
+    the blocks between reduce nothing. The per-block count is the smallest constant ``r`` that
+    meets the ratio, lowered by one in the last blocks while the ratio still holds (so the budget
+    is used, not exceeded).
 
     Args:
         model: A timm ViT or its :class:`ModelInfo`.
         ratio: Target fraction of the unreduced GFLOPs, in (0, 1].
         switch: First merging block.
+        prune_blocks: Leading prune blocks (capped at ``switch``). Default: ``DEFAULT_PRUNE_BLOCKS``,
+            or as many more, up to ``switch``, as a budget below its reach needs (``switch``: every
+            block before the switch prunes, the hand-set structure before ``DEFAULT_PRUNE_BLOCKS``).
         protect: Protected fraction in merge blocks.
         prune_threshold: Similarity threshold of prune blocks (None = fixed counts).
         merge_threshold: Similarity threshold of merge blocks (None = fixed counts).
@@ -194,23 +206,33 @@ def rapid_schedule(
     switch = round(info.depth * DEFAULT_SWITCH_FRACTION) if switch is None else switch
     if not 0 <= switch <= info.depth:
         raise ValueError(f"switch = {switch} must be in [0, {info.depth}]")
+    if prune_blocks is not None and (isinstance(prune_blocks, bool) or not isinstance(prune_blocks, int) or prune_blocks < 0):
+        raise ValueError(f"prune_blocks = {prune_blocks!r} must be a whole number >= 0")
     target = _check_ratio(ratio) * info.base_macs
 
-    def build(r: Sequence[int]) -> list[LayerSpec]:
-        return rapid_layers(info, r, switch=switch, protect=protect, merged_norm=merged_norm, similarity=similarity)
+    def active(r: Sequence[int], pb: int) -> list[int]:  # no reduction between the prune blocks and the switch
+        return [ri if i < pb or i >= switch else 0 for i, ri in enumerate(r)]
 
-    try:
-        counts = _fit_two_level(info, build, target, info.num_tokens)
-    except UnreachableBudget:
+    def builder(pb: int) -> Callable[[Sequence[int]], list[LayerSpec]]:
+        return lambda r: rapid_layers(info, active(r, pb), switch=switch, protect=protect, merged_norm=merged_norm, similarity=similarity)
+
+    first = min(DEFAULT_PRUNE_BLOCKS if prune_blocks is None else prune_blocks, switch)
+    for pb in range(first, switch + 1 if prune_blocks is None else first + 1):
+        try:
+            counts = _fit_two_level(info, builder(pb), target, info.num_tokens)
+            break
+        except UnreachableBudget:
+            continue
+    else:
         raise UnreachableBudget(
             f"{ratio:.0%} GFLOPs is below the cheapest hand-set RAPID schedule for {info.name} "
-            f"({min_ratio(info, build):.0%}) — raise the budget"
-        ) from None
+            f"({min_ratio(info, builder(pb)):.0%}) — raise the budget"
+        )
     layers = rapid_layers(
-        info, counts, switch=switch, protect=protect, prune_threshold=prune_threshold, merge_threshold=merge_threshold, merged_norm=merged_norm,
-        similarity=similarity,
+        info, active(counts, pb), switch=switch, protect=protect, prune_threshold=prune_threshold, merge_threshold=merge_threshold,
+        merged_norm=merged_norm, similarity=similarity,
     )
-    return make_schedule(info, layers, method="rapid-hand-set", ratio=ratio, switch=switch, protect=protect)
+    return make_schedule(info, layers, method="rapid-hand-set", ratio=ratio, switch=switch, prune_blocks=pb, protect=protect)
 
 
 def min_ratio(info: ModelInfo, build) -> float:

@@ -561,9 +561,11 @@ def _cut_short(e: BaseException, study: optuna.Study, plan: _Plan, loaded: _Load
     opts, interrupted = plan.opts, isinstance(e, KeyboardInterrupt)
     if interrupted:
         log("interrupted: the study is kept; the trial in flight is queued again; writing the best schedule so far")
+    notes: list[str] = []  # a storage failure ends in one line: the export's warning goes into it
     try:
-        _export(study, plan=plan, loaded=loaded)
-        wrote = f"best schedule so far written to {plan.out}"
+        _export(study, plan=plan, loaded=loaded, log=None if interrupted else notes.append)
+        warned = [n.removeprefix("warning: ") for n in notes if n.startswith("warning: ")]
+        wrote = f"best schedule so far written to {plan.out}" + "".join(f" ({w})" for w in warned)
     except SearchError:
         wrote = "no finished trial meets the budget yet, no schedule written"
     except Exception as failed:  # noqa: BLE001
@@ -695,5 +697,5 @@ def fidelity_warning(scores: dict[str, Any], base_scores: dict[str, float]) -> O
     low_top1 = top1 is not None and base_top1 is not None and top1 < 0.5 * base_top1
     if not (low_agree or low_top1):
         return None
-    what = f"top-1 {top1:.1%} vs {base_top1:.1%} unreduced" if top1 is not None and base_top1 is not None else f"agreement {agree:.1%}"
+    what = f"top-1 {top1:.1%} vs {base_top1:.1%} unreduced" if low_top1 else f"{agree:.1%} agreement with the unreduced model"
     return f"warning: the written schedule keeps calibration {what} — the budget is too tight for this model on this device; raise it"

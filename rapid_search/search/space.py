@@ -6,6 +6,8 @@ schedule that cannot meet it. Parameters (see ``rapid_search/search/spaces/defau
 
 ``switch``         first merging block, as a fraction of the depth (rounded to a block).
 ``prune_weight``   per-block count in prune blocks relative to merge blocks.
+``prune_span``     (optional, default 1) the fraction of the blocks before ``switch`` that prune,
+                   from the first (rounded to a block); the rest, up to ``switch``, reduce nothing.
 ``decay``          linear slope of the counts over depth: > 0 reduces more early (like ToMe's
                    decreasing schedule), < 0 more late.
 ``protect``        protected fraction of important tokens in merge blocks.
@@ -15,8 +17,9 @@ schedule that cannot meet it. Parameters (see ``rapid_search/search/spaces/defau
 ``similarity``     (optional, default ``tokens``) what prune and merge layers compare tokens by:
                    ``tokens`` (the residual stream), ``keys``, or ``[keys, tokens]`` to search it.
 
-Per-block count: ``r_l = round(s * w_l)`` with ``w_l = (prune_weight if l < switch else 1) *
-(1 + decay * (1 - 2 l / (L - 1)))``; ``s`` is the largest scale whose cost meets the budget.
+Per-block count: ``r_l = round(s * w_l)`` with ``w_l = phase_l * (1 + decay * (1 - 2 l / (L - 1)))``,
+``phase_l`` = ``prune_weight`` for ``l < round(prune_span * switch)``, 0 from there to ``switch`` and 1
+after; ``s`` is the largest scale whose cost meets the budget.
 """
 
 from __future__ import annotations
@@ -151,6 +154,7 @@ class SearchSpace:
     prune_threshold: ThresholdRange
     merge_threshold: ThresholdRange
     source: str = "<default>"
+    prune_span: FloatRange = FloatRange(1.0, 1.0)  # every block before the switch prunes unless the space says otherwise
     merged_norm: tuple[str, ...] = (DEFAULT_MERGED_NORM,)  # one: fixed; several: searched
     similarity: tuple[str, ...] = (DEFAULT_SIMILARITY,)
 
@@ -159,7 +163,7 @@ class SearchSpace:
         if not isinstance(d, Mapping):
             raise SearchSpaceError(f"{source}: a search space must be a YAML mapping — see {DEFAULT_SPACE}")
         keys = {"format", "switch", "prune_weight", "decay", "protect", "prune_threshold", "merge_threshold"}
-        optional = {"merged_norm", "similarity"}
+        optional = {"merged_norm", "similarity", "prune_span"}
         _check_keys(source, d, keys | optional, f"allowed: {', '.join(sorted(keys | optional))}")
         if d.get("format") != _FORMAT:
             raise SearchSpaceError(f"{source}: format must be {_FORMAT!r}, got {d.get('format')!r}")
@@ -175,6 +179,7 @@ class SearchSpace:
                 prune_threshold=_threshold_range("prune_threshold", d["prune_threshold"]),
                 merge_threshold=_threshold_range("merge_threshold", d["merge_threshold"]),
                 source=source,
+                prune_span=_float_range("prune_span", d.get("prune_span", 1.0), 0.0, 1.0, allow_log=False),
                 merged_norm=_choices("merged_norm", d.get("merged_norm", DEFAULT_MERGED_NORM), MERGED_NORMS),
                 similarity=_choices("similarity", d.get("similarity", DEFAULT_SIMILARITY), SIMILARITIES),
             )
@@ -209,6 +214,8 @@ class SearchSpace:
             d["merged_norm"] = list(self.merged_norm)
         if self.similarity != ("keys",):  # the same for what came after: keys were all there was
             d["similarity"] = list(self.similarity)
+        if not (self.prune_span.fixed and self.prune_span.low == 1.0):  # and for spaces where every block before the switch prunes
+            d["prune_span"] = self.prune_span.__dict__
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
     def suggest(self, trial: Any, depth: int) -> dict[str, Any]:
@@ -217,6 +224,7 @@ class SearchSpace:
         return {
             "switch": lo if self.switch.fixed else int(trial.suggest_int("switch", lo, hi)),
             "prune_weight": self.prune_weight.suggest(trial, "prune_weight"),
+            "prune_span": self.prune_span.suggest(trial, "prune_span"),
             "decay": self.decay.suggest(trial, "decay"),
             "protect": self.protect.suggest(trial, "protect"),
             "prune_threshold": self.prune_threshold.suggest(trial, "prune_threshold"),
@@ -231,17 +239,20 @@ def _categorical(trial: Any, name: str, choices: tuple[str, ...]) -> str:
 
 
 def _weights(depth: int, shape: Mapping[str, Any]) -> list[float]:
-    """Relative per-block counts of a shape: linear over depth (``prune_weight`` before ``switch``,
-    slope ``decay``), or the shape's own ``weights`` (one per block) where it gives them."""
+    """Relative per-block counts of a shape: linear over depth (``prune_weight`` in the first
+    ``round(prune_span * switch)`` blocks, 0 from there to ``switch``, slope ``decay``), or the
+    shape's own ``weights`` (one per block) where it gives them."""
     if "weights" in shape:
         w = [max(0.0, float(v)) for v in shape["weights"]]
         if len(w) != depth:
             raise SearchSpaceError(f"a shape's weights give {len(w)} blocks for a model of depth {depth} — give one weight per block")
         return w
     w = []
+    switch = shape["switch"]
+    prune_stop = round(float(shape.get("prune_span", 1.0)) * switch)  # blocks [prune_stop, switch) reduce nothing
     for i in range(depth):
         t = 1.0 - 2.0 * i / (depth - 1) if depth > 1 else 0.0
-        phase = shape["prune_weight"] if i < shape["switch"] else 1.0
+        phase = shape["prune_weight"] if i < prune_stop else 0.0 if i < switch else 1.0
         w.append(max(0.0, phase * (1.0 + shape["decay"] * t)))
     return w
 

@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 
 from ..tools.evaluate import fidelity, metric_value, predict
 from ..runtime.flops import ModelInfo, schedule_macs
-from ..runtime.presets import DEFAULT_MERGED_NORM, DEFAULT_PROTECT, DEFAULT_SIMILARITY, DEFAULT_SWITCH_FRACTION, TOME_DECREASING, make_schedule, tome_fitting
+from ..runtime.presets import DEFAULT_MERGED_NORM, DEFAULT_PROTECT, DEFAULT_PRUNE_BLOCKS, DEFAULT_SIMILARITY, DEFAULT_SWITCH_FRACTION, TOME_DECREASING, make_schedule, tome_fitting
 from ..runtime.schedule import Budget, LayerSpec, Schedule
 from .budget import Target
 from .space import SearchSpace, layers_for, project
@@ -72,8 +72,11 @@ def cheapest(info: ModelInfo, space: SearchSpace, cost: Optional[Callable[[list[
     """``(ratio, layers)``: the lowest cost, relative to the unreduced model, that the space's extreme
     shapes reach, and the layers reaching it."""
     cost = cost or (lambda layers: float(schedule_macs(info, layers)))
-    extremes = itertools.product({space.switch.low, space.switch.high}, {space.prune_weight.low, space.prune_weight.high, 1.0}, {space.decay.low, space.decay.high, 0.0})
-    shapes = [{"switch": round(sw * info.depth), "prune_weight": pw, "decay": dc, "protect": space.protect.low} for sw, pw, dc in extremes]
+    extremes = itertools.product(
+        {space.switch.low, space.switch.high}, {space.prune_weight.low, space.prune_weight.high, 1.0}, {space.decay.low, space.decay.high, 0.0},
+        {space.prune_span.low, space.prune_span.high},
+    )
+    shapes = [{"switch": round(sw * info.depth), "prune_weight": pw, "decay": dc, "prune_span": ps, "protect": space.protect.low} for sw, pw, dc, ps in extremes]
     best = min((layers_for(info, shape, 1e6) for shape in shapes), key=cost)  # every count at its cap
     return cost(best) / cost([LayerSpec()] * info.depth), best
 
@@ -136,8 +139,11 @@ TOME_INFLECT = {"tome": 0.0, "tome-decreasing": TOME_DECREASING}
 
 
 def hand_params(info: ModelInfo) -> dict[str, Any]:
-    """The hand-set RAPID schedule as trial parameters (a warm start, and the range baseline)."""
-    return {"switch": round(info.depth * DEFAULT_SWITCH_FRACTION), "prune_weight": 1.0, "decay": 0.0, "protect": DEFAULT_PROTECT,
+    """The hand-set RAPID schedule as trial parameters (a warm start, and the range baseline); its
+    ``prune_span`` applies where the space searches it (else the space's own is used)."""
+    switch = round(info.depth * DEFAULT_SWITCH_FRACTION)
+    return {"switch": switch, "prune_weight": 1.0, "prune_span": min(DEFAULT_PRUNE_BLOCKS, switch) / switch if switch else 1.0,
+            "decay": 0.0, "protect": DEFAULT_PROTECT,
             "prune_threshold_mode": "off", "merge_threshold_mode": "off", "merged_norm": DEFAULT_MERGED_NORM,
             "similarity": DEFAULT_SIMILARITY}
 
