@@ -39,7 +39,10 @@ Every hand-set row here merges with ``merged_norm: mean`` and compares ``similar
 levers were measured before MLERP and the residual-stream similarity became the defaults;
 ``benchmarks/merged_norm.py`` measures those two levers). The "searched" rows load
 ``studies/MODEL-50pct.yaml``: the tables in ``benchmarks/levers/`` were made with the schedules
-shipped before MLERP (git 97f644f).
+shipped before MLERP (git 97f644f), ``current-defaults.md`` with the third generation (git 61d8af2).
+Every hand-set row prunes in every block before the switch (``prune_blocks=info.depth``), the
+hand-set structure when the tables were made (``benchmarks/handset_structure.py`` measures the
+structure of today's default).
 
     python benchmarks/levers.py --model vit_tiny_patch16_224   # ~15 min on one core
 """
@@ -331,19 +334,19 @@ def main() -> None:
     pct = round(args.ratio * 100)
     searched = Schedule.load(args.searched or f"studies/{args.model}-{pct}pct.yaml")
     fixed = make_schedule(info, [dataclasses.replace(l, threshold=None) for l in searched.layers], method="searched-fixed")
-    hand = rapid_schedule(model, args.ratio, merged_norm="mean", similarity="keys")
+    hand = rapid_schedule(model, args.ratio, merged_norm="mean", similarity="keys", prune_blocks=info.depth)
     row("searched (shipped)", searched)
     row("searched, fixed counts", fixed)
     row("searched, fixed counts, fold", fixed, reduce=_fold_reduce)
     row("hand-set", hand)
     row("hand-set, fold", hand, reduce=_fold_reduce)
     for sw, p in [(0, 0.25), (0, 0.5), (2, 0.0), (2, 0.25), (2, 0.5), (2, 0.6), (3, 0.6), (4, 0.5), (6, 0.5)]:
-        row(f"hand-set switch {sw}, protect {p}", rapid_schedule(model, args.ratio, merged_norm="mean", similarity="keys", switch=sw, protect=p))
+        row(f"hand-set switch {sw}, protect {p}", rapid_schedule(model, args.ratio, merged_norm="mean", similarity="keys", switch=sw, protect=p, prune_blocks=info.depth))
     row("prune 3 blocks, then ToMe merge", fit(deep("tome")))
     row("prune 3 blocks, then EViT pruning", fit(deep("evit")))
-    row("prune every block", rapid_schedule(model, args.ratio, merged_norm="mean", similarity="keys", switch=info.depth, protect=0.0))
+    row("prune every block", rapid_schedule(model, args.ratio, merged_norm="mean", similarity="keys", switch=info.depth, protect=0.0, prune_blocks=info.depth))
     row("ToMe, constant r", tome_for_ratio(model, args.ratio))
-    best = rapid_schedule(model, args.ratio, merged_norm="mean", similarity="keys", switch=3, protect=0.6)
+    best = rapid_schedule(model, args.ratio, merged_norm="mean", similarity="keys", switch=3, protect=0.6, prune_blocks=info.depth)
     row("switch 3, protect 0.6, importance: head max", best, importance=_head_max)
     row("switch 3, protect 0.6, importance: attention received from every token", best, importance=_received)
     row("searched (shipped), importance: attention received from every token", searched, importance=_received)
@@ -368,7 +371,7 @@ def main() -> None:
         row(f"switch 3, protect {lo} -> {hi} over the merge blocks", fit(ramp(lo, hi)))
 
     # levers on the current defaults (MLERP, residual-stream similarity): the hand-set schedule and the shipped one
-    current = {"hand-set (MLERP, tokens)": rapid_schedule(model, args.ratio), "searched (shipped)": searched}
+    current = {"hand-set (MLERP, tokens)": rapid_schedule(model, args.ratio, prune_blocks=info.depth), "searched (shipped)": searched}
     for name, s in current.items():
         row(f"{name}, reference", s)
         for label, transform in _METRIC_TRANSFORMS.items():

@@ -12,7 +12,8 @@ is better), with calibration top-1 and agreement alongside:
 * ``max``: the average's direction with the largest norm among the members (MLERP, from ToFu,
   Kim et al., WACV 2024; ``merged_norm: max``, the default since this measurement).
 
-Each is applied to the hand-set schedule (``similarity: keys``, as when this was measured) and to the
+Each is applied to the hand-set schedule (``similarity: keys``, and every block before the switch
+pruning, ``prune_blocks=info.depth``, as when this was measured) and to the
 shipped searched schedule (fixed counts: its thresholds dropped) at the same per-block counts, so the
 GFLOPs are the same within a row group.
 
@@ -93,14 +94,14 @@ def main() -> None:
             if args.lever == "similarity_per_op":
                 pairs = [("tokens", "tokens"), ("keys", "tokens"), ("tokens", "keys"), ("keys", "keys")]
                 per_op = lambda ls, p, m: [dataclasses.replace(l, similarity={"prune": p, "merge": m}[l.op]) if l.op in ("prune", "merge") else l for l in ls]  # noqa: E731
-                hand = list(rapid_schedule(model, ratio).layers)
+                hand = list(rapid_schedule(model, ratio, prune_blocks=info.depth).layers)
                 rows = [(label, f"{p} / {m}", per_op(ls, p, m)) for label, ls in (("hand-set", hand), ("searched (fixed counts)", fixed)) for p, m in pairs]
             else:
                 if args.lever == "merged_norm":
-                    hand = list(rapid_schedule(model, ratio, similarity="keys").layers)
+                    hand = list(rapid_schedule(model, ratio, similarity="keys", prune_blocks=info.depth).layers)
                     rows = [("hand-set", n, [dataclasses.replace(l, merged_norm=n) if l.op == "merge" else l for l in hand]) for n in ("mean", "max")]
                 else:
-                    rows = [("hand-set", v, list(rapid_schedule(model, ratio, similarity=v).layers)) for v in ("keys", "tokens")]
+                    rows = [("hand-set", v, list(rapid_schedule(model, ratio, similarity=v, prune_blocks=info.depth).layers)) for v in ("keys", "tokens")]
                 values = ("mean", "max") if args.lever == "merged_norm" else ("keys", "tokens")
                 ops = ("merge",) if args.lever == "merged_norm" else ("prune", "merge")
                 rows += [("searched (fixed counts)", v, [dataclasses.replace(l, **{args.lever: v}) if l.op in ops else l for l in fixed]) for v in values]
