@@ -215,14 +215,20 @@ def test_prune_span_searched_absent_or_refused(tmp_path, info):
             SearchSpace.load(_write(tmp_path, GOOD.replace(SPAN_LINE, f"prune_span: {bad}\n")))
 
 
-@pytest.mark.parametrize("ratio", [0.7, 0.5, 0.35])
-def test_hand_set_warm_start_is_the_hand_set_schedule(info, ratio):
-    """The search's hand-set warm start (trial parameters) projects onto exactly ``rapid_schedule``."""
+@pytest.mark.parametrize("ratio, prune_blocks", [(0.7, 1), (0.5, 1), (0.35, 1), (0.25, 2), (0.17, 3)])
+def test_hand_set_warm_start_is_the_hand_set_schedule(info, ratio, prune_blocks):
+    """The search's hand-set warm start (trial parameters) projects onto exactly ``rapid_schedule``,
+    also below one prune block's reach, where both take more prune blocks."""
     from rapid_search import rapid_schedule
     from rapid_search.runtime.presets import make_schedule
-    from rapid_search.search.study import hand_params
+    from rapid_search.search.study import hand_params, project_hand_set
 
-    layers, _ = project(info, {**hand_params(info), "prune_threshold": None, "merge_threshold": None}, ratio * info.base_macs)
+    shape = {**hand_params(info), "prune_threshold": None, "merge_threshold": None}
+    (layers, _), used = project_hand_set(info, shape, ratio * info.base_macs)
     hand = rapid_schedule(info, ratio)
     assert make_schedule(info, layers, method="x").layers == hand.layers
-    assert [l.op for l in hand.layers][:4] == ["prune", "none", "none", "merge"]
+    assert hand.provenance["prune_blocks"] == prune_blocks == round(used["prune_span"] * used["switch"])
+    assert [l.op for l in hand.layers][: prune_blocks + 1] == ["prune"] * prune_blocks + ["none" if prune_blocks < 3 else "merge"]
+    if prune_blocks > 1:
+        assert project(info, shape, ratio * info.base_macs) is None  # one prune block alone cannot reach it
+    assert project_hand_set(info, shape, 0.1 * info.base_macs)[0] is None  # below even the widest: none

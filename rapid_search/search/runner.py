@@ -34,7 +34,7 @@ from .budget import BudgetError, BudgetSpec, Target, parse_budget
 from .progress import Progress, summarize_search
 from .space import SearchSpace, project
 from ..storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, JOURNAL_LOCK_GRACE, JournalWriteError, check_journal_path, check_study_name, describe_storage, journal_path, open_storage
-from .study import HAND_SET_LEVELS, LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest, corrected_ms, export_best, hand_params, latency_correction, saving_correction
+from .study import HAND_SET_LEVELS, LATENCY_MARGIN, Calibration, Objective, SearchError, cheapest, corrected_ms, export_best, hand_params, latency_correction, project_hand_set, saving_correction
 from .workers import FINISHED, run_trials
 
 __all__ = ["SearchOptions", "SearchResult", "SearchInterrupted", "run_search", "default_study_name", "share_setup", "heartbeat_timing", "canonical_setup_value"]
@@ -456,7 +456,7 @@ def _time_latency(plan: _Plan, model: torch.nn.Module, calib: Calibration, log: 
     floor, fastest = cheapest(info, plan.space, cost=predict)
     correction = 1.0
     if opts.compile:  # trials are not timed compiled: one compiled timing of the hand-set schedule corrects every prediction
-        hand = project(info, {**hand_params(info), "prune_threshold": None, "merge_threshold": None}, target.value * (1 - margin), cost=predict)
+        hand, _ = project_hand_set(info, {**hand_params(info), "prune_threshold": None, "merge_threshold": None}, target.value * (1 - margin), cost=predict)
         probe = hand[0] if hand else fastest
         timed, predicted = paired_ms(make_schedule(info, probe, method="probe")), predict(probe)
         correction = saving_correction(base_ms, [(timed, predicted)])

@@ -148,6 +148,23 @@ def hand_params(info: ModelInfo) -> dict[str, Any]:
             "similarity": DEFAULT_SIMILARITY}
 
 
+def project_hand_set(
+    info: ModelInfo, shape: dict[str, Any], target: float, *, cost: Optional[Callable[[list[LayerSpec]], float]] = None
+) -> tuple[Optional[tuple[list[LayerSpec], float]], dict[str, Any]]:
+    """:func:`project` of the hand-set shape (:func:`hand_params`) with, as ``rapid_schedule`` does,
+    as many more prune blocks (``prune_span`` widened, up to the switch) as a budget below its reach
+    needs; returns the projection (None where even pruning every block before the switch misses
+    ``target``) and the shape projected."""
+    switch = int(shape["switch"])
+    first = round(float(shape.get("prune_span", 1.0)) * switch)
+    for stop in range(first, max(first, switch) + 1):
+        wider = shape if stop == first else {**shape, "prune_span": stop / switch}
+        res = project(info, wider, target, cost=cost)
+        if res is not None:
+            return res, wider
+    return None, shape
+
+
 class Objective:
     """The Optuna objective: sample, project onto ``budget`` (a range: each trial's target drawn in it,
     or ``at`` for every trial when refining a range study), score on calibration rungs."""
@@ -218,6 +235,9 @@ class Objective:
         if warm in TOME_INFLECT:
             return tome_fitting(self.info, lambda layers: self.cost(list(layers)) <= aim, inflect=TOME_INFLECT[warm]), None
         shape = self.space.suggest(trial, self.info.depth)
+        if warm == "rapid-hand-set":
+            res, shape = project_hand_set(self.info, shape, aim, cost=self.cost)
+            return (None if res is None else make_schedule(self.info, res[0], method=warm, **shape)), shape
         return self._project(shape, aim, method=warm or "rapid-search"), shape
 
     def _project(self, shape: dict[str, Any], target: float, *, method: str) -> Optional[Schedule]:
