@@ -251,7 +251,8 @@ def _pg_no_password(url: str) -> tuple[str, dict]:
 
 
 def _log(p) -> str:
-    return Path(p.log_path).read_text(errors="replace")
+    log = Path(p.log_path)
+    return log.read_text(errors="replace") if log.exists() else ""  # not there before the child opens it
 
 
 @pytest.mark.postgres
@@ -265,6 +266,14 @@ def test_two_workers_share_one_postgres_study(pg_fresh_url, tiny_search, cli_wor
         cli_workers.start(tiny_search.args(url, name, tmp_path / f"w{i}.yaml", trials=n, extra=FAST), tmp_path / f"w{i}.log", env=env)
         for i in range(2)
     ]
+    # Hold the first worker at the start of its optimize loop until the second reaches its own, so a
+    # fast machine cannot let one worker finish all the trials before the other has loaded its model.
+    deadline = time.monotonic() + 90
+    step_until(procs[0], lambda: "search: " in _log(procs[0]), deadline)
+    while "search: " not in _log(procs[1]):
+        assert procs[1].exitcode is None and time.monotonic() < deadline, _log(procs[1])
+        time.sleep(0.01)
+    os.kill(procs[0].pid, signal.SIGCONT)
     exports = 0
     storage = open_storage(pg_fresh_url, study_name=name)
     os.environ["PGPASSWORD"] = env["PGPASSWORD"]
@@ -313,32 +322,47 @@ def freeze(pid: int) -> None:
     raise AssertionError(f"process {pid} did not stop")
 
 
-def _freeze_mid_trial(p, study_of, deadline: float, lock=None) -> int:
-    """SIGSTOP ``p`` while it runs a trial (checked with the process frozen); returns that trial's
-    number. ``lock``: the journal's lock file; a worker killed while holding it would stall the
-    next one for the lock's 30 s grace period, which is not what this test is about."""
-    pid_tag = f":{p.pid}"
+def step_until(p, found, deadline: float, *, step: float = 0.005):
+    """Single-step worker ``p`` until ``found()`` (called with ``p`` frozen) returns something truthy;
+    returns it with ``p`` left frozen. Each step lets ``p`` run for ``step`` seconds. Polling a
+    free-running worker loses races on a fast machine (a tiny study can finish every trial between
+    two reads of a PostgreSQL storage); a stepped worker cannot get past a state that lasts longer
+    than one step unseen."""
     while time.monotonic() < deadline:
+        try:
+            freeze(p.pid)
+        except ProcessLookupError:  # it ended during the last step
+            raise AssertionError(f"worker ended before what the test waits for:\n{_log(p)}") from None
+        if value := found():
+            return value
+        os.kill(p.pid, signal.SIGCONT)
+        time.sleep(step)
+    raise AssertionError(f"timed out stepping the worker:\n{_log(p)}")
+
+
+def _freeze_mid_trial(p, study_of, deadline: float, lock=None) -> int:
+    """SIGSTOP ``p`` while it runs a trial (checked with the process frozen), after at least two
+    finished trials; returns that trial's number. ``lock``: the journal's lock file; a worker
+    killed while holding it would stall the next one for the lock's 30 s grace period, which is not
+    what this test is about (frozen inside a journal append: step on)."""
+    pid_tag = f":{p.pid}"
+    while study_of() is None:  # loading the model: nothing to catch yet
         assert p.exitcode is None, f"worker ended early:\n{_log(p)}"
-        study = study_of()
-        if study is not None and count_trials(study).finished >= 2:
-            try:
-                freeze(p.pid)
-            except ProcessLookupError:  # it ended between the check above and the signal
-                raise AssertionError(f"worker ended before it was caught mid-trial:\n{_log(p)}") from None
-            if lock is not None and lock.exists():  # frozen inside a journal append: try again
-                os.kill(p.pid, signal.SIGCONT)
-                continue
-            mine = [
-                t
-                for t in study_of().get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                if str(t.system_attrs.get(WORKER_KEY, "")).endswith(pid_tag) and HEARTBEAT_KEY in t.system_attrs
-            ]
-            if mine:
-                return mine[0].number
-            os.kill(p.pid, signal.SIGCONT)
+        assert time.monotonic() < deadline, f"the worker never created its study:\n{_log(p)}"
         time.sleep(0.02)
-    raise AssertionError(f"never caught the worker mid-trial:\n{_log(p)}")
+
+    def running_trial() -> int | None:
+        study = study_of()
+        if count_trials(study).finished < 2 or (lock is not None and lock.exists()):
+            return None
+        mine = [
+            t.number
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if str(t.system_attrs.get(WORKER_KEY, "")).endswith(pid_tag) and HEARTBEAT_KEY in t.system_attrs
+        ]
+        return mine[0] if mine else None  # trial 0 is never the one caught: at least two finished
+
+    return step_until(p, running_trial, deadline)
 
 
 @pytest.mark.parametrize("kind", ["journal", pytest.param("postgres", marks=pytest.mark.postgres)])

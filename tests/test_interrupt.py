@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from rapid_search.cli import main
 from rapid_search.runtime.schedule import Schedule
 from rapid_search.storage import open_storage
-from test_distributed import freeze
+from test_distributed import step_until
 
 from rapid_search.search.workers import (
     FAILED_BECAUSE_KEY,
@@ -253,22 +253,22 @@ def test_ctrl_c_abandons_trial_keeps_study_and_resumes(tiny_search, cli_workers,
         except Exception:  # noqa: BLE001 - not there yet
             return None
 
-    interrupted = None
     deadline = time.monotonic() + 120
-    while interrupted is None:
-        assert time.monotonic() < deadline and proc.exitcode is None, f"no trial to interrupt:\n{(tmp_path / 'worker.log').read_text()}"
-        s = study()
-        if s is not None and count_trials(s).finished >= 2:
-            freeze(proc.pid)  # frozen: the state read now is the state it is in
-            running = [
-                t for t in study().get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                if str(t.system_attrs.get(WORKER_KEY, "")).endswith(f":{proc.pid}") and HEARTBEAT_KEY in t.system_attrs
-            ]
-            if running:  # even inside a journal append: the interrupt waits until the append is done
-                interrupted = running[0].number
-                os.kill(proc.pid, signal.SIGINT)
-            os.kill(proc.pid, signal.SIGCONT)
+    while study() is None:  # loading the model: nothing to interrupt yet
+        assert time.monotonic() < deadline and proc.exitcode is None, f"no study:\n{(tmp_path / 'worker.log').read_text()}"
         time.sleep(0.02)
+
+    def running_trial() -> int | None:
+        s = study()
+        running = [
+            t.number for t in s.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if str(t.system_attrs.get(WORKER_KEY, "")).endswith(f":{proc.pid}") and HEARTBEAT_KEY in t.system_attrs
+        ]
+        return running[0] if running and count_trials(s).finished >= 2 else None
+
+    interrupted = step_until(proc, running_trial, deadline)  # frozen: the state read is the state it is in
+    os.kill(proc.pid, signal.SIGINT)  # even inside a journal append: the interrupt waits until the append is done
+    os.kill(proc.pid, signal.SIGCONT)
     code = cli_workers.wait(proc, 60)
     err = (tmp_path / "worker.log").read_text()
 

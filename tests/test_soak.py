@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from rapid_search.storage import open_storage
 from rapid_search.search.workers import FAILED_BECAUSE_KEY, HEARTBEAT_KEY, SURPLUS_KEY, WORKER_KEY, count_trials
-from test_distributed import FAST_JOURNAL, check_study, export_ok, freeze
+from test_distributed import FAST_JOURNAL, check_study, export_ok, step_until
 
 
 def test_soak_journal_many_workers(tiny_search, cli_workers, tmp_path) -> None:
@@ -38,20 +38,21 @@ def test_soak_journal_many_workers(tiny_search, cli_workers, tmp_path) -> None:
         return optuna.load_study(study_name=name, storage=open_storage(spec, study_name=name, create=False))
 
     # kill worker 0 inside a trial once the study is under way, and start a replacement
-    victim, killed_trial = procs[0], None
-    while killed_trial is None:
+    victim = procs[0]
+    while not (journal.exists() and journal.stat().st_size and count_trials(study()).finished >= 8):
         assert time.monotonic() - start < 90, "soak did not get under way"
         assert victim.exitcode is None, Path(victim.log_path).read_text()
-        if journal.exists() and journal.stat().st_size and count_trials(study()).finished >= 8:
-            freeze(victim.pid)
-            mine = [t for t in study().get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                    if str(t.system_attrs.get(WORKER_KEY, "")).endswith(f":{victim.pid}") and HEARTBEAT_KEY in t.system_attrs]
-            if mine and not lock.exists():
-                killed_trial = mine[0].number
-                os.kill(victim.pid, signal.SIGKILL)
-                break
-            os.kill(victim.pid, signal.SIGCONT)
         time.sleep(0.02)
+
+    def running_trial() -> int | None:
+        if lock.exists():  # frozen inside a journal append: step on
+            return None
+        mine = [t.number for t in study().get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if str(t.system_attrs.get(WORKER_KEY, "")).endswith(f":{victim.pid}") and HEARTBEAT_KEY in t.system_attrs]
+        return mine[0] if mine else None
+
+    killed_trial = step_until(victim, running_trial, start + 90)
+    os.kill(victim.pid, signal.SIGKILL)
     victim.join(10)
     procs.append(cli_workers.start(args(3), tmp_path / "w3.log"))
 
