@@ -266,14 +266,13 @@ def test_two_workers_share_one_postgres_study(pg_fresh_url, tiny_search, cli_wor
         cli_workers.start(tiny_search.args(url, name, tmp_path / f"w{i}.yaml", trials=n, extra=FAST), tmp_path / f"w{i}.log", env=env)
         for i in range(2)
     ]
-    # Hold the first worker at the start of its optimize loop until the second reaches its own, so a
-    # fast machine cannot let one worker finish all the trials before the other has loaded its model.
+    # Hold each worker at the start of its trial loop (its "search:" line), then let both go at once:
+    # one that loads its model sooner must not finish every trial before the other has started.
     deadline = time.monotonic() + 90
-    step_until(procs[0], lambda: "search: " in _log(procs[0]), deadline)
-    while "search: " not in _log(procs[1]):
-        assert procs[1].exitcode is None and time.monotonic() < deadline, _log(procs[1])
-        time.sleep(0.01)
-    os.kill(procs[0].pid, signal.SIGCONT)
+    for p in procs:
+        step_until(p, lambda p=p: "search: " in _log(p), deadline)
+    for p in procs:
+        os.kill(p.pid, signal.SIGCONT)
     exports = 0
     storage = open_storage(pg_fresh_url, study_name=name)
     os.environ["PGPASSWORD"] = env["PGPASSWORD"]
