@@ -561,11 +561,10 @@ def _cut_short(e: BaseException, study: optuna.Study, plan: _Plan, loaded: _Load
     opts, interrupted = plan.opts, isinstance(e, KeyboardInterrupt)
     if interrupted:
         log("interrupted: the study is kept; the trial in flight is queued again; writing the best schedule so far")
-    notes: list[str] = []  # a storage failure ends in one line: the export's warning goes into it
-    try:
-        _export(study, plan=plan, loaded=loaded, log=None if interrupted else notes.append)
-        warned = [n.removeprefix("warning: ") for n in notes if n.startswith("warning: ")]
-        wrote = f"best schedule so far written to {plan.out}" + "".join(f" ({w})" for w in warned)
+    try:  # a storage failure ends in one line: the export's report is not printed, its warning goes into the line
+        final, _ = _export(study, plan=plan, loaded=loaded, log=None if interrupted else (lambda _line: None))
+        warning = None if interrupted else fidelity_warning(final.scores, loaded.calib.base_scores)
+        wrote = f"best schedule so far written to {plan.out}" + (f" ({warning})" if warning else "")
     except SearchError:
         wrote = "no finished trial meets the budget yet, no schedule written"
     except Exception as failed:  # noqa: BLE001
@@ -664,7 +663,7 @@ def _export(
         say(line)
     warning = fidelity_warning(final.scores, loaded.calib.base_scores)
     if warning:
-        say(warning)
+        say(f"warning: {warning}")
     return final, trial
 
 
@@ -690,12 +689,13 @@ MIN_AGREEMENT = 0.5
 
 
 def fidelity_warning(scores: dict[str, Any], base_scores: dict[str, float]) -> Optional[str]:
-    """One warning line when a written schedule's calibration fidelity is far below the unreduced
-    model's (agreement under :data:`MIN_AGREEMENT`, or top-1 under half the unreduced top-1)."""
+    """What to warn of (one line, without a ``warning:`` prefix) when a written schedule's calibration
+    fidelity is far below the unreduced model's (agreement under :data:`MIN_AGREEMENT`, or top-1 under
+    half the unreduced top-1); None when it is not."""
     agree, top1, base_top1 = scores.get("calib_agreement"), scores.get("calib_top1"), base_scores.get("top1")
     low_agree = agree is not None and agree < MIN_AGREEMENT
     low_top1 = top1 is not None and base_top1 is not None and top1 < 0.5 * base_top1
     if not (low_agree or low_top1):
         return None
     what = f"top-1 {top1:.1%} vs {base_top1:.1%} unreduced" if low_top1 else f"{agree:.1%} agreement with the unreduced model"
-    return f"warning: the written schedule keeps calibration {what} — the budget is too tight for this model on this device; raise it"
+    return f"the written schedule keeps calibration {what} — the budget is too tight for this model on this device; raise it"
