@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -26,6 +27,7 @@ from rapid_search.storage import open_storage
 from rapid_search.search.workers import (
     FAILED_BECAUSE_KEY,
     HEARTBEAT_KEY,
+    OWNER_KEY,
     RETRY_PENDING_KEY,
     SURPLUS_KEY,
     WORKER_KEY,
@@ -206,6 +208,59 @@ def test_stale_trial_failed_once_and_requeued(tmp_path) -> None:
     assert trials[3].user_attrs == {"warm_start": "tome"}
 
 
+@pytest.mark.skipif(not Path("/proc/self/ns/pid").exists(), reason="owner records need Linux /proc")
+def test_trial_of_an_ended_worker_process_is_failed_at_once(tmp_path) -> None:
+    """A RUNNING trial whose owner record names a process of this machine that has ended (or whose
+    pid now belongs to a process started later) is failed and queued again at once, heartbeat fresh
+    or not; one whose owner still runs, runs in another machine or PID namespace, or has no record
+    waits for the heartbeat. In this process: a worker whose run has returned has ended."""
+    from rapid_search.search import workers
+
+    spec = f"journal:{tmp_path / 'owner.journal'}"
+    study = optuna.create_study(study_name="o", storage=open_storage(spec, study_name="o"))
+    live = subprocess.Popen(["sleep", "60"])
+    ended = subprocess.Popen(["sleep", "60"])
+    try:
+        me = workers._owner_record("live-run")
+        rec = {k: workers._owner_record("r")[k] for k in ("boot", "pidns")}
+        start_of = {q.pid: workers._proc_start(q.pid)[1] for q in (live, ended)}
+        ended.kill()
+        ended.wait()
+        owners = {
+            "ended": {**rec, "pid": ended.pid, "start": start_of[ended.pid], "run": "r"},
+            "pid reused": {**rec, "pid": live.pid, "start": start_of[live.pid] - 1, "run": "r"},
+            "returned here": {**me, "run": "a run that has returned"},
+            "running": {**rec, "pid": live.pid, "start": start_of[live.pid], "run": "r"},
+            "running here": me,
+            "other machine": {**rec, "boot": "another-machine", "pid": ended.pid, "start": start_of[ended.pid], "run": "r"},
+            "other namespace": {**rec, "pidns": "0:1", "pid": ended.pid, "start": start_of[ended.pid], "run": "r"},
+            "no record": None,
+        }
+        for label, owner in owners.items():
+            t = study.ask()
+            t.suggest_float("x", 0, 1)
+            t.set_user_attr("label", label)
+            study._storage.set_trial_system_attr(t._trial_id, HEARTBEAT_KEY, time.time())  # fresh
+            if owner is not None:
+                study._storage.set_trial_system_attr(t._trial_id, OWNER_KEY, owner)
+        workers._LIVE_RUNS.add("live-run")
+        try:
+            assert Worker(load(spec, "o"), grace=1000).recover() == 3
+        finally:
+            workers._LIVE_RUNS.discard("live-run")
+    finally:
+        live.kill()
+        live.wait()
+    got = {t.user_attrs["label"]: t for t in load(spec, "o").trials if "label" in t.user_attrs}
+    failed = {k for k, t in got.items() if t.state == TrialState.FAIL}
+    assert failed == {"ended", "pid reused", "returned here"}, failed
+    assert got["ended"].system_attrs[FAILED_BECAUSE_KEY] == f"its worker process (pid {ended.pid}) on this machine has ended"
+    assert "has returned" in got["returned here"].system_attrs[FAILED_BECAUSE_KEY]
+    assert all(t.state == TrialState.RUNNING for k, t in got.items() if k not in failed)
+    queued = [t for t in load(spec, "o").trials if t.state == TrialState.WAITING]
+    assert sorted(t.system_attrs["retry_history"][0] for t in queued) == sorted(got[k].number for k in failed)
+
+
 def test_only_the_creator_records_the_setup(tmp_path) -> None:
     """Two workers start a new study at the same moment with different set-ups: the one that
     joins waits for the creator's set-up and is refused, instead of finding none and writing its
@@ -357,18 +412,21 @@ def _freeze_mid_trial(p, study_of, deadline: float, lock=None) -> int:
         mine = [
             t.number
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if str(t.system_attrs.get(WORKER_KEY, "")).endswith(pid_tag) and HEARTBEAT_KEY in t.system_attrs
+            if str(t.system_attrs.get(WORKER_KEY, "")).endswith(pid_tag) and {HEARTBEAT_KEY, OWNER_KEY} <= t.system_attrs.keys()
         ]
         return mine[0] if mine else None  # trial 0 is never the one caught: at least two finished
 
     return step_until(p, running_trial, deadline)
 
 
+@pytest.mark.parametrize("owner", ["here", "elsewhere"])
 @pytest.mark.parametrize("kind", ["journal", pytest.param("postgres", marks=pytest.mark.postgres)])
-def test_killed_worker_trial_is_redone(kind, request, tiny_search, cli_workers, tmp_path) -> None:
-    """A worker SIGKILLed mid-trial, then a worker restarted: the dead trial is failed (heartbeat)
-    and redone with its parameters, every trial finished before the kill is intact, the study
-    ends with exactly N finished trials and exports."""
+def test_killed_worker_trial_is_redone(kind, owner, request, tiny_search, cli_workers, tmp_path) -> None:
+    """A worker SIGKILLed mid-trial, then a worker restarted: the dead trial is failed and redone
+    with its parameters, every trial finished before the kill is intact, the study ends with exactly
+    N finished trials and exports. On the same machine the new worker sees that the owner process
+    has ended and fails the trial at once; a trial whose owner record names another machine
+    (``elsewhere``, as a worker there would have written it) waits for the heartbeat's grace period."""
     spec = request.getfixturevalue("pg_fresh_url") if kind == "postgres" else f"journal:{tmp_path / 'k.journal'}"
     name, n = "kill", 10  # enough trials left after the first two to catch the worker in one
 
@@ -386,11 +444,15 @@ def test_killed_worker_trial_is_redone(kind, request, tiny_search, cli_workers, 
     p.join(10)
     assert p.exitcode == -signal.SIGKILL
     before = {t.number: (t.state, t.value, t.params, t.user_attrs) for t in study_of().trials if t.state.is_finished()}
-    assert study_of().trials[killed].state == TrialState.RUNNING
+    running = study_of().trials[killed]
+    assert running.state == TrialState.RUNNING and running.system_attrs[OWNER_KEY]["pid"] == p.pid
+    if owner == "elsewhere":
+        study_of()._storage.set_trial_system_attr(running._trial_id, OWNER_KEY, {**running.system_attrs[OWNER_KEY], "boot": "another-machine"})
 
     q = cli_workers.start(tiny_search.args(spec, name, tmp_path / "k.yaml", trials=n, extra=fast), tmp_path / "b.log")
     assert cli_workers.wait(q, 120) == 0, _log(q)
-    assert "no heartbeat" in _log(q)
+    why = "no heartbeat" if owner == "elsewhere" else f"its worker process (pid {p.pid}) on this machine has ended"
+    assert why in _log(q)
 
     study = study_of()
     trials = check_study(study, n)
@@ -398,7 +460,7 @@ def test_killed_worker_trial_is_redone(kind, request, tiny_search, cli_workers, 
         t = trials[number]
         assert (t.state, t.value, t.params, t.user_attrs) == snap
     dead = trials[killed]
-    assert dead.state == TrialState.FAIL and "heartbeat" in dead.system_attrs[FAILED_BECAUSE_KEY]
+    assert dead.state == TrialState.FAIL and dead.system_attrs[FAILED_BECAUSE_KEY].startswith("had no heartbeat" if owner == "elsewhere" else why)
     redo = [t for t in trials if t.system_attrs.get("retry_history") == [killed]]
     assert len(redo) == 1 and dead.params.items() <= redo[0].params.items()  # all of them unless it died while drawing them
     assert redo[0].state in (TrialState.COMPLETE, TrialState.PRUNED)

@@ -35,12 +35,13 @@ from ..errors import RapidSearchError
 from ..storage import HeartbeatMixin
 
 __all__ = [
-    "HEARTBEAT_KEY", "WORKER_KEY", "RETRY_PENDING_KEY", "SURPLUS_KEY", "FAILED_BECAUSE_KEY", "Worker", "count_trials", "deferred_interrupts",
+    "HEARTBEAT_KEY", "WORKER_KEY", "OWNER_KEY", "RETRY_PENDING_KEY", "SURPLUS_KEY", "FAILED_BECAUSE_KEY", "Worker", "count_trials", "deferred_interrupts",
     "retry_trial", "run_trials",
 ]
 
 HEARTBEAT_KEY = "rapid_search:heartbeat"
 WORKER_KEY = "rapid_search:worker"
+OWNER_KEY = "rapid_search:owner"
 RETRY_PENDING_KEY = "rapid_search:retry_pending"
 NO_RETRY_KEY = "rapid_search:no_retry"
 SURPLUS_KEY = "rapid_search:surplus"
@@ -88,6 +89,75 @@ def count_trials(study: optuna.Study, *, pending_window: float = 60.0) -> TrialC
     waiting = [t for t in trials if pending(t)]
     claiming = [t for t in trials if t.state in FINISHED] + running + waiting
     return TrialCounts(claiming, running, waiting, sum(t.state == TrialState.WAITING for t in trials))
+
+
+# ---- which process runs a trial, and whether it has ended (Linux; elsewhere only the heartbeat tells) ----
+#: The tokens of the workers running in this process (see :func:`_owner_record`).
+_LIVE_RUNS: set[str] = set()
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _proc_start(pid: int) -> Optional[tuple[str, int]]:
+    """``(state, start time in clock ticks after boot)`` of process ``pid`` from ``/proc``, or None when it has no entry."""
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()  # after "pid (comm)": state is field 3, starttime field 22
+    try:
+        return fields[0], int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _machine() -> Optional[tuple[str, str]]:
+    """This kernel's boot id and this process's PID namespace: two processes whose pids can be
+    compared must share both. None where ``/proc`` does not say (not Linux)."""
+    boot = _read("/proc/sys/kernel/random/boot_id")
+    try:
+        ns = os.stat("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return (boot.strip(), f"{ns.st_dev}:{ns.st_ino}") if boot else None
+
+
+def _owner_record(run: str) -> Optional[dict[str, Any]]:
+    """What identifies this process to another on the same machine (``run``: the worker's token in :data:`_LIVE_RUNS`)."""
+    machine, me = _machine(), _proc_start(os.getpid())
+    if machine is None or me is None:
+        return None
+    return {"boot": machine[0], "pidns": machine[1], "pid": os.getpid(), "start": me[1], "run": run}
+
+
+def owner_gone(trial: FrozenTrial) -> Optional[str]:
+    """Why ``trial``'s worker has certainly ended, or None when it may still run (another machine or
+    PID namespace, no owner record, or the process is there): the same pid with another start time
+    is another process; in this process, a worker whose run has returned."""
+    owner, machine = trial.system_attrs.get(OWNER_KEY), _machine()
+    if not isinstance(owner, dict) or machine is None or (owner.get("boot"), owner.get("pidns")) != machine:
+        return None
+    pid, start = owner.get("pid"), owner.get("start")
+    if not isinstance(pid, int) or not isinstance(start, int):
+        return None
+    if pid == os.getpid():
+        return None if owner.get("run") in _LIVE_RUNS else f"its worker in this process (pid {pid}) has returned"
+    ended = f"its worker process (pid {pid}) on this machine has ended"
+    seen = _proc_start(pid)
+    if seen is None:  # no entry, or /proc hides other users' processes (hidepid): ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return ended
+        except OSError:  # there, someone else's
+            return None
+        return None
+    return ended if seen[1] != start or seen[0] in ("Z", "X") else None  # another start time: the pid was reused
 
 
 def _what_to_run(trial: FrozenTrial) -> FrozenTrial:
@@ -250,6 +320,8 @@ class Worker:
         self._first_seen: dict[int, float] = {}
         self._warned = False
         self._waiting_for: Optional[tuple[int, ...]] = None
+        self._run = f"{id(self):x}-{time.monotonic_ns():x}"  # this worker's token while it runs (_LIVE_RUNS)
+        self._owner: Optional[dict[str, Any]] = None  # set by run (in the process that runs the trials)
 
     # ---- the heartbeat policy (the storage's BaseHeartbeat seam calls these) ----
     def beat(self, trial_id: int) -> None:
@@ -273,12 +345,22 @@ class Worker:
         return time.monotonic() - self._first_seen.setdefault(trial._trial_id, time.monotonic())
 
     def stale_trial_ids(self, storage: Any, study_id: int) -> list[int]:
-        """The running trials silent for ``grace`` s, each marked as given up (``BaseHeartbeat._get_stale_trial_ids``)."""
+        """The running trials silent for ``grace`` s, or whose worker process has ended on this machine
+        (:func:`owner_gone`), each marked as given up (``BaseHeartbeat._get_stale_trial_ids``)."""
         running = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
         ids, now = {t._trial_id for t in running}, time.time()
         self._first_seen = {k: v for k, v in self._first_seen.items() if k in ids}
-        stale = [t for t in running if self.age(t, now) > self.grace]
-        return [t._trial_id for t in stale if self.mark(t, f"had no heartbeat for {self.age(t):.0f} s (its worker died?)")]
+        ids = []
+        for t in running:
+            if self.age(t, now) > self.grace:
+                because = f"had no heartbeat for {self.age(t):.0f} s (its worker died?)"
+            elif (ended := owner_gone(t)) is not None:  # no need to wait out the grace period
+                because = ended
+            else:
+                continue
+            if self.mark(t, because):
+                ids.append(t._trial_id)
+        return ids
 
     def mark(self, trial: FrozenTrial, because: str, *, retry: bool = True) -> bool:
         """Say why a RUNNING trial is about to be failed and whether it keeps its slot; False: finished meanwhile."""
@@ -341,6 +423,14 @@ class Worker:
         """``study.optimize`` until the study has ``n_trials`` finished trials; returns how many this worker finished."""
         self.objective, self.n_trials, self.callbacks = objective, n_trials, list(callbacks)
         stop = MaxTrialsCallback(n_trials, states=FINISHED)
+        self._owner = _owner_record(self._run)
+        _LIVE_RUNS.add(self._run)
+        try:
+            return self._run_loop(stop)
+        finally:
+            _LIVE_RUNS.discard(self._run)
+
+    def _run_loop(self, stop: MaxTrialsCallback) -> int:
         with self._attached(), self.interrupts.critical():  # Optuna's loop; the objective and the waits are interruptible
             while self.wait_for_slot():
                 try:
@@ -390,6 +480,8 @@ class Worker:
             self.storage.set_trial_system_attr(trial._trial_id, SURPLUS_KEY, True)  # another worker asked at the same moment and won
             raise Surplus(f"trials numbered below {trial.number} claim all {self.n_trials} slots")
         self.storage.set_trial_system_attr(trial._trial_id, WORKER_KEY, f"{socket.gethostname()}:{os.getpid()}")
+        if self._owner is not None:  # lets a worker on this machine redo it at once should this process end
+            self.storage.set_trial_system_attr(trial._trial_id, OWNER_KEY, self._owner)
         pruned: Optional[optuna.TrialPruned] = None
         try:
             with self.interrupts.interruptible():  # a Ctrl-C during ask is raised here: this trial is queued again
@@ -413,7 +505,7 @@ class Worker:
     def abandon(self, trial: optuna.trial.Trial) -> None:
         """After an interrupt: fail the trial in flight and queue it again, if it still runs. A storage error
         is logged and a second interrupt ends the clean-up, never replacing the KeyboardInterrupt handled."""
-        later = f"its heartbeat has stopped, so another worker or the resumed search takes it over after {self.grace:.0f} s"
+        later = f"another worker or the resumed search takes it over once this process has ended (or after {self.grace:.0f} s without a heartbeat)"
         try:
             frozen = self.storage.get_trial(trial._trial_id)
             if frozen.state == TrialState.RUNNING:
