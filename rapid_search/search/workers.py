@@ -350,7 +350,7 @@ class Worker:
         running = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
         ids, now = {t._trial_id for t in running}, time.time()
         self._first_seen = {k: v for k, v in self._first_seen.items() if k in ids}
-        ids = []
+        stale = []
         for t in running:
             if self.age(t, now) > self.grace:
                 because = f"had no heartbeat for {self.age(t):.0f} s (its worker died?)"
@@ -359,8 +359,8 @@ class Worker:
             else:
                 continue
             if self.mark(t, because):
-                ids.append(t._trial_id)
-        return ids
+                stale.append(t._trial_id)
+        return stale
 
     def mark(self, trial: FrozenTrial, because: str, *, retry: bool = True) -> bool:
         """Say why a RUNNING trial is about to be failed and whether it keeps its slot; False: finished meanwhile."""
