@@ -313,39 +313,37 @@ def _log(p) -> str:
 @pytest.mark.postgres
 def test_two_workers_share_one_postgres_study(pg_fresh_url, tiny_search, cli_workers, tmp_path) -> None:
     """Two workers on one PostgreSQL study finish exactly the requested trials together, with no
-    duplicate or lost trial, and exporting while they run is safe. The password reaches libpq
-    through PGPASSWORD, not the command line."""
+    duplicate or lost trial, and exporting while they run (both frozen mid-run, wherever they were,
+    a transaction perhaps open) is safe. The password reaches libpq through PGPASSWORD, not the
+    command line."""
     url, env = _pg_no_password(pg_fresh_url)
     name, n = "two", 6
     procs = [
         cli_workers.start(tiny_search.args(url, name, tmp_path / f"w{i}.yaml", trials=n, extra=FAST), tmp_path / f"w{i}.log", env=env)
         for i in range(2)
     ]
-    # Hold each worker at the start of its trial loop (its "search:" line), then let both go at once:
-    # one that loads its model sooner must not finish every trial before the other has started.
-    deadline = time.monotonic() + 90
-    for p in procs:
-        step_until(p, lambda p=p: "search: " in _log(p), deadline)
-    for p in procs:
-        os.kill(p.pid, signal.SIGCONT)
-    exports = 0
+    # Step both workers together until each has finished a trial (neither can take every trial
+    # while the other loads its model), then export with both frozen mid-run.
     storage = open_storage(pg_fresh_url, study_name=name)
+
+    def finished_one(p) -> bool:
+        if name not in optuna.get_all_study_names(storage):
+            return False
+        trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        return any(str(t.system_attrs.get(WORKER_KEY, "")).endswith(f":{p.pid}") for t in trials)
+
+    step_each_until(procs, finished_one, time.monotonic() + 90)
+    exports = 0
     os.environ["PGPASSWORD"] = env["PGPASSWORD"]
     try:
-        while any(p.exitcode is None for p in procs) and exports < 2:  # two exports while they run are enough
-            time.sleep(0.5)
-            if not exports and name in optuna.get_all_study_names(storage):
-                trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-                if not any(t.state == TrialState.COMPLETE for t in trials):
-                    continue
-            elif not exports:
-                continue
-            code = main(["export", "--study-name", name, "--storage", url, "--out", str(tmp_path / "live.yaml")])
-            if code == 0:
-                Schedule.load(tmp_path / "live.yaml")
-                exports += 1
+        for _ in range(2):
+            assert main(["export", "--study-name", name, "--storage", url, "--out", str(tmp_path / "live.yaml")]) == 0
+            Schedule.load(tmp_path / "live.yaml")
+            exports += 1
     finally:
         del os.environ["PGPASSWORD"]
+        for p in procs:
+            os.kill(p.pid, signal.SIGCONT)
     for p in procs:
         assert cli_workers.wait(p) == 0, _log(p)
     study = optuna.load_study(study_name=name, storage=open_storage(pg_fresh_url, study_name=name))
@@ -378,27 +376,43 @@ def freeze(pid: int) -> None:
 
 def step_until(p, found, deadline: float, *, step: float = 0.005):
     """Single-step worker ``p`` until ``found()`` (called with ``p`` frozen) returns something truthy;
-    returns it with ``p`` left frozen. Each step lets ``p`` run for ``step`` seconds. Polling a
-    free-running worker loses races on a fast machine (a tiny study can finish every trial between
-    two reads of a PostgreSQL storage); a stepped worker cannot get past a state that lasts longer
-    than one step unseen."""
+    returns it with ``p`` left frozen (:func:`step_each_until` for one worker)."""
+    return step_each_until([p], lambda _: found(), deadline, step=step)[0]
+
+
+def step_each_until(procs, found, deadline: float, *, step: float = 0.005) -> list:
+    """Single-step the workers ``procs`` together until ``found(p)`` (called with every stepped worker
+    frozen) is truthy for each; returns those values with every worker left frozen. A worker that got
+    there stays frozen while the others step on. Each step lets the workers run for ``step`` seconds.
+    Polling free-running workers loses races on a fast machine (a tiny study can finish every trial
+    between two reads of a PostgreSQL storage, or one worker take every trial while another is
+    held); stepped workers cannot get past a state that lasts longer than one step unseen."""
+    values: dict[int, object] = {}
     while time.monotonic() < deadline:
-        try:
-            freeze(p.pid)
-        except ProcessLookupError:  # it ended during the last step
-            raise AssertionError(f"worker ended before what the test waits for:\n{_log(p)}") from None
-        if value := found():
-            return value
-        os.kill(p.pid, signal.SIGCONT)
+        stepping = [p for p in procs if p.pid not in values]
+        for p in stepping:
+            try:
+                freeze(p.pid)
+            except ProcessLookupError:  # it ended during the last step
+                raise AssertionError(f"worker ended before what the test waits for:\n{_log(p)}") from None
+        for p in stepping:
+            if value := found(p):
+                values[p.pid] = value
+        if len(values) == len(procs):
+            return [values[p.pid] for p in procs]
+        for p in procs:
+            if p.pid not in values:
+                os.kill(p.pid, signal.SIGCONT)
         time.sleep(step)
-    raise AssertionError(f"timed out stepping the worker:\n{_log(p)}")
+    raise AssertionError("timed out stepping the workers:\n" + "\n".join(_log(p) for p in procs))
 
 
-def _freeze_mid_trial(p, study_of, deadline: float, lock=None) -> int:
+def freeze_mid_trial(p, study_of, deadline: float, lock=None) -> int:
     """SIGSTOP ``p`` while it runs a trial (checked with the process frozen), after at least two
-    finished trials; returns that trial's number. ``lock``: the journal's lock file; a worker
-    killed while holding it would stall the next one for the lock's 30 s grace period, which is not
-    what this test is about (frozen inside a journal append: step on)."""
+    finished trials; returns that trial's number (with ``p`` left frozen). The trial has
+    its worker, heartbeat and owner record stored. ``lock``: the journal's lock file; a worker killed
+    while holding it would stall the next one for the lock's 30 s grace period, which is not what
+    these tests are about (frozen inside a journal append: step on)."""
     pid_tag = f":{p.pid}"
     while study_of() is None:  # loading the model: nothing to catch yet
         assert p.exitcode is None, f"worker ended early:\n{_log(p)}"
@@ -439,7 +453,7 @@ def test_killed_worker_trial_is_redone(kind, owner, request, tiny_search, cli_wo
     fast = FAST_JOURNAL if kind == "journal" else FAST
     p = cli_workers.start(tiny_search.args(spec, name, tmp_path / "k.yaml", trials=n, extra=fast), tmp_path / "a.log")
     lock = tmp_path / "k.journal.lock" if kind == "journal" else None
-    killed = _freeze_mid_trial(p, study_of, time.monotonic() + 90, lock)
+    killed = freeze_mid_trial(p, study_of, time.monotonic() + 90, lock)
     os.kill(p.pid, signal.SIGKILL)
     p.join(10)
     assert p.exitcode == -signal.SIGKILL

@@ -23,14 +23,12 @@ from optuna.trial import TrialState
 from rapid_search.cli import main
 from rapid_search.runtime.schedule import Schedule
 from rapid_search.storage import open_storage
-from test_distributed import step_until
+from test_distributed import freeze_mid_trial
 
 from rapid_search.search.workers import (
     FAILED_BECAUSE_KEY,
-    HEARTBEAT_KEY,
     SURPLUS_KEY,
     WORKER_KEY,
-    count_trials,
     deferred_interrupts,
     run_trials,
 )
@@ -253,20 +251,7 @@ def test_ctrl_c_abandons_trial_keeps_study_and_resumes(tiny_search, cli_workers,
         except Exception:  # noqa: BLE001 - not there yet
             return None
 
-    deadline = time.monotonic() + 120
-    while study() is None:  # loading the model: nothing to interrupt yet
-        assert time.monotonic() < deadline and proc.exitcode is None, f"no study:\n{(tmp_path / 'worker.log').read_text()}"
-        time.sleep(0.02)
-
-    def running_trial() -> int | None:
-        s = study()
-        running = [
-            t.number for t in s.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if str(t.system_attrs.get(WORKER_KEY, "")).endswith(f":{proc.pid}") and HEARTBEAT_KEY in t.system_attrs
-        ]
-        return running[0] if running and count_trials(s).finished >= 2 else None
-
-    interrupted = step_until(proc, running_trial, deadline)  # frozen: the state read is the state it is in
+    interrupted = freeze_mid_trial(proc, study, time.monotonic() + 120)  # frozen: the state read is the state it is in
     os.kill(proc.pid, signal.SIGINT)  # even inside a journal append: the interrupt waits until the append is done
     os.kill(proc.pid, signal.SIGCONT)
     code = cli_workers.wait(proc, 60)

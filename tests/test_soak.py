@@ -19,8 +19,8 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from rapid_search.storage import open_storage
-from rapid_search.search.workers import FAILED_BECAUSE_KEY, HEARTBEAT_KEY, OWNER_KEY, SURPLUS_KEY, WORKER_KEY, count_trials
-from test_distributed import FAST_JOURNAL, check_study, export_ok, step_until
+from rapid_search.search.workers import FAILED_BECAUSE_KEY, SURPLUS_KEY, WORKER_KEY, count_trials
+from test_distributed import FAST_JOURNAL, check_study, export_ok, freeze_mid_trial
 
 
 def test_soak_journal_many_workers(tiny_search, cli_workers, tmp_path) -> None:
@@ -44,14 +44,7 @@ def test_soak_journal_many_workers(tiny_search, cli_workers, tmp_path) -> None:
         assert victim.exitcode is None, Path(victim.log_path).read_text()
         time.sleep(0.02)
 
-    def running_trial() -> int | None:
-        if lock.exists():  # frozen inside a journal append: step on
-            return None
-        mine = [t.number for t in study().get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                if str(t.system_attrs.get(WORKER_KEY, "")).endswith(f":{victim.pid}") and {HEARTBEAT_KEY, OWNER_KEY} <= t.system_attrs.keys()]
-        return mine[0] if mine else None
-
-    killed_trial = step_until(victim, running_trial, start + 90)
+    killed_trial = freeze_mid_trial(victim, study, start + 90, lock)
     os.kill(victim.pid, signal.SIGKILL)
     victim.join(10)
     procs.append(cli_workers.start(args(3), tmp_path / "w3.log"))

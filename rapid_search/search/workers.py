@@ -11,6 +11,7 @@ from __future__ import annotations
 import _thread
 import contextlib
 import copy
+import functools
 import logging
 import math
 import os
@@ -119,6 +120,12 @@ def _proc_start(pid: int) -> Optional[tuple[str, int]]:
 def _machine() -> Optional[tuple[str, str]]:
     """This kernel's boot id and this process's PID namespace: two processes whose pids can be
     compared must share both. None where ``/proc`` does not say (not Linux)."""
+    return _machine_of(os.getpid())
+
+
+@functools.lru_cache(maxsize=1)
+def _machine_of(pid: int) -> Optional[tuple[str, str]]:
+    """:func:`_machine`, read once per process (keyed by pid: a forked child reads its own)."""
     boot = _read("/proc/sys/kernel/random/boot_id")
     try:
         ns = os.stat("/proc/self/ns/pid")
@@ -155,7 +162,7 @@ def owner_gone(trial: FrozenTrial) -> Optional[str]:
         except ProcessLookupError:
             return ended
         except OSError:  # there, someone else's
-            return None
+            pass
         return None
     return ended if seen[1] != start or seen[0] in ("Z", "X") else None  # another start time: the pid was reused
 
