@@ -99,7 +99,7 @@ def _residual_metric(x, keys, importance, layer, rt):
     return _REDUCE(x, lambda: x, importance, layer, rt)  # the residual stream in place of the keys
 
 
-def _head_max(q, k, scale, size, *, rows, num_prefix, bias):
+def _head_max(q, k, scale, size, *, rows, num_prefix, bias, probs=None):  # probs: the attention's own rows, not used here
     logits = (q[:, :, :rows] * scale) @ k.transpose(-2, -1)  # (B, H, R, N)
     if bias is not None:
         logits = logits + bias
@@ -206,15 +206,15 @@ def _token_norm(m: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(m.float(), dim=-1)
 
 
-def _no_prop(attn, q, k, v, mask):
-    return _SDPA(attn, q, k, v, None)
+def _no_prop(attn, q, k, v, mask, *, rows=0):
+    return _SDPA(attn, q, k, v, None, rows=rows)
 
 
-def _no_prop_importance(q, k, scale, size, *, rows, num_prefix, bias):
+def _no_prop_importance(q, k, scale, size, *, rows, num_prefix, bias, probs=None):  # probs: the attention's own rows, not used here
     return _IMPORTANCE(q, k, scale, size, rows=rows, num_prefix=num_prefix, bias=None)
 
 
-def _received(q, k, scale, size, *, rows, num_prefix, bias):
+def _received(q, k, scale, size, *, rows, num_prefix, bias, probs=None):  # probs: the attention's own rows, not used here
     """Importance = the attention each token receives from every query (size-weighted mean over the
     queries, head-averaged) instead of from the class token: O(N^2), an experiment only."""
     logits = (q * scale) @ k.transpose(-2, -1)  # (B, H, N, N)
@@ -225,7 +225,7 @@ def _received(q, k, scale, size, *, rows, num_prefix, bias):
     return ((a * w).sum(2) / w.sum(2)).mean(1)[:, num_prefix:]  # (B, T)
 
 
-def _per_size(q, k, scale, size, *, rows, num_prefix, bias):
+def _per_size(q, k, scale, size, *, rows, num_prefix, bias, probs=None):  # probs: the attention's own rows, not used here
     imp = _IMPORTANCE(q, k, scale, size, rows=rows, num_prefix=num_prefix, bias=bias)  # (B, T)
     return imp if size is None else imp / size[:, num_prefix:, 0]
 
@@ -236,7 +236,7 @@ def _scaled_prop(alpha: float) -> tuple[Callable, Callable]:
     def sdpa(attn, q, k, v, mask):
         return _SDPA(attn, q, k, v, None if mask is None else mask * alpha)
 
-    def importance(q, k, scale, size, *, rows, num_prefix, bias):
+    def importance(q, k, scale, size, *, rows, num_prefix, bias, probs=None):  # probs: the attention's own rows, not used here
         return _IMPORTANCE(q, k, scale, size, rows=rows, num_prefix=num_prefix, bias=None if bias is None else bias * alpha)
 
     return sdpa, importance

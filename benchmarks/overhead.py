@@ -6,10 +6,16 @@ price of the reduction. Eager: each block's attention (timm's module in the orac
 ``_attention`` with proportional attention and the importance row in RAPID) and reduction
 (``_reduce``), timed in the model, medians over rounds. Compiled (``torch.compile(fullgraph=True)``,
 Inductor's per-kernel profiling on): the profiler's self time per forward, grouped into the Python
-wrapper that calls the kernels, the generated kernels, the ATen fallbacks the graph calls (top-k,
-sort, scatter_reduce, bmm, ...), and Dynamo's guard check.
+wrapper that calls the kernels, the matmuls (``bmm``: the explicit attention and the similarities),
+the generated kernels, the ATen fallbacks the graph calls (top-k, sort, scatter_reduce, ...), and
+Dynamo's guard check.
 
     python benchmarks/overhead.py --ratio 0.5 --rounds 40 --compiled
+    python benchmarks/overhead.py --attention
+
+``--attention`` times one attention alone (DeiT-Tiny's widths, with the proportional-attention bias)
+over batch sizes and token counts: the fused CPU kernel against matmul + softmax + matmul, the
+measurement behind ``rapid_search.runtime.engine.EXPLICIT_ATTENTION_MAX``.
 
 Random weights (speed does not depend on them); one thread; numbers in microseconds per forward.
 """
@@ -107,9 +113,9 @@ def _compiled(model: torch.nn.Module, oracle: _Oracle, x: torch.Tensor, rounds: 
                 groups["Python wrapper (calls, allocations, checks)"] += t
             elif e.key == "TorchDynamo Cache Lookup":
                 groups["Dynamo guard check"] += t
-            elif e.key in ("aten::addmm", "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::mkldnn_convolution"):
-                groups["linear layers, attention, patch embedding"] += t
-            elif e.key in ("aten::topk", "aten::sort", "aten::scatter_reduce_", "aten::bmm", "aten::arange"):
+            elif e.key in ("aten::addmm", "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::mkldnn_convolution", "aten::bmm"):
+                groups["matmuls (linear layers, attention, similarity), patch embedding"] += t
+            elif e.key in ("aten::topk", "aten::sort", "aten::scatter_reduce_", "aten::arange"):
                 groups[f"fallback {e.key[6:]}"] += t
             else:
                 groups["other (views, copies, allocations)"] += t
@@ -125,15 +131,53 @@ def _compiled(model: torch.nn.Module, oracle: _Oracle, x: torch.Tensor, rounds: 
     print(f"| total | {ta:.0f} | {tb:.0f} | {ta - tb:+.0f} |")
 
 
+def _attention(rounds: int) -> None:
+    """Fused SDPA vs explicit attention of ``(B, 3, N, 64)`` queries, keys, values with a ``(B, 1, 1, N)`` bias (µs, medians)."""
+    import torch.nn.functional as F
+
+    from rapid_search.runtime.engine import EXPLICIT_ATTENTION_MAX
+
+    H, hd = 3, 64
+    print(f"\n### one attention, {H} heads of {hd}, with a size bias: fused kernel vs explicit (µs, medians of {rounds}; limit {EXPLICIT_ATTENTION_MAX} scores)")
+    print("| batch | tokens | scores B·H·N² | fused | explicit | explicit / fused | runtime takes |")
+    print("|---|---|---|---|---|---|---|")
+    for B, N in ((1, 197), (1, 171), (1, 96), (1, 41), (1, 17), (8, 197), (8, 96), (8, 41), (32, 197), (32, 96), (32, 41), (32, 23)):
+        q, k, v = (torch.randn(B, H, N, hd) for _ in range(3))  # (B, H, N, hd)
+        bias = torch.rand(B, 1, 1, N).log()  # (B, 1, 1, N)
+
+        def fused() -> Any:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+        def explicit() -> Any:
+            return ((q * hd**-0.5) @ k.transpose(-2, -1) + bias).softmax(-1) @ v  # (B, H, N, hd)
+
+        t: dict[str, list[float]] = {"fused": [], "explicit": []}
+        with torch.inference_mode():
+            for _ in range(3):
+                fused(), explicit()
+            for _ in range(rounds):  # round-robin
+                for name, fn in (("fused", fused), ("explicit", explicit)):
+                    t0 = time.perf_counter()
+                    fn()
+                    t[name].append(time.perf_counter() - t0)
+        f, e = (statistics.median(t[n]) * 1e6 for n in ("fused", "explicit"))
+        scores = B * H * N * N
+        print(f"| {B} | {N} | {scores} | {f:.0f} | {e:.0f} | {e / f:.2f} | {'explicit' if scores <= EXPLICIT_ATTENTION_MAX else 'fused'} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="deit_tiny_patch16_224")
     ap.add_argument("--ratio", type=float, default=0.5, help="GFLOPs ratio of the hand-set schedule")
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--compiled", action="store_true", help="also profile the compiled models (a minute of compiling)")
+    ap.add_argument("--attention", action="store_true", help="only time one attention, fused kernel vs explicit, over batch sizes and token counts")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    if args.attention:
+        _attention(max(args.rounds, 20))
+        return
     base = timm.create_model(args.model).eval()
     info = rs.model_info(base)
     schedule = rs.rapid_schedule(info, args.ratio)

@@ -86,3 +86,18 @@ def search_argv(ts, default_name: str, *extra: str, **change: str) -> list[str]:
         else:
             args[i + 1] = v
     return ["search", *args, *extra]
+
+
+def read_importance_macs(model: torch.nn.Module, info, schedule, counts=None) -> int:
+    """Per-image MACs of the importance rows that an explicit attention (``engine._sdpa``) reads from its
+    probabilities instead of computing them; the cost model counts them (what a block running the fused
+    kernel computes). Class-like rows only: the global query of a model without a class token is no row.
+    ``counts``: the recorded token counts of one image, for data-dependent schedules."""
+    if getattr(model, "cls_token", None) is None or not getattr(model, "has_class_token", True):
+        return 0
+    import rapid_search as rs
+
+    counts = rs.token_counts(info, schedule) if counts is None else [int(c) for c in counts]
+    return sum(
+        info.importance_rows * counts[i] * info.attn_dim for i, layer in enumerate(schedule.layers) if layer.reduces and layer.op in ("merge", "evit")
+    )

@@ -2,13 +2,17 @@
 
 FlopCounterMode counts 2 FLOPs per multiply-accumulate for exactly the ops the cost model counts
 (convolution, addmm/mm/bmm and the attention matmuls) and nothing else (norms, softmax, GELU,
-gathers and sorts are free in both), so analytic MACs must equal counted FLOPs / 2 exactly.
+gathers and sorts are free in both), so analytic MACs must equal counted FLOPs / 2 exactly — less
+the class rows' importance where the attention is computed explicitly: the cost model counts that
+row (``importance_rows * N * attn_dim`` MACs, what a block running the fused kernel computes on
+the side), an explicit attention reads it from its own probabilities.
 
 The exact check runs with attention computed unfused (``attn.fused_attn = False``: two bmm per
 block), where every torch version counts it. Whether the fused CPU kernel is counted is a torch
 version's quirk (torch 2.14.1 does not count ``_scaled_dot_product_flash_attention_for_cpu``), so
-the fused path is checked separately: the patched model still dispatches the fused kernel in every
-block, and gives the unfused path's outputs.
+the fused path is checked separately: with ``EXPLICIT_ATTENTION_MAX = 0`` the patched model
+dispatches the fused kernel in every block, and gives the unfused path's outputs; with the default,
+small attentions on CPU run explicitly and give the same outputs.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from helpers import FAMILIES, images
+from helpers import FAMILIES, images, read_importance_macs
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import rapid_search as rs
 from rapid_search import LayerSpec as L
+from rapid_search.runtime import engine
 
 
 
@@ -85,8 +90,9 @@ def test_analytic_macs_equal_flop_counter(unfused, family):
         assert not any("scaled_dot_product" in k for k in ops), ops
         assert ops.get("bmm", 0) > 0, f"attention matmuls not counted: {ops}"
         assert total % (2 * B) == 0
-        assert total // (2 * B) == rs.schedule_macs(info, s), (name, ops)
+        assert total // (2 * B) == rs.schedule_macs(info, s) - read_importance_macs(model, info, s), (name, ops)
         assert counts[0].tolist() == rs.token_counts(info, s)
+
 
 
 class _AtenCalls(TorchDispatchMode):
@@ -102,9 +108,10 @@ class _AtenCalls(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_patched_model_keeps_fused_attention(models, family):
-    """With ``fused_attn`` set, every block of the patched forward runs the fused kernel (one SDPA
-    call per block), and the result equals the unfused path's."""
+def test_patched_model_keeps_fused_attention(models, family, monkeypatch):
+    """With ``fused_attn`` set and no explicit attention allowed, every block of the patched forward
+    runs the fused kernel (one SDPA call per block), and the result equals the unfused path's."""
+    monkeypatch.setattr(engine, "EXPLICIT_ATTENTION_MAX", 0)
     model = models[family]
     info = rs.ModelInfo.from_model(model)
     x = images(model, 2)
@@ -122,9 +129,55 @@ def test_patched_model_keeps_fused_attention(models, family):
         torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_small_cpu_attention_runs_explicitly(models, family, monkeypatch):
+    """By default a reducing block's attention whose scores fit ``EXPLICIT_ATTENTION_MAX`` runs as
+    matmul + softmax + matmul on CPU even with ``fused_attn`` set, and gives the fused kernel's outputs."""
+    model = models[family]
+    x = images(model, 2)
+    for name, s in _schedules(model).items():
+        reducing = sum(layer.reduces for layer in s.layers)
+        with rs.applied(model, s), torch.no_grad():
+            with _AtenCalls() as rec:
+                explicit = model(x)
+            monkeypatch.setattr(engine, "EXPLICIT_ATTENTION_MAX", 0)
+            fused = model(x)
+            monkeypatch.undo()
+        sdpa = [c for c in rec.calls if "scaled_dot_product" in c]
+        assert len(sdpa) <= len(s.layers) - reducing, (name, sdpa)  # no reducing block calls the fused kernel
+        torch.testing.assert_close(explicit, fused, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_explicit_attention_limit_and_importance(rows):
+    """At exactly ``EXPLICIT_ATTENTION_MAX`` scores the attention runs explicitly and the importance
+    is read from its probabilities; one score fewer allowed and it runs the fused kernel with the
+    importance computed separately. Both give the same output and importance."""
+    torch.manual_seed(0)
+    attn = timm.layers.Attention(32, num_heads=2, qkv_bias=True).eval()
+    B, N = 2, 17
+    x = torch.randn(B, N, 32)  # (B, N, C)
+    size = torch.rand(B, N, 1) * 3 + 1  # (B, N, 1)
+    scores = B * attn.num_heads * N * N
+    got = {}
+    for limit in (scores, scores - 1):
+        engine_limit, engine.EXPLICIT_ATTENTION_MAX = engine.EXPLICIT_ATTENTION_MAX, limit
+        try:
+            with torch.no_grad(), _AtenCalls() as rec:
+                out, _, imp = engine._attention(attn, x, size, importance_rows=rows, need_importance=True, num_prefix=rows)
+        finally:
+            engine.EXPLICIT_ATTENTION_MAX = engine_limit
+        got[limit] = (out, imp, sum("scaled_dot_product" in c for c in rec.calls))
+    assert got[scores][2] == 0 and got[scores - 1][2] == 1
+    assert got[scores][1].shape == (B, N - rows) and got[scores][1].dtype == torch.float32
+    torch.testing.assert_close(got[scores][0], got[scores - 1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[scores][1], got[scores - 1][1], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("family", ["test_vit", "distilled", "avg_nocls"])
 def test_threshold_schedule_macs_from_counts(unfused, family):
-    """Data-dependent cost: macs_from_counts on the recorded counts == counted FLOPs / 2 (batch size 1)."""
+    """Data-dependent cost: macs_from_counts on the recorded counts == counted FLOPs / 2 (batch size 1; plus
+    the importance rows the explicit attention reads, as in test_analytic_macs_equal_flop_counter)."""
     model = unfused[family]
     info = rs.ModelInfo.from_model(model)
     T = info.num_tokens - info.num_prefix_tokens
@@ -142,7 +195,7 @@ def test_threshold_schedule_macs_from_counts(unfused, family):
             assert total % 2 == 0
             got = rs.macs_from_counts(info, s, counts)
             assert got.dtype == torch.float64 and got.shape == (1,)
-            assert int(got[0]) == got[0] == total // 2
+            assert int(got[0]) == got[0] == total // 2 + read_importance_macs(model, info, s, counts[0])
             assert got[0] >= rs.schedule_macs(info, s)  # the analytic value is the all-pass lower bound
             seen.add(tuple(counts[0].tolist()))
     assert len(seen) > 2, "threshold layers should produce image-dependent counts"

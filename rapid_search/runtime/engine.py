@@ -5,8 +5,10 @@ Reducing blocks run code adapted from timm 1.0.31: :func:`_attention` re-states
 ``timm.layers.Attention.forward`` (gate, qkv, q/k norm, SDPA or softmax attention, norm, proj) and
 adds ToMe's proportional attention (``log(size)`` bias), the head-averaged keys (the similarity
 metric of ``similarity: keys`` and ``tome`` layers; ``similarity: tokens`` layers compare the
-residual stream instead, in :func:`_reduce`) and the class-token importance row (computed separately
-at O(N) cost, only where a merge or EViT needs it); :func:`_block_forward` re-states
+residual stream instead, in :func:`_reduce`) and the class-token importance row (only where a merge
+or EViT needs it: read from the attention's probabilities when they are computed explicitly, as small
+attentions on CPU are (:data:`EXPLICIT_ATTENTION_MAX`), else computed separately at O(N) cost);
+:func:`_block_forward` re-states
 ``timm.models.vision_transformer.Block.forward`` (pre-norm, LayerScale, drop-path) with the
 reduction between attention and MLP. Both use the block's own modules, and ``tests/test_parity.py``
 checks them against timm's forward on every supported family (a reducing schedule that removes
@@ -117,29 +119,74 @@ def _attention(
     q, k, v = qkv.unbind(0)  # (B, H, N, hd) each
     q, k = attn.q_norm(q), attn.k_norm(k)
     bias = None if size is None else _as(size.log(), q.dtype).view(B, 1, 1, N)  # (B, 1, 1, N) proportional attention
-    out = _sdpa(attn, q, k, v, bias).transpose(1, 2).reshape(B, N, H * hd)  # (B, N, A)
+    rows = importance_rows if need_importance else 0
+    out, probs = _sdpa(attn, q, k, v, bias, rows=rows)
+    out = out.transpose(1, 2).reshape(B, N, H * hd)  # (B, N, A)
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))  # (B, N, C)
-    importance = _importance(q, k, attn.scale, size, rows=importance_rows, num_prefix=num_prefix, bias=bias) if need_importance else None
+    importance = None
+    if need_importance:
+        importance = _importance(q, k, attn.scale, size, rows=importance_rows, num_prefix=num_prefix, bias=bias, probs=probs)
     return out, lambda: k.mean(dim=1), importance  # metric: (B, N, hd) head-averaged keys, as ToMe
 
 
-def _sdpa(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Attention of ``(B, H, N, hd)`` queries, keys and values with an additive ``mask`` (or None),
-    fused (``F.scaled_dot_product_attention``) when ``attn.fused_attn`` is set, else as timm 1.0.31
-    computes it unfused (scale, softmax, the module's dropout): ``(B, H, N, hd)``."""
-    if attn.fused_attn:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+#: Largest attention matrix (``B * H * N * N`` scores) that a reducing block computes explicitly on CPU
+#: although the module asks for the fused kernel. On CPU the fused kernel
+#: (``_scaled_dot_product_flash_attention_for_cpu``) is no faster than matmul + softmax + matmul while
+#: the scores fit in the caches, and a model that runs explicitly gets the class rows' attention, the
+#: merge's importance, for free; beyond that it wins by a wide margin (batch 8 at 197 tokens: 3.0 vs
+#: 5.9 ms on the 2-core AMD EPYC this was measured on, ``benchmarks/overhead.py --attention``). 2**18
+#: scores is batch 1 at 197 tokens with 3 heads, or batch 32 at 23 tokens. Other devices, and half
+#: precision (whose fused kernel accumulates in float32, an explicit softmax would not), always take
+#: the fused kernel. Set to 0 to keep the fused kernel everywhere.
+EXPLICIT_ATTENTION_MAX = 1 << 18
+
+
+def _explicit(attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether :func:`_sdpa` computes the scores explicitly (see :data:`EXPLICIT_ATTENTION_MAX`)."""
+    if not attn.fused_attn:
+        return True
+    B, H, N, _ = q.shape
+    return q.device.type == "cpu" and _wide(q.dtype) == q.dtype and B * H * N * k.shape[-2] <= EXPLICIT_ATTENTION_MAX
+
+
+def _sdpa(
+    attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], *, rows: int = 0
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Attention of ``(B, H, N, hd)`` queries, keys and values with an additive ``mask`` (or None):
+    fused (``F.scaled_dot_product_attention``) or, where :func:`_explicit` says so, as timm 1.0.31
+    computes it unfused (scale, softmax, the module's dropout).
+
+    Args:
+        rows: Leading query rows whose attention probabilities the caller wants (the importance).
+
+    Returns:
+        ``(B, H, N, hd)`` output and the first ``rows`` rows of the probabilities ``(B, H, rows, N)``
+        when they were computed explicitly in float32 or wider, else None (fused kernel, half
+        precision, or ``rows = 0``).
+    """
+    if not _explicit(attn, q, k):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0), None
     a = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
     if mask is not None:
         a = a + mask
-    return attn.attn_drop(a.softmax(dim=-1)) @ v  # (B, H, N, hd)
+    p = a.softmax(dim=-1)  # (B, H, N, N)
+    head = p[:, :, :rows] if rows > 0 and _wide(p.dtype) == p.dtype else None  # (B, H, rows, N)
+    return attn.attn_drop(p) @ v, head  # (B, H, N, hd)
 
 
 def _importance(
-    q: torch.Tensor, k: torch.Tensor, scale: float, size: Optional[torch.Tensor], *, rows: int, num_prefix: int, bias: Optional[torch.Tensor]
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    size: Optional[torch.Tensor],
+    *,
+    rows: int,
+    num_prefix: int,
+    bias: Optional[torch.Tensor],
+    probs: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Importance of the patch tokens: the class-like rows' attention, head- and row-averaged, O(N).
 
@@ -151,10 +198,14 @@ def _importance(
             over the patch tokens stands in for it ("global query").
         num_prefix: Prefix tokens.
         bias: Added to the ``(B, H, R, N)`` logits (proportional attention, position bias) or None.
+        probs: The attention's own probabilities of the ``rows`` class rows ``(B, H, rows, N)``, float32
+            or wider, when it computed them (:func:`_sdpa`): the same softmax, not computed twice.
 
     Returns:
         ``(B, T)`` importance, in float32 (or wider): the softmax is never taken in half precision.
     """
+    if probs is not None and rows > 0:
+        return probs.mean(dim=(1, 2))[:, num_prefix:]  # (B, T)
     if rows > 0:
         qr = q[:, :, :rows]  # (B, H, R, hd) class (and distillation) token queries
     else:

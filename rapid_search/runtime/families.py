@@ -191,7 +191,8 @@ def attention(
     mask = None if size is None else size.log().to(q.dtype)[:, None, None, :, 0]  # (B, 1, 1, N) proportional attention
     if bias is not None:
         mask = bias.to(q.dtype) if mask is None else mask + bias.to(q.dtype)  # (B, H, N, N)
-    out = _sdpa(attn, q, k, v, mask).transpose(1, 2).reshape(B, N, -1)  # (B, N, A)
+    out, probs = _sdpa(attn, q, k, v, mask, rows=importance_rows if need_importance else 0)
+    out = out.transpose(1, 2).reshape(B, N, -1)  # (B, N, A)
     norm = getattr(attn, "norm", None)
     if norm is not None:
         out = norm(out)
@@ -204,7 +205,7 @@ def attention(
             bias = None if mask is None else mask[:, :, :importance_rows]  # the class rows' own size and position bias
         else:
             bias = None if size is None else size.log().to(q.dtype)[:, None, None, :, 0]  # the global query has no bias row
-        importance = _importance(q, k, attn.scale, size, rows=importance_rows, num_prefix=num_prefix, bias=bias)  # (B, T)
+        importance = _importance(q, k, attn.scale, size, rows=importance_rows, num_prefix=num_prefix, bias=bias, probs=probs)  # (B, T)
     return out, metric, importance
 
 
