@@ -136,8 +136,9 @@ def _attention(
 #: although the module asks for the fused kernel. On CPU the fused kernel
 #: (``_scaled_dot_product_flash_attention_for_cpu``) is no faster than matmul + softmax + matmul while
 #: the scores fit in the caches, and a model that runs explicitly gets the class rows' attention, the
-#: merge's importance, for free; beyond that it wins by a wide margin (batch 8 at 197 tokens: 3.0 vs
-#: 5.9 ms on the 2-core AMD EPYC this was measured on, ``benchmarks/overhead.py --attention``). 2**18
+#: merge's importance, for free; beyond that the fused kernel wins by a wide margin (batch 8 at 197
+#: tokens: 3.9 vs 7.0 ms on the 2-core AMD EPYC this was measured on, ``benchmarks/attention-cpu.txt``
+#: from ``benchmarks/overhead.py --attention``). 2**18
 #: scores is batch 1 at 197 tokens with 3 heads, or batch 32 at 23 tokens. Other devices, and half
 #: precision (whose fused kernel accumulates in float32, an explicit softmax would not), always take
 #: the fused kernel. Set to 0 to keep the fused kernel everywhere.
