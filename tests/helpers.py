@@ -93,11 +93,10 @@ def read_importance_macs(model: torch.nn.Module, info, schedule, counts=None) ->
     probabilities instead of computing them; the cost model counts them (what a block running the fused
     kernel computes). Class-like rows only: the global query of a model without a class token is no row.
     ``counts``: the recorded token counts of one image, for data-dependent schedules."""
-    if getattr(model, "cls_token", None) is None or not getattr(model, "has_class_token", True):
-        return 0
     import rapid_search as rs
+    from rapid_search.runtime.engine import _class_rows
 
     counts = rs.token_counts(info, schedule) if counts is None else [int(c) for c in counts]
     return sum(
-        info.importance_rows * counts[i] * info.attn_dim for i, layer in enumerate(schedule.layers) if layer.reduces and layer.op in ("merge", "evit")
+        _class_rows(model) * counts[i] * info.attn_dim for i, layer in enumerate(schedule.layers) if layer.reduces and layer.op in ("merge", "evit")
     )

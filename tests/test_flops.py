@@ -140,16 +140,16 @@ def test_small_cpu_attention_runs_explicitly(models, family, monkeypatch):
         with rs.applied(model, s), torch.no_grad():
             with _AtenCalls() as rec:
                 explicit = model(x)
-            monkeypatch.setattr(engine, "EXPLICIT_ATTENTION_MAX", 0)
-            fused = model(x)
-            monkeypatch.undo()
+            with monkeypatch.context() as m:
+                m.setattr(engine, "EXPLICIT_ATTENTION_MAX", 0)
+                fused = model(x)
         sdpa = [c for c in rec.calls if "scaled_dot_product" in c]
         assert len(sdpa) <= len(s.layers) - reducing, (name, sdpa)  # no reducing block calls the fused kernel
         torch.testing.assert_close(explicit, fused, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("rows", [1, 2])
-def test_explicit_attention_limit_and_importance(rows):
+def test_explicit_attention_limit_and_importance(rows, monkeypatch):
     """At exactly ``EXPLICIT_ATTENTION_MAX`` scores the attention runs explicitly and the importance
     is read from its probabilities; one score fewer allowed and it runs the fused kernel with the
     importance computed separately. Both give the same output and importance."""
@@ -159,16 +159,17 @@ def test_explicit_attention_limit_and_importance(rows):
     x = torch.randn(B, N, 32)  # (B, N, C)
     size = torch.rand(B, N, 1) * 3 + 1  # (B, N, 1)
     scores = B * attn.num_heads * N * N
+    given: list[bool] = []  # whether each importance was handed the attention's probabilities
+    real = engine._importance
+    monkeypatch.setattr(engine, "_importance", lambda *a, probs=None, **k: given.append(probs is not None) or real(*a, probs=probs, **k))
     got = {}
     for limit in (scores, scores - 1):
-        engine_limit, engine.EXPLICIT_ATTENTION_MAX = engine.EXPLICIT_ATTENTION_MAX, limit
-        try:
-            with torch.no_grad(), _AtenCalls() as rec:
-                out, _, imp = engine._attention(attn, x, size, importance_rows=rows, need_importance=True, num_prefix=rows)
-        finally:
-            engine.EXPLICIT_ATTENTION_MAX = engine_limit
+        monkeypatch.setattr(engine, "EXPLICIT_ATTENTION_MAX", limit)
+        with torch.no_grad(), _AtenCalls() as rec:
+            out, _, imp = engine._attention(attn, x, size, importance_rows=rows, need_importance=True, num_prefix=rows)
         got[limit] = (out, imp, sum("scaled_dot_product" in c for c in rec.calls))
     assert got[scores][2] == 0 and got[scores - 1][2] == 1
+    assert given == [True, False]
     assert got[scores][1].shape == (B, N - rows) and got[scores][1].dtype == torch.float32
     torch.testing.assert_close(got[scores][0], got[scores - 1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[scores][1], got[scores - 1][1], rtol=1e-5, atol=1e-7)

@@ -80,12 +80,17 @@ class _Runtime:
         self.lean = True  # fixed-count layers take the lean path (tests switch it off to compare)
         self.adapter: Any = None  # the model family's adapter (rapid_search.runtime.families), set by apply
         self.patched: tuple[str, ...] = ()  # model methods replaced by apply
-        if getattr(model, "dist_token", None) is not None:
-            self.importance_rows = 2
-        elif getattr(model, "has_class_token", True) and getattr(model, "cls_token", None) is not None:
-            self.importance_rows = 1
-        else:
-            self.importance_rows = 0  # no class token: global-query importance (see _attention)
+        self.importance_rows = _class_rows(model)
+
+
+def _class_rows(model: nn.Module) -> int:
+    """Class-like prefix rows whose attention is the importance: 2 (class + distillation token), 1 (class
+    token) or 0 (no class token: global-query importance, see :func:`_importance`)."""
+    if getattr(model, "dist_token", None) is not None:
+        return 2
+    if getattr(model, "has_class_token", True) and getattr(model, "cls_token", None) is not None:
+        return 1
+    return 0
 
 
 def _attention(
@@ -136,9 +141,9 @@ def _attention(
 #: although the module asks for the fused kernel. On CPU the fused kernel
 #: (``_scaled_dot_product_flash_attention_for_cpu``) is no faster than matmul + softmax + matmul while
 #: the scores fit in the caches, and a model that runs explicitly gets the class rows' attention, the
-#: merge's importance, for free; beyond that the fused kernel wins by a wide margin (batch 8 at 197
-#: tokens: 3.9 vs 7.0 ms on the 2-core AMD EPYC this was measured on, ``benchmarks/attention-cpu.txt``
-#: from ``benchmarks/overhead.py --attention``). 2**18
+#: merge's importance, for free; beyond that the fused kernel wins by a wide margin (batch 32 at 197
+#: tokens: 16 vs 25 ms on the 2-core AMD EPYC this was measured on, ``benchmarks/attention-cpu.txt``
+#: from ``benchmarks/overhead.py --attention``; batch 8 at 197 tokens reads 1.0x to 1.7x). 2**18
 #: scores is batch 1 at 197 tokens with 3 heads, or batch 32 at 23 tokens. Other devices, and half
 #: precision (whose fused kernel accumulates in float32, an explicit softmax would not), always take
 #: the fused kernel. Set to 0 to keep the fused kernel everywhere.
@@ -205,7 +210,7 @@ def _importance(
     Returns:
         ``(B, T)`` importance, in float32 (or wider): the softmax is never taken in half precision.
     """
-    if probs is not None and rows > 0:
+    if probs is not None:
         return probs.mean(dim=(1, 2))[:, num_prefix:]  # (B, T)
     if rows > 0:
         qr = q[:, :, :rows]  # (B, H, R, hd) class (and distillation) token queries
