@@ -8,7 +8,7 @@ runtime and this checkout's, one forward each, in an order that rotates from rou
 (``speed.py``'s round-robin loop, CPU clock). Reported: medians, and the median per-round ratio this /
 revision with a bootstrap 95 % interval. The two outputs must agree; the largest difference is printed.
 
-    python benchmarks/against.py --rev HEAD~1 --batch-sizes 1,32 --rounds 400,30 --threads 1
+    python benchmarks/against.py --rev HEAD~1 --batch-sizes 1,32 --rounds 400,30 --threads 1 [--compiled]
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,32")
     ap.add_argument("--rounds", default="400,30", help="rounds per batch size (comma-separated, one per batch size)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--compiled", action="store_true", help="time every model under torch.compile (inductor, dynamic=False)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,9 +65,11 @@ def main() -> None:
     models = {"unpatched": base, args.rev: copy.deepcopy(base), "this checkout": copy.deepcopy(base)}
     patch_rev.apply(models[args.rev], presets_rev.rapid_schedule(base, args.ratio))
     rs.apply(models["this checkout"], rs.rapid_schedule(base, args.ratio))
+    if args.compiled:
+        models = {k: torch.compile(m, dynamic=False) for k, m in models.items()}
     rng = np.random.default_rng(0)
     print(f"{args.model}, hand-set RAPID {args.ratio:.0%}, CPU {_cpu_name()}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
-          f"CPU clock; this checkout against {args.rev}, rotating round-robin")
+          f"CPU clock, {'compiled' if args.compiled else 'eager'}; this checkout against {args.rev}, rotating round-robin")
     for B, n in zip(sizes, rounds):
         x = torch.randn(B, 3, *base.pretrained_cfg["input_size"][1:], generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import Metric, _importance, _pool, _reduce, _Runtime, _sdpa
+from .engine import Metric, _call, _importance, _pool, _reduce, _Runtime, _sdpa
 from ..errors import RapidSearchError
 from .schedule import ScheduleError
 
@@ -137,7 +137,7 @@ def _qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
         v = attn.v_proj(x).reshape(B, N, -1, hd).transpose(1, 2)  # (B, Hkv, N, hd)
     q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
     if q_norm is not None:
-        q, k = q_norm(q), k_norm(k)
+        q, k = _call(q_norm, q), _call(k_norm, k)
     return q, k, v
 
 
@@ -195,10 +195,10 @@ def attention(
     out = out.transpose(1, 2).reshape(B, N, -1)  # (B, N, A)
     norm = getattr(attn, "norm", None)
     if norm is not None:
-        out = norm(out)
+        out = _call(norm, out)
     if gate is not None:
         out = out * gate
-    out = attn.proj_drop(attn.proj(out))  # (B, N, C)
+    out = _call(attn.proj_drop, attn.proj(out))  # (B, N, C)
     importance = None
     if need_importance:
         if importance_rows > 0:
@@ -366,7 +366,7 @@ class _VitBlocks(Adapter):
             y, m, imp = attention(blk.attn, x, size, **kw)
             return blk.drop_path1(blk.norm1(y)), m, imp
         y, m, imp = attention(blk.attn, blk.norm1(x), size, **kw)
-        return blk.drop_path1(blk.ls1(y)), m, imp
+        return _call(blk.drop_path1, _call(blk.ls1, y)), m, imp
 
     def mlp_branch(self, blk, x):
         from timm.models.vision_transformer import ParallelThingsBlock, ResPostBlock
@@ -375,7 +375,7 @@ class _VitBlocks(Adapter):
             return torch.stack([f(x) for f in blk.ffns]).sum(0)
         if isinstance(blk, ResPostBlock):
             return blk.drop_path2(blk.norm2(blk.mlp(x)))
-        return blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        return _call(blk.drop_path2, _call(blk.ls2, blk.mlp(blk.norm2(x))))
 
 
 def _scale(gamma: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
@@ -484,7 +484,7 @@ class _RelPos(_Beit):
 
         if isinstance(blk, ResPostRelPosBlock):
             return blk.drop_path2(blk.norm2(blk.mlp(x)))
-        return blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+        return _call(blk.drop_path2, _call(blk.ls2, blk.mlp(blk.norm2(x))))
 
     def const_macs(self, model):
         """``RelPosMlp`` computes its bias table with an MLP once per forward (per block, or shared once)."""

@@ -458,12 +458,12 @@ def merge_source(reduce: ReduceFn, x: torch.Tensor, source: Optional[torch.Tenso
 # They select exactly the tokens the general functions above select (same scores, same top-k).
 
 
-def _flat(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """``(B, K)`` per-image row indices into ``n`` rows -> ``(B * K,)`` rows of the flattened batch."""
+def _flat(idx: torch.Tensor, n: int, offset: int = 0) -> torch.Tensor:
+    """``(B, K)`` per-image positions ``offset + idx`` among ``n`` rows -> ``(B * K,)`` rows of the flattened batch."""
     B = idx.shape[0]
     if B == 1:
-        return idx.reshape(-1)  # (K,)
-    offs = torch.arange(0, B * n, n, device=idx.device)  # (B,)
+        return (idx + offset if offset else idx).reshape(-1)  # (K,)
+    offs = torch.arange(offset, B * n + offset, n, device=idx.device)  # (B,)
     return (idx + offs[:, None]).reshape(-1)  # (B * K,)
 
 
@@ -595,7 +595,7 @@ def fixed_prune(metric: torch.Tensor, r: int, *, num_prefix: int) -> Optional[Fi
     if T < 2 or r <= 0:
         return None
     m = _unit(metric)  # (B, N, C)
-    score = (m[:, P::2] @ m[:, P + 1 :: 2].transpose(1, 2)).amax(dim=-1)  # (B, Ta) redundancy of each A token
+    score = torch.bmm(m[:, P::2], m[:, P + 1 :: 2].transpose(1, 2)).amax(dim=-1)  # (B, Ta) redundancy of each A token
     drop = score.topk(r, dim=1).indices  # (B, r) dropped A tokens (A token j is sequence position P + 2j)
     return FixedReduction(B, N, _kept_rows(B, N, drop, offset=P, step=2))
 
@@ -622,21 +622,21 @@ def fixed_merge(metric: torch.Tensor, importance: torch.Tensor, r: int, *, num_p
     if T < 2 or r <= 0:
         return None
     if k > 0:  # the T - k least important tokens, in sequence order
-        unp = importance.topk(T - k, dim=1, largest=False).indices.sort(dim=1).values + P  # (B, T - k) sequence positions
+        unp = importance.topk(T - k, dim=1, largest=False).indices  # (B, T - k) patch positions
+        unp = unp.topk(T - k, dim=1, largest=False).values  # in sequence order (a top-k of all is a sort, and faster on small rows)
     else:
-        unp = torch.arange(P, N, device=metric.device).expand(B, T)  # (B, T)
-    a_seq = unp[:, ::2]  # (B, Ta) sources: every other unprotected token
-    a_rows = _flat(a_seq, N)  # (B * Ta,)
+        unp = torch.arange(T, device=metric.device).expand(B, T)  # (B, T)
+    a = unp[:, ::2]  # (B, Ta) patch positions of the sources: every other unprotected token
     norm = _norm(metric)  # (B, N, 1) kept for MLERP (FixedReduction.metric_norm)
-    m = _unit(metric, norm)  # (B, N, C)
-    ma = m.view(B * N, C).index_select(0, a_rows).view(B, ta, C)  # (B, Ta, C)
-    sim = m[:, P:] @ ma.transpose(1, 2)  # (B, T, Ta): patch tokens (the only destinations) x sources
-    sim.view(B * T, ta).index_fill_(0, _flat(a_seq - P, T), _NEG_INF)  # sources are no destinations
-    score, dst_a = sim.max(dim=1)  # (B, Ta) best destination of each source, as a patch position
+    m = _unit(metric, norm)[:, P:]  # (B, T, C) patch tokens
+    ma = m.gather(1, a[..., None].expand(B, ta, C))  # (B, Ta, C)
+    sim = torch.bmm(ma, m.transpose(1, 2))  # (B, Ta, T): sources x patch tokens (the only destinations)
+    sim.scatter_(2, a[:, None, :].expand(B, ta, ta), _NEG_INF)  # sources are no destinations
+    score, dst_a = sim.max(dim=2)  # (B, Ta) best destination of each source, as a patch position
     chosen = score.topk(r, dim=1).indices  # (B, r) into the sources
-    src = a_seq.gather(1, chosen)  # (B, r) sequence positions
-    dst = dst_a.gather(1, chosen) + P  # (B, r) sequence positions
-    return FixedReduction(B, N, _kept_rows(B, N, src), _flat(src, N), _flat(dst, N), metric_norm=norm)
+    src = a.gather(1, chosen)  # (B, r) patch positions
+    dst = dst_a.gather(1, chosen)  # (B, r) patch positions
+    return FixedReduction(B, N, _kept_rows(B, N, src, offset=P), _flat(src, N, P), _flat(dst, N, P), metric_norm=norm)
 
 
 def fixed_evit(importance: torch.Tensor, r: int, *, num_prefix: int) -> Optional[FixedReduction]:
