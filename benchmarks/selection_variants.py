@@ -1,10 +1,11 @@
 """Alternatives to three steps of ``fixed_merge``'s selection, timed against what it does.
 
 Each pair computes the same thing (checked): the source rows of the unit metric (flat ``index_select``
-vs ``gather``), the mask that stops sources being destinations (row ``index_fill_`` on the
-``(B * T, Ta)`` view vs a ``scatter_`` of an expanded index), and the similarity layout with its
-best destination (tokens x sources, max over tokens vs sources x tokens, max over the last dim,
-masked by column). Medians of ``--rounds`` calls, one thread, at the sizes of a DeiT-Tiny merge
+vs ``gather``), the mask that stops sources being destinations (``scatter_`` of an expanded index into
+the columns of the ``(B, Ta, T)`` similarity vs a row ``index_fill_`` on the ``(B * T, Ta)`` view of the
+other layout), and the whole step: similarity, mask and best destination (sources x tokens by ``bmm``,
+max over the last dim, as ``fixed_merge`` does since c1463eb, vs tokens x sources by ``matmul``, max over
+tokens, as it did before). Medians of ``--rounds`` calls, one thread, at the sizes of a DeiT-Tiny merge
 block at 50% (T = 129 patch tokens, Ta = 32 sources, C = 192), batch 1 and 32.
 
     python benchmarks/selection_variants.py --rounds 300
@@ -40,30 +41,30 @@ def main() -> None:
         ma = m.reshape(B * T, C).index_select(0, _flat(a, T)).view(B, ta, C)  # (B, Ta, C)
         assert torch.equal(ma, m.gather(1, a[..., None].expand(B, ta, C)))
 
-        def rows_fill() -> tuple[torch.Tensor, torch.Tensor]:
+        def ours() -> tuple[torch.Tensor, torch.Tensor]:
+            sim = torch.bmm(ma, m.transpose(1, 2))  # (B, Ta, T)
+            sim.scatter_(2, a[:, None, :].expand(B, ta, ta), float("-inf"))
+            return sim.max(dim=2)
+
+        def before() -> tuple[torch.Tensor, torch.Tensor]:
             sim = m @ ma.transpose(1, 2)  # (B, T, Ta)
             sim.view(B * T, ta).index_fill_(0, _flat(a, T), float("-inf"))
             return sim.max(dim=1)
 
-        def cols_scatter() -> tuple[torch.Tensor, torch.Tensor]:
-            sim = ma @ m.transpose(1, 2)  # (B, Ta, T)
-            sim.scatter_(2, a[:, None, :].expand(B, ta, ta), float("-inf"))
-            return sim.max(dim=2)
-
-        assert torch.equal(rows_fill()[1], cols_scatter()[1])
-        sim = m @ ma.transpose(1, 2)
+        assert torch.equal(ours()[1], before()[1])
+        sim_st, sim_ts = torch.bmm(ma, m.transpose(1, 2)), m @ ma.transpose(1, 2)  # (B, Ta, T), (B, T, Ta)
         pairs = [
             ("source rows", lambda: m.reshape(B * T, C).index_select(0, _flat(a, T)).view(B, ta, C), lambda: m.gather(1, a[..., None].expand(B, ta, C))),
-            ("sources are no destinations", lambda: sim.view(B * T, ta).index_fill_(0, _flat(a, T), float("-inf")),
-             lambda: sim.scatter_(1, a[:, :, None].expand(B, ta, ta), float("-inf"))),
-            ("similarity, mask and best destination", rows_fill, cols_scatter),
+            ("sources are no destinations", lambda: sim_st.scatter_(2, a[:, None, :].expand(B, ta, ta), float("-inf")),
+             lambda: sim_ts.view(B * T, ta).index_fill_(0, _flat(a, T), float("-inf"))),
+            ("similarity, mask and best destination", ours, before),
         ]  # fmt: skip
         with torch.inference_mode():
-            for name, ours, alt in pairs:
+            for name, f_ours, f_alt in pairs:
                 t_ours, t_alt = [], []
                 for _ in range(5):  # alternate, medians of medians
-                    t_ours.append(_median_us(ours, args.rounds))
-                    t_alt.append(_median_us(alt, args.rounds))
+                    t_ours.append(_median_us(f_ours, args.rounds))
+                    t_alt.append(_median_us(f_alt, args.rounds))
                 print(f"| {B} | {name} | {statistics.median(t_ours):.1f} | {statistics.median(t_alt):.1f} |", flush=True)
 
 

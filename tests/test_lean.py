@@ -4,6 +4,7 @@ path, no host synchronisation, torch.compile(fullgraph=True) without recompiles,
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 from helpers import FAMILIES, images
 from test_runtime import FIXED, fixed_schedule
@@ -399,3 +400,54 @@ def test_keys_are_averaged_only_for_layers_that_compare_by_them(models64, family
         assert means([L("prune", r, similarity="tokens"), L("merge", r, None, 0.25, "max", "tokens"), L("evit", r)], lean) == 0
         assert means([L("prune", r, similarity="keys"), L("merge", r, None, 0.25, "max", "keys")], lean) >= 2
         assert means([L("tome", r)], lean) >= 1
+
+
+def test_call_skips_only_modules_that_return_their_input():
+    """``engine._call`` returns its input itself for an identity and for a dropout that drops nothing,
+    and calls every other module, and any module with hooks of its own."""
+    from rapid_search.runtime.engine import _call
+
+    x = torch.randn(4, 8)
+    assert _call(torch.nn.Identity(), x) is x
+    assert _call(torch.nn.Dropout(0.5).eval(), x) is x
+    assert _call(torch.nn.Dropout(0.0).train(), x) is x
+    torch.manual_seed(0)
+    y = _call(torch.nn.Dropout(0.5).train(), x)
+    assert y is not x and bool((y == 0).any()) and torch.equal(y[y != 0], 2 * x[y != 0])
+    scale = timm.layers.LayerScale(8, init_values=0.5)
+    torch.testing.assert_close(_call(scale, x), 0.5 * x)
+    seen = []
+    hooked = torch.nn.Identity()
+    hooked.register_forward_hook(lambda m, args, out: seen.append(out) or out + 1)
+    torch.testing.assert_close(_call(hooked, x), x + 1)
+    pre = torch.nn.Dropout(0.5).eval()
+    pre.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    assert _call(pre, x) is x and len(seen) == 2  # called (the hook ran), and eval dropout returns its input
+
+
+@pytest.mark.parametrize("family", ["test_vit", "qk_norm", "deit3"])
+def test_reducing_blocks_call_hooked_modules_and_train_mode_dropout(family):
+    """A reducing block still calls a skippable module that has hooks (ls1, q_norm, attn_drop), and in
+    train mode applies the attention dropout on the explicit path: two forwards with different seeds
+    differ, and equal the eval forward with p = 0."""
+    model = FAMILIES[family]()
+    s = fixed_schedule(model, "merge")
+    x = images(model, 2)
+    calls = []
+    with rs.applied(model, s), torch.no_grad():
+        blk = model.blocks[1]
+        for mod in (blk.ls1, blk.attn.q_norm, blk.attn.attn_drop, blk.attn.norm):
+            mod.register_forward_hook(lambda m, args, out: calls.append(type(m).__name__))
+        y_eval = model(x)
+        assert sorted(calls) == sorted([type(blk.ls1).__name__, type(blk.attn.q_norm).__name__, "Dropout", type(blk.attn.norm).__name__])
+        for b in model.blocks:
+            b.attn.attn_drop.p = 0.5
+        model.train()
+        torch.manual_seed(1)
+        y1 = model(x)
+        torch.manual_seed(2)
+        y2 = model(x)
+        assert not torch.allclose(y1, y2)
+        for b in model.blocks:
+            b.attn.attn_drop.p = 0.0
+        torch.testing.assert_close(model(x), y_eval)

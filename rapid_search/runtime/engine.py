@@ -10,7 +10,8 @@ or EViT needs it: read from the attention's probabilities when they are computed
 attentions on CPU are (:data:`EXPLICIT_ATTENTION_MAX`), else computed separately at O(N) cost);
 :func:`_block_forward` re-states
 ``timm.models.vision_transformer.Block.forward`` (pre-norm, LayerScale, drop-path) with the
-reduction between attention and MLP. Both use the block's own modules, and ``tests/test_parity.py``
+reduction between attention and MLP. Both use the block's own modules (skipping those that would
+return their input unchanged, :func:`_call`), and ``tests/test_parity.py``
 checks them against timm's forward on every supported family (a reducing schedule that removes
 nothing must give timm's output), so a change in timm fails a test. The model families
 (:mod:`rapid_search.runtime.families`) build on these pieces; :mod:`rapid_search.runtime.patch`

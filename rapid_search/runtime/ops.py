@@ -628,9 +628,9 @@ def fixed_merge(metric: torch.Tensor, importance: torch.Tensor, r: int, *, num_p
         unp = torch.arange(T, device=metric.device).expand(B, T)  # (B, T)
     a = unp[:, ::2]  # (B, Ta) patch positions of the sources: every other unprotected token
     norm = _norm(metric)  # (B, N, 1) kept for MLERP (FixedReduction.metric_norm)
-    m = _unit(metric, norm)[:, P:]  # (B, T, C) patch tokens
-    ma = m.gather(1, a[..., None].expand(B, ta, C))  # (B, Ta, C)
-    sim = torch.bmm(ma, m.transpose(1, 2))  # (B, Ta, T): sources x patch tokens (the only destinations)
+    u = _unit(metric, norm)  # (B, N, C)
+    ma = u.view(B * N, C).index_select(0, _flat(a, N, P)).view(B, ta, C)  # (B, Ta, C) (a flat index_select: a gather is 8x slower at batch 32)
+    sim = torch.bmm(ma, u[:, P:].transpose(1, 2))  # (B, Ta, T): sources x patch tokens (the only destinations)
     sim.scatter_(2, a[:, None, :].expand(B, ta, ta), _NEG_INF)  # sources are no destinations
     score, dst_a = sim.max(dim=2)  # (B, Ta) best destination of each source, as a patch position
     chosen = score.topk(r, dim=1).indices  # (B, r) into the sources
