@@ -6,7 +6,7 @@ price of the reduction. Eager: each block's attention (timm's module in the orac
 ``_attention`` with proportional attention and the importance row in RAPID) and reduction
 (``_reduce``), timed in the model, medians over rounds. Compiled (``torch.compile(fullgraph=True)``,
 Inductor's per-kernel profiling on): the profiler's self time per forward, grouped into the Python
-wrapper that calls the kernels, the matmuls (``bmm``: the explicit attention and the similarities),
+wrapper that calls the kernels, the matmuls (``bmm``, ``baddbmm``: the explicit attention and the similarities),
 the generated kernels, the ATen fallbacks the graph calls (top-k, sort, scatter_reduce, ...), and
 Dynamo's guard check.
 
@@ -115,7 +115,7 @@ def _compiled(model: torch.nn.Module, oracle: _Oracle, x: torch.Tensor, rounds: 
                 groups["Python wrapper (calls, allocations, checks)"] += t
             elif e.key == "TorchDynamo Cache Lookup":
                 groups["Dynamo guard check"] += t
-            elif e.key in ("aten::addmm", "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::mkldnn_convolution", "aten::bmm"):
+            elif e.key in ("aten::addmm", "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::mkldnn_convolution", "aten::bmm", "aten::baddbmm"):
                 groups["matmuls (linear layers, attention, similarity), patch embedding"] += t
             elif e.key in ("aten::topk", "aten::sort", "aten::scatter_reduce_", "aten::arange"):
                 groups[f"fallback {e.key[6:]}"] += t
