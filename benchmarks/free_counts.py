@@ -16,44 +16,31 @@ used to choose) shows whether what the climb found generalises or is noise picke
 from __future__ import annotations
 
 import argparse
-import os
 import random
 
-import torch
+from calib_kl import CalibKL, add_arguments  # benchmarks/ is on sys.path when run as a script
 
-from rapid_search.runtime.presets import make_schedule, model_info
+from rapid_search.runtime.presets import make_schedule
 from rapid_search.runtime.schedule import Schedule
 from rapid_search.search.space import project
-from rapid_search.tools.data import load_images
-from rapid_search.tools.evaluate import per_image_scores, predict
-from rapid_search.tools.loading import load_model
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="vit_tiny_patch16_224")
-    ap.add_argument("--data", default=os.path.join(os.environ.get("RAPID_SHARED", "../shared"), "data/imagenet-calib"))
+    add_arguments(ap)
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--schedule", default=None, help="start (default studies/MODEL-PCTpct.yaml); its ops, protection and options are kept")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--sigma", type=float, default=0.25, help="relative perturbation of each block's weight per step")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--images", type=int, default=750)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the best schedule (chosen on the search part) to this YAML file")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model = load_model(args.model)
-    info = model_info(model)
-    X = load_images(args.data, model=model, limit=args.images, seed=0)
-    n = len(X.images)
-    check = torch.arange(n) % 3 == 2  # every third image: never used to choose
-    base = predict(model, X.images, batch_size=50).logits  # (n, 1000)
+    c = CalibKL.from_args(args)
+    info = c.info
 
     def kl(layers) -> tuple[float, float, float]:
-        out = predict(model, X.images, make_schedule(info, layers, method="free-counts"), batch_size=50, info=info).logits
-        d = per_image_scores(out, base)["kl"]  # (n,)
-        return d[~check].mean().item(), d[check].mean().item(), d.mean().item()
+        sc = c.score(make_schedule(info, layers, method="free-counts"))
+        return sc.search, sc.check, sc.all
 
     def counts(layers) -> list[int]:  # as applied: a merge block removes at most half its unprotected tokens
         return [l.r for l in make_schedule(info, layers, method="free-counts").layers]
@@ -70,7 +57,7 @@ def main() -> None:
     target = args.ratio * info.base_macs
     layers, _ = project(info, shape, target)
     best = kl(layers)
-    print(f"{args.model}, {args.ratio:.0%} GFLOPs, {n} calibration images: search part {(~check).sum()}, check part {check.sum()}")
+    print(f"{args.ratio:.0%} GFLOPs, {c.describe(args.data)}")
     print("| step | counts | protect | KL search part | KL check part | KL all |\n|---|---|---|---|---|---|")
     print(f"| start | {counts(layers)} | {shape['protect']:.2f} | {best[0]:.4f} | {best[1]:.4f} | {best[2]:.4f} |", flush=True)
     rng = random.Random(args.seed)

@@ -14,14 +14,10 @@ show how much of a difference is noise. ``(3, 3)`` is the structure before ``DEF
 from __future__ import annotations
 
 import argparse
-import os
 
-import torch
+from calib_kl import CalibKL, add_arguments  # benchmarks/ is on sys.path when run as a script
 
-from rapid_search.runtime.presets import UnreachableBudget, model_info, rapid_schedule
-from rapid_search.tools.data import load_images
-from rapid_search.tools.evaluate import per_image_scores, predict
-from rapid_search.tools.loading import load_model
+from rapid_search.runtime.presets import UnreachableBudget, rapid_schedule
 
 #: (prune_blocks, switch): prune in the first blocks, merge from the switch, nothing between.
 GRID = [(3, 3), (2, 3), (1, 3), (2, 2), (1, 2), (1, 1), (0, 1), (0, 2), (0, 3)]
@@ -29,33 +25,24 @@ GRID = [(3, 3), (2, 3), (1, 3), (2, 2), (1, 2), (1, 1), (0, 1), (0, 2), (0, 3)]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="vit_tiny_patch16_224")
-    ap.add_argument("--data", default=os.path.join(os.environ.get("RAPID_SHARED", "../shared"), "data/imagenet-calib"))
+    add_arguments(ap)
     ap.add_argument("--ratios", default="0.35,0.5,0.7")
-    ap.add_argument("--images", type=int, default=750)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model = load_model(args.model)
-    info = model_info(model)
-    X = load_images(args.data, model=model, limit=args.images, seed=0)
-    check = torch.arange(len(X.images)) % 3 == 2  # (n,) every third image
-    base = predict(model, X.images, batch_size=50).logits  # (n, 1000)
-    print(f"{args.model}: {len(X.images)} images of {args.data}; KL from the unreduced model (all / two thirds / every third), calibration top-1\n")
+    c = CalibKL.from_args(args)
+    print(f"{c.describe(args.data)}; KL from the unreduced model (all / two thirds / every third), calibration top-1\n")
     for ratio in [float(r) for r in args.ratios.split(",")]:
         print(f"### {ratio:.0%} GFLOPs\n")
         print("| prune blocks | merge from | counts | KL (all) | two thirds | every third | top-1 |")
         print("|---|---|---|---|---|---|---|")
         for prune_blocks, switch in GRID:
             try:
-                s = rapid_schedule(model, ratio, switch=switch, prune_blocks=prune_blocks)
+                s = rapid_schedule(c.model, ratio, switch=switch, prune_blocks=prune_blocks)
             except UnreachableBudget:
                 print(f"| {prune_blocks} | {switch} | unreachable | | | | |")
                 continue
-            d = per_image_scores(predict(model, X.images, s, batch_size=50, info=info).logits, base, X.labels)
-            kl = d["kl"]  # (n,)
+            sc = c.score(s)
             counts = " ".join(str(l.r) if l.op != "none" else "-" for l in s.layers)
-            print(f"| {prune_blocks} | {switch} | {counts} | {kl.mean():.4f} | {kl[~check].mean():.4f} | {kl[check].mean():.4f} | {d['top1'].mean():.3f} |", flush=True)
+            print(f"| {prune_blocks} | {switch} | {counts} | {sc.all:.4f} | {sc.search:.4f} | {sc.check:.4f} | {sc.top1:.3f} |", flush=True)
         print()
 
 
