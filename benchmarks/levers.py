@@ -233,8 +233,8 @@ def _per_size(q, k, scale, size, *, rows, num_prefix, bias, probs=None):  # prob
 def _scaled_prop(alpha: float) -> tuple[Callable, Callable]:
     """``(sdpa, importance)`` with proportional attention ``alpha * log(size)`` (the mask is that bias)."""
 
-    def sdpa(attn, q, k, v, mask):
-        return _SDPA(attn, q, k, v, None if mask is None else mask * alpha)
+    def sdpa(attn, q, k, v, mask, *, rows=0):
+        return _SDPA(attn, q, k, v, None if mask is None else mask * alpha, rows=rows)
 
     def importance(q, k, scale, size, *, rows, num_prefix, bias, probs=None):  # probs: the attention's own rows, not used here
         return _IMPORTANCE(q, k, scale, size, rows=rows, num_prefix=num_prefix, bias=None if bias is None else bias * alpha)

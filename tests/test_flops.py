@@ -94,7 +94,6 @@ def test_analytic_macs_equal_flop_counter(unfused, family):
         assert counts[0].tolist() == rs.token_counts(info, s)
 
 
-
 class _AtenCalls(TorchDispatchMode):
     """Records the name of every aten op a forward dispatches."""
 

@@ -357,14 +357,14 @@ class _VitBlocks(Adapter):
             ys, ms, imps = [], [], []
             for br in blk.attns:
                 y, m, imp = attention(br.attn, br.norm(x), size, **kw)
-                ys.append(br.drop_path(br.ls(y)))
+                ys.append(_call(br.drop_path, _call(br.ls, y)))
                 ms.append(m)
                 imps.append(imp)
             imp = None if imps[0] is None else torch.stack(imps).mean(0)  # (B, T) mean over parallel attentions
             return torch.stack(ys).sum(0), lambda: torch.stack([m() for m in ms]).mean(0), imp  # metric: mean head-averaged keys
         if isinstance(blk, ResPostBlock):
             y, m, imp = attention(blk.attn, x, size, **kw)
-            return blk.drop_path1(blk.norm1(y)), m, imp
+            return _call(blk.drop_path1, blk.norm1(y)), m, imp
         y, m, imp = attention(blk.attn, blk.norm1(x), size, **kw)
         return _call(blk.drop_path1, _call(blk.ls1, y)), m, imp
 
@@ -374,7 +374,7 @@ class _VitBlocks(Adapter):
         if isinstance(blk, ParallelThingsBlock):
             return torch.stack([f(x) for f in blk.ffns]).sum(0)
         if isinstance(blk, ResPostBlock):
-            return blk.drop_path2(blk.norm2(blk.mlp(x)))
+            return _call(blk.drop_path2, blk.norm2(blk.mlp(x)))
         return _call(blk.drop_path2, _call(blk.ls2, blk.mlp(blk.norm2(x))))
 
 
@@ -400,16 +400,16 @@ class _Eva(Adapter):
         kw = _attn_kwargs(rt, need)
         if isinstance(blk, EvaBlockPostNorm):
             y, m, imp = attention(blk.attn, x, st.size, rope=rope, **kw)
-            return blk.drop_path1(blk.norm1(y)), m, imp
+            return _call(blk.drop_path1, blk.norm1(y)), m, imp
         y, m, imp = attention(blk.attn, blk.norm1(x), st.size, rope=rope, **kw)
-        return blk.drop_path1(_scale(blk.gamma_1, y)), m, imp
+        return _call(blk.drop_path1, _scale(blk.gamma_1, y)), m, imp
 
     def mlp_branch(self, blk, x):
         from timm.models.eva import EvaBlockPostNorm
 
         if isinstance(blk, EvaBlockPostNorm):
-            return blk.drop_path2(blk.norm2(blk.mlp(x)))
-        return blk.drop_path2(_scale(blk.gamma_2, blk.mlp(blk.norm2(x))))
+            return _call(blk.drop_path2, blk.norm2(blk.mlp(x)))
+        return _call(blk.drop_path2, _scale(blk.gamma_2, blk.mlp(blk.norm2(x))))
 
 
 class _Beit(Adapter):
@@ -430,10 +430,10 @@ class _Beit(Adapter):
             bias = shared if bias is None else bias + shared
         bias = None if bias is None else gather_bias(bias, st.pos)
         y, m, imp = attention(attn, blk.norm1(x), st.size, bias=bias, **_attn_kwargs(rt, need))
-        return blk.drop_path1(_scale(blk.gamma_1, y)), m, imp
+        return _call(blk.drop_path1, _scale(blk.gamma_1, y)), m, imp
 
     def mlp_branch(self, blk, x):
-        return blk.drop_path2(_scale(blk.gamma_2, blk.mlp(blk.norm2(x))))
+        return _call(blk.drop_path2, _scale(blk.gamma_2, blk.mlp(blk.norm2(x))))
 
     def pool(self, model, x, pool_type=None):
         return _pool_avg_or_token(model, x)
@@ -475,15 +475,15 @@ class _RelPos(_Beit):
         kw = _attn_kwargs(rt, need)
         if isinstance(blk, ResPostRelPosBlock):
             y, m, imp = attention(attn, x, st.size, bias=bias, **kw)
-            return blk.drop_path1(blk.norm1(y)), m, imp
+            return _call(blk.drop_path1, blk.norm1(y)), m, imp
         y, m, imp = attention(attn, blk.norm1(x), st.size, bias=bias, **kw)
-        return blk.drop_path1(blk.ls1(y)), m, imp
+        return _call(blk.drop_path1, _call(blk.ls1, y)), m, imp
 
     def mlp_branch(self, blk, x):
         from timm.models.vision_transformer_relpos import ResPostRelPosBlock
 
         if isinstance(blk, ResPostRelPosBlock):
-            return blk.drop_path2(blk.norm2(blk.mlp(x)))
+            return _call(blk.drop_path2, blk.norm2(blk.mlp(x)))
         return _call(blk.drop_path2, _call(blk.ls2, blk.mlp(blk.norm2(x))))
 
     def const_macs(self, model):
