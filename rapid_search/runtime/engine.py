@@ -141,9 +141,10 @@ def _attention(
 #: although the module asks for the fused kernel. On CPU the fused kernel
 #: (``_scaled_dot_product_flash_attention_for_cpu``) is no faster than matmul + softmax + matmul while
 #: the scores fit in the caches, and a model that runs explicitly gets the class rows' attention, the
-#: merge's importance, for free; beyond that the fused kernel wins by a wide margin (batch 32 at 197
-#: tokens: 16 vs 25 ms on the 2-core AMD EPYC this was measured on, ``benchmarks/attention-cpu.txt``
-#: from ``benchmarks/overhead.py --attention``; batch 8 at 197 tokens reads 1.0x to 1.7x). 2**18
+#: merge's importance, for free; beyond that the fused kernel wins (batch 32 at 197 tokens: 16 vs
+#: 25 ms with the earlier matmul form, 14 vs 16 ms with the baddbmm form below, on the 2-core AMD
+#: EPYC this was measured on, ``benchmarks/attention-cpu.txt`` from ``benchmarks/overhead.py
+#: --attention``; batch 8 at 197 tokens reads 1.0x to 1.7x). 2**18
 #: scores is batch 1 at 197 tokens with 3 heads, or batch 32 at 23 tokens. Other devices, and half
 #: precision (whose fused kernel accumulates in float32, an explicit softmax would not), always take
 #: the fused kernel. Set to 0 to keep the fused kernel everywhere.
