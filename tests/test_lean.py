@@ -425,6 +425,27 @@ def test_call_skips_only_modules_that_return_their_input():
     assert _call(pre, x) is x and len(seen) == 2  # called (the hook ran), and eval dropout returns its input
 
 
+def test_compiled_reducing_blocks_run_module_hooks():
+    """Under torch.compile a reducing block calls its identity-like modules (Dynamo inlines them), so a
+    hook on one changes the compiled output exactly as it changes the eager one."""
+    import torch._dynamo as dynamo
+
+    model = FAMILIES["test_vit"]()
+    s = fixed_schedule(model, "merge")
+    x = images(model, 2)
+    with rs.applied(model, s), torch.no_grad():
+        plain = model(x)
+        blk = model.blocks[1]
+        assert s.layers[1].reduces and type(blk.ls1) is torch.nn.Identity
+        blk.ls1.register_forward_hook(lambda m, args, out: out * 0.5)
+        eager = model(x)
+        assert not torch.allclose(eager, plain)
+        dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+        torch.testing.assert_close(compiled(x), eager, rtol=1e-4, atol=1e-4)
+        dynamo.reset()
+
+
 @pytest.mark.parametrize("family", ["test_vit", "qk_norm", "deit3"])
 def test_reducing_blocks_call_hooked_modules_and_train_mode_dropout(family):
     """A reducing block still calls a skippable module that has hooks (ls1, q_norm, attn_drop), and in
