@@ -201,7 +201,9 @@ def attention(
     out = _call(attn.proj_drop, attn.proj(out))  # (B, N, C)
     importance = None
     if need_importance:
-        if importance_rows > 0:
+        if probs is not None:
+            bias = None  # the attention's own probabilities are read: no logits to bias
+        elif importance_rows > 0:
             bias = None if mask is None else mask[:, :, :importance_rows]  # the class rows' own size and position bias
         else:
             bias = None if size is None else size.log().to(q.dtype)[:, None, None, :, 0]  # the global query has no bias row
