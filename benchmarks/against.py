@@ -8,7 +8,7 @@ runtime and this checkout's, one forward each, in an order that rotates from rou
 (``speed.py``'s round-robin loop, CPU clock). Reported: medians, and the median per-round ratio this /
 revision with a bootstrap 95 % interval. The two outputs must agree; the largest difference is printed.
 
-    python benchmarks/against.py --rev HEAD~1 --batch-sizes 1,32 --rounds 400,30 --threads 1 [--compiled]
+    python benchmarks/against.py --rev HEAD~1 --batch-sizes 1,32 --rounds 400,30 --threads 1 [--compiled] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--rounds", default="400,30", help="rounds per batch size (comma-separated, one per batch size)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--compiled", action="store_true", help="time every model under torch.compile (inductor, dynamic=False)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="the models' and inputs' dtype")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -61,7 +62,8 @@ def main() -> None:
         sys.exit("against.py: error: give one --rounds value per --batch-sizes value, e.g. --batch-sizes 1,32 --rounds 400,30")
     tmp = tempfile.TemporaryDirectory()
     patch_rev, presets_rev = _import_revision(args.rev, tmp.name)
-    base = timm.create_model(args.model).eval()  # random weights: speed does not depend on them
+    dtype = getattr(torch, args.dtype)
+    base = timm.create_model(args.model).eval().to(dtype)  # random weights: speed does not depend on them
     models = {"unpatched": base, args.rev: copy.deepcopy(base), "this checkout": copy.deepcopy(base)}
     patch_rev.apply(models[args.rev], presets_rev.rapid_schedule(base, args.ratio))
     rs.apply(models["this checkout"], rs.rapid_schedule(base, args.ratio))
@@ -69,9 +71,9 @@ def main() -> None:
         models = {k: torch.compile(m, dynamic=False) for k, m in models.items()}
     rng = np.random.default_rng(0)
     print(f"{args.model}, hand-set RAPID {args.ratio:.0%}, CPU {_cpu_name()}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
-          f"CPU clock, {'compiled' if args.compiled else 'eager'}; this checkout against {args.rev}, rotating round-robin")
+          f"CPU clock, {'compiled' if args.compiled else 'eager'}, {args.dtype}; this checkout against {args.rev}, rotating round-robin")
     for B, n in zip(sizes, rounds):
-        x = torch.randn(B, 3, *base.pretrained_cfg["input_size"][1:], generator=torch.Generator().manual_seed(0))
+        x = torch.randn(B, 3, *base.pretrained_cfg["input_size"][1:], generator=torch.Generator().manual_seed(0)).to(dtype)
         with torch.inference_mode():
             out = {k: m(x) for k, m in models.items()}
         runs = {k: ((lambda m=m: m(x)), 0.0) for k, m in models.items()}
@@ -79,7 +81,7 @@ def main() -> None:
         t = {k: np.asarray(v) for k, v in times.items()}
         ratio = t["this checkout"] / t[args.rev]
         lo, hi = _median_ci(ratio, 2000, rng)
-        diff = float((out["this checkout"] - out[args.rev]).abs().max())
+        diff = float((out["this checkout"].float() - out[args.rev].float()).abs().max())
         print(f"batch {B}, {n} rounds: " + ", ".join(f"{k} {np.median(v):.2f} ms" for k, v in t.items()) + f"; outputs differ by at most {diff:.3g}")
         print(f"  this checkout / {args.rev}: median per-round ratio {np.median(ratio):.4f} [{lo:.4f}, {hi:.4f}]; speed-up over unpatched "
               f"{args.rev} {np.median(t['unpatched'] / t[args.rev]):.3f}x, this checkout {np.median(t['unpatched'] / t['this checkout']):.3f}x")

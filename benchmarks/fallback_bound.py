@@ -28,6 +28,7 @@ the median per-round time ratio to RAPID with a bootstrap 95 % interval. The cop
 
     python benchmarks/fallback_bound.py --rounds 300 --threads 1
     python benchmarks/fallback_bound.py --rounds 800 --eager --ladder
+    python benchmarks/fallback_bound.py --rounds 20 --eager --ladder --batch-size 32 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class _NoPeakGroup(ops.FixedReduction):
         if peak:
             B, N, _ = x.shape
             n = (ops._norm(x) if norm is None else norm).view(B * N).index_select(0, self.keep).view(B, self.num_out, 1)  # (B, L, 1)
-            merged = merged * (n / torch.linalg.vector_norm(merged, dim=-1, keepdim=True).clamp_min(1e-12))  # (B, L, C)
+            m = merged.to(n.dtype)  # (B, L, C) in float32 or wider, as the runtime's MLERP
+            merged = (m * (n / torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min(1e-12))).to(x.dtype)  # (B, L, C)
         return merged, size
 
 
@@ -142,10 +144,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eager", action="store_true", help="time the eager models instead (the bound on the eager selection)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     ap.add_argument("--ladder", action="store_true", help="also the copies without similarity and with kept rows only, and the zero-cost oracle")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    base = timm.create_model(args.model).eval()  # random weights: speed does not depend on them
+    dtype = getattr(torch, args.dtype)
+    base = timm.create_model(args.model).eval().to(dtype)  # random weights: speed does not depend on them
     sched = rs.rapid_schedule(base, args.ratio)
     real = (engine.fixed_prune, engine.fixed_merge)
     variants = {"RAPID": real, "fixed indices": (_prune, _merge)}  # the lean path's (prune, merge) for each copy
@@ -158,7 +162,7 @@ def main() -> None:
         models["zero-cost oracle"] = _Oracle(copy.deepcopy(base), rs.token_counts(rs.model_info(base), sched))
     if not args.eager:
         models = {k: torch.compile(m, dynamic=False, fullgraph=k in variants) for k, m in models.items()}
-    x = torch.randn(args.batch_size, *base.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(0))
+    x = torch.randn(args.batch_size, *base.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(0)).to(dtype)
 
     def call(name: str) -> torch.Tensor:
         engine.fixed_prune, engine.fixed_merge = variants.get(name, real)
@@ -178,7 +182,7 @@ def main() -> None:
     t = {k: np.asarray(v) for k, v in times.items()}
     rng = np.random.default_rng(0)
     mode = "eager" if args.eager else "compiled"
-    print(f"{args.model}, hand-set RAPID {args.ratio:.0%}, batch {args.batch_size}, {mode}, {args.threads} thread(s), CPU clock, {len(t['RAPID'])} rounds")
+    print(f"{args.model}, hand-set RAPID {args.ratio:.0%}, batch {args.batch_size}, {mode}, {args.dtype}, {args.threads} thread(s), CPU clock, {len(t['RAPID'])} rounds")
     print("| copy | ms (median) | time / RAPID, median per round [95% CI] |\n|---|---|---|")
     for k, v in t.items():
         ratio = v / t["RAPID"]
