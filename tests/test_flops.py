@@ -147,15 +147,17 @@ def test_small_cpu_attention_runs_explicitly(models, family, monkeypatch):
         torch.testing.assert_close(explicit, fused, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2])
-def test_explicit_attention_limit_and_importance(rows, monkeypatch):
+def test_explicit_attention_limit_and_importance(rows, dtype, monkeypatch):
     """At exactly ``EXPLICIT_ATTENTION_MAX`` scores the attention runs explicitly and the importance
     is read from its probabilities; one score fewer allowed and it runs the fused kernel with the
-    importance computed separately. Both give the same output and importance."""
+    importance computed separately. Both give the same output and importance (in bfloat16 to its
+    precision: the explicit attention computes in float32 and returns bfloat16)."""
     torch.manual_seed(0)
-    attn = timm.layers.Attention(32, num_heads=2, qkv_bias=True).eval()
+    attn = timm.layers.Attention(32, num_heads=2, qkv_bias=True).eval().to(dtype)
     B, N = 2, 17
-    x = torch.randn(B, N, 32)  # (B, N, C)
+    x = torch.randn(B, N, 32).to(dtype)  # (B, N, C)
     size = torch.rand(B, N, 1) * 3 + 1  # (B, N, 1)
     scores = B * attn.num_heads * N * N
     given: list[bool] = []  # whether each importance was handed the attention's probabilities
@@ -170,8 +172,11 @@ def test_explicit_attention_limit_and_importance(rows, monkeypatch):
     assert got[scores][2] == 0 and got[scores - 1][2] == 1
     assert given == [True, False]
     assert got[scores][1].shape == (B, N - rows) and got[scores][1].dtype == torch.float32
-    torch.testing.assert_close(got[scores][0], got[scores - 1][0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got[scores][1], got[scores - 1][1], rtol=1e-5, atol=1e-7)
+    assert got[scores][0].dtype == got[scores - 1][0].dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[scores][0], got[scores - 1][0], **tol)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(got[scores][1], got[scores - 1][1], **tol)
 
 
 @pytest.mark.parametrize("family", ["test_vit", "distilled", "avg_nocls"])

@@ -145,9 +145,13 @@ def _attention(
 #: 25 ms with the earlier matmul form, 14 vs 16 ms with the baddbmm form below, on the 2-core AMD
 #: EPYC this was measured on, ``benchmarks/attention-cpu.txt`` from ``benchmarks/overhead.py
 #: --attention``; batch 8 at 197 tokens reads 1.0x to 1.7x). 2**18
-#: scores is batch 1 at 197 tokens with 3 heads, or batch 32 at 23 tokens. Other devices, and half
-#: precision (whose fused kernel accumulates in float32, an explicit softmax would not), always take
-#: the fused kernel. Set to 0 to keep the fused kernel everywhere.
+#: scores is batch 1 at 197 tokens with 3 heads, or batch 32 at 23 tokens. Half precision on CPU
+#: computes the explicit attention in float32 (its inputs cast up, its output cast back), as the fused
+#: kernel accumulates: hand-set RAPID at batch 1 is 5% faster so in bfloat16 and 3% in float16 than on
+#: the fused kernel with the importance row computed apart (``benchmarks/against.py --dtype``, README
+#: "Speed"), and its outputs are as close to float32's (KL to the float32 model over 500 real images at
+#: 70/50/35% GFLOPs: 0.0033/0.0271/0.0602 against the fused kernel's 0.0035/0.0269/0.0678). Other devices
+#: always take the fused kernel. Set to 0 to keep the fused kernel everywhere.
 EXPLICIT_ATTENTION_MAX = 1 << 18
 
 
@@ -156,7 +160,7 @@ def _explicit(attn: nn.Module, q: torch.Tensor, k: torch.Tensor) -> bool:
     if not attn.fused_attn:
         return True
     B, H, N, _ = q.shape
-    return q.device.type == "cpu" and _wide(q.dtype) == q.dtype and B * H * N * k.shape[-2] <= EXPLICIT_ATTENTION_MAX
+    return q.device.type == "cpu" and B * H * N * k.shape[-2] <= EXPLICIT_ATTENTION_MAX
 
 
 def _sdpa(
@@ -167,7 +171,8 @@ def _sdpa(
     :func:`_explicit` says so, explicitly as timm 1.0.31 computes it unfused (scaled scores, softmax, the
     module's dropout), with the heads folded into the batch so that the scores are one ``baddbmm`` (scale and
     mask included) and the output one ``bmm``: at batch 1 each call ``torch.matmul`` and an elementwise op would
-    add is dispatch time the reduction's blocks pay.
+    add is dispatch time the reduction's blocks pay. On CPU a half-precision explicit attention runs in
+    float32 and returns its output in the inputs' dtype (see :data:`EXPLICIT_ATTENTION_MAX`).
 
     Args:
         rows: Leading query rows whose attention probabilities the caller wants (the importance).
@@ -175,12 +180,17 @@ def _sdpa(
     Returns:
         ``(B, H, N, hd)`` output and the first ``rows`` rows of the probabilities ``(B, H, rows, M)``
         when they were computed explicitly in float32 or wider, else None (fused kernel, half
-        precision, or ``rows = 0``).
+        precision off the CPU, or ``rows = 0``).
     """
     if not _explicit(attn, q, k):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0), None
     B, H, N, hd = q.shape
     M = k.shape[-2]
+    dtype = q.dtype
+    wide = _wide(dtype) if q.device.type == "cpu" else dtype  # elsewhere (fused_attn off) as timm computes it
+    if wide != dtype:  # half precision on CPU: scores, softmax and output in float32, as the fused kernel accumulates
+        q, k, v = q.to(wide), k.to(wide), v.to(wide)
+        mask = None if mask is None else mask.to(wide)
     q3, k3, v3 = q.reshape(B * H, N, hd), k.reshape(B * H, M, hd), v.reshape(B * H, M, hd)  # views at batch 1, else copies (as matmul makes)
     kt = k3.transpose(1, 2)  # (B * H, hd, M)
     if mask is None:
@@ -190,7 +200,8 @@ def _sdpa(
         a = torch.baddbmm(m.reshape(B * H, m.shape[2], M), q3, kt, alpha=attn.scale)  # (B * H, N, M) mask + scale * q k^T
     p = a.softmax(dim=-1)  # (B * H, N, M)
     head = p.view(B, H, N, M)[:, :, :rows] if rows > 0 and _wide(p.dtype) == p.dtype else None  # (B, H, rows, M)
-    return torch.bmm(_call(attn.attn_drop, p), v3).view(B, H, N, hd), head  # (B, H, N, hd)
+    out = torch.bmm(_call(attn.attn_drop, p), v3).view(B, H, N, hd)  # (B, H, N, hd)
+    return (out if wide == dtype else out.to(dtype)), head
 
 
 def _call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
