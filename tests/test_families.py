@@ -367,6 +367,28 @@ def test_rapid_and_tome_finite(models, label):
         assert torch.isfinite(y).all() and counts[0, -1] < counts[0, 0]
 
 
+@pytest.mark.parametrize("label", sorted(CASES))
+def test_bfloat16_explicit_attention_matches_the_fused_kernel(label, monkeypatch):
+    """In bfloat16 at batch 1 on CPU every reducing block computes its attention explicitly in float32
+    (position biases and RoPE included); the fused kernel (limit 0) gives the same tokens and, to
+    bfloat16's precision, the same output."""
+    from rapid_search.runtime import engine
+
+    model = _make(label).to(torch.bfloat16)
+    s = rs.rapid_schedule(model, CASES[label][2])
+    x = images(model, 1).to(torch.bfloat16)
+    calls = {}
+    for limit in (engine.EXPLICIT_ATTENTION_MAX, 0):
+        monkeypatch.setattr(engine, "EXPLICIT_ATTENTION_MAX", limit)
+        with rs.applied(model, s), torch.no_grad(), torch.profiler.profile() as prof:
+            calls[limit] = (model(x), rs.last_token_counts(model))
+        calls[limit] += (sum(e.name == "aten::scaled_dot_product_attention" for e in prof.events()),)
+    (y, counts, sdpa), (y0, counts0, sdpa0) = calls.values()
+    assert torch.equal(counts, counts0) and sdpa < sdpa0
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), y0.float(), rtol=5e-2, atol=5e-2 * float(y0.float().abs().max()) + 1e-3)
+
+
 @pytest.mark.parametrize("label", ["siglip_map", "vit_map_cls", "pe_map", "relpos_avg", "beit", "eva02"])
 def test_pooling_sees_token_sizes(models, label):
     """Pooling merged tokens == timm's unpatched pooling of the same tokens each repeated ``size`` times.
