@@ -87,9 +87,7 @@ def _merge(metric: torch.Tensor, importance: torch.Tensor, r: int, *, num_prefix
     """``ops.fixed_merge`` with fixed indices (protection, the sources' order and ranking, the kept rows)."""
     B, N, C = metric.shape
     P, T = num_prefix, N - num_prefix
-    k = ops.protected_count(T, protect)
-    ta = (T - k + 1) // 2
-    r = min(r, ta)
+    k, ta, r = ops.merge_sizes(T, protect, r)
     if T < 2 or r <= 0:
         return None
     a = _fixed(importance, T - k)[:, ::2]  # (B, Ta) patch positions of the sources
@@ -120,8 +118,7 @@ def _merge_fixed_pairs(cls: type) -> object:
     def merge(metric: torch.Tensor, importance: torch.Tensor, r: int, *, num_prefix: int, protect: float) -> Optional[ops.FixedReduction]:
         B, N, C = metric.shape
         P, T = num_prefix, N - num_prefix
-        k = ops.protected_count(T, protect)
-        r = min(r, (T - k + 1) // 2)
+        r = ops.merge_sizes(T, protect, r)[2]
         if T < 2 or r <= 0:
             return None
         key = (B, N, r, metric.device)

@@ -252,9 +252,7 @@ def _merge_variant(sources: str, beta: float = 0.0) -> Callable:
     def merge(metric, importance, r, *, num_prefix, protect):
         B, N, C = metric.shape
         P, T = num_prefix, N - num_prefix
-        k = ops.protected_count(T, protect)
-        ta = (T - k + 1) // 2
-        r = min(r, ta)
+        k, ta, r = ops.merge_sizes(T, protect, r)
         if T < 2 or r <= 0:
             return None
         m = ops._unit(metric)  # (B, N, C)

@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .ops import protected_count
+from .ops import merge_sizes
 from .schedule import LayerSpec, ModelFingerprint, Schedule, effective_r
 from .families import adapter_for, attn_dim, head_dim, linear_macs, patch_macs
 
@@ -159,7 +159,7 @@ def _reduction_macs(info: ModelInfo, layer: LayerSpec, n: int) -> int:
     if layer.op == "prune":
         return ((T + 1) // 2) * (T // 2) * hd
     if layer.op == "merge":
-        n_a = (T - protected_count(T, float(layer.protect)) + 1) // 2  # type: ignore[arg-type]
+        n_a = merge_sizes(T, float(layer.protect), 0)[1]  # type: ignore[arg-type]  # sources, each compared with every patch token
         return n_a * T * hd + info.importance_rows * n * info.attn_dim
     if layer.op == "tome":
         return ((n + 1) // 2) * (n // 2) * hd

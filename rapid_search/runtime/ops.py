@@ -37,6 +37,7 @@ __all__ = [
     "peak_norm",
     "follow_positions",
     "protected_count",
+    "merge_sizes",
     "FixedReduction",
     "fixed_prune",
     "fixed_merge",
@@ -63,6 +64,16 @@ def protected_count(num_tokens: int, protect: float) -> int:
     predicted and executed token counts agree exactly.
     """
     return int(math.floor(num_tokens * protect + 0.5))
+
+
+def merge_sizes(num_tokens: int, protect: float, r: int) -> tuple[int, int, int]:
+    """``(protected, sources, merged)`` of a fixed-count importance merge over ``num_tokens`` patch tokens:
+    :func:`protected_count` tokens are protected, every other one of the rest is a source (half of them,
+    rounded up), and ``r`` capped at the sources merge away. The runtime's merges and the cost model
+    (:func:`rapid_search.runtime.schedule.effective_r`) both take their counts from here."""
+    k = protected_count(num_tokens, protect)
+    ta = (num_tokens - k + 1) // 2
+    return k, ta, min(r, ta)
 
 
 @dataclass
@@ -266,12 +277,12 @@ def importance_merge(
     device = metric.device
     pvalid = _patch_valid(n_valid, num_prefix, T, device)  # (B, T) or None
     if pvalid is None:  # same counts for every image: top-k selects the protected tokens
-        k = protected_count(T, protect)
+        k, ta, _ = merge_sizes(T, protect, 0)
         prot = torch.zeros(B, T, dtype=torch.bool, device=device)
         if k > 0:
             prot.scatter_(1, importance.topk(k, dim=1).indices, True)  # (B, T)
         real = torch.ones_like(prot)
-        n_a = torch.full((B,), (T - k + 1) // 2, device=device, dtype=torch.long)
+        n_a = torch.full((B,), ta, device=device, dtype=torch.long)
     else:  # padded batch: per-image counts, ranks instead of top-k
         n_real = n_valid - num_prefix  # (B,)
         n_prot = torch.floor(n_real.double() * protect + 0.5).long()  # (B,) same formula as protected_count
@@ -616,9 +627,7 @@ def fixed_merge(metric: torch.Tensor, importance: torch.Tensor, r: int, *, num_p
     B, N, C = metric.shape
     P = num_prefix
     T = N - P
-    k = protected_count(T, protect)
-    ta = (T - k + 1) // 2
-    r = min(r, ta)
+    k, ta, r = merge_sizes(T, protect, r)
     if T < 2 or r <= 0:
         return None
     if k > 0:  # the T - k least important tokens, in sequence order

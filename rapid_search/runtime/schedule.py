@@ -38,7 +38,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import yaml
 
 from ..errors import RapidSearchError
-from .ops import protected_count
+from .ops import merge_sizes
 from ..outputs import atomic_write_text
 
 __all__ = [
@@ -432,8 +432,7 @@ def effective_r(layer: LayerSpec, n: int, num_prefix: int) -> int:
     if layer.op == "prune":
         return min(layer.r, (T + 1) // 2)
     if layer.op == "merge":
-        tu = T - protected_count(T, float(layer.protect))  # type: ignore[arg-type]
-        return min(layer.r, (tu + 1) // 2)
+        return merge_sizes(T, float(layer.protect), layer.r)[2]  # type: ignore[arg-type]
     if layer.op == "tome":
         return min(layer.r, T // 2)
     if layer.op == "evit":
